@@ -1,0 +1,475 @@
+"""The 2012 AlexNet as plain math (Krizhevsky, Sutskever, Hinton, NIPS 2012, Figure 2).
+
+Three networks, one set of rules:
+
+* ``SplitAlexNet``: the paper's two columns ("towers"), each on its own device. The towers
+  talk at exactly four places, all through ``SplitAlexNet._send``: into conv3 (each tower gets
+  the other's pooled conv2 maps), into fc6, into fc7, and into fc8 (tower 1's fc7 output goes
+  to the first device, where fc8 lives, as in cuda-convnet2).
+* ``AlexNet``: the same function on one device, with grouped convolutions (groups=2 in conv2,
+  conv4, conv5) like Caffe's bvlc_alexnet, but with LRN and dropout applied to each half
+  separately, so that it computes exactly what the towers compute.
+* ``HalfAlexNet``: the paper's one-device ablation (section 3.2): half the kernels in
+  conv1-conv4, conv5 and the FC layers at full size.
+
+Global channel and unit order is always tower 0 then tower 1, so every parameter of the
+collapsed layout is the dim-0 concatenation of the two towers' parameters.
+
+Nothing in this file names a device: placement comes from ``placement.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .lrn import LocalResponseNorm
+from .placement import DEFAULT_DEVICES, first_device, parse_device, parse_devices
+
+INPUT_SIZE = 227  # the paper's "224" cannot give 55x55 after an 11x11 stride-4 conv; see docs
+TOWER_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7")
+ACTIVATIONS = ("relu", "tanh")
+POOLS = ("3/2", "2/2")
+LRN_CHOICES = ("paper", "alpha-over-n", "off")
+INIT_SCHEMES = ("paper", "cuda-convnet2", "caffe")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that defines the network's function (saved inside every checkpoint)."""
+
+    num_classes: int = 1000
+    """Units in fc8."""
+    lrn: str = "paper"
+    """'paper': alpha=1e-4 multiplies the window's sum of squares (section 3.3, as printed);
+    'alpha-over-n': Krizhevsky's code, alpha/n on the sum; 'off': no LRN (an ablation)."""
+    activation: str = "relu"
+    """'relu' (the paper) or 'tanh' (the Figure 1 comparison)."""
+    pool: str = "3/2"
+    """'3/2': overlapping max-pool, window 3, stride 2 (section 3.4); '2/2': non-overlapping."""
+    dropout: float = 0.5
+    """Dropout probability on the outputs of fc6 and fc7 (section 4.2)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_classes, int) or self.num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {self.num_classes!r}")
+        for name, value, allowed in (("lrn", self.lrn, LRN_CHOICES),
+                                     ("activation", self.activation, ACTIVATIONS),
+                                     ("pool", self.pool, POOLS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
+
+# --------------------------------------------------------------------------------------
+# Small functional pieces shared by all layouts
+
+
+def _act(x: Tensor, cfg: ModelConfig) -> Tensor:
+    return F.relu(x) if cfg.activation == "relu" else torch.tanh(x)
+
+
+def _pool(x: Tensor, cfg: ModelConfig) -> Tensor:
+    k = 3 if cfg.pool == "3/2" else 2
+    return F.max_pool2d(x, kernel_size=k, stride=2)  # 55 -> 27 -> 13 -> 6 with either choice
+
+
+def _make_lrn(cfg: ModelConfig) -> nn.Module:
+    if cfg.lrn == "off":
+        return nn.Identity()
+    return LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0, reading=cfg.lrn)
+
+
+def _halves(fn, x: Tensor) -> Tensor:
+    """Apply ``fn`` to each tower's half of the channels (dim 1), tower 0 first."""
+    a, b = x.chunk(2, dim=1)
+    return torch.cat([fn(a), fn(b)], dim=1)
+
+
+def _by_output_half(layer: nn.Module, x: Tensor) -> Tensor:
+    """A layer whose towers both read the whole input (conv1, conv3, fc6, fc7), computed as
+    two output halves: exactly the towers' arithmetic, so gradients match the split layout
+    bit for bit on the CPU. One full GEMM would sum the input gradient in another order, and
+    CPU convolution kernels block a 96-channel weight gradient differently from a 48-channel
+    one. The parameters keep Caffe's full shapes; only the call is halved."""
+    w0, w1 = layer.weight.chunk(2, dim=0)
+    b0, b1 = layer.bias.chunk(2, dim=0)
+    if isinstance(layer, nn.Conv2d):
+        return torch.cat([layer._conv_forward(x, w0, b0), layer._conv_forward(x, w1, b1)], dim=1)
+    return torch.cat([F.linear(x, w0, b0), F.linear(x, w1, b1)], dim=1)
+
+
+def check_input(x: Tensor) -> None:
+    if x.dim() != 4 or x.shape[1] != 3 or tuple(x.shape[-2:]) != (INPUT_SIZE, INPUT_SIZE):
+        raise ValueError(
+            f"AlexNet expects images of shape (B, 3, {INPUT_SIZE}, {INPUT_SIZE}); "
+            f"got {tuple(x.shape)}")
+
+
+# --------------------------------------------------------------------------------------
+# Initialisation, chosen by layer name (section 5)
+
+_BIAS_ONE = {"conv2", "conv4", "conv5", "fc6", "fc7"}  # "biases ... constant 1" (section 5)
+
+
+def init_values(layer: str, kind: str, scheme: str) -> tuple[float, float]:
+    """(std, bias) for a parameter of ``layer``: the weight's std, or the bias constant.
+
+    paper: N(0, 0.01) weights; biases 1 in conv2, conv4, conv5, fc6, fc7, else 0.
+    cuda-convnet2: the paper's, with std 0.03 in conv3-conv5.
+    caffe (bvlc_alexnet): std 0.005 in fc6/fc7, and biases 0.1 where the paper has 1.
+    """
+    if scheme not in INIT_SCHEMES:
+        raise ValueError(f"init must be one of {', '.join(INIT_SCHEMES)}; got {scheme!r}")
+    std, bias = 0.01, (1.0 if layer in _BIAS_ONE else 0.0)
+    if scheme == "cuda-convnet2" and layer in ("conv3", "conv4", "conv5"):
+        std = 0.03
+    if scheme == "caffe":
+        if layer in ("fc6", "fc7"):
+            std = 0.005
+        if bias == 1.0:
+            bias = 0.1
+    return std, bias
+
+
+@torch.no_grad()
+def _init_(name: str, t: Tensor, scheme: str) -> None:
+    *_, layer, kind = name.split(".")
+    std, bias = init_values(layer, kind, scheme)
+    if kind == "weight":
+        t.normal_(0.0, std)
+    else:
+        t.fill_(bias)
+
+
+@torch.no_grad()
+def init_weights_(model: nn.Module, scheme: str = "paper") -> None:
+    """Initialise ``model`` in place by parameter name.
+
+    A SplitAlexNet draws its values in the collapsed layout's shapes and order, so that the
+    same seed gives identical weights in both layouts.
+    """
+    if isinstance(model, SplitAlexNet):
+        state = {name: torch.empty(shape) for name, shape in
+                 collapsed_shapes(model.cfg.num_classes).items()}
+        for name, t in state.items():
+            _init_(name, t, scheme)
+        model.load_state_dict(state)
+    else:
+        for name, p in model.named_parameters():
+            _init_(name, p, scheme)
+
+
+# --------------------------------------------------------------------------------------
+# State-dict conversion between layouts: every collapsed tensor is the towers' dim-0 concat
+
+
+def collapsed_shapes(num_classes: int) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of the collapsed layout, in order (Caffe's bvlc_alexnet shapes)."""
+    shapes = {
+        "conv1": (96, 3, 11, 11), "conv2": (256, 48, 5, 5), "conv3": (384, 256, 3, 3),
+        "conv4": (384, 192, 3, 3), "conv5": (256, 192, 3, 3), "fc6": (4096, 9216),
+        "fc7": (4096, 4096), "fc8": (num_classes, 4096),
+    }
+    out: dict[str, tuple[int, ...]] = {}
+    for layer, w in shapes.items():
+        out[f"{layer}.weight"] = w
+        out[f"{layer}.bias"] = (w[0],)
+    return out
+
+
+def split_state_dict(sd: dict[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
+    """Collapsed -> split keys, in place (and returned). Unrelated keys are left alone."""
+    for layer in TOWER_LAYERS:
+        for kind in ("weight", "bias"):
+            key = f"{prefix}{layer}.{kind}"
+            if key in sd:
+                a, b = sd.pop(key).chunk(2, dim=0)
+                sd[f"{prefix}towers.0.{layer}.{kind}"] = a
+                sd[f"{prefix}towers.1.{layer}.{kind}"] = b
+    return sd
+
+
+def collapse_state_dict(sd: dict[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
+    """Split -> collapsed keys, in place (and returned). Tower 1's tensors move to tower 0's
+    device."""
+    for layer in TOWER_LAYERS:
+        for kind in ("weight", "bias"):
+            k0, k1 = f"{prefix}towers.0.{layer}.{kind}", f"{prefix}towers.1.{layer}.{kind}"
+            if k0 in sd and k1 in sd:
+                a, b = sd.pop(k0), sd.pop(k1)
+                sd[f"{prefix}{layer}.{kind}"] = torch.cat([a, b.to(a.device)], dim=0)
+    return sd
+
+
+def _accept_split_keys(state_dict, prefix, *args) -> None:  # load_state_dict pre-hook
+    collapse_state_dict(state_dict, prefix)
+
+
+def _accept_collapsed_keys(state_dict, prefix, *args) -> None:  # load_state_dict pre-hook
+    split_state_dict(state_dict, prefix)
+
+
+# --------------------------------------------------------------------------------------
+# The collapsed single-device layout
+
+
+class AlexNet(nn.Module):
+    """The two-column network on one device: grouped convolutions, per-half LRN and dropout."""
+
+    def __init__(self, num_classes: int = 1000, *, lrn: str = "paper", activation: str = "relu",
+                 pool: str = "3/2", dropout: float = 0.5, init: str | None = "paper") -> None:
+        super().__init__()
+        self.cfg = ModelConfig(num_classes, lrn, activation, pool, dropout)
+        self.conv1 = nn.Conv2d(3, 96, 11, stride=4)                 # both halves see the image
+        self.conv2 = nn.Conv2d(96, 256, 5, padding=2, groups=2)     # half-local
+        self.conv3 = nn.Conv2d(256, 384, 3, padding=1)              # crosses the halves
+        self.conv4 = nn.Conv2d(384, 384, 3, padding=1, groups=2)    # half-local
+        self.conv5 = nn.Conv2d(384, 256, 3, padding=1, groups=2)    # half-local
+        self.fc6 = nn.Linear(9216, 4096)                            # crosses the halves
+        self.fc7 = nn.Linear(4096, 4096)                            # crosses the halves
+        self.fc8 = nn.Linear(4096, num_classes)
+        self.lrn = _make_lrn(self.cfg)
+        self._register_load_state_dict_pre_hook(_accept_split_keys)
+        if init is not None:
+            init_weights_(self, init)
+
+    def _dropout(self, x: Tensor) -> Tensor:
+        # One mask per half, drawn in tower order: the towers draw the same masks.
+        return _halves(lambda h: F.dropout(h, self.cfg.dropout, self.training), x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x)
+        cfg = self.cfg
+        x = _by_output_half(self.conv1, x)                           # (B, 96, 55, 55)
+        x = _pool(_halves(self.lrn, _act(x, cfg)), cfg)              # (B, 96, 27, 27)
+        x = _pool(_halves(self.lrn, _act(self.conv2(x), cfg)), cfg)  # (B, 256, 13, 13)
+        x = _act(_by_output_half(self.conv3, x), cfg)                # (B, 384, 13, 13)
+        x = _act(self.conv4(x), cfg)                                 # (B, 384, 13, 13)
+        x = _pool(_act(self.conv5(x), cfg), cfg)                     # (B, 256, 6, 6)
+        x = x.flatten(1)                                             # (B, 9216)
+        x = self._dropout(_act(_by_output_half(self.fc6, x), cfg))   # (B, 4096)
+        x = self._dropout(_act(_by_output_half(self.fc7, x), cfg))   # (B, 4096)
+        return self.fc8(x)                                           # (B, num_classes)
+
+    def split(self, devices: Sequence[str | torch.device] | str = DEFAULT_DEVICES) -> "SplitAlexNet":
+        """The same weights as two towers on ``devices`` (dtype kept)."""
+        dtype = self.fc8.weight.dtype
+        net = SplitAlexNet(**_cfg_kwargs(self.cfg), devices=devices, init=None, dtype=dtype)
+        net.load_state_dict(self.state_dict())
+        return net.train(self.training)
+
+
+# --------------------------------------------------------------------------------------
+# The two towers
+
+
+class Tower(nn.Module):
+    """One column of Figure 2. Its layers take both towers' outputs only at conv3, fc6, fc7."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.conv1 = nn.Conv2d(3, 48, 11, stride=4)
+        self.conv2 = nn.Conv2d(48, 128, 5, padding=2)
+        self.conv3 = nn.Conv2d(256, 192, 3, padding=1)  # input: both towers' conv2 maps
+        self.conv4 = nn.Conv2d(192, 192, 3, padding=1)
+        self.conv5 = nn.Conv2d(192, 128, 3, padding=1)
+        self.fc6 = nn.Linear(9216, 2048)                # input: both towers' pool5
+        self.fc7 = nn.Linear(4096, 2048)                # input: both towers' fc6
+        self.lrn = _make_lrn(cfg)
+
+    def layer1(self, x: Tensor) -> Tensor:  # (B, 3, 227, 227) -> (B, 48, 27, 27)
+        return _pool(self.lrn(_act(self.conv1(x), self.cfg)), self.cfg)
+
+    def layer2(self, x: Tensor) -> Tensor:  # (B, 48, 27, 27) -> (B, 128, 13, 13)
+        return _pool(self.lrn(_act(self.conv2(x), self.cfg)), self.cfg)
+
+    def layer3(self, x: Tensor) -> Tensor:  # (B, 256, 13, 13) -> (B, 192, 13, 13)
+        return _act(self.conv3(x), self.cfg)
+
+    def layer4(self, x: Tensor) -> Tensor:  # (B, 192, 13, 13) -> (B, 192, 13, 13)
+        return _act(self.conv4(x), self.cfg)
+
+    def layer5(self, x: Tensor) -> Tensor:  # (B, 192, 13, 13) -> (B, 4608)
+        return _pool(_act(self.conv5(x), self.cfg), self.cfg).flatten(1)  # (B, 128*6*6)
+
+    def layer6(self, x: Tensor) -> Tensor:  # (B, 9216) -> (B, 2048)
+        return F.dropout(_act(self.fc6(x), self.cfg), self.cfg.dropout, self.training)
+
+    def layer7(self, x: Tensor) -> Tensor:  # (B, 4096) -> (B, 2048)
+        return F.dropout(_act(self.fc7(x), self.cfg), self.cfg.dropout, self.training)
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One tensor crossing between the towers in a forward pass."""
+
+    layer: str               # the layer that consumes it: conv3, fc6, fc7 or fc8
+    src: int                 # sending tower
+    dst: int                 # receiving tower
+    src_device: str
+    dst_device: str
+    shape: tuple[int, ...]
+    bytes: int               # counted even when both towers share a device
+
+
+def transfer(x: Tensor, device: torch.device) -> Tensor:
+    """Move ``x`` to ``device``. Asynchronous where that is safe: device-to-device and
+    host-to-device copies are queued on the streams; a copy to the host must block, or the
+    host would read memory the copy has not filled yet."""
+    if x.device == device:
+        return x
+    return x.to(device, non_blocking=device.type != "cpu")
+
+
+class SplitAlexNet(nn.Module):
+    """The paper's network as two towers on two devices (tower 0 first in every concat)."""
+
+    def __init__(self, num_classes: int = 1000,
+                 devices: Sequence[str | torch.device] | str = DEFAULT_DEVICES, *,
+                 lrn: str = "paper", activation: str = "relu", pool: str = "3/2",
+                 dropout: float = 0.5, init: str | None = "paper",
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        placement = parse_devices(devices)  # reject bad devices before building anything
+        self.cfg = ModelConfig(num_classes, lrn, activation, pool, dropout)
+        self.towers = nn.ModuleList([Tower(self.cfg), Tower(self.cfg)])
+        self.fc8 = nn.Linear(4096, num_classes)  # lives with tower 0, as in cuda-convnet2
+        self._register_load_state_dict_pre_hook(_accept_collapsed_keys)
+        self.traffic: list[Transfer] = []
+        if dtype is not None:
+            self.to(dtype)
+        if init is not None:
+            init_weights_(self, init)
+        self.place(placement)
+
+    # Placement ---------------------------------------------------------------------------
+    def place(self, devices: Sequence[str | torch.device] | str) -> "SplitAlexNet":
+        """Put tower i (and its parameters) on ``devices[i]``; fc8 goes with tower 0."""
+        d0, d1 = parse_devices(devices)
+        self.towers[0].to(d0)
+        self.towers[1].to(d1)
+        self.fc8.to(d0)
+        return self
+
+    @property
+    def devices(self) -> tuple[torch.device, torch.device]:
+        return (self.towers[0].conv1.weight.device, self.towers[1].conv1.weight.device)
+
+    # The one place where tensors cross between towers -----------------------------------
+    def _send(self, x: Tensor, src: int, dst: int, layer: str) -> Tensor:
+        device = self.fc8.weight.device if layer == "fc8" else self.devices[dst]
+        self.traffic.append(Transfer(layer, src, dst, str(x.device), str(device),
+                                     tuple(x.shape), x.numel() * x.element_size()))
+        return transfer(x, device)
+
+    def _exchange(self, h: list[Tensor], layer: str) -> list[Tensor]:
+        """Each tower receives the other's output; both concat in tower order (0, 1)."""
+        from1 = self._send(h[1], 1, 0, layer)
+        from0 = self._send(h[0], 0, 1, layer)
+        return [torch.cat([h[0], from1], dim=1), torch.cat([from0, h[1]], dim=1)]
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x)
+        self.traffic = []
+        t = self.towers
+        # Each tower gets its own copy of the batch (not traffic between towers).
+        h = [transfer(x, d) for d in self.devices]       # (B, 3, 227, 227) on each device
+        # Layer by layer, tower 0 then tower 1: no host sync, so two GPUs run concurrently.
+        h = [t[i].layer1(h[i]) for i in (0, 1)]           # (B, 48, 27, 27)
+        h = [t[i].layer2(h[i]) for i in (0, 1)]           # (B, 128, 13, 13)
+        h = self._exchange(h, "conv3")                    # (B, 256, 13, 13)
+        h = [t[i].layer3(h[i]) for i in (0, 1)]           # (B, 192, 13, 13)
+        h = [t[i].layer4(h[i]) for i in (0, 1)]           # (B, 192, 13, 13)
+        h = [t[i].layer5(h[i]) for i in (0, 1)]           # (B, 4608)
+        h = self._exchange(h, "fc6")                      # (B, 9216)
+        h = [t[i].layer6(h[i]) for i in (0, 1)]           # (B, 2048)
+        h = self._exchange(h, "fc7")                      # (B, 4096)
+        h = [t[i].layer7(h[i]) for i in (0, 1)]           # (B, 2048)
+        h = torch.cat([h[0], self._send(h[1], 1, 0, "fc8")], dim=1)  # (B, 4096) on device 0
+        return self.fc8(h)                                # (B, num_classes) on device 0
+
+    def collapse(self, device: str | torch.device | None = None) -> AlexNet:
+        """The same weights as the single-device ``AlexNet`` (dtype kept)."""
+        device = self.devices[0] if device is None else parse_device(device)
+        net = AlexNet(**_cfg_kwargs(self.cfg), init=None)
+        net.to(device=device, dtype=self.fc8.weight.dtype)
+        net.load_state_dict(self.state_dict())
+        return net.train(self.training)
+
+
+# --------------------------------------------------------------------------------------
+# The paper's one-device ablation (section 3.2)
+
+
+class HalfAlexNet(nn.Module):
+    """One column with half the kernels in conv1-conv4 (48, 128, 192, 192), conv5 at 256 and
+    full-size FC layers: the "one GPU" net the paper compares the two towers against."""
+
+    def __init__(self, num_classes: int = 1000, *, lrn: str = "paper", activation: str = "relu",
+                 pool: str = "3/2", dropout: float = 0.5, init: str | None = "paper") -> None:
+        super().__init__()
+        self.cfg = ModelConfig(num_classes, lrn, activation, pool, dropout)
+        self.conv1 = nn.Conv2d(3, 48, 11, stride=4)
+        self.conv2 = nn.Conv2d(48, 128, 5, padding=2)
+        self.conv3 = nn.Conv2d(128, 192, 3, padding=1)
+        self.conv4 = nn.Conv2d(192, 192, 3, padding=1)
+        self.conv5 = nn.Conv2d(192, 256, 3, padding=1)
+        self.fc6 = nn.Linear(9216, 4096)
+        self.fc7 = nn.Linear(4096, 4096)
+        self.fc8 = nn.Linear(4096, num_classes)
+        self.lrn = _make_lrn(self.cfg)
+        if init is not None:
+            init_weights_(self, init)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x)
+        cfg, p = self.cfg, self.cfg.dropout
+        x = _pool(self.lrn(_act(self.conv1(x), cfg)), cfg)           # (B, 48, 27, 27)
+        x = _pool(self.lrn(_act(self.conv2(x), cfg)), cfg)           # (B, 128, 13, 13)
+        x = _act(self.conv3(x), cfg)                                 # (B, 192, 13, 13)
+        x = _act(self.conv4(x), cfg)                                 # (B, 192, 13, 13)
+        x = _pool(_act(self.conv5(x), cfg), cfg).flatten(1)          # (B, 9216)
+        x = F.dropout(_act(self.fc6(x), cfg), p, self.training)      # (B, 4096)
+        x = F.dropout(_act(self.fc7(x), cfg), p, self.training)      # (B, 4096)
+        return self.fc8(x)                                           # (B, num_classes)
+
+
+def _cfg_kwargs(cfg: ModelConfig) -> dict:
+    return dict(num_classes=cfg.num_classes, lrn=cfg.lrn, activation=cfg.activation,
+                pool=cfg.pool, dropout=cfg.dropout)
+
+
+def build_model(*, arch: str = "alexnet", layout: str = "split",
+                devices: Sequence[str | torch.device] | str = DEFAULT_DEVICES,
+                num_classes: int = 1000, init: str | None = "paper", **cfg) -> nn.Module:
+    """Keyword-only builder used by the tools.
+
+    arch 'alexnet' with layout 'split' -> SplitAlexNet on ``devices``; layout 'collapsed'
+    -> AlexNet on ``devices[0]``. arch 'half' is always one device (the first).
+    """
+    if arch not in ("alexnet", "half"):
+        raise ValueError(f"arch must be 'alexnet' or 'half'; got {arch!r}")
+    if layout not in ("split", "collapsed"):
+        raise ValueError(f"layout must be 'split' or 'collapsed'; got {layout!r}")
+    if arch == "alexnet" and layout == "split":
+        return SplitAlexNet(num_classes, devices, init=init, **cfg)
+    net = (AlexNet if arch == "alexnet" else HalfAlexNet)(num_classes, init=init, **cfg)
+    return net.to(first_device(devices))
+
+
+def layout_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """A layout-independent state (the collapsed layout's keys and shapes), on the CPU."""
+    model = getattr(model, "module", model)  # unwrap DDP
+    sd = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    return collapse_state_dict(sd) if isinstance(model, SplitAlexNet) else sd
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
