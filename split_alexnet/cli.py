@@ -12,8 +12,16 @@ import sys
 from typing import Callable, Sequence
 
 
-class UsageError(Exception):
+class Abort(Exception):
+    """A run that must stop (NaN loss, a dead rank): one line on stderr, exit code 1."""
+
+    code = 1
+
+
+class UsageError(Abort):
     """Bad input from the user: reported as one line on stderr with exit code 2."""
+
+    code = 2
 
 
 def run(main: Callable[[Sequence[str] | None], int | None], prog: str,
@@ -21,9 +29,9 @@ def run(main: Callable[[Sequence[str] | None], int | None], prog: str,
     """Call ``main(argv)``; turn :class:`UsageError` into one stderr line and exit code 2."""
     try:
         rc = main(argv)
-    except UsageError as e:
+    except Abort as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+        return e.code
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -31,6 +31,7 @@ class Progress:
         self.n = 0
         self.start = time.monotonic()
         self._last = 0.0
+        self._shown = -1
         self.extra = ""
 
     def __enter__(self) -> "Progress":
@@ -63,6 +64,7 @@ class Progress:
             self._emit()
 
     def _emit(self) -> None:
+        self._shown = self.n
         if self.tty:
             self.stream.write("\r" + self.line()[:200].ljust(100))
         else:
@@ -71,7 +73,8 @@ class Progress:
 
     def close(self) -> None:
         if self.enabled:
-            self._emit()
+            if self._shown != self.n:
+                self._emit()
             if self.tty:
                 self.stream.write("\n")
             self.stream.flush()

@@ -1,0 +1,478 @@
+"""Train the 2012 AlexNet the paper's way (Krizhevsky et al., section 5).
+
+    python -m split_alexnet.train --demo                                # generated data, 2 CPU cores, < 10 min
+    python -m split_alexnet.train --data /data/ilsvrc12 --gpus 0,1      # the paper: one tower per GPU
+    python -m split_alexnet.train --data /data/ilsvrc12 --gpus 0,0      # both towers on one GPU
+    python -m split_alexnet.train --data /data/ilsvrc12 --gpus 0 --single-device   # collapsed layout
+    python -m split_alexnet.train --data DIR --devices cpu,cpu --max-steps 20       # smoke run
+    python -m split_alexnet.train --out runs/alexnet --resume           # continue from last.pt
+    torchrun --nproc-per-node 4 -m split_alexnet.train --data DIR       # 2 pairs of GPUs, DDP
+
+Every flag: ``python -m split_alexnet.train --help`` and docs/training.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import __version__, distributed as dist_util
+from .checkpoint import (CheckpointError, check_compatible, copy_atomic, load_checkpoint,
+                         rng_state, save_checkpoint, set_rng_state)
+from .cli import Abort, UsageError, run
+from .config import TrainConfig, parse_config, resolve_devices
+from .data import (EpochSampler, ImageFolder, check_dataset_root, finish_batch, load_stats,
+                   make_loader)
+from .model import build_model, layout_state_dict
+from .optim import (LRSchedule, build_optimizer, load_named_optimizer_state,
+                    named_optimizer_state, set_lr)
+from .plot import curves_png
+from .progress import Progress
+
+PROG = "split_alexnet.train"
+
+
+# ------------------------------------------------------------------------------ metrics
+
+
+def topk_wrong(logits_or_probs: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """How many rows do not have their label among the k highest scores."""
+    k = min(k, logits_or_probs.shape[1])
+    top = logits_or_probs.topk(k, dim=1).indices
+    return (top != labels[:, None]).all(dim=1).sum()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, stats, device: torch.device, *, ten_crop: bool = False,
+             progress: bool = False) -> dict[str, float]:
+    """Top-1 and top-5 error and loss over ``loader``; with ``ten_crop`` the softmax outputs
+    of the ten crops are averaged (the paper), and the loss is that average's NLL.
+    Under torch.distributed the sums are all-reduced, so each image counts exactly once."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # n, top1 wrong, top5 wrong, loss
+    bar = Progress(len(loader), "eval (10 crops)" if ten_crop else "eval", unit="batch",
+                   enabled=progress)
+    for batch in loader:
+        if batch["label"].numel() == 0:
+            continue
+        x = finish_batch(batch, stats, device)
+        y = batch["label"].to(device, non_blocking=True)
+        if ten_crop:
+            b = x.shape[0]
+            logits = model(x.flatten(0, 1))                                   # (B*10, C)
+            probs = logits.float().softmax(1).view(b, 10, -1).mean(1)         # (B, C)
+            loss = F.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum")
+            scores = probs
+        else:
+            scores = model(x).float()                                         # (B, C)
+            loss = F.cross_entropy(scores, y, reduction="sum")
+        sums += torch.stack([torch.tensor(float(y.numel()), device=device, dtype=torch.float64),
+                             topk_wrong(scores, y, 1).double(), topk_wrong(scores, y, 5).double(),
+                             loss.double()])
+        bar.update(1)
+    bar.close()
+    dist_util.all_reduce_sum(sums)
+    model.train(was_training)
+    n, w1, w5, loss = sums.tolist()
+    if n == 0:
+        return {"n": 0, "top1_err": float("nan"), "top5_err": float("nan"), "loss": float("nan")}
+    return {"n": int(n), "top1_err": w1 / n, "top5_err": w5 / n, "loss": loss / n}
+
+
+# ------------------------------------------------------------------------------ run state
+
+
+@dataclass
+class RunState:
+    epoch: int = 0          # the epoch in progress
+    epoch_step: int = 0     # optimizer steps already taken in this epoch
+    step: int = 0           # optimizer steps in total
+    best_top1: float = float("inf")
+    last_save: float = 0.0  # time.monotonic() of the last checkpoint
+
+
+class StopRequested:
+    """SIGTERM/SIGINT set a flag; the loop saves at the end of the current step and exits 0.
+    A second signal exits at once (the last checkpoint stays as it was)."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> "StopRequested":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)  # type: ignore[arg-type]
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+
+def code_version() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{__version__}+{sha}" if sha else __version__
+
+
+class Run:
+    """Everything one training process holds: model, optimizer, data, logs."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.ctx = dist_util.init(cfg)
+        self.is_main = self.ctx.rank == 0
+        self.out = Path(cfg.out)
+        self.devices = dist_util.devices_for_rank(cfg, self.ctx) if self.ctx.world_size > 1 \
+            else resolve_devices(cfg)
+        self.device = self.devices[0]  # input, loss and fc8 live here
+        if self.is_main:
+            check_out_dir(self.out)
+        if cfg.demo:
+            self._make_demo_data()
+        root = Path(cfg.data) if cfg.data else None
+        if root is None:
+            raise UsageError("--data DIR is required (a folder with train/ and val/), or --demo")
+        check_dataset_root(root)
+        self.root = root
+        self.stats = load_stats(root, progress=self.is_main, workers=cfg.workers) \
+            if self.is_main else None
+        dist_util.barrier()
+        if self.stats is None:
+            self.stats = load_stats(root, progress=False)
+        self.classes = list(self.stats.classes)
+        self.train_set = ImageFolder(root / "train", self.classes, mode="train", seed=cfg.seed,
+                                     pca=cfg.pca, strict=cfg.strict)
+        self.val_set = ImageFolder(root / "val", self.classes, mode="center", seed=cfg.seed,
+                                   strict=cfg.strict)
+        self.batch = dist_util.local_batch_size(cfg, self.ctx)
+        self.steps_per_epoch = len(self.train_set) // (self.batch * self.ctx.world_size)
+        if self.steps_per_epoch < 1:
+            raise UsageError(f"the training set has {len(self.train_set)} images, fewer than one "
+                             f"batch of {self.batch * self.ctx.world_size}")
+
+        # Model: seeded, built, placed; then the optimizer (after placement).
+        torch.manual_seed(cfg.seed)
+        model = build_model(arch=cfg.arch, layout=cfg.layout, devices=self.devices,
+                            num_classes=len(self.classes), init=cfg.init, lrn=cfg.lrn,
+                            activation=cfg.activation, pool=cfg.pool, dropout=cfg.dropout)
+        torch.manual_seed(cfg.seed + 1)  # the dropout stream, independent of the layout
+        self.raw_model = model
+        self.model = dist_util.wrap(model, self.ctx, self.devices)
+        self.optimizer = build_optimizer(model, kind=cfg.optimizer, lr=cfg.lr,
+                                         momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.schedule = LRSchedule(cfg.lr_schedule, cfg.lr, patience=cfg.plateau_patience,
+                                   max_drops=cfg.lr_drops)
+        self.state = RunState(last_save=time.monotonic())
+        self.metrics_path = self.out / "metrics.jsonl"
+        if cfg.resume:
+            self._resume(cfg.resume)
+        elif self.is_main:
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+    # -------------------------------------------------------------------------- setup
+    def _make_demo_data(self) -> None:
+        from .demo_data import make_demo_dataset
+        if self.cfg.data is None:
+            self.cfg.data = str(self.out / "demo_data")
+        root = Path(self.cfg.data)
+        if self.is_main and not (root / "train").is_dir():
+            print(f"generating the demo dataset in {root} ...", file=sys.stderr)
+            make_demo_dataset(root, seed=0)
+        dist_util.barrier()
+
+    def _resume(self, spec: str) -> None:
+        candidates = [Path(spec)] if spec != "auto" else \
+            [self.out / "last.pt"] + sorted(self.out.glob("epoch_*.pt"), reverse=True)
+        errors = []
+        for path in candidates:
+            try:
+                ckpt = load_checkpoint(path)
+                check_compatible(ckpt, arch=self.cfg.arch, num_classes=len(self.classes),
+                                 path=path)
+            except CheckpointError as e:
+                errors.append(str(e))
+                if self.is_main and spec == "auto" and path.exists():
+                    print(f"{PROG}: warning: {e}; trying the previous checkpoint", file=sys.stderr)
+                continue
+            self._load(ckpt, path)
+            return
+        if spec == "auto" and not any(p.exists() for p in candidates):
+            raise UsageError(f"--resume: no checkpoint in {self.out} (looked for last.pt and "
+                             "epoch_*.pt)")
+        raise UsageError(errors[-1] if errors else f"--resume: nothing usable at {spec}")
+
+    def _load(self, ckpt: dict, path: Path) -> None:
+        if ckpt.get("stats_fingerprint") != self.stats.fingerprint and self.is_main:
+            print(f"{PROG}: warning: the dataset changed since {path} was written "
+                  "(statistics fingerprint differs)", file=sys.stderr)
+        self.raw_model.load_state_dict(ckpt["model"])
+        load_named_optimizer_state(self.raw_model, self.optimizer, ckpt["optimizer"])
+        self.schedule.load_state_dict(ckpt["schedule"])
+        set_lr(self.optimizer, self.schedule.lr)
+        s = ckpt["progress"]
+        self.state.epoch, self.state.epoch_step, self.state.step = \
+            s["epoch"], s["epoch_step"], s["step"]
+        self.state.best_top1 = s["best_top1"]
+        rng = ckpt["rng"].get(f"rank{self.ctx.rank}", ckpt["rng"]["rank0"])
+        set_rng_state(rng)
+        if self.is_main:
+            print(f"resumed from {path}: epoch {self.state.epoch}, step {self.state.step} "
+                  f"(step {self.state.epoch_step} of the epoch)", file=sys.stderr)
+            self.log({"kind": "resume", "step": self.state.step, "epoch": self.state.epoch,
+                      "from": str(path)})
+
+    # -------------------------------------------------------------------------- output
+    def log(self, record: dict) -> None:
+        if self.is_main:
+            record = {"time": round(time.time(), 3), **record}
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def payload(self) -> dict:
+        s = self.state
+        rngs = dist_util.gather_objects(rng_state(self.devices), self.ctx)
+        return {
+            "model": layout_state_dict(self.raw_model),
+            "optimizer": named_optimizer_state(self.raw_model, self.optimizer),
+            "schedule": self.schedule.state_dict(),
+            "progress": {"epoch": s.epoch, "epoch_step": s.epoch_step, "step": s.step,
+                         "best_top1": s.best_top1},
+            "rng": {f"rank{r}": v for r, v in enumerate(rngs)},
+            "data_rng": "derived from (seed, epoch, index); sampler position = epoch_step",
+            "config": self.cfg.to_dict(),
+            "layout": self.cfg.layout,
+            "classes": self.classes,
+            "stats_fingerprint": self.stats.fingerprint,
+            "stats": {"mean": self.stats.mean, "eigval": self.stats.eigval,
+                      "eigvec": self.stats.eigvec},
+            "world_size": self.ctx.world_size,
+            "code_version": code_version(),
+            "torch_version": str(torch.__version__),
+        }
+
+    def save(self, *, epoch_end: bool = False, best: bool = False) -> None:
+        payload = self.payload()  # every rank joins the RNG gather
+        if not self.is_main:
+            return
+        extra = ([f"epoch_{self.state.epoch:03d}.pt"] if epoch_end else []) + \
+            (["best.pt"] if best else [])
+        target = self.out / "last.pt"
+        try:
+            save_checkpoint(target, payload)
+            for name in extra:  # the same bytes: link (or copy) last.pt, then rename atomically
+                copy_atomic(target, self.out / name)
+        except OSError as e:
+            raise Abort(f"could not write checkpoint in {self.out}: {e.strerror or e}; the "
+                        "previous checkpoint is intact, stopping") from None
+        if epoch_end and self.cfg.keep_last > 0:
+            for old in sorted(self.out.glob("epoch_*.pt"))[:-self.cfg.keep_last]:
+                old.unlink(missing_ok=True)
+        self.state.last_save = time.monotonic()
+
+    def plot(self) -> None:
+        if not self.is_main:
+            return
+        train, val = {}, {}
+        for line in self.metrics_path.read_text().splitlines():
+            r = json.loads(line)
+            if r["kind"] == "train":
+                train[r["step"]] = r["top1_err"]
+            elif r["kind"] == "val":
+                val[r["step"]] = r["top1_err"]
+        if train or val:
+            curves_png(self.out / "curves.png",
+                       [("train top-1 error (batch)", list(train), list(train.values())),
+                        ("val top-1 error (centre crop)", list(val), list(val.values()))],
+                       title=f"{self.out.name}: top-1 error", xlabel="step", ylabel="error",
+                       ylim=(0.0, 1.0))
+
+    # -------------------------------------------------------------------------- loops
+    def train_loader(self):
+        sampler = EpochSampler(len(self.train_set), epoch=self.state.epoch, seed=self.cfg.seed,
+                               shuffle=True, rank=self.ctx.rank,
+                               world_size=self.ctx.world_size, drop_last=True,
+                               start=self.state.epoch_step * self.batch)
+        return self._loader(self.train_set, self.batch, sampler)
+
+    def _loader(self, ds, batch_size: int, sampler):
+        loader = make_loader(ds, batch_size=batch_size, sampler=sampler,
+                             workers=self.cfg.workers, pin_memory=self.device.type == "cuda")
+        # The loader's own seed draw must not touch the global RNG (the dropout stream), or a
+        # resumed run would draw different masks. Augmentation does not use it either: it is
+        # derived from (seed, epoch, index) inside the dataset.
+        loader.generator = torch.Generator().manual_seed(self.cfg.seed)
+        return loader
+
+    def val_loader(self, ten_crop: bool):
+        ds = self.val_set if not ten_crop else ImageFolder(
+            self.root / "val", self.classes, mode="tencrop", seed=self.cfg.seed,
+            strict=self.cfg.strict)
+        sampler = EpochSampler(len(ds), shuffle=False, rank=self.ctx.rank,
+                               world_size=self.ctx.world_size, drop_last=False)
+        return self._loader(ds, max(1, self.batch // 10) if ten_crop else self.batch, sampler)
+
+    def train_one_epoch(self, stop: StopRequested) -> str:
+        """Returns 'epoch' at the end of the epoch, or 'max_steps' / 'signal' when stopped."""
+        cfg, s = self.cfg, self.state
+        self.model.train()
+        loader = self.train_loader()
+        bar = Progress(self.steps_per_epoch, f"epoch {s.epoch + 1}/{cfg.epochs}", unit="step",
+                       enabled=self.is_main)
+        bar.n = s.epoch_step
+        window = {"loss": 0.0, "wrong": 0, "n": 0, "t": time.monotonic()}
+        skipped = 0
+        for batch in loader:
+            skipped += len(batch.get("skipped", []))
+            if batch["label"].numel() == 0:
+                continue
+            x = finish_batch(batch, self.stats, self.device)                # (B, 3, 227, 227)
+            y = batch["label"].to(self.device, non_blocking=True)
+            logits = self.model(x)                                           # (B, classes)
+            loss = F.cross_entropy(logits, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise Abort(f"loss is {loss_value} at step {s.step + 1} (epoch {s.epoch + 1}); "
+                            f"stopping without saving. Last good checkpoint: "
+                            f"{self.last_checkpoint_name()}")
+            self.optimizer.step()
+            s.step += 1
+            s.epoch_step += 1
+            window["loss"] += loss_value * y.numel()
+            window["wrong"] += int(topk_wrong(logits.detach(), y, 1))
+            window["n"] += y.numel()
+            if s.step % cfg.log_interval == 0 or s.epoch_step == self.steps_per_epoch:
+                dt = time.monotonic() - window["t"]
+                rec = {"kind": "train", "step": s.step, "epoch": s.epoch + 1,
+                       "loss": window["loss"] / window["n"],
+                       "top1_err": window["wrong"] / window["n"], "lr": self.schedule.lr,
+                       "images_per_s": window["n"] * self.ctx.world_size / max(dt, 1e-9)}
+                self.log(rec)
+                bar.extra = f"loss {rec['loss']:.3f} err {rec['top1_err']:.3f} " \
+                            f"lr {rec['lr']:g} {rec['images_per_s']:.0f} img/s"
+                window = {"loss": 0.0, "wrong": 0, "n": 0, "t": time.monotonic()}
+            bar.update(1)
+            if cfg.max_steps is not None and s.step >= cfg.max_steps:
+                bar.close()
+                return "max_steps"
+            if dist_util.any_rank(bool(stop), self.ctx):
+                bar.close()
+                return "signal"
+            if time.monotonic() - s.last_save > cfg.checkpoint_minutes * 60:
+                self.save()
+        bar.close()
+        if skipped and self.is_main:
+            print(f"{PROG}: {skipped} unreadable training image(s) skipped this epoch",
+                  file=sys.stderr)
+        return "epoch"
+
+    def last_checkpoint_name(self) -> str:
+        last = self.out / "last.pt"
+        return str(last) if last.exists() else "none yet"
+
+    def fit(self) -> dict:
+        cfg, s = self.cfg, self.state
+        set_lr(self.optimizer, self.schedule.lr)
+        if self.is_main:
+            kind = f"{cfg.layout} on {', '.join(map(str, self.devices))}"
+            print(f"training {cfg.arch} ({kind}), {len(self.classes)} classes, "
+                  f"{len(self.train_set)} train / {len(self.val_set)} val images, batch "
+                  f"{self.batch}x{self.ctx.world_size}, {self.steps_per_epoch} steps/epoch, "
+                  f"out {self.out}", file=sys.stderr)
+        result: dict = {}
+        with StopRequested() as stop:
+            while s.epoch < cfg.epochs:
+                why = self.train_one_epoch(stop)
+                if why == "signal":
+                    self.save()
+                    if self.is_main:
+                        print(f"{PROG}: signal received: saved {self.out / 'last.pt'} at step "
+                              f"{s.step}; continue with --resume", file=sys.stderr)
+                    return {"stopped": "signal", "step": s.step}
+                if why == "max_steps" and s.epoch_step < self.steps_per_epoch:
+                    self.save()
+                    return {"stopped": "max_steps", "step": s.step}
+                # End of an epoch.
+                s.epoch += 1
+                s.epoch_step = 0
+                best = False
+                if s.epoch % cfg.eval_every == 0 or s.epoch == cfg.epochs or why == "max_steps":
+                    val = evaluate(self.model, self.val_loader(False), self.stats, self.device,
+                                   progress=self.is_main)
+                    result = {"epoch": s.epoch, "step": s.step, **val}
+                    self.log({"kind": "val", **result, "lr": self.schedule.lr})
+                    if self.is_main:
+                        print(f"epoch {s.epoch}: val top-1 {val['top1_err']:.4f} top-5 "
+                              f"{val['top5_err']:.4f} loss {val['loss']:.4f} "
+                              f"(lr {self.schedule.lr:g})", file=sys.stderr)
+                    best = val["top1_err"] < s.best_top1
+                    s.best_top1 = min(s.best_top1, val["top1_err"])
+                    set_lr(self.optimizer, self.schedule.step(val["top1_err"]))
+                self.save(epoch_end=True, best=best)
+                self.plot()
+                if why == "max_steps":
+                    return {"stopped": "max_steps", **result}
+        if cfg.ten_crop:
+            val10 = evaluate(self.model, self.val_loader(True), self.stats, self.device,
+                             ten_crop=True, progress=self.is_main)
+            self.log({"kind": "val_ten_crop", "epoch": s.epoch, "step": s.step, **val10})
+            if self.is_main:
+                print(f"ten-crop: val top-1 {val10['top1_err']:.4f} top-5 "
+                      f"{val10['top5_err']:.4f} loss {val10['loss']:.4f}", file=sys.stderr)
+            result = {**result, "ten_crop": val10}
+        return result
+
+
+def check_out_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"--out {out} is not writable: {e.strerror or e}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_config(argv)
+    run_ = Run(cfg)
+    try:
+        result = run_.fit()
+        if run_.is_main:
+            print(json.dumps(result), file=sys.stdout)
+    finally:
+        dist_util.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main, PROG))

@@ -1,0 +1,114 @@
+"""The offline prepare step (resumable, parallel, reports unreadable files) and demo data."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from split_alexnet import data as D
+from split_alexnet.demo_data import make_demo_dataset
+from split_alexnet.prepare import REPORT, TMP_MARK, prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.suffix != ".npz"}
+
+
+@pytest.fixture
+def src(tmp_path):
+    rng = np.random.default_rng(0)
+    s = tmp_path / "src"
+    for split, n in (("train", 5), ("val", 2)):
+        for c in ("cat", "dog"):
+            d = s / split / c
+            d.mkdir(parents=True)
+            for k in range(n):
+                w, h = [(500, 375), (300, 400), (120, 90), (256, 256), (640, 480)][k]
+                a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                fmt = "PNG" if k == 1 else "JPEG"
+                Image.fromarray(a).save(d / f"{c}{k}.{'png' if k == 1 else 'JPEG'}", fmt)
+    (s / "train" / "cat" / "broken.jpg").write_bytes(b"not a jpeg")
+    (s / "train" / "dog" / "notes.txt").write_text("ignored: not an image extension")
+    return s
+
+
+def test_prepare_outputs_report_and_resume(src, tmp_path):
+    dst = tmp_path / "dst"
+    s1 = prepare(src, dst, workers=2, progress=False)
+    assert s1["images"] == 15 and s1["unreadable"] == 1 and s1["written"] == 14
+    outs = sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*.*")
+                  if p.suffix.lower() in (".jpg", ".jpeg"))
+    assert "train/cat/cat1.jpg" in outs and "train/cat/cat0.JPEG" in outs and len(outs) == 14
+    for p in dst.rglob("*.JPEG"):
+        with Image.open(p) as im:
+            assert im.size == (256, 256) and im.format == "JPEG" and im.mode == "RGB"
+    report = (dst / REPORT).read_text()
+    assert "unreadable: 1" in report and "train/cat/broken.jpg" in report
+    before = tree(dst)
+    stats1 = np.load(dst / "stats.npz")
+    # interrupt: remove some outputs, leave a stray temp file, rerun
+    (dst / "train" / "cat" / "cat0.JPEG").unlink()
+    (dst / "val" / "dog" / "dog1.jpg").unlink()
+    (dst / "train" / "dog" / f".dog2.JPEG{TMP_MARK}12345").write_bytes(b"partial")
+    s2 = prepare(src, dst, workers=0, progress=False)
+    assert s2["written"] == 2 and s2["existing"] == 12 and s2["unreadable"] == 1
+    assert tree(dst) == before  # byte-identical, stray temp gone
+    stats2 = np.load(dst / "stats.npz")
+    for k in ("mean", "eigval", "eigvec", "classes", "count"):
+        np.testing.assert_array_equal(stats1[k], stats2[k])
+    # the two rewritten files have new mtimes: the fingerprint notices and stats were redone
+    assert str(stats1["fingerprint"]) != str(stats2["fingerprint"])
+    st = D.load_stats(dst, progress=False)
+    assert st.classes == ["cat", "dog"] and st.mean.shape == (3, 256, 256)
+    # prepared pixels = the on-the-fly pixels up to JPEG re-encoding
+    from split_alexnet.images import load_rgb256
+    a = load_rgb256(src / "train" / "dog" / "dog4.JPEG").astype(int)
+    b = load_rgb256(dst / "train" / "dog" / "dog4.JPEG").astype(int)
+    assert np.abs(a - b).mean() < 12
+
+
+def _cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_prepare_cli_missing_src(tmp_path):
+    r = _cli("split_alexnet.prepare", str(tmp_path / "missing"), str(tmp_path / "out"))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "missing" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_prepare_cli_missing_val(tmp_path):
+    (tmp_path / "s" / "train" / "a").mkdir(parents=True)
+    r = _cli("split_alexnet.prepare", str(tmp_path / "s"), str(tmp_path / "out"))
+    assert r.returncode == 2 and "val" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_demo_data_deterministic(tmp_path):
+    a = make_demo_dataset(tmp_path / "a", classes=10, train_per_class=3, val_per_class=1, seed=5)
+    b = make_demo_dataset(tmp_path / "b", classes=10, train_per_class=3, val_per_class=1, seed=5)
+    c = make_demo_dataset(tmp_path / "c", classes=10, train_per_class=3, val_per_class=1, seed=6)
+    ta, tb, tc = tree(a), tree(b), tree(c)
+    assert ta == tb and len(ta) == 10 * 4 + 1
+    assert ta.keys() == tc.keys() and ta != tc
+    assert len(D.find_classes(a / "train")) == 10
+    with Image.open(next(a.rglob("*.jpg"))) as im:
+        assert im.size == (256, 256) and im.format == "JPEG"
+
+
+def test_demo_data_cli(tmp_path):
+    r = _cli("split_alexnet.demo_data", str(tmp_path / "d"), "--classes", "2",
+             "--train-per-class", "2", "--val-per-class", "1")
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "d").rglob("*.jpg"))) == 6
+    r = _cli("split_alexnet.demo_data", str(tmp_path / "d"), "--classes", "99")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1

@@ -1,0 +1,256 @@
+"""End to end training on a generated JPEG folder with the full-size network, few steps.
+
+The runs are shared by several tests (module fixtures), since each costs seconds on 2 cores.
+On the CPU every comparison below is exact (``torch.equal``): the split and collapsed layouts
+perform the same arithmetic, and a resumed run restores every state it draws from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from split_alexnet.checkpoint import load_checkpoint, save_checkpoint
+from split_alexnet.cli import run
+from split_alexnet.evaluate import main as evaluate_main
+from split_alexnet.optim import LRSchedule, PaperSGD
+from split_alexnet.train import main as train_main
+
+BASE = ["--batch-size", "8", "--epochs", "2", "--workers", "0", "--log-interval", "1",
+        "--init", "caffe", "--no-ten-crop", "--seed", "3"]
+
+
+def train(root, out, *extra) -> int:
+    return run(train_main, "train", ["--data", str(root), "--out", str(out), *BASE, *extra])
+
+
+def losses(out: Path) -> dict[int, float]:
+    recs = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
+
+
+def assert_same_tensors(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), what
+    for k in a:
+        if isinstance(a[k], dict):
+            assert_same_tensors(a[k], b[k], f"{what}.{k}")
+        elif isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), f"{what}.{k}"
+
+
+@pytest.fixture(scope="module")
+def runs(demo_root, tmp_path_factory):
+    base = tmp_path_factory.mktemp("runs")
+    out = {name: base / name for name in ("split", "single", "cut_mid", "cut_edge")}
+    assert train(demo_root, out["split"], "--devices", "cpu,cpu") == 0
+    assert train(demo_root, out["single"], "--single-device") == 0
+    # Interrupted mid-epoch (step 6 of 8: 2 steps into epoch 2), resumed with 2 real workers.
+    assert train(demo_root, out["cut_mid"], "--devices", "cpu,cpu", "--max-steps", "6") == 0
+    assert train(demo_root, out["cut_mid"], "--devices", "cpu,cpu", "--resume",
+                 "--workers", "2") == 0
+    # Interrupted exactly at the end of epoch 1 (step 4).
+    assert train(demo_root, out["cut_edge"], "--devices", "cpu,cpu", "--max-steps", "4") == 0
+    assert train(demo_root, out["cut_edge"], "--devices", "cpu,cpu", "--resume") == 0
+    return out
+
+
+def test_run_writes_checkpoints_metrics_and_curves(runs):
+    out = runs["split"]
+    for name in ("last.pt", "best.pt", "epoch_001.pt", "epoch_002.pt", "metrics.jsonl",
+                 "curves.png", "config.json"):
+        assert (out / name).is_file(), name
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["progress"]["step"] == 8 and ckpt["progress"]["epoch"] == 2
+    assert ckpt["classes"] == sorted(ckpt["classes"]) and len(ckpt["classes"]) == 4
+    assert ckpt["config"]["batch_size"] == 8 and ckpt["layout"] == "split"
+    assert set(ckpt["model"]) >= {"conv1.weight", "fc8.bias"}  # layout-independent keys
+    assert len(ckpt["stats_fingerprint"]) >= 8 and ckpt["code_version"]
+    assert sorted(losses(out)) == list(range(1, 9))
+
+
+def test_split_and_single_device_runs_agree_step_by_step(runs):
+    a, b = losses(runs["split"]), losses(runs["single"])
+    assert a == b  # every logged loss, bit for bit
+    ca, cb = load_checkpoint(runs["split"] / "last.pt"), load_checkpoint(runs["single"] / "last.pt")
+    assert_same_tensors(ca["model"], cb["model"], "model")
+    assert_same_tensors(ca["optimizer"]["buffers"], cb["optimizer"]["buffers"], "velocity")
+
+
+@pytest.mark.parametrize("cut", ["cut_mid", "cut_edge"])
+def test_resume_equals_uninterrupted(runs, cut):
+    full = load_checkpoint(runs["split"] / "last.pt")
+    resumed = load_checkpoint(runs[cut] / "last.pt")
+    assert resumed["progress"] == full["progress"]
+    assert_same_tensors(full["model"], resumed["model"], "model")
+    assert_same_tensors(full["optimizer"]["buffers"], resumed["optimizer"]["buffers"], "velocity")
+    assert_same_tensors(full["rng"], resumed["rng"], "rng")
+    assert losses(runs[cut]) == losses(runs["split"])
+
+
+def test_loss_falls_on_a_tiny_set(tmp_path):
+    """The split layout overfits 8 images. (The collapsed layout computes the same losses bit
+    for bit: test_split_and_single_device_runs_agree_step_by_step.)"""
+    from split_alexnet.demo_data import make_demo_dataset
+    root = make_demo_dataset(tmp_path / "d", classes=2, train_per_class=4, val_per_class=2,
+                             seed=1)
+    out = tmp_path / "run"
+    rc = run(train_main, "train", ["--data", str(root), "--out", str(out), "--batch-size", "8",
+                                   "--epochs", "16", "--workers", "0", "--log-interval", "1",
+                                   "--init", "caffe", "--no-ten-crop", "--lr", "0.02",
+                                   "--lr-schedule", "step:100", "--pca", "off", "--dropout", "0",
+                                   "--devices", "cpu,cpu"])
+    assert rc == 0
+    ls = losses(out)
+    last5 = [ls[s] for s in range(12, 17)]
+    assert min(last5) < 0.3 * ls[1] and sum(last5) / 5 < ls[1], ls
+
+
+@pytest.mark.parametrize("ckpt_run", ["split", "single"])
+def test_evaluate_in_both_layouts(runs, demo_root, tmp_path, capsys, ckpt_run):
+    results = []
+    for layout in (["--devices", "cpu,cpu"], ["--single-device"]):
+        js = tmp_path / f"{ckpt_run}_{layout[0]}.json"
+        rc = run(evaluate_main, "evaluate", ["--checkpoint", str(runs[ckpt_run] / "last.pt"),
+                                             "--data", str(demo_root), "--workers", "0",
+                                             "--json", str(js), *layout])
+        assert rc == 0
+        results.append(json.loads(js.read_text()))
+    assert results[0]["center"] == results[1]["center"]
+    assert results[0]["center"]["n"] == 16
+    # The same numbers the training run logged for its last epoch.
+    recs = [json.loads(x) for x in (runs[ckpt_run] / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in recs if r["kind"] == "val"][-1]
+    assert results[0]["center"]["top1_err"] == val["top1_err"]
+    assert "top-1" in capsys.readouterr().out
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(demo_root, tmp_path, capsys):
+    out = tmp_path / "nan"
+    rc = train(demo_root, out, "--devices", "cpu,cpu", "--lr", "1e12", "--checkpoint-minutes", "0")
+    err = capsys.readouterr().err
+    assert rc == 1
+    line = [ln for ln in err.splitlines() if "error:" in ln]
+    assert len(line) == 1 and "loss is" in line[0] and "at step" in line[0] and "last.pt" in line[0]
+    ckpt = load_checkpoint(out / "last.pt")  # still loads: the bad step was never saved
+    for t in ckpt["model"].values():
+        assert torch.isfinite(t).all()
+
+
+def test_sigterm_saves_and_exits_zero_then_resumes(demo_root, tmp_path):
+    out = tmp_path / "term"
+    cmd = [sys.executable, "-m", "split_alexnet.train", "--data", str(demo_root), "--out",
+           str(out), "--devices", "cpu,cpu", "--batch-size", "8", "--workers", "0",
+           "--log-interval", "1", "--epochs", "50"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    metrics = out / "metrics.jsonl"
+    while time.monotonic() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "signal received" in err and "Traceback" not in err
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["progress"]["step"] >= 1
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--gpus", "0,1"], "cuda:0 requested but this machine has no CUDA device"),
+    (["--data", "/nonexistent/data", "--devices", "cpu,cpu"], "/nonexistent/data"),
+    (["--devices", "cpu,cpu", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--devices", "cpu,cpu,cpu"], "exactly two devices"),
+    (["--devices", "cpu,tpu9"], "unknown device"),
+    ([], "no GPU found: use --devices cpu,cpu"),
+    (["--devices", "cpu,cpu", "--lr-schedule", "sometimes"], "--lr-schedule"),
+])
+@pytest.mark.skipif(torch.cuda.is_available(), reason="messages assume a machine without GPUs")
+def test_bad_input_is_one_line_and_exit_2(demo_root, tmp_path, capsys, args, words):
+    argv = ["--out", str(tmp_path / "o")] + (["--data", str(demo_root)] if "--data" not in args
+                                             else []) + args
+    rc = run(train_main, "train", argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and words in err[0], err
+
+
+def test_missing_val_and_unwritable_out_and_garbage_checkpoint(demo_root, tmp_path, capsys):
+    no_val = tmp_path / "noval"
+    (no_val / "train" / "a").mkdir(parents=True)
+    assert run(train_main, "train", ["--data", str(no_val), "--devices", "cpu,cpu",
+                                     "--out", str(tmp_path / "o")]) == 2
+    assert "val" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert run(train_main, "train", ["--data", str(demo_root), "--devices", "cpu,cpu",
+                                     "--out", str(blocker / "run")]) == 2
+    assert "not writable" in capsys.readouterr().err
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(os.urandom(1000))
+    assert run(train_main, "train", ["--data", str(demo_root), "--devices", "cpu,cpu",
+                                     "--batch-size", "8", "--out", str(tmp_path / "o2"),
+                                     "--resume", str(garbage)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot be loaded safely" in err[0]
+
+
+def test_real_entry_point_prints_no_traceback(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "split_alexnet.train", "--data",
+                        str(tmp_path / "none"), "--devices", "cpu,cpu", "--out",
+                        str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+
+
+# ----------------------------------------------------------------------------- optimizer, schedule
+
+
+def test_paper_sgd_step_equals_the_formula():
+    torch.manual_seed(0)
+    w0 = torch.randn(5, 3, dtype=torch.float64)
+    grads = [torch.randn(5, 3, dtype=torch.float64) for _ in range(4)]
+    lrs = [0.1, 0.1, 0.01, 0.01]
+    w = w0.clone().requires_grad_()
+    opt = PaperSGD([w], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    w_sgd = w0.clone().requires_grad_()
+    sgd = torch.optim.SGD([w_sgd], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    ref_w, ref_v = w0.clone(), torch.zeros_like(w0)
+    for step, (lr, grad) in enumerate(zip(lrs, grads)):
+        for o in (opt, sgd):
+            for g in o.param_groups:
+                g["lr"] = lr
+        w.grad, w_sgd.grad = grad.clone(), grad.clone()
+        opt.step()
+        sgd.step()
+        ref_v = 0.9 * ref_v - 0.0005 * lr * ref_w - lr * grad
+        ref_w = ref_w + ref_v
+        torch.testing.assert_close(w.detach(), ref_w, rtol=1e-15, atol=1e-15)
+        if step < 2:  # constant rate: torch.optim.SGD is the same update
+            torch.testing.assert_close(w_sgd.detach(), ref_w, rtol=1e-12, atol=1e-12)
+    # After the drop they differ: torch keeps the learning rate outside the velocity.
+    assert (w_sgd.detach() - w.detach()).abs().max() > 1e-4
+
+
+def test_plateau_schedule_drops_at_most_three_times():
+    s = LRSchedule("plateau", 0.01, patience=1, max_drops=3)
+    lrs = [s.step(e) for e in [0.9, 0.8, 0.8, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7]]
+    assert lrs[:2] == [0.01, 0.01]
+    assert lrs[2] == pytest.approx(0.001)          # no improvement: divide by 10
+    assert lrs[3] == pytest.approx(0.001)          # improved
+    assert s.drops == 3 and lrs[-1] == pytest.approx(1e-5)  # never a fourth time
+    restored = LRSchedule("plateau", 0.01)
+    restored.load_state_dict(s.state_dict())
+    assert restored.lr == s.lr and restored.drops == 3
+    step = LRSchedule("step:2", 1.0)
+    assert [step.step(0.5) for _ in range(8)] == pytest.approx([1, .1, .1, .01, .01, .001, .001, .001])
