@@ -2,7 +2,7 @@
 
 Built on first use with ``torch.utils.cpp_extension.load_inline`` into a cache directory
 (``$SPLIT_ALEXNET_CACHE`` or ``~/.cache/split_alexnet``, keyed by a hash of the source, the
-flags, the torch version and the CPU model), so it compiles once per machine (about a minute
+flags, the torch version and the CPU model), so it compiles once per machine (about 10 s
 on 2 cores) and loads in well under a second afterwards. :func:`load` returns ``None`` (and
 prints ONE line on stderr) where compiling or loading fails; callers then use the reference.
 
@@ -15,8 +15,9 @@ backward(x, g, lo, hi, alpha, beta, k, groups) -> grad_x
     grad_j = g_j d_j^-beta - 2 alpha beta x_j * sum_{i=j-hi}^{j+lo} g_i x_i d_i^(-beta-1)
 
 Each reads its inputs once from memory and writes its output once: the window sums are taken
-from rows that are already in L1 (a chunk of <= 512 pixels x a ring of ``size`` channels), and
-the backward recomputes d from x instead of saving it. Accumulation is in float for
+from rows that are already in L1 (a chunk of <= 512 pixels x the ``size`` channels of the
+window, summed in one pass), and the backward recomputes d from x instead of saving it,
+keeping a ring of the last ``size`` channels' g x d^(-beta-1) and d^-beta. Accumulation is in float for
 float/half/bfloat16 and in double for double. Two layouts are handled without copies:
 (N, C, *) with each x[n] contiguous, any batch stride ("planes": the pixels of a channel are
 contiguous, vectorised over pixels; this includes ``x.chunk(2, dim=1)`` halves of a contiguous

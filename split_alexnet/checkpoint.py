@@ -19,11 +19,10 @@ the folder. A crash at any point leaves either the old or the new file, never ha
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -59,13 +58,15 @@ def checksum(payload: dict) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file, fsync, rename, fsync folder)."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write(f)`` on a temporary file beside ``path``, fsync it, rename it over
+    ``path``, fsync the folder. On any failure the temporary file is removed and ``path`` is
+    untouched."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -103,12 +104,11 @@ def copy_atomic(src: Path, dst: Path) -> None:
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    """Serialise in memory first, so a failure (disk full) never touches the old file."""
+    """Checksum, then stream into a temporary file and rename: a failure (disk full) never
+    touches the previous checkpoint."""
     payload = dict(payload, format=FORMAT)
     payload["checksum"] = checksum(payload)
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    atomic_write_bytes(Path(path), buf.getvalue())
+    atomic_write(Path(path), lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: Path) -> dict:

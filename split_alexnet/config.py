@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from .cli import UsageError
+from .fastpath import AMP_CHOICES
 from .optim import OPTIMIZERS, parse_schedule
 from .model import ACTIVATIONS, INIT_SCHEMES, LRN_CHOICES, POOLS
 from .placement import parse_device, parse_devices
@@ -40,6 +41,9 @@ class TrainConfig:
     """Images per optimizer step (the paper: 128). Global under torchrun unless --per-process-batch."""
     per_process_batch: bool = False
     """Under torchrun: --batch-size is per process instead of global."""
+    backend: str = "auto"
+    """Under torchrun: the torch.distributed backend, 'auto' (nccl when every device is a GPU,
+    gloo otherwise), 'nccl' or 'gloo'."""
     lr: float = 0.01
     """Initial learning rate (the paper: 0.01, the same for every layer)."""
     momentum: float = 0.9
@@ -87,6 +91,14 @@ class TrainConfig:
     """Evaluate the centre crop every this many epochs."""
     strict: bool = False
     """Unreadable images are fatal instead of skipped and counted."""
+    channels_last: bool = False
+    """Fast path: NHWC weights and inputs (the same function; docs/benchmarks.md)."""
+    amp: str = "off"
+    """Autocast: 'off' (fp32, the faithful default), 'bf16' or 'fp16' (with a GradScaler on CUDA)."""
+    compile: bool = False
+    """Fast path: torch.compile the model (compiles on the first steps; docs/benchmarks.md)."""
+    cudnn_benchmark: bool = False
+    """Fast path: let cuDNN time its algorithms per shape (CUDA; not bitwise reproducible)."""
     demo: bool = False
     """Generate the demo dataset under OUT/demo_data and train on it with the demo preset."""
     config: str | None = None
@@ -107,7 +119,9 @@ class TrainConfig:
         for name, allowed in (("arch", ("alexnet", "half")), ("optimizer", OPTIMIZERS),
                               ("init", INIT_SCHEMES), ("lrn", LRN_CHOICES),
                               ("activation", ACTIVATIONS), ("pool", POOLS),
-                              ("pca", ("paper", "paper-255", "sqrt", "off"))):
+                              ("pca", ("paper", "paper-255", "sqrt", "off")),
+                              ("backend", ("auto", "nccl", "gloo")),
+                              ("amp", AMP_CHOICES)):
             if getattr(self, name) not in allowed:
                 raise UsageError(f"--{name.replace('_', '-')} must be one of "
                                  f"{', '.join(allowed)}; got {getattr(self, name)!r}")
@@ -133,8 +147,9 @@ DEMO_PRESET: dict[str, tuple[Any, str]] = {
     "init": ("caffe", "the paper's biases of 1 sit at chance for hundreds of steps on a small "
                       "set (measured, ../shared/paper.md); Caffe's 0.1 learns within ~60 steps"),
     "batch_size": (32, "a 2-core CPU runs about 20-30 images/s; 32 gives enough steps"),
-    "epochs": (8, "the demo set is ~1000 images; 8 epochs fit in under 10 minutes on 2 cores"),
-    "lr_schedule": ("step:6", "too few epochs for a plateau to show; one drop late in the run"),
+    "epochs": (14, "the demo set is 1,000 images; 14 epochs (~440 steps) fit in under 10 "
+                   "minutes on 2 cores"),
+    "lr_schedule": ("step:11", "too few epochs for a plateau to show; one drop late in the run"),
     "workers": (2, "two cores"),
     "ten_crop": (True, "the paper's test-time recipe, on 200 images"),
     "log_interval": (10, "short epochs"),

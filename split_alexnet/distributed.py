@@ -4,8 +4,31 @@ One process per GPU pair. Inside a process the paper's model parallelism splits 
 into two towers; across processes DistributedDataParallel all-reduces the gradients. Under
 ``torchrun`` (LOCAL_RANK, RANK, WORLD_SIZE set) process i takes GPUs (2i, 2i+1) of its node
 by default, or the pairs given by ``--gpus`` (e.g. ``--gpus 0,1,2,3``: pair i is entries
-2i and 2i+1). With ``--devices cpu,cpu`` every process trains on the CPU over gloo, so the
-whole path is testable without GPUs. See docs/scaling.md.
+2i and 2i+1). ``--single-device`` gives each process one GPU (plain DDP). With
+``--devices cpu,cpu`` every process trains on the CPU over gloo, so the whole path is
+testable without GPUs. See docs/scaling.md.
+
+What each rank does, and why:
+
+* data: :class:`split_alexnet.data.EpochSampler` shards by rank (rank r takes perm[r::world]
+  of the epoch's permutation, the same length on every rank). The trainer builds a fresh
+  sampler for every epoch with that epoch number (and the mid-epoch start position), which is
+  what ``DistributedSampler.set_epoch`` does: every epoch is a new permutation, identical on
+  every rank. Evaluation uses ``shuffle=False``: rank r takes range(r, n, world), no padding,
+  so the all-reduced sums count every validation image exactly once.
+* batch: ``--batch-size`` is global (split across the processes; it must divide) unless
+  ``--per-process-batch``. Learning rate: with a fixed global batch keep the paper's 0.01;
+  with a per-process batch the global batch is world x batch, and the linear scaling rule
+  (Goyal et al. 2017: lr x k for a k times larger batch, with warm-up) is the usual starting
+  point. Nothing is scaled automatically.
+* output: only rank 0 writes logs, plots and checkpoints; every rank joins the gather of the
+  RNG states (one per rank) and every rank resumes from the same file.
+* dropout: each rank draws its own dropout stream (seeded from the seed and the rank).
+* failures: the process group has a timeout (``SPLIT_ALEXNET_DIST_TIMEOUT`` seconds, default
+  600) so a rank whose peers died stops with an error instead of hanging; under torchrun the
+  agent also tears the group down as soon as one worker exits with an error. Set-up waits
+  (rank 0 computing dataset statistics) use a separate gloo group with a long timeout
+  (``SPLIT_ALEXNET_SETUP_TIMEOUT``, default 86400 s).
 """
 
 from __future__ import annotations
@@ -13,7 +36,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -21,6 +44,8 @@ from torch import nn
 
 from .cli import UsageError
 from .placement import parse_device, parse_devices
+
+BACKENDS = ("auto", "nccl", "gloo")
 
 
 @dataclass(frozen=True)
@@ -32,28 +57,63 @@ class Context:
 
 
 _CTX = Context()
+_SETUP_GROUP: Any = None  # a gloo group with a long timeout, for set-up barriers
 
 
 def env_context() -> Context:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Context()
-    return Context(rank=int(os.environ.get("RANK", "0")), world_size=world,
-                   local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-                   local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
+    """Rank and world from the variables torchrun (or SLURM + torchrun) sets."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return Context()
+        ctx = Context(rank=int(os.environ.get("RANK", "0")), world_size=world,
+                      local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                      local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
+    except ValueError:
+        raise UsageError("WORLD_SIZE, RANK, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers "
+                         "(they are set by torchrun)") from None
+    if not (0 <= ctx.rank < ctx.world_size and 0 <= ctx.local_rank < ctx.local_world_size):
+        raise UsageError(f"inconsistent torchrun environment: RANK={ctx.rank} "
+                         f"WORLD_SIZE={ctx.world_size} LOCAL_RANK={ctx.local_rank} "
+                         f"LOCAL_WORLD_SIZE={ctx.local_world_size}")
+    return ctx
+
+
+def context() -> Context:
+    """The context of the running process (after :func:`init`)."""
+    return _CTX
+
+
+def _split(spec: str) -> list[str]:
+    return [s.strip() for s in spec.split(",") if s.strip()]
 
 
 def devices_for_rank(cfg, ctx: Context) -> tuple[torch.device, ...]:
-    """This process's devices under torchrun, with readable errors for bad settings."""
+    """This process's devices under torchrun, with readable errors for bad settings.
+
+    ``--devices`` names the same devices in every process (cpu,cpu for tests and CPU
+    clusters; a GPU only with one process per node). Otherwise the node's GPUs (``--gpus``,
+    default all visible) are dealt out: a pair per process, or one with ``--single-device``.
+    """
     n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
     try:
-        if cfg.devices is not None:  # e.g. cpu,cpu in every process (tests, CPU clusters)
-            specs = [d for d in cfg.devices.split(",") if d.strip()]
-            if cfg.single_device:
-                return (parse_device(specs[0]),)
-            return parse_devices(specs)
+        if cfg.devices is not None:
+            specs = _split(cfg.devices)
+            devs = (parse_device(specs[0]),) if cfg.single_device and specs else \
+                parse_devices(specs)
+            if ctx.local_world_size > 1 and any(d.type != "cpu" for d in devs):
+                raise UsageError(
+                    f"--devices {cfg.devices} would put all {ctx.local_world_size} processes of "
+                    "this node on the same GPUs; under torchrun use --gpus (each process takes "
+                    "its own pair) or --devices cpu,cpu")
+            return devs
         if cfg.gpus is not None:
-            ids = [g.strip() for g in cfg.gpus.split(",") if g.strip()]
+            ids = _split(cfg.gpus)
+            if not all(i.isdigit() for i in ids):
+                raise UsageError(f"--gpus takes GPU indices such as 0,1,2,3; got {cfg.gpus!r}")
+            if len(set(ids)) != len(ids):
+                raise UsageError(f"--gpus {cfg.gpus} names a GPU twice; under torchrun every "
+                                 "process needs its own GPUs")
         else:
             ids = [str(i) for i in range(n_gpu)]
         per = 1 if cfg.single_device else 2
@@ -62,10 +122,11 @@ def devices_for_rank(cfg, ctx: Context) -> tuple[torch.device, ...]:
                              "an even count with --gpus, or use --single-device")
         need = ctx.local_world_size * per
         if len(ids) < need:
+            where = f" (--gpus {cfg.gpus})" if cfg.gpus is not None else " on this node"
             raise UsageError(
                 f"{ctx.local_world_size} processes on this node need {need} GPUs "
-                f"({'one' if per == 1 else 'a pair'} each) but {len(ids)} are available"
-                f"{' (' + cfg.gpus + ')' if cfg.gpus else ''}")
+                f"({'one' if per == 1 else 'a pair'} each) but {len(ids)} are available{where}; "
+                f"start {len(ids) // per} processes per node or give more GPUs")
         mine = ids[ctx.local_rank * per:(ctx.local_rank + 1) * per]
         specs = [f"cuda:{i}" for i in mine]
         return (parse_device(specs[0]),) if cfg.single_device else parse_devices(specs)
@@ -84,32 +145,58 @@ def local_batch_size(cfg, ctx: Context) -> int:
     return cfg.batch_size // ctx.world_size
 
 
+def cfg_backend(cfg, devices: Sequence[torch.device]) -> str:
+    """'auto' is nccl when every device is a CUDA device, gloo otherwise."""
+    backend = getattr(cfg, "backend", None) or "auto"
+    if backend not in BACKENDS:
+        raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if backend == "auto":
+        backend = "nccl" if all(d.type == "cuda" for d in devices) else "gloo"
+    if backend == "nccl" and any(d.type != "cuda" for d in devices):
+        raise UsageError("the nccl backend needs CUDA devices but this process has "
+                         f"{', '.join(map(str, devices))}; use --backend gloo (or auto)")
+    return backend
+
+
+def _seconds(var: str, default: float) -> datetime.timedelta:
+    raw = os.environ.get(var, "")
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        raise UsageError(f"{var} must be a number of seconds, got {raw!r}") from None
+    if value <= 0:
+        raise UsageError(f"{var} must be > 0, got {raw!r}")
+    return datetime.timedelta(seconds=value)
+
+
+def check(cfg, ctx: Context) -> tuple[tuple[torch.device, ...], str, int]:
+    """Every up-front check (devices, backend, batch split): all before any network traffic."""
+    devices = devices_for_rank(cfg, ctx)
+    backend = cfg_backend(cfg, devices)
+    batch = local_batch_size(cfg, ctx)
+    return devices, backend, batch
+
+
 def init(cfg) -> Context:
     """Join the process group when launched by torchrun; a no-op for one process."""
-    global _CTX
+    global _CTX, _SETUP_GROUP
     ctx = env_context()
     if ctx.world_size > 1 and not dist.is_initialized():
-        devices = devices_for_rank(cfg, ctx)
-        backend = cfg_backend(cfg, devices)
+        devices, backend, _ = check(cfg, ctx)
+        timeout = _seconds("SPLIT_ALEXNET_DIST_TIMEOUT", 600.0)
+        setup_timeout = _seconds("SPLIT_ALEXNET_SETUP_TIMEOUT", 86400.0)
         if backend == "nccl":
             torch.cuda.set_device(devices[0])
-        timeout = datetime.timedelta(seconds=float(os.environ.get("SPLIT_ALEXNET_DIST_TIMEOUT",
-                                                                  "600")))
         dist.init_process_group(backend, timeout=timeout)
+        _SETUP_GROUP = dist.new_group(backend="gloo", timeout=setup_timeout)
     _CTX = ctx
     return ctx
 
 
-def cfg_backend(cfg, devices) -> str:
-    backend = getattr(cfg, "backend", None) or os.environ.get("SPLIT_ALEXNET_BACKEND") or \
-        ("nccl" if all(d.type == "cuda" for d in devices) else "gloo")
-    if backend == "nccl" and any(d.type != "cuda" for d in devices):
-        raise UsageError("the nccl backend needs CUDA devices; with CPU devices use gloo")
-    return backend
-
-
 def wrap(model: nn.Module, ctx: Context, devices) -> nn.Module:
-    """DDP over a module that spans devices: device_ids=None, as the PyTorch docs require."""
+    """DDP over a module that spans devices: device_ids=None, as the PyTorch docs require
+    for multi-device modules (the input goes to the first tower's device; the output comes
+    back on the device of fc8, the same first device)."""
     if ctx.world_size == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -128,13 +215,21 @@ def all_reduce_sum(t: torch.Tensor) -> None:
 
 def any_rank(flag: bool, ctx: Context) -> bool:
     """True on every rank when any rank's flag is set (a signal reached one of them)."""
+    return any_rank_flags([flag], ctx)[0]
+
+
+def any_rank_flags(flags: Sequence[bool], ctx: Context) -> list[bool]:
+    """Each flag, True on every rank when it is set on any rank, in one all-reduce (a signal
+    reached one rank; one rank's clock says it is time to checkpoint). Decisions that lead to
+    collectives (saving gathers the RNG states) must agree on every rank, or the ranks
+    deadlock. Every rank must call it at the same point."""
     if ctx.world_size == 1 or not dist.is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0])
+        return [bool(f) for f in flags]
+    t = torch.tensor([1.0 if f else 0.0 for f in flags])
     if dist.get_backend() == "nccl":
         t = t.cuda()
     dist.all_reduce(t)
-    return bool(t.item() > 0)
+    return [bool(v > 0) for v in t.tolist()]
 
 
 def gather_objects(obj: Any, ctx: Context) -> list[Any]:
@@ -146,10 +241,18 @@ def gather_objects(obj: Any, ctx: Context) -> list[Any]:
 
 
 def barrier() -> None:
+    """Wait for every rank, with the long set-up timeout (rank 0 may be computing the dataset
+    statistics or writing the demo data meanwhile)."""
     if dist.is_initialized():
-        dist.barrier()
+        if _SETUP_GROUP is not None:
+            dist.barrier(group=_SETUP_GROUP)
+        else:
+            dist.barrier()
 
 
 def shutdown() -> None:
+    global _SETUP_GROUP, _CTX
     if dist.is_initialized():
         dist.destroy_process_group()
+    _SETUP_GROUP = None
+    _CTX = Context()

@@ -183,6 +183,9 @@ def lrn(x: Tensor, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: fl
     """LRN with ``alpha`` on the SUM of squares (paper reading), over each of ``groups`` groups
     of consecutive channels, by implementation ``impl`` (see the module docstring)."""
     which = resolve_impl(impl, x.device.type)
+    if x.dim() < 2 or groups < 1 or x.shape[1] % groups:
+        raise ValueError(f"LRN needs (N, C, ...) input with C divisible by groups={groups}, "
+                         f"got shape {tuple(x.shape)}")
     lo, hi = _window(size)
     if which == "cpp" and size > 64:  # the kernel's window limit
         which = "reference"

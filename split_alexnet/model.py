@@ -79,10 +79,12 @@ def _pool(x: Tensor, cfg: ModelConfig) -> Tensor:
     return F.max_pool2d(x, kernel_size=k, stride=2)  # 55 -> 27 -> 13 -> 6 with either choice
 
 
-def _make_lrn(cfg: ModelConfig) -> nn.Module:
+def _make_lrn(cfg: ModelConfig, groups: int = 1) -> nn.Module:
+    """The paper's LRN over ``groups`` separate blocks of channels (2 in the collapsed layout:
+    each tower's half on its own, never across the boundary)."""
     if cfg.lrn == "off":
         return nn.Identity()
-    return LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0, reading=cfg.lrn)
+    return LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0, reading=cfg.lrn, groups=groups)
 
 
 def _halves(fn, x: Tensor) -> Tensor:
@@ -234,7 +236,7 @@ class AlexNet(nn.Module):
         self.fc6 = nn.Linear(9216, 4096)                            # crosses the halves
         self.fc7 = nn.Linear(4096, 4096)                            # crosses the halves
         self.fc8 = nn.Linear(4096, num_classes)
-        self.lrn = _make_lrn(self.cfg)
+        self.lrn = _make_lrn(self.cfg, groups=2)  # per half, as the towers normalise
         self._register_load_state_dict_pre_hook(_accept_split_keys)
         if init is not None:
             init_weights_(self, init)
@@ -247,8 +249,8 @@ class AlexNet(nn.Module):
         check_input(x)
         cfg = self.cfg
         x = _by_output_half(self.conv1, x)                           # (B, 96, 55, 55)
-        x = _pool(_halves(self.lrn, _act(x, cfg)), cfg)              # (B, 96, 27, 27)
-        x = _pool(_halves(self.lrn, _act(self.conv2(x), cfg)), cfg)  # (B, 256, 13, 13)
+        x = _pool(self.lrn(_act(x, cfg)), cfg)                       # (B, 96, 27, 27)
+        x = _pool(self.lrn(_act(self.conv2(x), cfg)), cfg)           # (B, 256, 13, 13)
         x = _act(_by_output_half(self.conv3, x), cfg)                # (B, 384, 13, 13)
         x = _act(self.conv4(x), cfg)                                 # (B, 384, 13, 13)
         x = _pool(_act(self.conv5(x), cfg), cfg)                     # (B, 256, 6, 6)

@@ -32,9 +32,10 @@ from . import __version__, distributed as dist_util
 from .checkpoint import (CheckpointError, check_compatible, copy_atomic, load_checkpoint,
                          rng_state, save_checkpoint, set_rng_state)
 from .cli import Abort, UsageError, run
-from .config import TrainConfig, parse_config, resolve_devices
+from .config import TrainConfig, describe_preset, parse_config, resolve_devices
 from .data import (EpochSampler, ImageFolder, check_dataset_root, finish_batch, load_stats,
                    make_loader)
+from .fastpath import apply_fast_paths, autocast_context, grad_scaler, to_input_format
 from .model import build_model, layout_state_dict
 from .optim import (LRSchedule, build_optimizer, load_named_optimizer_state,
                     named_optimizer_state, set_lr)
@@ -156,6 +157,9 @@ class Run:
         if self.is_main:
             check_out_dir(self.out)
         if cfg.demo:
+            if self.is_main:
+                print("demo preset (flags given on the command line win):\n" +
+                      describe_preset(), file=sys.stderr)
             self._make_demo_data()
         root = Path(cfg.data) if cfg.data else None
         if root is None:
@@ -183,9 +187,17 @@ class Run:
         model = build_model(arch=cfg.arch, layout=cfg.layout, devices=self.devices,
                             num_classes=len(self.classes), init=cfg.init, lrn=cfg.lrn,
                             activation=cfg.activation, pool=cfg.pool, dropout=cfg.dropout)
-        torch.manual_seed(cfg.seed + 1)  # the dropout stream, independent of the layout
+        # The dropout stream, independent of the layout; each rank draws its own masks.
+        torch.manual_seed(cfg.seed + 1 + 1_000_003 * self.ctx.rank)
         self.raw_model = model
-        self.model = dist_util.wrap(model, self.ctx, self.devices)
+        # Fast paths (all off by default: fp32 eager is the faithful path; docs/benchmarks.md).
+        apply_fast_paths(model, channels_last=cfg.channels_last,
+                         cudnn_benchmark=True if cfg.cudnn_benchmark else None)
+        self.model = apply_fast_paths(dist_util.wrap(model, self.ctx, self.devices),
+                                      compile=cfg.compile)
+        self.scaler = grad_scaler(self.device, cfg.amp)  # enabled only for fp16 on CUDA
+        # Evaluation bypasses DDP (ranks may run different numbers of batches).
+        self.eval_model = self.raw_model if self.ctx.world_size > 1 else self.model
         self.optimizer = build_optimizer(model, kind=cfg.optimizer, lr=cfg.lr,
                                          momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.schedule = LRSchedule(cfg.lr_schedule, cfg.lr, patience=cfg.plateau_patience,
@@ -355,16 +367,19 @@ class Run:
                 continue
             x = finish_batch(batch, self.stats, self.device)                # (B, 3, 227, 227)
             y = batch["label"].to(self.device, non_blocking=True)
-            logits = self.model(x)                                           # (B, classes)
-            loss = F.cross_entropy(logits, y)
+            x = to_input_format(x, self.cfg.channels_last)
+            with autocast_context(self.devices, self.cfg.amp):
+                logits = self.model(x)                                       # (B, classes)
+                loss = F.cross_entropy(logits, y)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            self.scaler.scale(loss).backward()
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise Abort(f"loss is {loss_value} at step {s.step + 1} (epoch {s.epoch + 1}); "
                             f"stopping without saving. Last good checkpoint: "
                             f"{self.last_checkpoint_name()}")
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)  # plain optimizer.step() unless fp16 on CUDA
+            self.scaler.update()
             s.step += 1
             s.epoch_step += 1
             window["loss"] += loss_value * y.numel()
@@ -384,10 +399,15 @@ class Run:
             if cfg.max_steps is not None and s.step >= cfg.max_steps:
                 bar.close()
                 return "max_steps"
-            if dist_util.any_rank(bool(stop), self.ctx):
+            # Both decisions lead to collectives (saving gathers every rank's RNG state), so
+            # every rank must take them together: one all-reduce of the two flags.
+            stop_now, save_now = dist_util.any_rank_flags(
+                [bool(stop), time.monotonic() - s.last_save > cfg.checkpoint_minutes * 60],
+                self.ctx)
+            if stop_now:
                 bar.close()
                 return "signal"
-            if time.monotonic() - s.last_save > cfg.checkpoint_minutes * 60:
+            if save_now:
                 self.save()
         bar.close()
         if skipped and self.is_main:
@@ -426,7 +446,7 @@ class Run:
                 s.epoch_step = 0
                 best = False
                 if s.epoch % cfg.eval_every == 0 or s.epoch == cfg.epochs or why == "max_steps":
-                    val = evaluate(self.model, self.val_loader(False), self.stats, self.device,
+                    val = evaluate(self.eval_model, self.val_loader(False), self.stats, self.device,
                                    progress=self.is_main)
                     result = {"epoch": s.epoch, "step": s.step, **val}
                     self.log({"kind": "val", **result, "lr": self.schedule.lr})
@@ -442,7 +462,7 @@ class Run:
                 if why == "max_steps":
                     return {"stopped": "max_steps", **result}
         if cfg.ten_crop:
-            val10 = evaluate(self.model, self.val_loader(True), self.stats, self.device,
+            val10 = evaluate(self.eval_model, self.val_loader(True), self.stats, self.device,
                              ten_crop=True, progress=self.is_main)
             self.log({"kind": "val_ten_crop", "epoch": s.epoch, "step": s.step, **val10})
             if self.is_main:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from split_alexnet import (AlexNet, HalfAlexNet, SplitAlexNet, collapse_state_dict,
                            count_parameters, layout_state_dict, split_state_dict)
-from split_alexnet.model import INPUT_SIZE, _halves, _make_lrn, ModelConfig, init_values
+from split_alexnet.model import INPUT_SIZE, ModelConfig, init_values
 from split_alexnet.optim import PaperSGD
 
 B = 3  # batch used by most tests: small, and odd so nothing divides by accident
@@ -111,9 +111,8 @@ def lrn_loop(a: torch.Tensor, alpha=1e-4, beta=0.75, k=2.0, n=5) -> torch.Tensor
 
 
 def test_collapsed_lrn_normalises_each_half_separately():
-    cfg = ModelConfig(num_classes=10)
     x = torch.randn(2, 96, 4, 5, dtype=torch.float64) * 80
-    got = _halves(_make_lrn(cfg), x)
+    got = AlexNet(10, init=None).lrn(x)  # the collapsed layout's LRN module
     want = torch.cat([lrn_loop(x[:, :48]), lrn_loop(x[:, 48:])], dim=1)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
     # Crossing the boundary between the halves would be a different function:

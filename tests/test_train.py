@@ -254,3 +254,27 @@ def test_plateau_schedule_drops_at_most_three_times():
     assert restored.lr == s.lr and restored.drops == 3
     step = LRSchedule("step:2", 1.0)
     assert [step.step(0.5) for _ in range(8)] == pytest.approx([1, .1, .1, .01, .01, .001, .001, .001])
+
+
+def test_compare_prints_the_largest_difference(runs, tmp_path, capsys):
+    from split_alexnet.compare import main as compare_main
+    png = tmp_path / "cmp.png"
+    assert run(compare_main, "compare", [str(runs["split"]), str(runs["single"]),
+                                         "--out", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "train loss: 8 shared steps, largest difference 0 at step" in out
+    from PIL import Image
+    assert Image.open(png).size == (800, 500)
+    # Two different runs do differ, and the report says by how much.
+    assert run(compare_main, "compare", [str(runs["split"]), str(runs["cut_mid"])]) == 0
+    assert "largest difference 0 " in capsys.readouterr().out  # resumed == uninterrupted
+    assert run(compare_main, "compare", [str(runs["split"]), str(tmp_path)]) == 2
+
+
+def test_summary_lists_towers_and_traffic(capsys):
+    from split_alexnet.summary import main as summary_main
+    assert run(summary_main, "summary", ["--devices", "cpu,cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "60,965,224 parameters" in out
+    assert "total 234,496 bytes per image" in out  # 2*86,528 + 2*18,432 + 3*8,192
+    assert out.count("into conv3") == 2 and out.count("into fc8") == 1

@@ -1,22 +1,77 @@
-"""``python -m split_alexnet.bench data [--quick] [--json FILE] [--workers N]``."""
+"""``python -m split_alexnet.bench [model|data|lrn|all] [--quick] [--json FILE] ...``.
+
+* ``model``: train-step and inference images/s of the layouts and fast paths (bench/model.py)
+* ``data``:  the input pipeline's images/s (bench/data.py)
+* ``lrn``:   the LRN implementations and their share of a train step (bench/lrn.py)
+* ``all``:   model, then lrn, then data; ``--json`` gets every row in one list
+
+See docs/benchmarks.md for the columns and the numbers measured so far.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 from typing import Sequence
 
 from ..cli import UsageError, run as cli_run
 
 
-def _data(args: argparse.Namespace) -> None:
+def _write_json(path: str | None, rows: list[dict]) -> None:
+    if path:
+        Path(path).write_text(json.dumps(rows, indent=2, default=str) + "\n")
+
+
+def _model(args: argparse.Namespace) -> list[dict]:
+    from . import model
+    rows = model.run(args)
+    if args.command == "model":
+        _write_json(args.json, rows)
+    return rows
+
+
+def _lrn(args: argparse.Namespace) -> list[dict]:
+    from . import lrn
+    if args.command == "all":  # lrn's own options are not on the `all` parser: its defaults
+        args = argparse.Namespace(quick=args.quick, threads=args.threads or 2)
+    rows = [{**r, "bench": "lrn"} for r in lrn.run(args)]
+    if args.__dict__.get("command") == "lrn":
+        _write_json(args.json, rows)
+    return rows
+
+
+def _data(args: argparse.Namespace) -> list[dict]:
     from . import data
-    data.run(args)
+    if args.command == "data":  # its own JSON layout ({"data": {...}}), as before
+        data.run(args)
+        return []
+    ns = argparse.Namespace(**{**vars(args), "json": None})
+    out = data.run(ns)
+    rows = []
+    for set_name, d in out.get("decoders", {}).items():
+        for dec, r in d["results"].items():
+            rows.append({"kind": "data", "name": f"decode {set_name}: {dec}",
+                         "images_per_s": r["rate"], "per": "core",
+                         "mean_abs_err": r["mean_abs_err"]})
+    for name, rate in out.get("pipeline", {}).items():
+        rows.append({"kind": "data", "name": name, "images_per_s": rate,
+                     "per": "total" if "DataLoader" in name else "core"})
+    for r in rows:
+        r["machine"] = out.get("machine")
+    return rows
 
 
-COMMANDS = {"data": _data}
+def _all(args: argparse.Namespace) -> list[dict]:
+    rows = _model(args) + _lrn(args) + _data(args)
+    _write_json(args.json, rows)
+    return rows
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+COMMANDS = {"model": _model, "data": _data, "lrn": _lrn, "all": _all}
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m split_alexnet.bench",
                                  description="Benchmarks (see docs/benchmarks.md).")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -24,12 +79,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         p = sub.add_parser(name)
         p.add_argument("--quick", action="store_true", help="small sizes, short timings")
         p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-        p.add_argument("--workers", type=int, default=None, help="DataLoader workers")
-        if name == "data":
+        if name in ("data", "all"):
+            p.add_argument("--workers", type=int, default=None, help="DataLoader workers")
             from .data import add_arguments
             add_arguments(p)
-    a = ap.parse_args(argv)
-    if a.workers is not None and a.workers < 0:
+        if name in ("model", "all"):
+            from .model import add_arguments
+            add_arguments(p)
+        if name == "lrn":
+            from .lrn import add_arguments
+            add_arguments(p)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    if getattr(a, "workers", None) is not None and a.workers < 0:
         raise UsageError("--workers must be >= 0")
     COMMANDS[a.command](a)
     return 0

@@ -1,0 +1,396 @@
+"""``python -m split_alexnet.bench model``: train-step and inference throughput of the layouts.
+
+One row per (layout, mode, fast path). A step is timed between device synchronisations
+(``torch.cuda.synchronize`` on every CUDA device the model uses, before and after); the
+figure is the median of the timed steps after the warm-up steps. Columns are described in
+docs/benchmarks.md. Training step = the paper's optimizer (``build_optimizer`` -> PaperSGD)
++ cross-entropy on random ``(B, 3, 227, 227) * 60`` inputs and random labels, ``train()``
+mode (dropout on). Inference = ``eval()`` under ``torch.no_grad()``.
+
+Each figure is set against a matmul ceiling measured in the same run on the same device (a
+square GEMM in the row's compute dtype, median of several), as ``fraction_of_peak``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import threading
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..fastpath import (amp_dtype, apply_fast_paths, autocast_context, grad_scaler,
+                        to_input_format, unwrap)
+from ..flops import flops_per_step
+from ..placement import parse_devices
+
+LAYOUTS = ("split", "split-one-device", "collapsed", "half", "torchvision")
+FAST_PATH_TOKENS = ("fp32", "channels_last", "bf16", "fp16", "compile", "cudnn_benchmark")
+ARCH_OF = {"split": "alexnet", "split-one-device": "alexnet", "collapsed": "alexnet",
+           "half": "half", "torchvision": "torchvision"}
+
+
+# ----------------------------------------------------------------------------- setup
+def default_devices() -> tuple[str, str]:
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return ("cuda:0", "cuda:1") if n >= 2 else ("cuda:0", "cuda:0") if n == 1 else ("cpu", "cpu")
+
+
+def parse_fast_path(spec: str) -> dict:
+    """'channels_last+bf16' -> {'channels_last': True, 'amp': 'bf16', ...}."""
+    toks = [t.strip().replace("-", "_") for t in spec.split("+") if t.strip()]
+    bad = [t for t in toks if t not in FAST_PATH_TOKENS]
+    if bad or not toks:
+        raise ValueError(f"fast path {spec!r}: use tokens {', '.join(FAST_PATH_TOKENS)} joined "
+                         "by '+' (e.g. channels_last+bf16)")
+    amp = [t for t in toks if t in ("bf16", "fp16")]
+    if len(amp) > 1:
+        raise ValueError(f"fast path {spec!r}: bf16 and fp16 are exclusive")
+    return {"channels_last": "channels_last" in toks, "amp": amp[0] if amp else "off",
+            "compile": "compile" in toks, "cudnn_benchmark": "cudnn_benchmark" in toks}
+
+
+def build(layout: str, devices: tuple[torch.device, torch.device]) -> torch.nn.Module:
+    from ..model import AlexNet, HalfAlexNet, SplitAlexNet
+    if layout == "split":
+        return SplitAlexNet(1000, devices)
+    if layout == "split-one-device":
+        return SplitAlexNet(1000, (devices[0], devices[0]))
+    if layout == "collapsed":
+        return AlexNet(1000).to(devices[0])
+    if layout == "half":
+        return HalfAlexNet(1000).to(devices[0])
+    if layout == "torchvision":
+        import torchvision
+        return torchvision.models.alexnet(weights=None).to(devices[0])
+    raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
+
+
+def layout_devices(layout: str, devices) -> list[torch.device]:
+    if layout == "split":
+        return list(dict.fromkeys(devices))
+    return [devices[0]]
+
+
+def sync(devices) -> None:
+    for d in devices:
+        if d.type == "cuda":
+            torch.cuda.synchronize(d)
+
+
+# ----------------------------------------------------------------------------- memory
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class _RssPeak:
+    """Samples the process's resident set every 5 ms (CPU rows: no allocator statistics)."""
+
+    def __init__(self) -> None:
+        self.base = _rss_bytes()
+        self.peak = self.base or 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            r = _rss_bytes()
+            if r is not None and r > self.peak:
+                self.peak = r
+
+    def __enter__(self) -> "_RssPeak":
+        if self.base is not None:
+            self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._t.is_alive():
+            self._t.join()
+
+    def growth(self) -> int | None:
+        return None if self.base is None else self.peak - self.base
+
+
+# ----------------------------------------------------------------------------- ceiling
+def matmul_ceiling(device: torch.device, dtype: torch.dtype, n: int, reps: int) -> float:
+    """FLOP/s of an n x n x n GEMM (median of ``reps``) on ``device`` in ``dtype``."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    c = a @ b
+    ts = []
+    for _ in range(reps + 1):
+        sync([device])
+        t0 = time.perf_counter()
+        torch.matmul(a, b, out=c)
+        sync([device])
+        ts.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(ts[1:])
+
+
+# ----------------------------------------------------------------------------- one config
+def _step_fn(net, mode: str, fp: dict, x, y, devices) -> Callable[[], None]:
+    dtype = amp_dtype(fp["amp"])
+    if mode == "infer":
+        net.eval()
+
+        def step():
+            with torch.no_grad(), autocast_context(devices, dtype):
+                net(x)
+        return step
+    from ..optim import build_optimizer
+    net.train()
+    opt = build_optimizer(unwrap(net))
+    scaler = grad_scaler(devices[0], dtype)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast_context(devices, dtype):
+            loss = F.cross_entropy(net(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    return step
+
+
+def measure(layout: str, mode: str, fast_path: str, devices, batch: int, warmup: int,
+            steps: int, ceilings: dict) -> dict:
+    fp = parse_fast_path(fast_path)
+    devs = layout_devices(layout, devices)
+    arch = ARCH_OF[layout]
+    size = 224 if arch == "torchvision" else 227
+    for d in devs:
+        if d.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(d)
+    old_bench = torch.backends.cudnn.benchmark
+    torch.manual_seed(0)
+    with _RssPeak() as rss:
+        net = build(layout, devices)
+        net = apply_fast_paths(net, channels_last=fp["channels_last"], compile=fp["compile"],
+                               cudnn_benchmark=True if fp["cudnn_benchmark"] else None)
+        x = to_input_format(torch.randn(batch, 3, size, size, device=devs[0]) * 60,
+                            fp["channels_last"])
+        y = torch.randint(0, 1000, (batch,), device=devs[0])
+        step = _step_fn(net, mode, fp, x, y, devs)
+        t_compile = time.perf_counter()
+        for _ in range(warmup):
+            step()
+        sync(devs)
+        t_compile = time.perf_counter() - t_compile
+        times = []
+        for _ in range(steps):
+            sync(devs)
+            t0 = time.perf_counter()
+            step()
+            sync(devs)
+            times.append(time.perf_counter() - t0)
+    torch.backends.cudnn.benchmark = old_bench
+    med = statistics.median(times)
+    flops = flops_per_step(arch, mode, batch)
+    cdtype = amp_dtype(fp["amp"]) or torch.float32
+    peak = sum(ceilings[(d, cdtype)] for d in devs)  # cpu,cpu shares one ceiling
+    traffic = getattr(unwrap(net), "traffic", None)
+    between = None
+    if layout in ("split", "split-one-device") and traffic:
+        between = sum(t.bytes for t in traffic) * (2 if mode == "train" else 1)
+    if any(d.type == "cuda" for d in devs):
+        mem = {str(d): torch.cuda.max_memory_allocated(d) for d in devs if d.type == "cuda"}
+        if any(d.type == "cpu" for d in devs):
+            mem["cpu (rss growth)"] = rss.growth()
+    else:
+        mem = {"cpu (rss growth)": rss.growth()}
+    row = {"layout": layout, "devices": ",".join(map(str, devs if layout != "split" else devices)),
+           "mode": mode, "batch_size": batch, "images_per_s": batch / med,
+           "fast_path": fast_path, "step_ms": med * 1e3, "min_step_ms": min(times) * 1e3,
+           "steps": len(times), "warmup_s": t_compile,
+           "gflop_per_image": flops / batch / 1e9, "gflops": flops / med / 1e9,
+           "peak_gflops": peak / 1e9, "fraction_of_peak": flops / med / peak,
+           "bytes_between_towers": between, "peak_mem": mem}
+    if any(d.type == "cuda" for d in devs):  # fp32 convs use TF32 tensor cores if this is on
+        row["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
+        row["matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
+    del net, step, x, y
+    gc.collect()
+    for d in devs:
+        if d.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+# ----------------------------------------------------------------------------- plans
+def default_plan(devices, quick: bool) -> tuple[list[str], list[tuple[str, str]]]:
+    """(layouts measured in fp32, [(layout, fast path)] measured besides)."""
+    cuda = devices[0].type == "cuda"
+    layouts = list(LAYOUTS)
+    if devices[0] == devices[1]:
+        layouts.remove("split-one-device")  # the same thing as split
+    if quick:
+        layouts = [lay for lay in layouts if lay in ("split", "collapsed", "torchvision")]
+    if cuda:
+        fps = ["channels_last", "bf16", "fp16", "cudnn_benchmark", "channels_last+bf16",
+               "channels_last+bf16+cudnn_benchmark", "compile"]
+        extra = [(lay, f) for lay in ("collapsed", "split") for f in fps if
+                 not (lay == "split" and f == "compile")]
+        extra.append(("split", "compile"))
+    else:
+        fps = ["channels_last", "bf16"] if quick else ["channels_last", "bf16",
+                                                        "channels_last+bf16"]
+        extra = [("collapsed", f) for f in fps]
+        if not quick:
+            extra += [("split", "bf16"), ("split", "channels_last")]
+    return layouts, extra
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+    if isinstance(v, dict):
+        return " ".join(f"{k}={_fmt_bytes(b)}" for k, b in v.items())
+    return str(v)
+
+
+def _fmt_bytes(b) -> str:
+    if b is None:
+        return "-"
+    return f"{b / 2**20:.0f}MiB" if b >= 10 * 2**20 else f"{b / 2**20:.2f}MiB"
+
+
+TABLE = [("layout", "layout"), ("devices", "devices"), ("mode", "mode"),
+         ("fast_path", "fast path"), ("batch_size", "batch"), ("images_per_s", "img/s"),
+         ("step_ms", "step ms"), ("gflops", "GFLOP/s"), ("fraction_of_peak", "of peak"),
+         ("bytes_between_towers", "tower bytes/step"), ("peak_mem", "peak mem")]
+
+
+def print_table(rows: list[dict], file=sys.stdout) -> None:
+    cells = [[_fmt_bytes(r[k]) if k == "bytes_between_towers" and r[k] is not None else _fmt(r.get(k))
+              for k, _ in TABLE] for r in rows]
+    heads = [h for _, h in TABLE]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
+    print("  ".join(h.ljust(w) for h, w in zip(heads, widths)), file=file)
+    for c in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths)), file=file)
+
+
+# ----------------------------------------------------------------------------- entry
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--devices", default=None,
+                   help="the towers' two devices (default cuda:0,cuda:1 with 2 GPUs, cuda:0,cuda:0 "
+                        "with one, else cpu,cpu)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per step (default 128 on CUDA, 32 on CPU, 8 with --quick)")
+    p.add_argument("--layouts", default=None, help=argparse.SUPPRESS)  # e.g. collapsed,split
+    p.add_argument("--fast-paths", default=None,
+                   help="extra rows: LAYOUT:PATH[+PATH],... e.g. collapsed:bf16,split:channels_last "
+                        f"(tokens {', '.join(FAST_PATH_TOKENS)}); 'none' for fp32 rows only")
+    p.add_argument("--modes", default="train,infer", help=argparse.SUPPRESS)
+    p.add_argument("--steps", default=None, help=argparse.SUPPRESS)  # WARMUP,TIMED
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    from ..cli import UsageError
+    quick = bool(getattr(args, "quick", False))
+    try:
+        devices = parse_devices(getattr(args, "devices", None) or default_devices())
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    cuda = devices[0].type == "cuda" or devices[1].type == "cuda"
+    batch = getattr(args, "batch_size", None) or (8 if quick else 128 if cuda else 32)
+    if batch < 1:
+        raise UsageError("--batch-size must be at least 1")
+    steps = getattr(args, "steps", None)
+    if steps:
+        warmup, timed = (int(s) for s in str(steps).split(","))
+    else:
+        warmup, timed = (2, 3) if quick else ((5, 20) if cuda else (2, 5))
+    if timed < 1 or warmup < 0:
+        raise UsageError("--steps WARMUP,TIMED needs WARMUP >= 0 and TIMED >= 1")
+    layouts, extra = default_plan(devices, quick)
+    if getattr(args, "layouts", None):
+        layouts = [s for s in args.layouts.split(",") if s]
+        extra = [(lay, f) for lay, f in extra if lay in layouts]
+        bad = [lay for lay in layouts if lay not in LAYOUTS]
+        if bad:
+            raise UsageError(f"--layouts: unknown {bad}; use {', '.join(LAYOUTS)}")
+    fps_arg = getattr(args, "fast_paths", None)
+    if fps_arg is not None:
+        extra = []
+        if fps_arg != "none":
+            for item in fps_arg.split(","):
+                lay, _, f = item.partition(":")
+                if lay not in LAYOUTS or not f:
+                    raise UsageError(f"--fast-paths item {item!r}: use LAYOUT:PATH, LAYOUT one of "
+                                     f"{', '.join(LAYOUTS)}")
+                extra.append((lay, f))
+    for _, f in extra:
+        try:
+            parse_fast_path(f)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    modes = [m for m in getattr(args, "modes", "train,infer").split(",") if m]
+    configs = [(lay, m, "fp32") for lay in layouts for m in modes] + \
+              [(lay, m, f) for lay, f in extra for m in modes]
+
+    # Ceilings: every device and compute dtype the configs use, measured once, up front.
+    n = 1024 if (quick and not cuda) else (8192 if cuda else 2048)
+    ceilings: dict = {}
+    for lay, _, f in configs:
+        dt = amp_dtype(parse_fast_path(f)["amp"]) or torch.float32
+        for d in layout_devices(lay, devices):
+            if (d, dt) not in ceilings:
+                dn = n if d.type == "cuda" else min(n, 2048)
+                ceilings[(d, dt)] = matmul_ceiling(d, dt, dn, 3 if quick else 5)
+    print(f"bench model: torch {torch.__version__}, devices {devices[0]},{devices[1]}, batch "
+          f"{batch}, {warmup} warm-up + {timed} timed steps (median), threads "
+          f"{torch.get_num_threads()}", file=sys.stderr)
+    for (d, dt), c in ceilings.items():
+        print(f"  matmul ceiling {d} {str(dt).replace('torch.', '')}: {c / 1e9:.1f} GFLOP/s "
+              f"(TF32 matmul {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'})"
+              if d.type == "cuda" else
+              f"  matmul ceiling {d} {str(dt).replace('torch.', '')}: {c / 1e9:.1f} GFLOP/s",
+              file=sys.stderr)
+    rows = []
+    for lay, m, f in configs:
+        try:
+            r = measure(lay, m, f, devices, batch, warmup, timed, ceilings)
+        except Exception as e:  # noqa: BLE001 - one failing fast path must not end the run
+            print(f"bench model: {lay} {m} {f} failed: {type(e).__name__}: {e}".splitlines()[0],
+                  file=sys.stderr)
+            continue
+        r.update(kind="model", torch=torch.__version__, device_name=_device_name(devices[0]))
+        rows.append(r)
+        if getattr(args, "command", "model") == "model" and getattr(args, "json", None):
+            _write_partial(args.json, rows)  # a killed run keeps the rows measured so far
+        print(f"  {lay:16s} {m:5s} {f:36s} {r['images_per_s']:9.1f} img/s "
+              f"({r['fraction_of_peak']:.2f} of peak)", file=sys.stderr, flush=True)
+    print_table(rows)
+    return rows
+
+
+def _write_partial(path: str, rows: list[dict]) -> None:
+    import json
+    from pathlib import Path
+    Path(path).write_text(json.dumps(rows, indent=2, default=str) + "\n")
+
+
+def _device_name(d: torch.device) -> str:
+    if d.type == "cuda":
+        return torch.cuda.get_device_name(d)
+    return f"cpu x{os.cpu_count()}"
+
+
+__all__ = ["run", "add_arguments", "measure", "matmul_ceiling", "LAYOUTS", "parse_fast_path"]

@@ -1,0 +1,616 @@
+"""ImageNet as users have it: the official archives, Kaggle's layout, or class folders.
+
+:func:`detect_layout` looks at ``SRC`` and returns a :class:`Source` for one of
+
+* ``"archives"`` - the official files from image-net.org in ``SRC``:
+  ``ILSVRC2012_img_train.tar`` (a tar of 1000 per-class tars ``<wnid>.tar``),
+  ``ILSVRC2012_img_val.tar`` (50,000 flat ``ILSVRC2012_val_%08d.JPEG``) and
+  ``ILSVRC2012_devkit_t12.tar.gz`` (class names and the validation ground truth, parsed with
+  torchvision's :func:`torchvision.datasets.imagenet.parse_devkit_archive`, which needs scipy).
+  The archives are streamed (nothing is extracted): a worker opens the train tar, seeks to the
+  data of its class tar (``TarInfo.offset_data``) and reads that as a tar; validation images
+  are read straight from their offsets in the val tar.
+* ``"kaggle"`` - Kaggle's ``SRC/ILSVRC/Data/CLS-LOC/{train/<wnid>/*, val/*}`` with
+  ``SRC/LOC_val_solution.csv`` and ``SRC/LOC_synset_mapping.txt``. The same reader handles any
+  ``SRC/train/<wnid>/`` + flat ``SRC/val/`` whose labels come from a ``LOC_val_solution.csv``
+  or an ``ILSVRC2012_devkit_t12.tar.gz`` lying in ``SRC`` (``"flat-val"``).
+* ``"folders"`` - ``SRC/train/<class>/`` and ``SRC/val/<class>/`` (the original prepare).
+
+Every layout prepares to the same tree (``DST/{train,val}/<wnid>/<name>``, byte-identical
+JPEGs) plus ``DST/classes.json`` (:func:`read_class_metadata`) and ``DST/subset.json``.
+Subsets (:class:`Subset`): the first N sorted wnids or a list file, and/or M images per class
+chosen by a seeded hash of the file name (deterministic, independent of listing order and of
+the other classes; a smaller M is a subset of a larger one).
+
+This module imports no torch at import time (prepare workers stay light); torchvision is
+imported only to parse a devkit.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .cli import UsageError
+from .images import (DRAFT_MIN, SIZE, UnreadableImage, is_image_file, list_images,
+                     resize_center, to_rgb)
+
+__all__ = ["TRAIN_TAR", "VAL_TAR", "DEVKIT", "KAGGLE_SOLUTION", "KAGGLE_MAPPING", "CLASSES_FILE",
+           "SUBSET_FILE", "Source", "Subset", "detect_layout", "parse_devkit",
+           "read_kaggle_solution", "read_synset_mapping", "select_classes", "pick",
+           "rgb256_from_bytes", "read_class_metadata", "write_class_metadata", "write_json"]
+
+TRAIN_TAR = "ILSVRC2012_img_train.tar"
+VAL_TAR = "ILSVRC2012_img_val.tar"
+DEVKIT = "ILSVRC2012_devkit_t12.tar.gz"
+KAGGLE_DATA = ("ILSVRC", "Data", "CLS-LOC")
+KAGGLE_SOLUTION = "LOC_val_solution.csv"
+KAGGLE_MAPPING = "LOC_synset_mapping.txt"
+CLASSES_FILE = "classes.json"
+SUBSET_FILE = "subset.json"
+VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})\.JPEG$", re.IGNORECASE)
+WNID = re.compile(r"n\d{8}$")
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+def write_json(path: Path, obj) -> None:
+    """Atomic JSON write (temp file + rename), deterministic content (sorted keys)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, sort_keys=True, ensure_ascii=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def rgb256_from_bytes(data: bytes, name: str, size: int = SIZE) -> np.ndarray:
+    """Encoded image bytes -> (size, size, 3) uint8, exactly as
+    ``images.load_rgb256(path, decoder="pillow")`` does for a file holding ``data`` (same
+    draft rule, EXIF, mode conversion, one-step resize); ``name`` is used in the error."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format == "JPEG" and min(im.size) >= 2 * DRAFT_MIN:
+                im.draft("RGB", (DRAFT_MIN, DRAFT_MIN))
+            im.load()
+            img = to_rgb(ImageOps.exif_transpose(im))
+            if min(img.size) < 1:
+                raise ValueError("zero-size image")
+            out = np.asarray(resize_center(img, size))
+    except Exception as e:  # noqa: BLE001 - any decode failure
+        msg = "not a recognised image file" if type(e).__name__ == "UnidentifiedImageError" \
+            else str(e)
+        raise UnreadableImage(f"cannot read image {name}: {type(e).__name__}: {msg}") from None
+    if out.shape != (size, size, 3) or out.dtype != np.uint8:
+        raise UnreadableImage(f"cannot read image {name}: decoded to {out.shape} {out.dtype}")
+    return out
+
+
+def _safe_rel(name: str) -> str | None:
+    """A tar member name as a safe relative posix path (no absolute, no '..'), else None."""
+    p = PurePosixPath(name)
+    if p.is_absolute() or any(part == ".." for part in p.parts):
+        return None
+    parts = [q for q in p.parts if q not in ("", ".")]
+    return "/".join(parts) if parts else None
+
+
+# ----------------------------------------------------------------------------- subsets
+
+@dataclass(frozen=True)
+class Subset:
+    """``classes``: None (all), an int N (first N sorted wnids) or a path to a list file
+    (one wnid per line, ``#`` comments); ``per_class`` / ``val_per_class``: None (all) or M
+    images per class; ``seed`` picks which M."""
+
+    classes: int | str | None = None
+    per_class: int | None = None
+    val_per_class: int | None = None
+    seed: int = 0
+
+    @property
+    def active(self) -> bool:
+        return any(v is not None for v in (self.classes, self.per_class, self.val_per_class))
+
+    def record(self, wnids: Sequence[str]) -> dict:
+        """The content of ``DST/subset.json`` for the selected ``wnids``."""
+        uses_seed = self.per_class is not None or self.val_per_class is not None
+        return {"classes": None if self.classes is None else len(wnids),
+                "wnids": list(wnids) if self.classes is not None else None,
+                "per_class": self.per_class, "val_per_class": self.val_per_class,
+                "seed": self.seed if uses_seed else None}
+
+
+def parse_classes_arg(value: str | None) -> int | str | None:
+    """``--classes``: an integer or a path to a wnid list file."""
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
+def select_classes(wnids: Sequence[str], spec: int | str | None) -> list[str]:
+    """The selected wnids, sorted (``wnids`` = all classes of the source)."""
+    allw = sorted(wnids)
+    if spec is None:
+        return allw
+    if isinstance(spec, int):
+        if not 1 <= spec <= len(allw):
+            raise UsageError(f"--classes must be in 1..{len(allw)} (the source has "
+                             f"{len(allw)} classes), got {spec}")
+        return allw[:spec]
+    path = Path(spec)
+    if not path.is_file():
+        raise UsageError(f"--classes: not an integer and no such list file: {spec}")
+    want = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        w = line.split("#", 1)[0].strip()
+        if w:
+            want.append(w.split()[0])
+    if not want:
+        raise UsageError(f"--classes list file names no classes: {spec}")
+    unknown = sorted(set(want) - set(allw))
+    if unknown:
+        raise UsageError(f"--classes list file {spec} names classes that are not in the source: "
+                         f"{', '.join(unknown[:5])}" + (" ..." if len(unknown) > 5 else ""))
+    return sorted(set(want))
+
+
+def _rank(seed: int, wnid: str, rel: str) -> bytes:
+    return hashlib.blake2b(f"{seed}\0{wnid}\0{rel}".encode("utf-8", "surrogateescape"),
+                           digest_size=16).digest()
+
+
+def pick(rels: Sequence[str], m: int | None, seed: int, wnid: str) -> set[str]:
+    """The ``m`` names of ``rels`` (relative names inside class ``wnid``) with the smallest
+    seeded hash; all of them when ``m`` is None."""
+    if m is None or m >= len(rels):
+        return set(rels)
+    return set(sorted(rels, key=lambda r: _rank(seed, wnid, r))[:m])
+
+
+# ----------------------------------------------------------------------------- metadata files
+
+def read_synset_mapping(path: Path) -> dict[str, str]:
+    """``LOC_synset_mapping.txt`` / ``synset_words.txt``: ``"<wnid> <name>"`` per line."""
+    out: dict[str, str] = {}
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read {path}: {e}") from None
+    for k, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        wnid, _, name = line.strip().partition(" ")
+        if not WNID.match(wnid):
+            raise UsageError(f"{path} line {k}: expected '<wnid> <name>', got {line[:60]!r}")
+        out[wnid] = name.strip()
+    if not out:
+        raise UsageError(f"{path} lists no classes")
+    return out
+
+
+def read_kaggle_solution(path: Path) -> dict[str, str]:
+    """``LOC_val_solution.csv`` -> {ImageId: wnid} (first token of PredictionString)."""
+    path = Path(path)
+    out: dict[str, str] = {}
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UsageError(f"cannot read {path}: {e}") from None
+    if not rows or [c.strip() for c in rows[0][:2]] != ["ImageId", "PredictionString"]:
+        raise UsageError(f"{path}: expected the header 'ImageId,PredictionString'")
+    for k, row in enumerate(rows[1:], 2):
+        if not row or not "".join(row).strip():
+            continue
+        tokens = row[1].split() if len(row) > 1 else []
+        if len(row) < 2 or not tokens or not WNID.match(tokens[0]):
+            raise UsageError(f"{path} line {k}: expected 'ImageId,<wnid> ...', got "
+                             f"{','.join(row)[:60]!r}")
+        img = row[0].strip()
+        if img in out:
+            raise UsageError(f"{path} line {k}: image {img} is listed twice")
+        out[img] = tokens[0]
+    if not out:
+        raise UsageError(f"{path} has no rows")
+    return out
+
+
+def parse_devkit(path: Path) -> tuple[dict[str, str], list[str]]:
+    """``ILSVRC2012_devkit_t12.tar.gz`` -> ({wnid: name} for the 1000 leaf synsets, the wnid of
+    each validation image in ILSVRC2012_val order), via torchvision's parser (needs scipy).
+
+    torchvision's ``parse_devkit_archive`` also checks the official file's md5; that check is
+    skipped here (the structure and the ground-truth count are checked instead), so a devkit
+    repacked with the same content works too."""
+    path = Path(path)
+    try:
+        import scipy.io  # noqa: F401
+    except ImportError:
+        raise UsageError(f"reading {path.name} needs scipy: pip install scipy") from None
+    import torchvision.datasets.imagenet as tvin
+    with tempfile.TemporaryDirectory(prefix="devkit-") as tmp:
+        os.symlink(path.resolve(), os.path.join(tmp, DEVKIT))
+        saved = tvin._verify_archive
+        tvin._verify_archive = lambda *a, **k: None
+        try:
+            tvin.parse_devkit_archive(tmp, DEVKIT)
+            wnid_to_classes, val_wnids = tvin.load_meta_file(tmp)
+        except (tarfile.TarError, EOFError, zlib.error) as e:
+            raise UsageError(f"cannot read devkit {path}: {type(e).__name__}: {e} "
+                             f"(truncated or corrupt download?)") from None
+        except (OSError, KeyError, ValueError, IndexError, TypeError) as e:
+            raise UsageError(f"{path} is not a usable ILSVRC2012 devkit (expected "
+                             f"ILSVRC2012_devkit_t12/data/meta.mat and "
+                             f"data/ILSVRC2012_validation_ground_truth.txt): "
+                             f"{type(e).__name__}: {e}") from None
+        finally:
+            tvin._verify_archive = saved
+    names = {str(w): ", ".join(c) for w, c in wnid_to_classes.items()}
+    return names, [str(w) for w in val_wnids]
+
+
+def write_class_metadata(dst: Path, wnids: Sequence[str], names: dict[str, str],
+                         all_wnids: Sequence[str] | None = None) -> list[dict]:
+    """Write ``dst/classes.json``: one row per class in label order (sorted wnids):
+    ``{"index", "wnid", "name", "source_index"}`` (``source_index``: position among all
+    classes of the source, = ``index`` unless a class subset was taken)."""
+    full = {w: i for i, w in enumerate(sorted(all_wnids if all_wnids is not None else wnids))}
+    rows = [{"index": i, "wnid": w, "name": names.get(w, w), "source_index": full[w]}
+            for i, w in enumerate(sorted(wnids))]
+    write_json(Path(dst) / CLASSES_FILE, {"version": 1, "classes": rows})
+    return rows
+
+
+def read_class_metadata(root: Path) -> list[dict]:
+    """The classes of a (prepared) dataset root, in label order: a list of
+    ``{"index": int, "wnid": str, "name": str, "source_index": int}``.
+
+    From ``root/classes.json`` (written by ``prepare``); its wnids must be the class folders of
+    ``root/train`` (else UsageError). Without the file: the sorted class folders of
+    ``root/train``, with the folder name as ``name``."""
+    root = Path(root)
+    f = root / CLASSES_FILE
+    folders = None
+    if (root / "train").is_dir():
+        folders = sorted(e.name for e in os.scandir(root / "train")
+                         if e.is_dir() and not e.name.startswith("."))
+    if not f.is_file():
+        if not folders:
+            raise UsageError(f"no {CLASSES_FILE} and no class folders in {root / 'train'}")
+        return [{"index": i, "wnid": w, "name": w, "source_index": i}
+                for i, w in enumerate(folders)]
+    try:
+        rows = json.loads(f.read_text(encoding="utf-8"))["classes"]
+        rows = [{"index": int(r["index"]), "wnid": str(r["wnid"]), "name": str(r["name"]),
+                 "source_index": int(r.get("source_index", r["index"]))} for r in rows]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"cannot read {f}: {type(e).__name__}: {e}") from None
+    if [r["index"] for r in rows] != list(range(len(rows))):
+        raise UsageError(f"{f}: indices are not 0..{len(rows) - 1} in order")
+    if folders is not None and [r["wnid"] for r in rows] != folders:
+        raise UsageError(f"{f} does not match the class folders of {root / 'train'} "
+                         f"({len(rows)} vs {len(folders)} classes): prepared with another "
+                         f"subset?")
+    return rows
+
+
+# ----------------------------------------------------------------------------- layouts
+
+@dataclass
+class Source:
+    """What :func:`detect_layout` found. ``wnids``: all classes (sorted); ``names``: wnid ->
+    human-readable name. Layout-specific: ``train_tar``/``val_tar``/``train_members``
+    (wnid -> (offset_data, size) of its class tar)/``val_members`` ((name, wnid, offset_data,
+    size)) for archives; ``train_dir``/``val_files`` ((path, wnid)) for kaggle/flat-val."""
+
+    layout: str
+    root: Path
+    description: str
+    wnids: list[str]
+    names: dict[str, str]
+    train_tar: Path | None = None
+    val_tar: Path | None = None
+    train_members: dict[str, tuple[int, int]] = field(default_factory=dict)
+    val_members: list[tuple[str, str, int, int]] = field(default_factory=list)
+    train_dir: Path | None = None
+    val_files: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def _has_class_folders(d: Path) -> bool:
+    return d.is_dir() and any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(d))
+
+
+def _flat_images(d: Path) -> list[Path]:
+    return sorted((Path(e.path) for e in os.scandir(d)
+                   if e.is_file() and is_image_file(e.name) and not e.name.startswith(".")),
+                  key=lambda p: p.name)
+
+
+def detect_layout(src: Path) -> Source:
+    """Recognise SRC's layout (see the module docstring) and read its class metadata and
+    validation labels. UsageError (one line) for anything missing or inconsistent."""
+    src = Path(src)
+    if not src.is_dir():
+        raise UsageError(f"source folder not found: {src}")
+    official = [n for n in (TRAIN_TAR, VAL_TAR, DEVKIT) if (src / n).exists()]
+    if TRAIN_TAR in official or VAL_TAR in official:
+        missing = [n for n in (TRAIN_TAR, VAL_TAR, DEVKIT) if n not in official]
+        if missing:
+            raise UsageError(f"official ImageNet archives in {src}: missing {', '.join(missing)} "
+                             f"(need {TRAIN_TAR}, {VAL_TAR} and {DEVKIT})")
+        return _archives(src)
+    kaggle = src.joinpath(*KAGGLE_DATA)
+    if kaggle.is_dir():
+        for n in (KAGGLE_SOLUTION, KAGGLE_MAPPING):
+            if not (src / n).is_file():
+                raise UsageError(f"Kaggle layout ({kaggle}) but {n} is missing from {src}")
+        return _flat_val(src, kaggle / "train", kaggle / "val", src / KAGGLE_SOLUTION,
+                         src / KAGGLE_MAPPING, layout="kaggle")
+    if (src / "val").is_dir() and not _has_class_folders(src / "val") \
+            and _flat_images(src / "val"):
+        labels = [p for p in (src / KAGGLE_SOLUTION, src / DEVKIT) if p.is_file()]
+        if not labels:
+            raise UsageError(f"{src / 'val'} holds images but no class folders: put "
+                             f"{KAGGLE_SOLUTION} or {DEVKIT} into {src} to sort them")
+        mapping = src / KAGGLE_MAPPING
+        return _flat_val(src, src / "train", src / "val", labels[0],
+                         mapping if mapping.is_file() else None, layout="flat-val")
+    return _folders(src)
+
+
+def _folders(src: Path) -> Source:
+    from .data import check_dataset_root, find_classes
+    check_dataset_root(src)
+    wnids = find_classes(src / "train")
+    names: dict[str, str] = {}
+    for cand in (src / KAGGLE_MAPPING, src / "synset_words.txt"):
+        if cand.is_file():
+            names = read_synset_mapping(cand)
+            break
+    else:
+        if (src / CLASSES_FILE).is_file():
+            try:
+                names = {r["wnid"]: r["name"] for r in read_class_metadata(src)}
+            except UsageError:
+                names = {}
+    return Source("folders", src, f"class folders ({src}/train/<class>, {src}/val/<class>)",
+                  wnids, {w: names.get(w, w) for w in wnids})
+
+
+def _flat_val(src: Path, train: Path, val: Path, labels: Path, mapping: Path | None,
+              layout: str) -> Source:
+    from .data import find_classes
+    wnids = find_classes(train)
+    if not val.is_dir():
+        raise UsageError(f"validation folder not found: {val}")
+    if labels.name == DEVKIT:
+        names, val_wnids = parse_devkit(labels)
+        files = _flat_images(val)
+        by_idx = _val_index(files, lambda p: p.name, val_wnids, labels, val)
+        val_files = [(p, by_idx[p.name]) for p in files]
+    else:
+        names = read_synset_mapping(mapping) if mapping is not None else {}
+        sol = read_kaggle_solution(labels)
+        files = _flat_images(val)
+        have = {p.stem: p for p in files}
+        unknown = sorted(set(sol) - set(have))
+        if unknown:
+            raise UsageError(f"{labels} names {len(unknown)} images that are not in {val}: "
+                             f"{', '.join(unknown[:3])}" + (" ..." if len(unknown) > 3 else ""))
+        unlabeled = sorted(set(have) - set(sol))
+        if unlabeled:
+            raise UsageError(f"{len(unlabeled)} images in {val} have no row in {labels}: "
+                             f"{', '.join(unlabeled[:3])}" + (" ..." if len(unlabeled) > 3 else ""))
+        val_files = [(have[i], sol[i]) for i in sorted(sol)]
+    if names:
+        unknown = sorted(set(wnids) - set(names))
+        if unknown:
+            raise UsageError(f"class folders of {train} not in the class list "
+                             f"({mapping or labels}): {', '.join(unknown[:5])}")
+    bad = sorted({w for _, w in val_files} - set(wnids))
+    if bad:
+        raise UsageError(f"{labels} labels validation images with wnids that have no training "
+                         f"folder in {train}: {', '.join(bad[:5])}"
+                         + (" ..." if len(bad) > 5 else ""))
+    what = ("Kaggle ImageNet (ILSVRC/Data/CLS-LOC, LOC_val_solution.csv, LOC_synset_mapping.txt)"
+            if layout == "kaggle" else f"train folders + flat val folder labelled by {labels.name}")
+    return Source(layout, src, f"{what} in {src}", wnids, {w: names.get(w, w) for w in wnids},
+                  train_dir=train, val_files=val_files)
+
+
+def _val_index(items, name_of, val_wnids: list[str], devkit: Path, where) -> dict[str, str]:
+    """{name: wnid} for ILSVRC2012_val_%08d names, checked against the devkit ground truth."""
+    out = {}
+    if len(items) != len(val_wnids):
+        raise UsageError(f"devkit {devkit.name} has {len(val_wnids)} validation labels but "
+                         f"{where} holds {len(items)} images: devkit and validation images do "
+                         f"not match")
+    for it in items:
+        name = name_of(it)
+        m = VAL_NAME.search(name)
+        if not m or not 1 <= int(m.group(1)) <= len(val_wnids):
+            raise UsageError(f"{where}: {name} is not an ILSVRC2012_val_<1..{len(val_wnids)}>"
+                             f".JPEG name, so the devkit ground truth cannot label it")
+        out[name] = val_wnids[int(m.group(1)) - 1]
+    return out
+
+
+def _list_tar(path: Path) -> list[tarfile.TarInfo]:
+    """All members of an uncompressed tar (headers only; data is seeked over), checked to be
+    complete. UsageError naming ``path`` for a truncated or corrupt archive."""
+    size = path.stat().st_size
+    try:
+        with tarfile.open(path, "r:") as t:
+            members = t.getmembers()
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise UsageError(f"cannot read archive {path}: {type(e).__name__}: {e} "
+                         f"(truncated or corrupt download?)") from None
+    for m in members:
+        if m.isfile() and m.offset_data + m.size > size:
+            raise UsageError(f"archive {path} is truncated: member {m.name} needs bytes up to "
+                             f"{m.offset_data + m.size} but the file has {size} "
+                             f"(incomplete download?)")
+    return [m for m in members if m.isfile()]
+
+
+def _archives(src: Path) -> Source:
+    names, val_wnids = parse_devkit(src / DEVKIT)
+    wnids = sorted(names)
+    train_tar, val_tar = src / TRAIN_TAR, src / VAL_TAR
+    train_members: dict[str, tuple[int, int]] = {}
+    for m in _list_tar(train_tar):
+        rel = _safe_rel(m.name)
+        w = PurePosixPath(rel).name[:-4] if rel and rel.endswith(".tar") else None
+        if w not in names:
+            raise UsageError(f"{train_tar}: unexpected member {m.name} (expected <wnid>.tar for "
+                             f"the devkit's classes)")
+        train_members[w] = (m.offset_data, m.size)
+    missing = sorted(set(wnids) - set(train_members))
+    if missing:
+        raise UsageError(f"{train_tar} has {len(train_members)} class archives but the devkit "
+                         f"lists {len(wnids)} classes (missing {', '.join(missing[:3])}"
+                         + (" ..." if len(missing) > 3 else "") + "): truncated download?")
+    vmem = [m for m in _list_tar(val_tar) if is_image_file(m.name)]
+    by_name = _val_index(vmem, lambda m: m.name, val_wnids, src / DEVKIT, val_tar)
+    val_members = sorted(((PurePosixPath(m.name).name, by_name[m.name], m.offset_data, m.size)
+                          for m in vmem), key=lambda r: r[0])
+    return Source("archives", src, f"official ImageNet archives ({TRAIN_TAR}, {VAL_TAR}, "
+                  f"{DEVKIT}) in {src}", wnids, names, train_tar=train_tar, val_tar=val_tar,
+                  train_members=train_members, val_members=val_members)
+
+
+# ----------------------------------------------------------------------------- archive workers
+
+class _Slice(io.RawIOBase):
+    """Read-only seekable view of bytes [offset, offset + size) of an open file."""
+
+    def __init__(self, f, offset: int, size: int) -> None:
+        self.f, self.offset, self.size, self.pos = f, offset, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self.pos, 2: self.size}[whence]
+        self.pos = max(0, base + pos)
+        return self.pos
+
+    def readinto(self, b) -> int:
+        n = max(0, min(len(b), self.size - self.pos))
+        if n == 0:
+            return 0
+        self.f.seek(self.offset + self.pos)
+        data = self.f.read(n)
+        b[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+class ArchiveReadError(Exception):
+    """Reading an archive failed (the message names it)."""
+
+
+def _out_rel(rel: str) -> str:
+    p = PurePosixPath(rel)
+    return rel if p.suffix.lower() in (".jpg", ".jpeg") else str(p.with_suffix(".jpg"))
+
+
+def train_class_task(task: tuple) -> dict:
+    """Worker: stream one class tar out of the train tar, write its (selected) images.
+    ``task = (train_tar, wnid, offset, size, dst, per_class, seed, quality)``."""
+    from .prepare import write_jpeg
+    tar_path, wnid, offset, size, dst, per_class, seed, quality = task
+    res = {"wnid": wnid, "images": 0, "written": 0, "existing": 0, "failures": [],
+           "error": None}
+    where = f"{Path(tar_path).name}/{wnid}.tar"
+    try:
+        with open(tar_path, "rb") as raw:
+            fobj = io.BufferedReader(_Slice(raw, offset, size), 1 << 18)
+            with tarfile.open(fileobj=fobj, mode="r:") as inner:
+                keep = None
+                if per_class is not None:  # needs all names first (headers only)
+                    keep = pick(sorted(r for r in (_safe_rel(m.name) for m in inner.getmembers()
+                                                   if m.isfile()) if r and is_image_file(r)),
+                                per_class, seed, wnid)
+                for m in inner:  # one sequential pass over the class tar
+                    rel = _safe_rel(m.name) if m.isfile() else None
+                    if not rel or not is_image_file(rel) or (keep is not None and rel not in keep):
+                        continue
+                    res["images"] += 1
+                    out = Path(dst) / "train" / wnid / _out_rel(rel)
+                    if out.exists():
+                        res["existing"] += 1
+                        continue
+                    data = inner.extractfile(m).read()
+                    if len(data) != m.size:
+                        raise tarfile.ReadError("unexpected end of data")
+                    try:
+                        a = rgb256_from_bytes(data, f"{where}/{rel}")
+                    except UnreadableImage as e:
+                        res["failures"].append((f"{where}/{rel}", str(e)))
+                        continue
+                    write_jpeg(a, out, quality)
+                    res["written"] += 1
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        res["error"] = (f"cannot read {where} in {tar_path}: {type(e).__name__}: {e} "
+                        f"(truncated or corrupt archive?)")
+    return res
+
+
+def val_chunk_task(task: tuple) -> dict:
+    """Worker: read validation images at their offsets in the val tar and write them.
+    ``task = (val_tar, [(name, wnid, offset, size), ...], dst, quality)``."""
+    from .prepare import write_jpeg
+    tar_path, items, dst, quality = task
+    res = {"images": len(items), "written": 0, "existing": 0, "failures": [], "error": None}
+    with open(tar_path, "rb") as f:
+        for name, wnid, off, size in items:
+            out = Path(dst) / "val" / wnid / _out_rel(name)
+            if out.exists():
+                res["existing"] += 1
+                continue
+            f.seek(off)
+            data = f.read(size)
+            if len(data) != size:
+                res["error"] = (f"archive {tar_path} is truncated at {name} "
+                                f"(incomplete download?)")
+                return res
+            try:
+                a = rgb256_from_bytes(data, f"{Path(tar_path).name}/{name}")
+            except UnreadableImage as e:
+                res["failures"].append((f"{Path(tar_path).name}/{name}", str(e)))
+                continue
+            write_jpeg(a, out, quality)
+            res["written"] += 1
+    return res

@@ -1,0 +1,269 @@
+"""FLOP accounting, the model benchmark's rows, and the fast paths' equivalence.
+
+Fast on busy cores: the benchmark runs at batch 2 with 1 warm-up + 1 timed step on two
+layouts. torch.compile of the full network takes about a minute on 2 CPU cores, so its test
+runs only with SPLIT_ALEXNET_SLOW_TESTS=1 (docs/benchmarks.md says what it measured).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from split_alexnet.bench.__main__ import main as bench_main
+from split_alexnet.fastpath import (amp_dtype, apply_fast_paths, autocast_context, grad_scaler,
+                                    to_input_format, unwrap)
+from split_alexnet.flops import flops_per_image, flops_per_step
+from split_alexnet.model import AlexNet, HalfAlexNet, SplitAlexNet
+
+SLOW = pytest.mark.skipif(os.environ.get("SPLIT_ALEXNET_SLOW_TESTS") != "1",
+                          reason="torch.compile of AlexNet takes ~1 min on 2 CPU cores; "
+                                 "set SPLIT_ALEXNET_SLOW_TESTS=1 to run")
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def images(n: int, size: int = 227, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g) * 60
+
+
+# ----------------------------------------------------------------------------- FLOPs
+def test_flops_by_hand():
+    f = flops_per_image("alexnet")
+    # 2 * Cin/groups * k*k * Cout * Hout*Wout, by hand:
+    want = {"conv1": 2 * 3 * 121 * 96 * 55 * 55,      # 210,830,400
+            "conv2": 2 * 48 * 25 * 256 * 27 * 27,     # groups=2: 447,897,600
+            "conv3": 2 * 256 * 9 * 384 * 13 * 13,     # crosses the towers: 299,040,768
+            "conv4": 2 * 192 * 9 * 384 * 13 * 13,     # 224,280,576
+            "conv5": 2 * 192 * 9 * 256 * 13 * 13,     # 149,520,384
+            "fc6": 2 * 9216 * 4096, "fc7": 2 * 4096 * 4096, "fc8": 2 * 4096 * 1000}
+    assert f["layers"] == want
+    assert f["forward"] == 1_448_813_632  # ~1.45 GFLOP
+    assert f["backward"] == 2 * 1_448_813_632 - 210_830_400  # conv1 has no dgrad
+    assert f["train"] == f["forward"] + f["backward"]
+    tv = flops_per_image("torchvision")
+    assert tv["input_size"] == 224 and tv["forward"] == 1_428_376_960  # ~1.43 GFLOP
+    # half: conv1-4 at half width, conv5 and the FC layers full size
+    assert flops_per_image("half")["forward"] == 783_028_768 == (
+        2 * 3 * 121 * 48 * 3025 + 2 * 48 * 25 * 128 * 729 + 2 * 128 * 9 * 192 * 169
+        + 2 * 192 * 9 * 192 * 169 + 2 * 192 * 9 * 256 * 169 + want["fc6"] + want["fc7"]
+        + want["fc8"])
+    assert flops_per_step("alexnet", "infer", 4) == 4 * f["forward"]
+    assert flops_per_step("alexnet", "train", 4) == 4 * f["train"]
+    with pytest.raises(ValueError, match="227"):
+        flops_per_image("alexnet", input_size=224)
+    with pytest.raises(ValueError, match="arch"):
+        flops_per_image("vgg")
+
+
+def test_flops_match_torch_flop_counter():
+    """torch's own counter on the real modules, forward + backward at batch 1 (split net, and
+    half; the collapsed net's forward only: FlopCounterMode over-counts grouped-conv
+    backwards)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    for net, arch in ((SplitAlexNet(10, ("cpu", "cpu"), init=None), "alexnet"),
+                      (HalfAlexNet(10, init=None), "half")):
+        with FlopCounterMode(display=False) as fc:
+            net(images(1)).sum().backward()
+        assert fc.get_total_flops() == flops_per_image(arch, num_classes=10)["train"], arch
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        AlexNet(10, init=None)(images(1))
+    assert fc.get_total_flops() == flops_per_image("alexnet", num_classes=10)["forward"]
+
+
+# ----------------------------------------------------------------------------- the bench
+MODEL_KEYS = {"layout", "devices", "mode", "batch_size", "images_per_s"}
+
+
+def test_bench_model_writes_rows(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    assert bench_main(["model", "--quick", "--batch-size", "2", "--steps", "1,1",
+                       "--layouts", "collapsed,split", "--fast-paths", "none",
+                       "--modes", "train,infer", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert {(r["layout"], r["mode"], r["fast_path"]) for r in rows} == {
+        ("collapsed", "train", "fp32"), ("collapsed", "infer", "fp32"),
+        ("split", "train", "fp32"), ("split", "infer", "fp32")}
+    for r in rows:
+        assert MODEL_KEYS <= r.keys()
+        assert r["batch_size"] == 2 and r["images_per_s"] > 0
+        assert 0 < r["fraction_of_peak"] and r["gflops"] > 0
+        assert r["layout"] in ("split", "split-one-device", "collapsed", "half", "torchvision")
+        assert r["mode"] in ("train", "infer")
+    split = {r["mode"]: r for r in rows if r["layout"] == "split"}
+    assert split["train"]["devices"] == "cpu,cpu"
+    # conv3 2x(2,128,13,13), fc6 2x(2,4608), fc7 2x(2,2048), fc8 (2,2048): fp32, both ways
+    fwd = 4 * 2 * (2 * 128 * 169 + 2 * 4608 + 2 * 2048) + 4 * 2 * 2048
+    assert split["infer"]["bytes_between_towers"] == fwd
+    assert split["train"]["bytes_between_towers"] == 2 * fwd
+    assert "img/s" in capsys.readouterr().out  # the table
+
+
+def test_bench_rejects_bad_options():
+    from split_alexnet.cli import UsageError
+    with pytest.raises(UsageError, match="fast path"):
+        bench_main(["model", "--fast-paths", "collapsed:turbo", "--layouts", "collapsed"])
+    with pytest.raises(UsageError, match="layouts"):
+        bench_main(["model", "--layouts", "vgg"])
+    from split_alexnet.bench.model import parse_fast_path
+    assert parse_fast_path("channels_last+bf16+cudnn-benchmark") == {
+        "channels_last": True, "amp": "bf16", "compile": False, "cudnn_benchmark": True}
+    with pytest.raises(ValueError, match="exclusive"):
+        parse_fast_path("bf16+fp16")
+
+
+# ----------------------------------------------------------------------------- fast paths
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return AlexNet(10).eval()
+
+
+def test_channels_last_same_outputs_on_cpu(net):
+    x = images(2)
+    with torch.no_grad():
+        want = net(x)
+        cl = apply_fast_paths(AlexNet(10, init=None), channels_last=True).eval()
+        cl.load_state_dict(net.state_dict())
+        assert cl.conv2.weight.is_contiguous(memory_format=torch.channels_last)
+        got = cl(to_input_format(x, True))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_channels_last_split_keeps_devices_and_function():
+    torch.manual_seed(0)
+    split = SplitAlexNet(10, ("cpu", "cpu")).eval()
+    x = images(2)
+    with torch.no_grad():
+        want = split(x)
+        apply_fast_paths(split, channels_last=True)
+        got = split(to_input_format(x, True))
+    assert split.devices == (torch.device("cpu"), torch.device("cpu"))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_autocast_close_to_fp32_on_cpu(net):
+    """bf16 has an 8-bit mantissa: the logits of the real network at batch 2 agree with fp32
+    to within 5% of their largest magnitude (measured: about 1%)."""
+    x = images(2)
+    with torch.no_grad():
+        want = net(x)
+        with autocast_context("cpu", "bf16"):
+            got = net(x)
+    assert got.dtype == torch.bfloat16
+    err = (got.float() - want).abs().max() / want.abs().max()
+    assert err < 5e-2, float(err)
+
+
+def test_autocast_off_is_a_no_op_and_dtypes_parse(net):
+    x = images(1)
+    with torch.no_grad(), autocast_context("cpu", "off"):
+        assert net(x).dtype == torch.float32
+    assert amp_dtype("fp16") is torch.float16 and amp_dtype(None) is None
+    with pytest.raises(ValueError, match="amp"):
+        amp_dtype("fp8")
+    assert not grad_scaler("cpu", "fp16").is_enabled()  # a GradScaler only for fp16 on CUDA
+
+
+def test_bf16_train_step_runs_with_paper_optimizer():
+    from split_alexnet.optim import build_optimizer
+    torch.manual_seed(0)
+    split = SplitAlexNet(10, ("cpu", "cpu"), init="caffe")
+    opt = build_optimizer(split)
+    before = split.fc8.weight.detach().clone()
+    with autocast_context(split.devices, "bf16"):
+        loss = F.cross_entropy(split(images(2)), torch.tensor([1, 2]))
+    loss.backward()
+    opt.step()
+    assert split.fc8.weight.dtype == torch.float32  # weights and update stay fp32
+    assert torch.isfinite(loss) and not torch.equal(before, split.fc8.weight)
+
+
+def test_train_config_fast_path_flags():
+    from split_alexnet.cli import UsageError
+    from split_alexnet.config import parse_config
+    cfg = parse_config(["--data", "x", "--amp", "bf16", "--channels-last", "--compile",
+                        "--cudnn-benchmark"])
+    assert (cfg.amp, cfg.channels_last, cfg.compile, cfg.cudnn_benchmark) == \
+        ("bf16", True, True, True)
+    d = parse_config(["--data", "x"])
+    assert (d.amp, d.channels_last, d.compile, d.cudnn_benchmark) == ("off", False, False, False)
+    with pytest.raises(UsageError, match="amp"):
+        parse_config(["--data", "x", "--amp", "fp8"])
+
+
+def test_trainer_runs_with_fast_paths(demo_root, tmp_path):
+    """One step of the real trainer with channels_last + bf16 autocast (CPU)."""
+    from split_alexnet.cli import run
+    from split_alexnet.train import main as train_main
+    rc = run(train_main, "train", ["--data", str(demo_root), "--out", str(tmp_path / "r"),
+                                   "--devices", "cpu,cpu", "--batch-size", "4", "--epochs", "1",
+                                   "--workers", "0", "--max-steps", "1", "--no-ten-crop",
+                                   "--init", "caffe", "--log-interval", "1", "--channels-last",
+                                   "--amp", "bf16"])
+    assert rc == 0
+    recs = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["kind"] == "train" for r in recs)
+
+
+@SLOW
+def test_compile_matches_eager_on_cpu(net):
+    x = images(2)
+    compiled = apply_fast_paths(net, compile=True)
+    assert unwrap(compiled) is net
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), net(x), rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@gpu
+def test_gpu_bench_and_fast_paths(tmp_path):
+    out = tmp_path / "rows.json"
+    assert bench_main(["model", "--quick", "--devices", "cuda:0,cuda:0", "--batch-size", "4",
+                       "--steps", "1,2", "--layouts", "collapsed,split",
+                       "--fast-paths", "collapsed:channels_last+bf16,split:fp16",
+                       "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == 8 and all(r["peak_mem"].get("cuda:0", 0) > 0 for r in rows)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_fp16_grad_scaler_step():
+    from split_alexnet.optim import build_optimizer
+    torch.manual_seed(0)
+    split = SplitAlexNet(10, ("cuda:0", "cuda:0"), init="caffe")
+    apply_fast_paths(split, channels_last=True)
+    opt, scaler = build_optimizer(split), grad_scaler("cuda:0", "fp16")
+    assert scaler.is_enabled()
+    x = to_input_format(images(4).cuda(), True)
+    with autocast_context(split.devices, "fp16"):
+        loss = F.cross_entropy(split(x), torch.arange(4, device="cuda:0"))
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_channels_last_and_bf16_close():
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    net = AlexNet(10).eval()
+    x = images(2)
+    with torch.no_grad():
+        want = net(x)
+        g = apply_fast_paths(net.cuda(), channels_last=True)
+        got = g(to_input_format(x.cuda(), True)).cpu()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        with autocast_context("cuda:0", "bf16"):
+            lo = g(x.cuda()).float().cpu()
+    assert ((lo - want).abs().max() / want.abs().max()) < 5e-2

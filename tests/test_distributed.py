@@ -1,0 +1,356 @@
+"""Data parallelism over the two-tower model: real torch.distributed processes (gloo, CPU).
+
+Every multi-process run goes through the real launcher (``python -m torch.distributed.run
+--standalone --nproc-per-node 2``) and the real ``split_alexnet.train`` main, with
+``--devices cpu,cpu`` in each process. A small driver (written by the fixture) wraps the main
+to record what only the ranks themselves can see: a digest of each rank's parameters after
+training, how many checkpoints each rank wrote, and the RNG state each rank resumed with.
+
+The runs are shared by several tests (module fixture): each costs ~20 s on 2 busy cores.
+Data: 3 classes x 4 training images (global batch 6 = 3 per rank, 2 steps per epoch) and
+3 x 3 = 9 validation images, which do not divide among 2 ranks (5 + 4).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from split_alexnet.checkpoint import load_checkpoint
+from split_alexnet.cli import run
+from split_alexnet.train import main as train_main
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+N_TRAIN, N_VAL = 12, 9
+COMMON = ["--devices", "cpu,cpu", "--batch-size", "6", "--epochs", "1", "--workers", "0",
+          "--log-interval", "1", "--init", "caffe", "--no-ten-crop", "--seed", "5",
+          "--dropout", "0"]
+
+DRIVER = textwrap.dedent('''
+    """split_alexnet.train's main, plus a per-rank report for the tests (JSON in $REPORT)."""
+    import hashlib, json, os, sys
+    from pathlib import Path
+    import torch
+    from split_alexnet import distributed as dist_util, train
+    from split_alexnet.cli import run
+
+    rank = int(os.environ.get("RANK", "0"))
+    report = {"rank": rank, "saves": 0}
+    out = Path(os.environ["REPORT"]) / f"rank{rank}.json"
+
+    def digest(tensors):
+        h = hashlib.sha256()
+        for k in sorted(tensors):
+            h.update(k.encode())
+            h.update(tensors[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        return h.hexdigest()
+
+    _fit, _load, _save = train.Run.fit, train.Run._load, train.save_checkpoint
+
+    def fit(self):
+        result = _fit(self)
+        report["params"] = digest(self.raw_model.state_dict())
+        out.write_text(json.dumps(report))
+        return result
+
+    def load(self, ckpt, path):
+        _load(self, ckpt, path)
+        report["resumed_rng"] = digest({"cpu": torch.get_rng_state()})
+        report["ckpt_rng"] = {k: digest({"cpu": v["cpu"]}) for k, v in ckpt["rng"].items()}
+
+    def save_checkpoint(*a, **k):
+        report["saves"] += 1
+        return _save(*a, **k)
+
+    train.Run.fit, train.Run._load, train.save_checkpoint = fit, load, save_checkpoint
+    if os.environ.get("DIE_RANK") == str(rank):  # this rank dies after joining the group
+        def wrap(*a, **k):
+            os._exit(3)
+        dist_util.wrap = wrap
+    sys.exit(run(train.main, "split_alexnet.train"))
+''')
+
+
+def torchrun(driver: Path, report: Path, args, *, env_extra=None, timeout=240):
+    report.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                        "MASTER_PORT", "OMP_NUM_THREADS")}
+    env.update(PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), REPORT=str(report),
+               OMP_NUM_THREADS="1", SPLIT_ALEXNET_DIST_TIMEOUT="60", **(env_extra or {}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", str(driver), *args]
+    t0 = time.monotonic()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return p, time.monotonic() - t0
+
+
+def reports(report: Path) -> dict[int, dict]:
+    return {r: json.loads((report / f"rank{r}.json").read_text()) for r in (0, 1)
+            if (report / f"rank{r}.json").exists()}
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def dist_runs(tmp_path_factory):
+    from split_alexnet.demo_data import make_demo_dataset
+    base = tmp_path_factory.mktemp("dist")
+    data = make_demo_dataset(base / "data", classes=3, train_per_class=4, val_per_class=3,
+                             seed=0)
+    driver = base / "driver.py"
+    driver.write_text(DRIVER)
+    res = {"base": base, "data": data, "times": {}}
+
+    def ddp(out_name, *extra, name=None):
+        name = name or out_name
+        out = base / out_name
+        p, dt = torchrun(driver, base / f"report_{out_name}",
+                         ["--data", str(data), "--out", str(out), *COMMON, *extra])
+        assert p.returncode == 0, f"{name}: rc {p.returncode}\n{p.stderr[-4000:]}"
+        res["times"][name] = dt
+        return out
+
+    # Uninterrupted: 2 ranks, 2 steps, evaluation, checkpoint.
+    res["ddp"] = ddp("ddp")
+    # The same, cut after step 1 (mid-epoch) and resumed under torchrun.
+    ddp("cut", "--max-steps", "1", name="cut1")
+    res["cut_ckpt"] = load_checkpoint(base / "cut" / "last.pt")
+    res["resumed"] = ddp("cut", "--resume", name="cut2")
+    # One process, the same global batches.
+    t0 = time.monotonic()
+    res["single"] = base / "single"
+    assert run(train_main, "train", ["--data", str(data), "--out", str(res["single"]),
+                                     *COMMON]) == 0
+    res["times"]["single"] = time.monotonic() - t0
+    print("run times (s):", {k: round(v, 1) for k, v in res["times"].items()}, file=sys.stderr)
+    return res
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def test_ranks_hold_identical_parameters(dist_runs):
+    rep = reports(dist_runs["base"] / "report_ddp")
+    assert set(rep) == {0, 1}
+    assert rep[0]["params"] == rep[1]["params"]
+
+
+def test_ddp_equals_one_process_on_the_same_global_batches(dist_runs):
+    """EpochSampler: rank r takes perm[r::2] in consecutive chunks of 3, so step k's union over
+    the ranks is perm[6k:6k+6], exactly what one process with batch 6 takes. DDP averages the
+    two ranks' mean gradients = the mean over the 6 images. Dropout is off (the masks would
+    differ); augmentation is a pure function of (seed, epoch, index), the same in both."""
+    ddp = load_checkpoint(dist_runs["ddp"] / "last.pt")
+    one = load_checkpoint(dist_runs["single"] / "last.pt")
+    assert ddp["progress"]["step"] == one["progress"]["step"] == 2
+    assert ddp["world_size"] == 2 and one["world_size"] == 1
+    for k, v in one["model"].items():
+        torch.testing.assert_close(ddp["model"][k], v, rtol=1e-4, atol=1e-6, msg=k)
+    for buf, named in one["optimizer"]["buffers"].items():  # momentum
+        for k, v in named.items():
+            torch.testing.assert_close(ddp["optimizer"]["buffers"][buf][k], v, rtol=1e-4,
+                                       atol=1e-6, msg=f"{buf} {k}")
+    # Each rank logs only its own shard's training loss, so compare the evaluation, which
+    # covers the whole validation set on both sides.
+    v_ddp = [r for r in records(dist_runs["ddp"]) if r["kind"] == "val"][-1]
+    v_one = [r for r in records(dist_runs["single"]) if r["kind"] == "val"][-1]
+    assert v_ddp["n"] == v_one["n"] == N_VAL
+    assert v_ddp["top1_err"] == pytest.approx(v_one["top1_err"])
+    assert v_ddp["loss"] == pytest.approx(v_one["loss"], rel=1e-4)
+
+
+def test_only_rank_0_writes(dist_runs):
+    rep = reports(dist_runs["base"] / "report_ddp")
+    assert rep[0]["saves"] == 1 and rep[1]["saves"] == 0
+    out = dist_runs["ddp"]
+    kinds = [r["kind"] for r in records(out)]
+    assert kinds == ["train", "train", "val"]  # one line per event, not one per rank
+    assert sorted(p.name for p in out.iterdir()) == \
+        ["best.pt", "config.json", "curves.png", "epoch_001.pt", "last.pt", "metrics.jsonl"]
+
+
+def test_evaluation_counts_every_image_once(dist_runs):
+    # 9 images over 2 ranks: 5 + 4, no padding, sums all-reduced.
+    for out in (dist_runs["ddp"], dist_runs["resumed"]):
+        (val,) = [r for r in records(out) if r["kind"] == "val"]
+        assert val["n"] == N_VAL
+
+
+def test_resume_under_torchrun_equals_uninterrupted(dist_runs):
+    cut = dist_runs["cut_ckpt"]
+    assert cut["progress"]["step"] == 1 and cut["progress"]["epoch_step"] == 1
+    assert set(cut["rng"]) == {"rank0", "rank1"}  # one RNG state per rank
+    assert not torch.equal(cut["rng"]["rank0"]["cpu"], cut["rng"]["rank1"]["cpu"])
+    rep = reports(dist_runs["base"] / "report_cut")
+    for r in (0, 1):  # every rank loaded the same file, and its own RNG state from it
+        assert rep[r]["resumed_rng"] == rep[r]["ckpt_rng"][f"rank{r}"]
+    assert rep[0]["params"] == rep[1]["params"]
+    assert rep[0]["params"] == reports(dist_runs["base"] / "report_ddp")[0]["params"]
+    a = load_checkpoint(dist_runs["ddp"] / "last.pt")
+    b = load_checkpoint(dist_runs["resumed"] / "last.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["progress"] == b["progress"]
+
+
+# ------------------------------------------------------------------------------ failures
+
+
+def test_a_dead_rank_stops_the_job_quickly(dist_runs):
+    """Rank 1 dies right after joining the group; rank 0 must not hang."""
+    base = dist_runs["base"]
+    driver = base / "driver.py"
+    p, dt = torchrun(driver, base / "report_die",
+                     ["--data", str(dist_runs["data"]), "--out", str(base / "die"), *COMMON],
+                     env_extra={"DIE_RANK": "1"}, timeout=120)
+    assert p.returncode != 0
+    assert dt < 90, f"took {dt:.0f} s"
+    # torchrun names the root cause: rank 1, our exit code 3.
+    root = p.stderr[p.stderr.index("Root Cause"):]
+    assert re.search(r"rank\s*:\s*1\b", root) and re.search(r"exitcode\s*:\s*3\b", root), root
+
+
+DIST_ENV = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--gpus", "0,1,2"], "odd number of GPUs"),
+    (["--gpus", "0,1"], "need 4 GPUs"),
+    (["--gpus", "0,1,2,3"], "no CUDA device"),
+    (["--gpus", "0,0,1,1"], "names a GPU twice"),
+    (["--devices", "cpu,cpu", "--batch-size", "7"], "does not divide among 2 processes"),
+    (["--devices", "cpu,cpu", "--backend", "nccl"], "nccl backend needs CUDA devices"),
+    (["--devices", "cpu,cpu", "--backend", "mpi"], "--backend must be one of"),
+])
+def test_bad_settings_fail_up_front(monkeypatch, capsys, tmp_path, argv, words):
+    for k, v in DIST_ENV.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on GPU machines
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    import torch.distributed as dist
+    monkeypatch.setattr(dist, "init_process_group",
+                        lambda *a, **k: pytest.fail("reached init_process_group"))
+    rc = run(train_main, "split_alexnet.train", ["--out", str(tmp_path), *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1, err
+    assert err[0].startswith("split_alexnet.train: error: ") and words in err[0], err
+
+
+def test_per_process_batch_allows_any_size(monkeypatch):
+    from split_alexnet import distributed as d
+    from split_alexnet.config import parse_config
+    ctx = d.Context(rank=1, world_size=4, local_rank=1, local_world_size=4)
+    assert d.local_batch_size(parse_config(["--batch-size", "128"]), ctx) == 32
+    assert d.local_batch_size(parse_config(["--batch-size", "7", "--per-process-batch"]),
+                              ctx) == 7
+    cfg = parse_config(["--gpus", "0,1,2,3,4,5,6,7", "--single-device"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert d.devices_for_rank(cfg, ctx) == (torch.device("cuda", 1),)
+    cfg = parse_config(["--gpus", "0,1,2,3,4,5,6,7"])
+    assert d.devices_for_rank(cfg, ctx) == (torch.device("cuda", 2), torch.device("cuda", 3))
+    cfg = parse_config([])  # default: every visible GPU, a pair per local rank
+    assert d.devices_for_rank(cfg, ctx) == (torch.device("cuda", 2), torch.device("cuda", 3))
+    assert d.cfg_backend(cfg, d.devices_for_rank(cfg, ctx)) == "nccl"
+    assert d.cfg_backend(parse_config(["--devices", "cpu,cpu"]), (torch.device("cpu"),) * 2) \
+        == "gloo"
+
+
+# ------------------------------------------------------------------------------ launch scripts
+
+
+@pytest.fixture
+def script_env(tmp_path):
+    """A clean environment with stub nvidia-smi (8 GPUs) and scontrol on PATH."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "nvidia-smi").write_text("#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do "
+                                     "echo \"GPU $i: Stub (UUID: GPU-$i)\"; done\n")
+    (bin_ / "scontrol").write_text("#!/bin/sh\n[ \"$1 $2\" = \"show hostnames\" ] || exit 1\n"
+                                   "echo gpu-node-017; echo gpu-node-018\n")
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SLURM_") and k not in ("NGPU", "GPUS", "GPUS_PER_NODE",
+                                                        "CUDA_VISIBLE_DEVICES", "MASTER_ADDR",
+                                                        "MASTER_PORT", "TORCHRUN", "PYTHON")}
+    env.update(PATH=f"{bin_}{os.pathsep}{env['PATH']}", DRY_RUN="1")
+    return env
+
+
+def sh(script: str, env: dict, *args: str, **extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(LAUNCH / script), *args], env={**env, **extra},
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_launch_one_pair(script_env):
+    p = sh("train_2gpu.sh", script_env, "--data", "/data/in", "--lr", "0.02")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "python -m split_alexnet.train --gpus 0,1 --data /data/in --lr 0.02"
+    p = sh("train_2gpu.sh", script_env, "--data", "/d", GPUS="2,3")
+    assert p.stdout.strip() == "python -m split_alexnet.train --gpus 2,3 --data /d"
+    p = sh("train_node.sh", script_env, "--data", "/d", NGPU="2")  # 1 node x 2 GPUs
+    assert p.stdout.strip() == \
+        "torchrun --standalone --nproc-per-node 1 -m split_alexnet.train --data /d"
+
+
+def test_launch_one_node_of_8(script_env):
+    p = sh("train_node.sh", script_env, "--data", "/data/in", "--out", "runs/x")  # nvidia-smi
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == ("torchrun --standalone --nproc-per-node 4 -m split_alexnet.train "
+                                "--data /data/in --out runs/x")
+    p = sh("train_node.sh", script_env, "--single-device", "--data", "/d")
+    assert p.stdout.strip() == ("torchrun --standalone --nproc-per-node 8 -m split_alexnet.train "
+                                "--single-device --data /d")
+    p = sh("train_node.sh", script_env, "--data", "/d", CUDA_VISIBLE_DEVICES="4,5,6,7")
+    assert "--nproc-per-node 2 " in p.stdout
+
+
+def test_launch_two_nodes_of_8(script_env):
+    slurm = dict(SLURM_JOB_NODELIST="gpu-node-[017-018]", SLURM_NNODES="2", SLURM_JOB_ID="4242",
+                 SLURM_GPUS_ON_NODE="8")
+    p = sh("train_multinode.slurm", script_env, "--data", "/shared/in", **slurm)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == (
+        "srun --nodes 2 --ntasks-per-node 1 --kill-on-bad-exit=1 torchrun --nnodes 2 "
+        "--nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint gpu-node-017:29500 "
+        "--rdzv-id 4242 -m split_alexnet.train --data /shared/in")
+    p = sh("train_multinode.slurm", script_env, "--data", "/d", **slurm, MASTER_PORT="31000",
+           GPUS_PER_NODE="4")
+    assert "--nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint gpu-node-017:31000" in p.stdout
+
+
+@pytest.mark.parametrize("script, env", [
+    ("train_node.sh", {"NGPU": "7"}),
+    ("train_node.sh", {"NGPU": "1"}),
+    ("train_multinode.slurm", {"SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NNODES": "2",
+                               "GPUS_PER_NODE": "3"}),
+    ("train_multinode.slurm", {}),  # not inside a SLURM job
+    ("train_2gpu.sh", {"GPUS": "0,1,2"}),
+])
+def test_launch_bad_settings(script_env, script, env):
+    p = sh(script, script_env, "--data", "/d", **env)
+    assert p.returncode == 2
+    assert p.stdout == "" and len(p.stderr.strip().splitlines()) == 1 and "error" in p.stderr
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+def test_launch_scripts_pass_shellcheck():
+    p = subprocess.run(["shellcheck", "-s", "bash", *(str(f) for f in sorted(LAUNCH.iterdir()))],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout
