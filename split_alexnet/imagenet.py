@@ -45,8 +45,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .cli import UsageError
-from .images import (DRAFT_MIN, SIZE, UnreadableImage, is_image_file, list_images,
-                     resize_center, to_rgb)
+from .images import DRAFT_MIN, SIZE, UnreadableImage, is_image_file, resize_center, to_rgb
 
 __all__ = ["TRAIN_TAR", "VAL_TAR", "DEVKIT", "KAGGLE_SOLUTION", "KAGGLE_MAPPING", "CLASSES_FILE",
            "SUBSET_FILE", "Source", "Subset", "detect_layout", "parse_devkit",

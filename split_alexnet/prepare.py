@@ -7,10 +7,10 @@
   the official ImageNet archives (streamed, not extracted), Kaggle's ``ILSVRC/Data/CLS-LOC``
   with its CSVs, ``train/<wnid>/`` + a flat ``val/`` with a label file, or class folders;
 * reads ``SRC/train/<class>/...`` and ``SRC/val/<class>/...`` (any image format Pillow reads,
-  nested folders allowed; or the equivalent from the other layouts), rescales the shorter side to 256 and keeps the central 256x256
-  patch (:func:`split_alexnet.images.load_rgb256`), and writes it as a JPEG to the mirror path
-  under ``DST`` (``.jpg``/``.jpeg`` names are kept, other names get their suffix replaced
-  by ``.jpg``);
+  nested folders allowed; or the equivalent from the other layouts), rescales the shorter
+  side to 256 and keeps the central 256x256 patch (:func:`split_alexnet.images.load_rgb256`),
+  and writes it as a JPEG to the mirror path under ``DST`` (``.jpg``/``.jpeg`` names are
+  kept, other names get their suffix replaced by ``.jpg``);
 * parallel (``--workers``, default: all cores), with a progress line on stderr;
 * resumable: each output is written to a hidden temp file and renamed into place, existing
   outputs are skipped, and stray temp files of an interrupted run are removed;

@@ -362,6 +362,8 @@ class Run:
         window = {"loss": 0.0, "wrong": 0, "n": 0, "t": time.monotonic()}
         skipped = 0
         for batch in loader:
+            if s.epoch_step >= self.steps_per_epoch:
+                break  # whole batches only: the permutation's remainder is dropped (drop_last)
             skipped += len(batch.get("skipped", []))
             if batch["label"].numel() == 0:
                 continue

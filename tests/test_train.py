@@ -278,3 +278,18 @@ def test_summary_lists_towers_and_traffic(capsys):
     assert "60,965,224 parameters" in out
     assert "total 234,496 bytes per image" in out  # 2*86,528 + 2*18,432 + 3*8,192
     assert out.count("into conv3") == 2 and out.count("into fc8") == 1
+
+
+def test_truncated_last_checkpoint_falls_back_to_the_previous_one(runs, demo_root, tmp_path,
+                                                                  capsys):
+    import shutil
+    out = tmp_path / "copy"
+    out.mkdir()
+    for name in ("last.pt", "epoch_002.pt", "metrics.jsonl"):
+        shutil.copyfile(runs["split"] / name, out / name)
+    data = (out / "last.pt").read_bytes()
+    (out / "last.pt").write_bytes(data[: len(data) // 2])  # a crash mid-copy, a full disk
+    assert train(demo_root, out, "--devices", "cpu,cpu", "--resume") == 0
+    err = capsys.readouterr().err
+    assert "cannot be loaded safely" in err and "trying the previous checkpoint" in err
+    assert f"resumed from {out / 'epoch_002.pt'}: epoch 2, step 8" in err

@@ -212,7 +212,7 @@ def measure(layout: str, mode: str, fast_path: str, devices, batch: int, warmup:
     row = {"layout": layout, "devices": ",".join(map(str, devs if layout != "split" else devices)),
            "mode": mode, "batch_size": batch, "images_per_s": batch / med,
            "fast_path": fast_path, "step_ms": med * 1e3, "min_step_ms": min(times) * 1e3,
-           "steps": len(times), "warmup_s": t_compile,
+           "steps": len(times), "times_s": times, "warmup_s": t_compile,
            "gflop_per_image": flops / batch / 1e9, "gflops": flops / med / 1e9,
            "peak_gflops": peak / 1e9, "fraction_of_peak": flops / med / peak,
            "bytes_between_towers": between, "peak_mem": mem}
@@ -297,6 +297,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", default="train,infer", help=argparse.SUPPRESS)
     p.add_argument("--steps", default=None, help=argparse.SUPPRESS)  # WARMUP,TIMED
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="repeat every configuration this many times, interleaved, and pool the "
+                        "timed steps (for a shared machine; default 1)")
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -363,20 +366,35 @@ def run(args: argparse.Namespace) -> list[dict]:
               if d.type == "cuda" else
               f"  matmul ceiling {d} {str(dt).replace('torch.', '')}: {c / 1e9:.1f} GFLOP/s",
               file=sys.stderr)
-    rows = []
-    for lay, m, f in configs:
-        try:
-            r = measure(lay, m, f, devices, batch, warmup, timed, ceilings)
-        except Exception as e:  # noqa: BLE001 - one failing fast path must not end the run
-            print(f"bench model: {lay} {m} {f} failed: {type(e).__name__}: {e}".splitlines()[0],
-                  file=sys.stderr)
-            continue
-        r.update(kind="model", torch=torch.__version__, device_name=_device_name(devices[0]))
-        rows.append(r)
-        if getattr(args, "command", "model") == "model" and getattr(args, "json", None):
-            _write_partial(args.json, rows)  # a killed run keeps the rows measured so far
-        print(f"  {lay:16s} {m:5s} {f:36s} {r['images_per_s']:9.1f} img/s "
-              f"({r['fraction_of_peak']:.2f} of peak)", file=sys.stderr, flush=True)
+    rounds = max(1, int(getattr(args, "rounds", None) or 1))
+    by_config: dict = {}
+    for rnd in range(rounds):  # rounds: every config once per round; drift hits all alike
+        for lay, m, f in configs:
+            try:
+                r = measure(lay, m, f, devices, batch, warmup, timed, ceilings)
+            except Exception as e:  # noqa: BLE001 - one failing fast path must not end the run
+                print(f"bench model: {lay} {m} {f} failed: {type(e).__name__}: {e}".splitlines()[0],
+                      file=sys.stderr)
+                continue
+            prev = by_config.get((lay, m, f))
+            if prev is not None:  # pool the timed steps of all rounds: median of them all
+                times = prev["times_s"] + r["times_s"]
+                med = statistics.median(times)
+                prev.update(times_s=times, steps=len(times), step_ms=med * 1e3,
+                            min_step_ms=min(times) * 1e3, images_per_s=batch / med,
+                            gflops=prev["gflops"] * prev["step_ms"] / (med * 1e3), rounds=rnd + 1)
+                prev["fraction_of_peak"] = prev["gflops"] / prev["peak_gflops"]
+                r = prev
+            else:
+                r.update(kind="model", rounds=1, torch=torch.__version__,
+                         device_name=_device_name(devices[0]))
+                by_config[(lay, m, f)] = r
+            rows = list(by_config.values())
+            if getattr(args, "command", "model") == "model" and getattr(args, "json", None):
+                _write_partial(args.json, rows)  # a killed run keeps the rows measured so far
+            print(f"  {lay:16s} {m:5s} {f:36s} {r['images_per_s']:9.1f} img/s "
+                  f"({r['fraction_of_peak']:.2f} of peak)", file=sys.stderr, flush=True)
+    rows = list(by_config.values())
     print_table(rows)
     return rows
 
