@@ -85,6 +85,9 @@ class TrainConfig:
     """Keep the last K epoch checkpoints (OUT/epoch_NNN.pt) besides last.pt and best.pt."""
     log_interval: int = 20
     """Steps between lines of progress and metrics.jsonl records."""
+    watchdog_steps: int = 500
+    """After this many steps, warn once if the training loss is still at chance, ln(classes)
+    (docs/experiments.md); 0 disables."""
     ten_crop: bool = True
     """At the end, evaluate with ten crops and averaged softmax (the paper)."""
     eval_every: int = 1
@@ -114,6 +117,8 @@ class TrainConfig:
             raise UsageError(f"--max-steps must be at least 1, got {self.max_steps}")
         if self.lr <= 0 or self.momentum < 0 or self.weight_decay < 0:
             raise UsageError("--lr must be > 0, --momentum and --weight-decay >= 0")
+        if self.watchdog_steps < 0:
+            raise UsageError(f"--watchdog-steps must be >= 0, got {self.watchdog_steps}")
         if self.workers < 0:
             raise UsageError(f"--workers must be >= 0, got {self.workers}")
         for name, allowed in (("arch", ("alexnet", "half")), ("optimizer", OPTIMIZERS),
@@ -152,6 +157,8 @@ DEMO_PRESET: dict[str, tuple[Any, str]] = {
     "lr_schedule": ("step:11", "too few epochs for a plateau to show; one drop late in the run"),
     "workers": (2, "two cores"),
     "log_interval": (10, "short epochs"),
+    "watchdog_steps": (100, "the demo learns within ~60 steps; a run still at chance by step "
+                            "100 is not learning"),
 }
 
 

@@ -397,6 +397,7 @@ class Run:
                 bar.extra = f"loss {rec['loss']:.3f} err {rec['top1_err']:.3f} " \
                             f"lr {rec['lr']:g} {rec['images_per_s']:.0f} img/s"
                 window = {"loss": 0.0, "wrong": 0, "n": 0, "t": time.monotonic()}
+            self.watchdog(loss_value)
             bar.update(1)
             if cfg.max_steps is not None and s.step >= cfg.max_steps:
                 bar.close()
@@ -416,6 +417,27 @@ class Run:
             print(f"{PROG}: {skipped} unreadable training image(s) skipped this epoch",
                   file=sys.stderr)
         return "epoch"
+
+    def watchdog(self, loss_value: float) -> None:
+        """--watchdog-steps W: at step W, one warning line (not an abort) and a "watchdog"
+        record if the training loss, averaged over the last min(50, W/4) steps, is not below
+        chance, ln(classes), by more than 2% (docs/experiments.md)."""
+        w, step = self.cfg.watchdog_steps, self.state.step
+        if not w or step > w or len(self.classes) < 2:
+            return
+        recent = self.__dict__.setdefault("_watchdog_losses", [])
+        recent.append(loss_value)
+        del recent[:-max(1, min(50, w // 4))]
+        chance = math.log(len(self.classes))
+        mean = sum(recent) / len(recent)
+        if step == w and self.is_main and mean > 0.98 * chance:
+            print(f"{PROG}: warning: after {step} steps the training loss is still at chance "
+                  f"(ln {len(self.classes)} = {chance:.3f}): mean of the last {len(recent)} "
+                  f"steps {mean:.3f}; this run is not learning. Check --init (the paper's "
+                  "biases of 1 stall small runs), the input scale and --lr; see "
+                  "docs/experiments.md (init, input scale)", file=sys.stderr)
+            self.log({"kind": "watchdog", "step": step, "loss": mean, "chance_loss": chance,
+                      "window": len(recent)})
 
     def last_checkpoint_name(self) -> str:
         last = self.out / "last.pt"

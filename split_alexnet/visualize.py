@@ -263,7 +263,9 @@ class RetrievalLayout:
 
     def box(self, q: int, j: int) -> tuple[int, int, int, int]:
         """Tile (x0, y0, x1, y1) of query ``q``'s column ``j`` (0: the query, 1..: nbrs)."""
-        x0 = self.pad if j == 0 else self.pad + self.tile + self.sep + (j - 1) * (self.tile + self.pad)
+        x0 = self.pad
+        if j:
+            x0 += self.tile + self.sep + (j - 1) * (self.tile + self.pad)
         y0 = self.header + q * (self.tile + self.label + self.pad)
         return x0, y0, x0 + self.tile, y0 + self.tile
 

@@ -164,7 +164,9 @@ def _step_fn(net, mode: str, fp: dict, x, y, devices) -> Callable[[], None]:
 
 
 def measure(layout: str, mode: str, fast_path: str, devices, batch: int, warmup: int,
-            steps: int, ceilings: dict) -> dict:
+            steps: int, ceiling: Callable[[torch.device, torch.dtype], float]) -> dict:
+    """One row. ``ceiling(device, dtype)`` is measured right after the timed steps (after the
+    memory statistics are read), so that it sees the same machine load as the steps."""
     fp = parse_fast_path(fast_path)
     devs = layout_devices(layout, devices)
     arch = ARCH_OF[layout]
@@ -197,8 +199,6 @@ def measure(layout: str, mode: str, fast_path: str, devices, batch: int, warmup:
     torch.backends.cudnn.benchmark = old_bench
     med = statistics.median(times)
     flops = flops_per_step(arch, mode, batch)
-    cdtype = amp_dtype(fp["amp"]) or torch.float32
-    peak = sum(ceilings[(d, cdtype)] for d in devs)  # cpu,cpu shares one ceiling
     traffic = getattr(unwrap(net), "traffic", None)
     between = None
     if layout in ("split", "split-one-device") and traffic:
@@ -209,9 +209,12 @@ def measure(layout: str, mode: str, fast_path: str, devices, batch: int, warmup:
             mem["cpu (rss growth)"] = rss.growth()
     else:
         mem = {"cpu (rss growth)": rss.growth()}
+    cdtype = amp_dtype(fp["amp"]) or torch.float32
+    peak = sum(ceiling(d, cdtype) for d in devs)  # cpu,cpu: one ceiling (shared cores)
     row = {"layout": layout, "devices": ",".join(map(str, devs if layout != "split" else devices)),
            "mode": mode, "batch_size": batch, "images_per_s": batch / med,
            "fast_path": fast_path, "step_ms": med * 1e3, "min_step_ms": min(times) * 1e3,
+           "images_per_s_best": batch / min(times),
            "steps": len(times), "times_s": times, "warmup_s": t_compile,
            "gflop_per_image": flops / batch / 1e9, "gflops": flops / med / 1e9,
            "peak_gflops": peak / 1e9, "fraction_of_peak": flops / med / peak,
@@ -348,15 +351,20 @@ def run(args: argparse.Namespace) -> list[dict]:
     configs = [(lay, m, "fp32") for lay in layouts for m in modes] + \
               [(lay, m, f) for lay, f in extra for m in modes]
 
-    # Ceilings: every device and compute dtype the configs use, measured once, up front.
+    # Ceiling: a square GEMM in the row's compute dtype, measured next to every row (the
+    # load on a shared machine drifts); the figures printed here are a first reading.
     n = 1024 if (quick and not cuda) else (8192 if cuda else 2048)
+    reps = 3 if quick else 5
+
+    def ceiling(d: torch.device, dt: torch.dtype) -> float:
+        return matmul_ceiling(d, dt, n if d.type == "cuda" else min(n, 2048), reps)
+
     ceilings: dict = {}
     for lay, _, f in configs:
         dt = amp_dtype(parse_fast_path(f)["amp"]) or torch.float32
         for d in layout_devices(lay, devices):
             if (d, dt) not in ceilings:
-                dn = n if d.type == "cuda" else min(n, 2048)
-                ceilings[(d, dt)] = matmul_ceiling(d, dt, dn, 3 if quick else 5)
+                ceilings[(d, dt)] = ceiling(d, dt)
     print(f"bench model: torch {torch.__version__}, devices {devices[0]},{devices[1]}, batch "
           f"{batch}, {warmup} warm-up + {timed} timed steps (median), threads "
           f"{torch.get_num_threads()}", file=sys.stderr)
@@ -371,7 +379,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     for rnd in range(rounds):  # rounds: every config once per round; drift hits all alike
         for lay, m, f in configs:
             try:
-                r = measure(lay, m, f, devices, batch, warmup, timed, ceilings)
+                r = measure(lay, m, f, devices, batch, warmup, timed, ceiling)
             except Exception as e:  # noqa: BLE001 - one failing fast path must not end the run
                 print(f"bench model: {lay} {m} {f} failed: {type(e).__name__}: {e}".splitlines()[0],
                       file=sys.stderr)
@@ -382,7 +390,9 @@ def run(args: argparse.Namespace) -> list[dict]:
                 med = statistics.median(times)
                 prev.update(times_s=times, steps=len(times), step_ms=med * 1e3,
                             min_step_ms=min(times) * 1e3, images_per_s=batch / med,
-                            gflops=prev["gflops"] * prev["step_ms"] / (med * 1e3), rounds=rnd + 1)
+                            images_per_s_best=batch / min(times),
+                            gflops=prev["gflops"] * prev["step_ms"] / (med * 1e3), rounds=rnd + 1,
+                            peak_gflops=(prev["peak_gflops"] * rnd + r["peak_gflops"]) / (rnd + 1))
                 prev["fraction_of_peak"] = prev["gflops"] / prev["peak_gflops"]
                 r = prev
             else:

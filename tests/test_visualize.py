@@ -1,0 +1,304 @@
+"""visualize (Figures 3 and 4, curves), predict and the fc7 feature helper.
+
+No training: one untrained full-size AlexNet with 4 classes is written as a checkpoint (module
+fixture) and used on the generated demo folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from split_alexnet import predict as predict_mod
+from split_alexnet.checkpoint import save_checkpoint
+from split_alexnet.cli import run
+from split_alexnet.data import ImageFolder, find_classes, finish_batch, load_stats
+from split_alexnet.evaluate import load_model
+from split_alexnet.features import checkpoint_stats, fc7_features, forward_with_features
+from split_alexnet.model import AlexNet, layout_state_dict
+from split_alexnet.visualize import (KernelGrid, RetrievalLayout, colourfulness, curve_series,
+                                     kernel_image, retrieval_image, retrieve,
+                                     tower_colourfulness)
+from split_alexnet.visualize import main as viz_main
+
+PROG = "split_alexnet.visualize"
+
+
+def write_ckpt(path: Path, model: AlexNet, classes, stats, **extra) -> Path:
+    save_checkpoint(path, {
+        "model": layout_state_dict(model),
+        "config": {"arch": "alexnet", "lrn": "paper", "activation": "relu", "pool": "3/2",
+                   "dropout": 0.5},
+        "classes": list(classes),
+        "stats": {"mean": stats.mean, "eigval": stats.eigval, "eigvec": stats.eigvec},
+        "stats_fingerprint": stats.fingerprint, **extra})
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(demo_root, tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    stats = load_stats(demo_root, progress=False)
+    model = AlexNet(num_classes=4, init="caffe")
+    return write_ckpt(tmp_path_factory.mktemp("ckpt") / "c.pt", model,
+                      find_classes(demo_root / "train"), stats)
+
+
+# ----------------------------------------------------------------------------- Figure 3
+
+def spot_weight(n: int = 96) -> torch.Tensor:
+    """Kernel i: zero except one pixel at (i // 11 % 11, i % 11), in channel i % 3."""
+    w = torch.zeros(n, 3, 11, 11)
+    for i in range(n):
+        w[i, i % 3, (i // 11) % 11, i % 11] = 1.0
+    return w
+
+
+def test_kernel_grid_places_every_kernel():
+    img, grid = kernel_image(spot_weight(), cols=16, scale=4)
+    assert grid.size == (738, 284) == img.size  # 2 blocks of 3 rows x 16, 44 px cells
+    a = np.asarray(img)
+    for i in range(96):
+        x0, y0, x1, y1 = grid.box(i)
+        cell = a[y0:y1, x0:x1]
+        r, c = (i // 11) % 11, i % 11
+        spot = cell[r * 4:(r + 1) * 4, c * 4:(c + 1) * 4]
+        want = np.zeros(3, np.uint8)
+        want[i % 3] = 255
+        assert (spot == want).all(), i
+        mask = np.ones((44, 44), bool)
+        mask[r * 4:(r + 1) * 4, c * 4:(c + 1) * 4] = False
+        assert (cell[mask] == 0).all(), i
+    # tower 0 on top, tower 1 below the black separator
+    assert grid.box(47)[3] < grid.block[1] <= grid.box(48)[1]
+    sep_y = grid.block[1]
+    assert (a[sep_y:sep_y + grid.sep] == 0).all()
+    assert (a[0, :] == 255).all()  # white gap around the cells
+
+
+def test_kernel_grid_other_shapes():
+    g = KernelGrid(cols=8)
+    assert (g.rows, g.size) == (6, (8 * 44 + 9 * 2, 2 * (6 * 44 + 7 * 2) + 4))
+    img, g1 = kernel_image(torch.randn(48, 3, 11, 11), towers=1, cols=8, scale=2)
+    assert img.size == g1.size == (8 * 22 + 9 * 2, 6 * 22 + 7 * 2)
+
+
+def test_colourfulness_grey_vs_colour_and_tower_order():
+    g = torch.Generator().manual_seed(0)
+    grey = torch.randn(48, 1, 11, 11, generator=g).expand(48, 3, 11, 11)
+    # saturated: every pixel one primary colour (random), plus a little grey noise
+    pick = torch.randint(0, 3, (48, 1, 11, 11), generator=g)
+    colour = (torch.arange(3)[None, :, None, None] == pick).double() \
+        + 0.05 * torch.randn(48, 1, 11, 11, generator=g, dtype=torch.float64)
+    assert colourfulness(grey).abs().max() < 1e-12
+    assert colourfulness(colour).min() > 0.3
+    assert colourfulness(torch.randn(48, 3, 11, 11, generator=g)).mean() > 0.05
+    pure = torch.zeros(1, 3, 11, 11)
+    pure[:, 0] = 1.0  # pure red everywhere: normalised (1, 0, 0) at every pixel
+    assert colourfulness(pure).item() == pytest.approx(2 ** 0.5 / 3)
+    t = tower_colourfulness(torch.cat([grey, colour]))
+    assert t[0] < 1e-12 < 0.3 < t[1]
+    t = tower_colourfulness(torch.cat([colour, grey]))
+    assert t[1] < 1e-12 < 0.3 < t[0]
+
+
+def test_kernels_cli(ckpt, tmp_path, capsys):
+    out = tmp_path / "k.png"
+    assert run(viz_main, PROG, ["kernels", "--checkpoint", str(ckpt), "--out", str(out)]) == 0
+    assert Image.open(out).size == (738, 284)
+    text = capsys.readouterr().out
+    assert "tower 0 (kernels 0-47)" in text and "tower 1 (kernels 48-95)" in text
+    assert run(viz_main, PROG, ["kernels", "--checkpoint", str(tmp_path / "no.pt"),
+                                "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0]
+
+
+# ----------------------------------------------------------------------------- fc7
+
+def test_fc7_features_same_in_both_layouts(ckpt, demo_root):
+    single, c, devs = load_model(ckpt, single_device=True)
+    split, _, _ = load_model(ckpt, devices="cpu,cpu")
+    stats = checkpoint_stats(c)
+    ds = ImageFolder(demo_root / "val", c["classes"], mode="center")
+    from split_alexnet.data import collate
+    x = finish_batch(collate([ds[i] for i in (0, 5, 9)]), stats, "cpu")
+    f1 = fc7_features(single, x)
+    f2 = fc7_features(split, x)
+    assert f1.shape == (3, 4096) and (f1 >= 0).all() and (f1 > 0).any()
+    torch.testing.assert_close(f1, f2)
+    feats, logits = forward_with_features(single, x)
+    torch.testing.assert_close(feats, f1)
+    torch.testing.assert_close(single.fc8(f1), logits)
+    assert (f1[0] - f1[1]).abs().max() > 0  # features tell images apart
+
+
+# ----------------------------------------------------------------------------- Figure 4
+
+@pytest.fixture(scope="module")
+def self_root(demo_root, tmp_path_factory) -> tuple[Path, Path]:
+    """The demo set with one val image copied into train/ (under another name)."""
+    root = tmp_path_factory.mktemp("self") / "data"
+    shutil.copytree(demo_root / "train", root / "train")
+    shutil.copytree(demo_root / "val", root / "val")
+    cls = find_classes(root / "val")[2]
+    src = sorted((root / "val" / cls).iterdir())[1]
+    dst = root / "train" / cls / ("zz_copy_of_" + src.name)
+    shutil.copyfile(src, dst)
+    return root, dst
+
+
+def test_retrieval_finds_itself_first(ckpt, self_root):
+    root, copy = self_root
+    model, c, devs = load_model(ckpt, single_device=True)
+    val = ImageFolder(root / "val", find_classes(root / "val"), mode="center")
+    q = [i for i, (p, _) in enumerate(val.samples) if Path(p).name in copy.name][0]
+    res = retrieve(model, c, root, devs[0], queries=[q, 0], neighbours=6, batch_size=7,
+                   progress=False)
+    assert len(res) == 2 and all(len(r["neighbours"]) == 6 for r in res)
+    first = res[0]["neighbours"][0]
+    assert Path(first["path"]) == copy and first["label"] == copy.parent.name
+    second = res[0]["neighbours"][1]["distance"]
+    assert first["distance"] <= 1e-3 * second
+    for r in res:
+        d = [n["distance"] for n in r["neighbours"]]
+        assert d == sorted(d) and d[0] >= 0
+    img, lay = retrieval_image(res, 6, tile=64)
+    assert img.size == lay.size == (6 + 64 + 16 + 6 * (64 + 6), 18 + 2 * (64 + 26 + 6) + 6)
+    # the query's thumbnail sits in column 0 of its row
+    x0, y0, x1, y1 = lay.box(0, 0)
+    assert np.asarray(img)[y0:y1, x0:x1].std() > 0
+
+
+def test_retrieval_cli_split_layout(ckpt, self_root, tmp_path, capsys):
+    root, _ = self_root
+    out = tmp_path / "r.png"
+    args = ["retrieval", "--checkpoint", str(ckpt), "--data", str(root), "--out", str(out),
+            "--queries", "2", "--neighbours", "3", "--workers", "0", "--tile", "48",
+            "--devices", "cpu,cpu"]
+    assert run(viz_main, PROG, args) == 0
+    assert Image.open(out).size == RetrievalLayout(2, 3, tile=48).size
+    assert "neighbours share the query's class" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- curves
+
+def write_run(path: Path, n: int = 10, slope: float = 0.05) -> Path:
+    path.mkdir(parents=True)
+    recs = [{"kind": "train", "step": s, "loss": 2.0 - s * 0.1, "top1_err": 0.9 - slope * s}
+            for s in range(1, n + 1)]
+    recs += [{"kind": "val", "step": s, "loss": 2.0, "top1_err": 0.95 - slope * s,
+              "top5_err": 0.5} for s in (5, 10)]
+    recs += [{"kind": "resume", "step": 6}]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+def test_curves(tmp_path, capsys):
+    a, b = write_run(tmp_path / "a"), write_run(tmp_path / "b", slope=0.02)
+    s = curve_series([a, b])
+    assert [lbl for lbl, _, _ in s] == ["a: train (batches)", "a: val (centre crop)",
+                                        "b: train (batches)", "b: val (centre crop)"]
+    assert s[1][1] == [5.0, 10.0] and s[1][2] == pytest.approx([0.7, 0.45])
+    out = tmp_path / "c.png"
+    assert run(viz_main, PROG, ["curves", str(a), str(b), "--out", str(out)]) == 0
+    assert Image.open(out).size == (800, 500)
+    assert run(viz_main, PROG, ["curves", str(a), "--out", str(out), "--size", "640x400",
+                                "--metric", "loss"]) == 0
+    assert Image.open(out).size == (640, 400)
+    capsys.readouterr()
+    assert run(viz_main, PROG, ["curves", str(tmp_path / "none"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "metrics.jsonl" in err[0]
+
+
+# ----------------------------------------------------------------------------- predict
+
+def predict_cli(*args) -> int:
+    return run(predict_mod.main, predict_mod.PROG, [str(a) for a in args])
+
+
+def test_predict_json_and_table(ckpt, demo_root, capsys):
+    imgs = sorted((demo_root / "val").rglob("*.jpg"))[:3]
+    assert predict_cli(*imgs, "--checkpoint", ckpt, "--json", "--top", "3") == 0
+    res = json.loads(capsys.readouterr().out)
+    classes = find_classes(demo_root / "train")
+    assert [r["image"] for r in res] == [str(p) for p in imgs]
+    for r in res:
+        probs = [p["probability"] for p in r["predictions"]]
+        assert len(probs) == 3 and probs == sorted(probs, reverse=True)
+        assert 0 < sum(probs) <= 1 + 1e-6
+        assert all(p["name"] == p["class"] and p["class"] in classes for p in r["predictions"])
+    # --top larger than the class count: all 4 classes, summing to 1; ten crops
+    assert predict_cli(imgs[0], "--checkpoint", ckpt, "--json", "--top", "10",
+                       "--ten-crop", "--devices", "cpu,cpu") == 0
+    r = json.loads(capsys.readouterr().out)[0]
+    assert len(r["predictions"]) == 4 and r["crops"] == "ten"
+    assert sum(p["probability"] for p in r["predictions"]) == pytest.approx(1.0, abs=1e-5)
+    assert predict_cli(imgs[0], "--checkpoint", ckpt) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == str(imgs[0]) and len(out) == 5
+
+
+def test_predict_matches_evaluation_pipeline(ckpt, demo_root):
+    model, c, devs = load_model(ckpt, single_device=True)
+    ds = ImageFolder(demo_root / "val", c["classes"], mode="center")
+    from split_alexnet.data import collate
+    x = finish_batch(collate([ds[i] for i in (0, 7)]), checkpoint_stats(c), "cpu")
+    want = model(x).softmax(1)
+    _, arrays = predict_mod.load_images([ds.samples[0][0], ds.samples[7][0]])
+    got = predict_mod.predict(model, c, arrays, devs[0])
+    torch.testing.assert_close(got, want)
+
+
+def test_imagenet_names_without_download(monkeypatch):
+    def no_net(*a, **k):
+        raise AssertionError("network access")
+    import urllib.request
+    monkeypatch.setattr(urllib.request, "urlopen", no_net)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_net)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_net)
+    monkeypatch.setattr(predict_mod, "_IMAGENET", None)
+    w = predict_mod.ILSVRC2012_WNIDS
+    assert len(w) == len(set(w)) == 1000 and list(w) == sorted(w)
+    names = predict_mod.class_names({"classes": ["n01440764", "n02123045", "n15075141"]})
+    assert names == ["tench", "tabby", "toilet tissue"]
+    # the checkpoint's own names win; folder names otherwise
+    assert predict_mod.class_names({"classes": ["n01440764"], "class_names": ["Fish"]}) == ["Fish"]
+    assert predict_mod.class_names({"classes": ["circle", "n01440764"]}) == ["circle",
+                                                                            "n01440764"]
+
+
+def test_predict_imagenet_names_in_output(demo_root, tmp_path, capsys):
+    torch.manual_seed(1)
+    stats = load_stats(demo_root, progress=False)
+    wnids = ["n01440764", "n01443537", "n01484850", "n15075141"]
+    c = write_ckpt(tmp_path / "w.pt", AlexNet(num_classes=4, init="caffe"), wnids, stats)
+    img = sorted((demo_root / "val").rglob("*.jpg"))[0]
+    assert predict_cli(img, "--checkpoint", c, "--json", "--top", "4") == 0
+    preds = json.loads(capsys.readouterr().out)[0]["predictions"]
+    assert {(p["class"], p["name"]) for p in preds} == {
+        ("n01440764", "tench"), ("n01443537", "goldfish"),
+        ("n01484850", "great white shark"), ("n15075141", "toilet tissue")}
+
+
+def test_predict_unreadable(ckpt, demo_root, tmp_path, capsys):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    good = sorted((demo_root / "val").rglob("*.jpg"))[0]
+    assert predict_cli(good, bad, "--checkpoint", ckpt) == 2
+    cap = capsys.readouterr()
+    assert cap.out == ""
+    err = cap.err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0] and err[0].startswith("split_alexnet.predict")
+    assert predict_cli(tmp_path / "missing.png", "--checkpoint", ckpt) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert predict_cli(good, bad, "--checkpoint", ckpt, "--json", "--skip-unreadable") == 0
+    cap = capsys.readouterr()
+    assert [r["image"] for r in json.loads(cap.out)] == [str(good)]
+    assert "skipped" in cap.err
