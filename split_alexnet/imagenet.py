@@ -254,8 +254,8 @@ def parse_devkit(path: Path) -> tuple[dict[str, str], list[str]]:
     import torchvision.datasets.imagenet as tvin
     with tempfile.TemporaryDirectory(prefix="devkit-") as tmp:
         os.symlink(path.resolve(), os.path.join(tmp, DEVKIT))
-        saved = tvin._verify_archive
-        tvin._verify_archive = lambda *a, **k: None
+        saved = getattr(tvin, "_verify_archive", None)
+        tvin._verify_archive = lambda *a, **k: None  # the official-md5-only check
         try:
             tvin.parse_devkit_archive(tmp, DEVKIT)
             wnid_to_classes, val_wnids = tvin.load_meta_file(tmp)
@@ -268,7 +268,8 @@ def parse_devkit(path: Path) -> tuple[dict[str, str], list[str]]:
                              f"data/ILSVRC2012_validation_ground_truth.txt): "
                              f"{type(e).__name__}: {e}") from None
         finally:
-            tvin._verify_archive = saved
+            if saved is not None:
+                tvin._verify_archive = saved
     names = {str(w): ", ".join(c) for w, c in wnid_to_classes.items()}
     return names, [str(w) for w in val_wnids]
 

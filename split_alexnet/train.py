@@ -36,6 +36,7 @@ from .config import TrainConfig, describe_preset, parse_config, resolve_devices
 from .data import (EpochSampler, ImageFolder, check_dataset_root, finish_batch, load_stats,
                    make_loader)
 from .fastpath import apply_fast_paths, autocast_context, grad_scaler, to_input_format
+from .imagenet import read_class_metadata
 from .model import build_model, layout_state_dict
 from .optim import (LRSchedule, build_optimizer, load_named_optimizer_state,
                     named_optimizer_state, set_lr)
@@ -172,6 +173,9 @@ class Run:
         if self.stats is None:
             self.stats = load_stats(root, progress=False)
         self.classes = list(self.stats.classes)
+        # wnid, index and human-readable name (from the devkit or Kaggle's mapping, when
+        # prepare wrote classes.json), kept in every checkpoint
+        self.class_meta = read_class_metadata(root)
         self.train_set = ImageFolder(root / "train", self.classes, mode="train", seed=cfg.seed,
                                      pca=cfg.pca, strict=cfg.strict)
         self.val_set = ImageFolder(root / "val", self.classes, mode="center", seed=cfg.seed,
@@ -221,6 +225,9 @@ class Run:
         dist_util.barrier()
 
     def _resume(self, spec: str) -> None:
+        if self.is_main:  # half-written temporaries of a save that was killed (SIGKILL, OOM)
+            for tmp in self.out.glob(".*.pt.*.tmp"):
+                tmp.unlink(missing_ok=True)
         candidates = [Path(spec)] if spec != "auto" else \
             [self.out / "last.pt"] + sorted(self.out.glob("epoch_*.pt"), reverse=True)
         errors = []
@@ -282,6 +289,8 @@ class Run:
             "config": self.cfg.to_dict(),
             "layout": self.cfg.layout,
             "classes": self.classes,
+            "class_names": [c["name"] for c in self.class_meta],
+            "class_metadata": self.class_meta,
             "stats_fingerprint": self.stats.fingerprint,
             "stats": {"mean": self.stats.mean, "eigval": self.stats.eigval,
                       "eigvec": self.stats.eigvec},
@@ -356,12 +365,13 @@ class Run:
         cfg, s = self.cfg, self.state
         self.model.train()
         loader = self.train_loader()
+        self._train_iter = iter(loader)  # fit() names its files if a worker dies
         bar = Progress(self.steps_per_epoch, f"epoch {s.epoch + 1}/{cfg.epochs}", unit="step",
                        enabled=self.is_main)
         bar.n = s.epoch_step
         window = {"loss": 0.0, "wrong": 0, "n": 0, "t": time.monotonic()}
         skipped = 0
-        for batch in loader:
+        for batch in self._train_iter:
             if s.epoch_step >= self.steps_per_epoch:
                 break  # whole batches only: the permutation's remainder is dropped (drop_last)
             skipped += len(batch.get("skipped", []))
@@ -420,14 +430,14 @@ class Run:
 
     def watchdog(self, loss_value: float) -> None:
         """--watchdog-steps W: at step W, one warning line (not an abort) and a "watchdog"
-        record if the training loss, averaged over the last min(50, W/4) steps, is not below
+        record if the training loss, averaged over the last min(50, W/2) steps, is not below
         chance, ln(classes), by more than 2% (docs/experiments.md)."""
         w, step = self.cfg.watchdog_steps, self.state.step
         if not w or step > w or len(self.classes) < 2:
             return
         recent = self.__dict__.setdefault("_watchdog_losses", [])
         recent.append(loss_value)
-        del recent[:-max(1, min(50, w // 4))]
+        del recent[:-max(1, min(50, w // 2))]
         chance = math.log(len(self.classes))
         mean = sum(recent) / len(recent)
         if step == w and self.is_main and mean > 0.98 * chance:
@@ -438,6 +448,30 @@ class Run:
                   "docs/experiments.md (init, input scale)", file=sys.stderr)
             self.log({"kind": "watchdog", "step": step, "loss": mean, "chance_loss": chance,
                       "window": len(recent)})
+
+    def _loader_died(self, e: RuntimeError) -> BaseException:
+        """A RuntimeError from a DataLoader worker that died (killed, out of memory, a crash
+        in a decoder) -> Abort, one line naming the files that worker was reading (from
+        DataLoader internals, best effort); any other RuntimeError is returned unchanged."""
+        msg = (str(e).strip().splitlines() or [""])[0]
+        if "DataLoader worker" not in msg:
+            return e
+        msg = msg.split(". Details are lost")[0].rstrip(". ")
+        files: list[str] = []
+        try:
+            it = self._train_iter
+            dead = {i for i, w in enumerate(it._workers) if not w.is_alive()}
+            batches = list(it._index_sampler)  # task k = the k-th batch since the start
+            for k, info in sorted(it._task_info.items()):
+                if len(info) == 1 and info[0] in dead:
+                    files += [self.train_set.samples[i][0] for _, i in batches[k]]
+        except Exception:  # noqa: BLE001 - the message is still useful without the files
+            files = []
+        where = f"; it was reading one of: {', '.join(files[:8])}" + \
+            (f" (+{len(files) - 8} more)" if len(files) > 8 else "") if files else ""
+        return Abort(f"{msg} at step {self.state.step + 1} (epoch {self.state.epoch + 1})"
+                     f"{where}; rerun with --workers 0 to see the error. Last good "
+                     f"checkpoint: {self.last_checkpoint_name()}")
 
     def last_checkpoint_name(self) -> str:
         last = self.out / "last.pt"
@@ -455,7 +489,12 @@ class Run:
         result: dict = {}
         with StopRequested() as stop:
             while s.epoch < cfg.epochs:
-                why = self.train_one_epoch(stop)
+                try:
+                    why = self.train_one_epoch(stop)
+                except RuntimeError as e:  # a DataLoader worker died: one line, exit 1
+                    raise self._loader_died(e) from None
+                finally:
+                    self._train_iter = None  # frees the workers before saving
                 if why == "signal":
                     self.save()
                     if self.is_main:

@@ -293,3 +293,20 @@ def test_truncated_last_checkpoint_falls_back_to_the_previous_one(runs, demo_roo
     err = capsys.readouterr().err
     assert "cannot be loaded safely" in err and "trying the previous checkpoint" in err
     assert f"resumed from {out / 'epoch_002.pt'}: epoch 2, step 8" in err
+
+
+def test_class_metadata_survives_into_the_checkpoint(tmp_path):
+    import shutil
+    from split_alexnet.demo_data import make_demo_dataset
+    from split_alexnet.imagenet import write_class_metadata
+    root = make_demo_dataset(tmp_path / "d", classes=2, train_per_class=4, val_per_class=1)
+    wnids = ["n01440764", "n01443537"]  # as prepare writes them for ImageNet
+    for old, new in zip(sorted(p.name for p in (root / "train").iterdir()), wnids):
+        for split in ("train", "val"):
+            shutil.move(root / split / old, root / split / new)
+    write_class_metadata(root, wnids, {"n01440764": "tench", "n01443537": "goldfish"})
+    out = tmp_path / "run"
+    assert train(root, out, "--devices", "cpu,cpu", "--max-steps", "1") == 0
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["classes"] == wnids and ckpt["class_names"] == ["tench", "goldfish"]
+    assert [c["wnid"] for c in ckpt["class_metadata"]] == wnids
