@@ -16,8 +16,9 @@ seeds 0..K-1) by calling ``split_alexnet.train.main`` in-process with
 
 Targets. ``relu-vs-tanh`` (Figure 1): the first step at which the training top-1 error,
 smoothed over a trailing window of ``--smooth`` steps, is at most 25%. ``init``: the first step
-at which the smoothed training error leaves chance, i.e. is below ``1 - 1.5 / C`` (C classes:
-chance is ``1 - 1/C``; the threshold is half a class's share below it). Every other
+at which the smoothed training error leaves chance: chance is ``p = 1 - 1/C`` (C classes) and
+the threshold ``p - max(0.5/C, 3 * sqrt(p(1-p) / (smooth * batch)))``, half a class's share
+below chance and at least three standard errors of the smoothed estimate below it. Every other
 experiment reports the same "leaves chance" step for information; its claim is the final error.
 
 Flags after ``--`` go to the trainer unchanged, for every variant (they come last, so they win
@@ -37,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .cli import UsageError, run
+from .cli import Abort, UsageError, run
 
 PROG = "split_alexnet.experiments"
 
@@ -134,9 +135,13 @@ def first_crossing(steps: Sequence[int], smoothed: Sequence[float], threshold: f
     return None
 
 
-def chance_threshold(num_classes: int) -> float:
-    """Training error below which a run has left chance: 1 - 1.5/C (chance is 1 - 1/C)."""
-    return 1.0 - 1.5 / num_classes
+def chance_threshold(num_classes: int, window: int = 1, batch: int = 1) -> float:
+    """Smoothed training error below which a run has left chance (chance is p = 1 - 1/C):
+    p - max(0.5/C, 3 standard errors of a mean over ``window`` batches of ``batch`` images).
+    Half a class's share below chance, and never inside the noise of the estimate."""
+    p = 1.0 - 1.0 / num_classes
+    se = math.sqrt(p * (1.0 - p) / max(1, window * batch))
+    return p - max(0.5 / num_classes, 3.0 * se)
 
 
 def read_metrics(out: Path) -> list[dict]:
@@ -166,7 +171,7 @@ def summarise_run(out: Path, *, target: str, window: int, num_classes: int, batc
     errs = [float(r["top1_err"]) for r in train]
     sm = smooth(errs, window)
     secs = train_seconds(train, batch)
-    thresholds = {"err25": 0.25, "chance": chance_threshold(num_classes)}
+    thresholds = {"err25": 0.25, "chance": chance_threshold(num_classes, window, batch)}
     reached = {}
     for key, thr in thresholds.items():
         s = first_crossing(steps, sm, thr, window)
@@ -233,7 +238,8 @@ def aggregate(runs: list[dict]) -> dict:
             "target_reached": len(hit), "target_step_mean": _mean(hit),
             "target_seconds_mean": _mean(secs),
             "budget_steps": max((r["steps"] for r in runs), default=0),
-            "watchdog_fired": sum(1 for r in runs if r["watchdog"])}
+            "watchdog_fired": sum(1 for r in runs if r["watchdog"]),
+            "diverged": sum(1 for r in runs if r.get("diverged"))}
 
 
 # ------------------------------------------------------------------------------ outputs
@@ -246,11 +252,15 @@ def _pct(x: float | None, sd: float | None = None) -> str:
 
 
 def _target_cell(a: dict, target_name: str) -> str:
+    if a["diverged"] == a["seeds"]:
+        return f"diverged (loss NaN/inf) by step {a['budget_steps'] + 1}"
     if a["target_reached"] == 0:
         return f"not reached within {a['budget_steps']} steps"
     cell = f"{a['target_step_mean']:.0f} steps ({a['target_seconds_mean']:.0f} s)"
     if a["target_reached"] < a["seeds"]:
         cell += f"; reached by {a['target_reached']}/{a['seeds']} seeds"
+    if a["diverged"]:
+        cell += f"; {a['diverged']}/{a['seeds']} seeds diverged"
     return cell
 
 
@@ -454,14 +464,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             commands[f"{name}-seed{seed}"] = ["python", "-m", "split_alexnet.train", *argv_]
             print(f"{PROG}: {a.name}: {name} seed {seed}: train {' '.join(argv_)}",
                   file=sys.stderr)
-            rc = train_main(argv_)
+            diverged = None
+            try:
+                rc = train_main(argv_)
+            except Abort as e:
+                if isinstance(e, UsageError) or "loss is" not in str(e):
+                    raise
+                diverged = str(e)  # a NaN/inf loss: a result of this variant, not a crash
+                print(f"{PROG}: {name} seed {seed} diverged: {e}", file=sys.stderr)
+                rc = 0
             if rc != 0:
                 raise UsageError(f"training {name} (seed {seed}) failed with exit code {rc}")
             cfg = json.loads((run_out / "config.json").read_text())
-            fv = final_val(run_out, str(data), dev_flags, cfg["workers"])
+            fv = final_val(run_out, str(data), dev_flags, cfg["workers"]) if diverged is None \
+                else {"step": None, "top1_err": None, "top5_err": None, "loss": None, "n": None}
             summary = summarise_run(run_out, target=exp.target, window=a.smooth,
                                     num_classes=num_classes, batch=cfg["batch_size"], final=fv)
             summary["seed"] = seed
+            summary["diverged"] = diverged
             runs.setdefault(name, []).append(summary)
             if not a.keep_checkpoints:
                 for pt in run_out.glob("*.pt"):
@@ -471,7 +491,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "experiment": exp.name, "question": exp.question, "claim": exp.claim,
         "setting_note": exp.setting_note, "paper": exp.paper,
         "paper_delta_top1_top5": list(exp.delta) if exp.delta else None,
-        "target": exp.target, "chance_threshold": chance_threshold(max(num_classes, 1)),
+        "target": exp.target,
+        "chance_threshold": runs[variants[0][0]][0]["reached"]["chance"]["threshold"],
         "num_classes": num_classes,
         "settings": {"data": str(data), "demo": demo, "budget": budget, "seeds": a.seeds,
                      "smooth": a.smooth, "common_flags": common,

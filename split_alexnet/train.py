@@ -462,9 +462,10 @@ class Run:
             it = self._train_iter
             dead = {i for i, w in enumerate(it._workers) if not w.is_alive()}
             batches = list(it._index_sampler)  # task k = the k-th batch since the start
-            for k, info in sorted(it._task_info.items()):
-                if len(info) == 1 and info[0] in dead:
-                    files += [self.train_set.samples[i][0] for _, i in batches[k]]
+            for w in sorted(dead):  # a worker takes its tasks in order: the first one pending
+                pending = [k for k, info in it._task_info.items() if info == (w,)]
+                if pending:
+                    files += [self.train_set.samples[i][0] for _, i in batches[min(pending)]]
         except Exception:  # noqa: BLE001 - the message is still useful without the files
             files = []
         where = f"; it was reading one of: {', '.join(files[:8])}" + \

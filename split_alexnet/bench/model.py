@@ -230,6 +230,60 @@ def measure(layout: str, mode: str, fast_path: str, devices, batch: int, warmup:
     return row
 
 
+def interleaved(layout: str, mode: str, fast_paths: list[str], devices, batch: int,
+                warmup: int, steps: int, ceiling) -> list[dict]:
+    """A/B on a shared machine: every fast path of ``layout`` built at once, then one timed
+    step of each in turn, ``steps`` times, so that load changes hit all of them alike. Peak
+    memory is not reported (the models coexist)."""
+    devs = layout_devices(layout, devices)
+    arch = ARCH_OF[layout]
+    size = 224 if arch == "torchvision" else 227
+    old_bench = torch.backends.cudnn.benchmark
+    fns, keep = {}, []
+    for f in fast_paths:
+        fp = parse_fast_path(f)
+        torch.manual_seed(0)
+        net = apply_fast_paths(build(layout, devices), channels_last=fp["channels_last"],
+                               compile=fp["compile"],
+                               cudnn_benchmark=True if fp["cudnn_benchmark"] else None)
+        x = to_input_format(torch.randn(batch, 3, size, size, device=devs[0]) * 60,
+                            fp["channels_last"])
+        y = torch.randint(0, 1000, (batch,), device=devs[0])
+        fns[f] = _step_fn(net, mode, fp, x, y, devs)
+        keep.append((f, net))
+        for _ in range(warmup):
+            fns[f]()
+    times: dict = {f: [] for f in fns}
+    for _ in range(steps):
+        for f, step in fns.items():
+            sync(devs)
+            t0 = time.perf_counter()
+            step()
+            sync(devs)
+            times[f].append(time.perf_counter() - t0)
+    torch.backends.cudnn.benchmark = old_bench
+    flops = flops_per_step(arch, mode, batch)
+    between = {f: sum(t.bytes for t in getattr(unwrap(net), "traffic", []) or [])
+               * (2 if mode == "train" else 1) or None for f, net in keep}
+    rows = []
+    for f, ts in times.items():
+        med = statistics.median(ts)
+        peak = sum(ceiling(d, amp_dtype(parse_fast_path(f)["amp"]) or torch.float32)
+                   for d in devs)
+        rows.append({"layout": layout, "devices": ",".join(map(str, devs if layout != "split"
+                                                             else devices)),
+                     "mode": mode, "batch_size": batch, "images_per_s": batch / med,
+                     "fast_path": f, "step_ms": med * 1e3, "min_step_ms": min(ts) * 1e3,
+                     "images_per_s_best": batch / min(ts), "steps": len(ts), "times_s": ts,
+                     "interleaved": True, "gflop_per_image": flops / batch / 1e9,
+                     "gflops": flops / med / 1e9, "peak_gflops": peak / 1e9,
+                     "fraction_of_peak": flops / med / peak, "bytes_between_towers": between[f],
+                     "peak_mem": None})
+    del keep, fns
+    gc.collect()
+    return rows
+
+
 # ----------------------------------------------------------------------------- plans
 def default_plan(devices, quick: bool) -> tuple[list[str], list[tuple[str, str]]]:
     """(layouts measured in fp32, [(layout, fast path)] measured besides)."""
@@ -240,11 +294,12 @@ def default_plan(devices, quick: bool) -> tuple[list[str], list[tuple[str, str]]
     if quick:
         layouts = [lay for lay in layouts if lay in ("split", "collapsed", "torchvision")]
     if cuda:
-        fps = ["channels_last", "bf16", "fp16", "cudnn_benchmark", "channels_last+bf16",
-               "channels_last+bf16+cudnn_benchmark", "compile"]
-        extra = [(lay, f) for lay in ("collapsed", "split") for f in fps if
-                 not (lay == "split" and f == "compile")]
-        extra.append(("split", "compile"))
+        fps = ["channels_last", "bf16"] if quick else [
+            "channels_last", "bf16", "fp16", "cudnn_benchmark", "channels_last+bf16",
+            "channels_last+bf16+cudnn_benchmark"]
+        extra = [(lay, f) for lay in ("collapsed", "split") for f in fps]
+        if not quick:  # last: the slowest to set up (compile time), the first to lose
+            extra += [("collapsed", "compile"), ("split", "compile")]
     else:
         fps = ["channels_last", "bf16"] if quick else ["channels_last", "bf16",
                                                         "channels_last+bf16"]
@@ -272,12 +327,13 @@ def _fmt_bytes(b) -> str:
 
 TABLE = [("layout", "layout"), ("devices", "devices"), ("mode", "mode"),
          ("fast_path", "fast path"), ("batch_size", "batch"), ("images_per_s", "img/s"),
+         ("images_per_s_best", "best img/s"),
          ("step_ms", "step ms"), ("gflops", "GFLOP/s"), ("fraction_of_peak", "of peak"),
          ("bytes_between_towers", "tower bytes/step"), ("peak_mem", "peak mem")]
 
 
 def print_table(rows: list[dict], file=sys.stdout) -> None:
-    cells = [[_fmt_bytes(r[k]) if k == "bytes_between_towers" and r[k] is not None else _fmt(r.get(k))
+    cells = [[_fmt_bytes(r.get(k)) if k == "bytes_between_towers" else _fmt(r.get(k))
               for k, _ in TABLE] for r in rows]
     heads = [h for _, h in TABLE]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
@@ -300,6 +356,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", default="train,infer", help=argparse.SUPPRESS)
     p.add_argument("--steps", default=None, help=argparse.SUPPRESS)  # WARMUP,TIMED
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    p.add_argument("--interleave", action="store_true",
+                   help="A/B mode: per layout, build fp32 and its fast paths together and "
+                        "alternate their timed steps (no fp32-only layouts, no memory column)")
     p.add_argument("--rounds", type=int, default=None,
                    help="repeat every configuration this many times, interleaved, and pool the "
                         "timed steps (for a shared machine; default 1)")
@@ -374,6 +433,20 @@ def run(args: argparse.Namespace) -> list[dict]:
               if d.type == "cuda" else
               f"  matmul ceiling {d} {str(dt).replace('torch.', '')}: {c / 1e9:.1f} GFLOP/s",
               file=sys.stderr)
+    if getattr(args, "interleave", False):  # A/B mode: one group per (layout, mode)
+        rows = []
+        for lay in dict.fromkeys([lay for lay, _ in extra]):
+            fps = ["fp32"] + [f for lay2, f in extra if lay2 == lay]
+            for m in modes:
+                for r in interleaved(lay, m, fps, devices, batch, warmup, timed, ceiling):
+                    r.update(kind="model", rounds=1, torch=torch.__version__,
+                             device_name=_device_name(devices[0]))
+                    rows.append(r)
+                    print(f"  {lay:16s} {m:5s} {r['fast_path']:36s} {r['images_per_s']:9.1f} "
+                          f"img/s (best {r['images_per_s_best']:.1f}; interleaved)",
+                          file=sys.stderr, flush=True)
+        print_table(rows)
+        return rows
     rounds = max(1, int(getattr(args, "rounds", None) or 1))
     by_config: dict = {}
     for rnd in range(rounds):  # rounds: every config once per round; drift hits all alike
