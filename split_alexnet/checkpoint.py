@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any
 
 import torch
+
+from .fileio import atomic_write
 
 FORMAT = "split_alexnet/checkpoint-v1"
 
@@ -56,34 +57,6 @@ def checksum(payload: dict) -> str:
     h = hashlib.sha256()
     _digest({k: v for k, v in payload.items() if k != "checksum"}, h)
     return h.hexdigest()
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write(f)`` on a temporary file beside ``path``, fsync it, rename it over
-    ``path``, fsync the folder. On any failure the temporary file is removed and ``path`` is
-    untouched."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:  # some filesystems cannot fsync a folder; the rename is still atomic
-        pass
 
 
 def copy_atomic(src: Path, dst: Path) -> None:

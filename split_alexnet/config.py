@@ -7,7 +7,6 @@ import argparse
 import dataclasses
 import sys
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch

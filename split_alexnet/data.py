@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .cli import UsageError
+from .fileio import atomic_write
 from .images import SIZE, UnreadableImage, image_sums, list_images, load_rgb256
 from .progress import Progress
 
@@ -186,19 +187,7 @@ def compute_stats(root: Path, *, progress: bool = True, workers: int = 0,
 
 def save_stats(path: Path, arrays: dict) -> None:
     """Atomic ``np.savez`` (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".stats-", suffix=".npz.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, lambda f: np.savez(f, **arrays), fsync=False)
 
 
 def read_stats(path: Path) -> Stats:

@@ -17,8 +17,6 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from .checkpoint import CheckpointError, load_checkpoint
 from .cli import UsageError, run
 from .config import TrainConfig, resolve_devices

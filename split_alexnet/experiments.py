@@ -270,9 +270,9 @@ def comparisons(exp: Experiment, summary: dict) -> list[str]:
     if exp.name == "relu-vs-tanh":
         r, t = summary["relu"], summary["tanh"]
         if r["target_reached"] and t["target_reached"]:
-            lines.append(f"Measured: tanh needed {t['target_step_mean'] / r['target_step_mean']:.1f}x "
-                         "the steps of ReLU to reach 25% training error (paper: 6x, CIFAR-10, "
-                         "four-layer CNN).")
+            ratio = t["target_step_mean"] / r["target_step_mean"]
+            lines.append(f"Measured: tanh needed {ratio:.1f}x the steps of ReLU to reach 25% "
+                         "training error (paper: 6x, CIFAR-10, four-layer CNN).")
         elif r["target_reached"]:
             lines.append(f"Measured: ReLU reached 25% training error at step "
                          f"{r['target_step_mean']:.0f}; tanh did not within "

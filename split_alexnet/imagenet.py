@@ -45,6 +45,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .cli import UsageError
+from .fileio import atomic_write
 from .images import DRAFT_MIN, SIZE, UnreadableImage, is_image_file, resize_center, to_rgb
 
 __all__ = ["TRAIN_TAR", "VAL_TAR", "DEVKIT", "KAGGLE_SOLUTION", "KAGGLE_MAPPING", "CLASSES_FILE",
@@ -68,20 +69,8 @@ WNID = re.compile(r"n\d{8}$")
 
 def write_json(path: Path, obj) -> None:
     """Atomic JSON write (temp file + rename), deterministic content (sorted keys)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, sort_keys=True, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    text = json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")), fsync=False)
 
 
 def rgb256_from_bytes(data: bytes, name: str, size: int = SIZE) -> np.ndarray:

@@ -379,3 +379,25 @@ def test_watchdog_flag_and_preset():
     assert DEMO_PRESET["watchdog_steps"][0] == 100
     with pytest.raises(Exception, match="--watchdog-steps"):
         parse_config(["--watchdog-steps", "-1"])
+
+
+def test_table_cells_and_the_relu_tanh_ratio():
+    from split_alexnet.experiments import _target_cell, comparisons
+    base = {"seeds": 2, "top1_err_mean": 0.3, "top5_err_mean": 0.1, "target_reached": 2,
+            "target_step_mean": 100.0, "target_seconds_mean": 50.0, "budget_steps": 900,
+            "diverged": 0}
+    tanh = {**base, "target_step_mean": 600.0}
+    (line,) = comparisons(EXPERIMENTS["relu-vs-tanh"], {"relu": base, "tanh": tanh})
+    assert "tanh needed 6.0x the steps of ReLU" in line
+    (line,) = comparisons(EXPERIMENTS["relu-vs-tanh"],
+                          {"relu": base, "tanh": {**tanh, "target_reached": 0}})
+    assert "more than 9.0x" in line
+    assert _target_cell(base, "") == "100 steps (50 s)"
+    assert _target_cell({**base, "target_reached": 1, "diverged": 1}, "") == \
+        "100 steps (50 s); reached by 1/2 seeds; 1/2 seeds diverged"
+    assert _target_cell({**base, "target_reached": 0, "diverged": 2, "budget_steps": 14}, "") \
+        == "diverged (loss NaN/inf) by step 15"
+    (line,) = comparisons(EXPERIMENTS["lrn"], {"lrn-paper": base,
+                                               "lrn-off": {**base, "top1_err_mean": 0.314,
+                                                           "top5_err_mean": 0.112}})
+    assert "-1.4 top-1 / -1.2 top-5 points (paper: -1.4 / -1.2)" in line

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from split_alexnet.checkpoint import load_checkpoint, save_checkpoint
+from split_alexnet.checkpoint import load_checkpoint
 from split_alexnet.cli import run
 from split_alexnet.evaluate import main as evaluate_main
 from split_alexnet.optim import LRSchedule, PaperSGD
