@@ -156,8 +156,8 @@ DEMO_PRESET: dict[str, tuple[Any, str]] = {
     "lr_schedule": ("step:11", "too few epochs for a plateau to show; one drop late in the run"),
     "workers": (2, "two cores"),
     "log_interval": (10, "short epochs"),
-    "watchdog_steps": (100, "the demo learns within ~60 steps; a run still at chance by step "
-                            "100 is not learning"),
+    "watchdog_steps": (150, "the demo's loss leaves chance (ln 10) within ~100 steps; a run "
+                            "still there at step 150 is not learning"),
 }
 
 
