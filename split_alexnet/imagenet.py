@@ -67,6 +67,19 @@ WNID = re.compile(r"n\d{8}$")
 
 # ----------------------------------------------------------------------------- small helpers
 
+def _convert(data: bytes, label: str, out: Path, quality: int, res: dict) -> None:
+    """Decode one archive member to the 256x256 crop and write it; an unreadable image is
+    recorded in ``res["failures"]`` instead."""
+    from .prepare import write_jpeg  # prepare imports this module
+    try:
+        a = rgb256_from_bytes(data, label)
+    except UnreadableImage as e:
+        res["failures"].append((label, str(e)))
+        return
+    write_jpeg(a, out, quality)
+    res["written"] += 1
+
+
 def write_json(path: Path, obj) -> None:
     """Atomic JSON write (temp file + rename), deterministic content (sorted keys)."""
     text = json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
@@ -538,7 +551,6 @@ def _out_rel(rel: str) -> str:
 def train_class_task(task: tuple) -> dict:
     """Worker: stream one class tar out of the train tar, write its (selected) images.
     ``task = (train_tar, wnid, offset, size, dst, per_class, seed, quality)``."""
-    from .prepare import write_jpeg
     tar_path, wnid, offset, size, dst, per_class, seed, quality = task
     res = {"wnid": wnid, "images": 0, "written": 0, "existing": 0, "failures": [],
            "error": None}
@@ -564,13 +576,7 @@ def train_class_task(task: tuple) -> dict:
                     data = inner.extractfile(m).read()
                     if len(data) != m.size:
                         raise tarfile.ReadError("unexpected end of data")
-                    try:
-                        a = rgb256_from_bytes(data, f"{where}/{rel}")
-                    except UnreadableImage as e:
-                        res["failures"].append((f"{where}/{rel}", str(e)))
-                        continue
-                    write_jpeg(a, out, quality)
-                    res["written"] += 1
+                    _convert(data, f"{where}/{rel}", out, quality, res)
     except (tarfile.TarError, EOFError, zlib.error) as e:
         res["error"] = (f"cannot read {where} in {tar_path}: {type(e).__name__}: {e} "
                         f"(truncated or corrupt archive?)")
@@ -580,7 +586,6 @@ def train_class_task(task: tuple) -> dict:
 def val_chunk_task(task: tuple) -> dict:
     """Worker: read validation images at their offsets in the val tar and write them.
     ``task = (val_tar, [(name, wnid, offset, size), ...], dst, quality)``."""
-    from .prepare import write_jpeg
     tar_path, items, dst, quality = task
     res = {"images": len(items), "written": 0, "existing": 0, "failures": [], "error": None}
     with open(tar_path, "rb") as f:
@@ -595,11 +600,5 @@ def val_chunk_task(task: tuple) -> dict:
                 res["error"] = (f"archive {tar_path} is truncated at {name} "
                                 f"(incomplete download?)")
                 return res
-            try:
-                a = rgb256_from_bytes(data, f"{Path(tar_path).name}/{name}")
-            except UnreadableImage as e:
-                res["failures"].append((f"{Path(tar_path).name}/{name}", str(e)))
-                continue
-            write_jpeg(a, out, quality)
-            res["written"] += 1
+            _convert(data, f"{Path(tar_path).name}/{name}", out, quality, res)
     return res
