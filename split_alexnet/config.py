@@ -171,9 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the 2012 two-tower AlexNet with the paper's recipe.",
         argument_default=argparse.SUPPRESS)
     for f in fields(TrainConfig):
-        doc = (f.metadata or {}).get("doc") or _FIELD_DOCS.get(f.name, "")
         default = f.default
-        help_ = f"{doc} (default: {default})"
+        help_ = f"{_FIELD_DOCS.get(f.name, '')} (default: {default})"
         if f.type in ("bool",) or isinstance(default, bool):
             p.add_argument(_flag(f.name), action="store_true", help=help_)
             if f.name == "ten_crop":
@@ -182,11 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         elif f.name == "resume":
             p.add_argument("--resume", nargs="?", const="auto", metavar="PATH", help=help_)
         else:
-            kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
-            if isinstance(default, float):
-                kind = float
-            elif isinstance(default, int) and not isinstance(default, bool):
-                kind = int
+            kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
             p.add_argument(_flag(f.name), type=kind, metavar=f.name.upper(), help=help_)
     return p
 

@@ -213,11 +213,6 @@ def all_reduce_sum(t: torch.Tensor) -> None:
             t.copy_(c)
 
 
-def any_rank(flag: bool, ctx: Context) -> bool:
-    """True on every rank when any rank's flag is set (a signal reached one of them)."""
-    return any_rank_flags([flag], ctx)[0]
-
-
 def any_rank_flags(flags: Sequence[bool], ctx: Context) -> list[bool]:
     """Each flag, True on every rank when it is set on any rank, in one all-reduce (a signal
     reached one rank; one rank's clock says it is time to checkpoint). Decisions that lead to

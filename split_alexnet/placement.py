@@ -62,7 +62,3 @@ def first_device(devices: Sequence[str | torch.device] | str | torch.device) -> 
     if not devices:
         raise ValueError("no device given")
     return parse_device(devices[0])
-
-
-def is_accelerator(dev: torch.device) -> bool:
-    return dev.type != "cpu"
