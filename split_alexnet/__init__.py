@@ -5,7 +5,7 @@
     single = net.collapse("cuda:0")       # the same function on one device
 """
 
-from .model import (AlexNet, HalfAlexNet, ModelConfig, SplitAlexNet, Transfer, build_model,
+from split_alexnet.network.model import (AlexNet, HalfAlexNet, ModelConfig, SplitAlexNet, Transfer, build_model,
                     collapse_state_dict, count_parameters, init_weights_, layout_state_dict,
                     split_state_dict)
 

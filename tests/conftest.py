@@ -1,4 +1,4 @@
-"""Shared fixtures. ``demo_root``: a tiny generated ImageFolder (4 classes x 8 train x 4 val)."""
+"""Shared fixtures. ``demo_root``: a tiny generated CropFolder (4 classes x 8 train x 4 val)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,6 @@ import pytest
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
     """A tiny demo dataset (JPEG, 256x256): root/train/<class>/*.jpg, root/val/<class>/*.jpg."""
-    from split_alexnet.demo_data import make_demo_dataset
+    from split_alexnet.data.demo import make_demo_dataset
     return make_demo_dataset(tmp_path_factory.mktemp("demo"), classes=4, train_per_class=8,
                              val_per_class=4, seed=0)

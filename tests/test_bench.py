@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from split_alexnet.bench.__main__ import main as bench_main
-from split_alexnet.fastpath import (amp_dtype, apply_fast_paths, autocast_context, grad_scaler,
+from split_alexnet.tools.bench.main import main as bench_main
+from split_alexnet.network.parallelize import (amp_dtype, apply_fast_paths, autocast_context, grad_scaler,
                                     to_input_format, unwrap)
-from split_alexnet.flops import flops_per_image, flops_per_step
-from split_alexnet.model import AlexNet, HalfAlexNet, SplitAlexNet
+from split_alexnet.network.flops import flops_per_image, flops_per_step
+from split_alexnet.network.model import AlexNet, HalfAlexNet, SplitAlexNet
 
 SLOW = pytest.mark.skipif(os.environ.get("SPLIT_ALEXNET_SLOW_TESTS") != "1",
                           reason="torch.compile of AlexNet takes ~1 min on 2 CPU cores; "
@@ -105,12 +105,12 @@ def test_bench_model_writes_rows(tmp_path, capsys):
 
 
 def test_bench_rejects_bad_options():
-    from split_alexnet.cli import UsageError
+    from split_alexnet.utils.cli import UsageError
     with pytest.raises(UsageError, match="fast path"):
         bench_main(["model", "--fast-paths", "collapsed:turbo", "--layouts", "collapsed"])
     with pytest.raises(UsageError, match="layouts"):
         bench_main(["model", "--layouts", "vgg"])
-    from split_alexnet.bench.model import parse_fast_path
+    from split_alexnet.tools.bench.model import parse_fast_path
     assert parse_fast_path("channels_last+bf16+cudnn-benchmark") == {
         "channels_last": True, "amp": "bf16", "compile": False, "cudnn_benchmark": True}
     with pytest.raises(ValueError, match="exclusive"):
@@ -171,7 +171,7 @@ def test_autocast_off_is_a_no_op_and_dtypes_parse(net):
 
 
 def test_bf16_train_step_runs_with_paper_optimizer():
-    from split_alexnet.optim import build_optimizer
+    from split_alexnet.training.optim import build_optimizer
     torch.manual_seed(0)
     split = SplitAlexNet(10, ("cpu", "cpu"), init="caffe")
     opt = build_optimizer(split)
@@ -185,8 +185,8 @@ def test_bf16_train_step_runs_with_paper_optimizer():
 
 
 def test_train_config_fast_path_flags():
-    from split_alexnet.cli import UsageError
-    from split_alexnet.config import parse_config
+    from split_alexnet.utils.cli import UsageError
+    from split_alexnet.training.config import parse_config
     cfg = parse_config(["--data", "x", "--amp", "bf16", "--channels-last", "--compile",
                         "--cudnn-benchmark"])
     assert (cfg.amp, cfg.channels_last, cfg.compile, cfg.cudnn_benchmark) == \
@@ -199,8 +199,8 @@ def test_train_config_fast_path_flags():
 
 def test_trainer_runs_with_fast_paths(demo_root, tmp_path):
     """One step of the real trainer with channels_last + bf16 autocast (CPU)."""
-    from split_alexnet.cli import run
-    from split_alexnet.train import main as train_main
+    from split_alexnet.utils.cli import run
+    from split_alexnet.training.trainer import main as train_main
     rc = run(train_main, "train", ["--data", str(demo_root), "--out", str(tmp_path / "r"),
                                    "--devices", "cpu,cpu", "--batch-size", "4", "--epochs", "1",
                                    "--workers", "0", "--max-steps", "1", "--no-ten-crop",
@@ -236,7 +236,7 @@ def test_gpu_bench_and_fast_paths(tmp_path):
 @pytest.mark.gpu
 @gpu
 def test_gpu_fp16_grad_scaler_step():
-    from split_alexnet.optim import build_optimizer
+    from split_alexnet.training.optim import build_optimizer
     torch.manual_seed(0)
     split = SplitAlexNet(10, ("cuda:0", "cuda:0"), init="caffe")
     apply_fast_paths(split, channels_last=True)

@@ -12,9 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from split_alexnet import data as D
-from split_alexnet.cli import UsageError
-from split_alexnet.images import UnreadableImage, load_rgb256
+import split_alexnet.data.augment as DA
+import split_alexnet.data.dataset as D
+import split_alexnet.data.stats as DS
+from split_alexnet.utils.cli import UsageError
+from split_alexnet.data.images import UnreadableImage, load_rgb256
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -35,11 +37,11 @@ def make_root(tmp: Path, arrays: dict[str, list[np.ndarray]], fmt: str = "PNG") 
     return tmp
 
 
-def zero_stats(mean=None, eigval=(3.0, 2.0, 1.0), eigvec=None) -> D.Stats:
+def zero_stats(mean=None, eigval=(3.0, 2.0, 1.0), eigvec=None) -> DS.Stats:
     if eigvec is None:
         q, _ = torch.linalg.qr(torch.tensor([[1.0, 2, 3], [0.5, -1, 2], [2, 0.3, -1]]))
         eigvec = q
-    return D.Stats(mean=torch.zeros(3, 256, 256) if mean is None else mean,
+    return DS.Stats(mean=torch.zeros(3, 256, 256) if mean is None else mean,
                    eigval=torch.tensor(eigval), eigvec=eigvec, fingerprint="x", classes=["a"])
 
 
@@ -55,7 +57,7 @@ def test_stats_match_numpy_over_all_pixels(tmp_path):
         for a in imgs[c]:
             a[..., 1] = (a[..., 0].astype(int) // 2 + a[..., 1] // 2).astype(np.uint8)
     root = make_root(tmp_path, imgs)
-    s = D.load_stats(root, progress=False)
+    s = DS.load_stats(root, progress=False)
     allimg = np.stack([a for c in sorted(imgs) for a in imgs[c]]).astype(np.float64)
     mean = allimg.mean(0).transpose(2, 0, 1)
     x = allimg.reshape(-1, 3)
@@ -69,18 +71,18 @@ def test_stats_match_numpy_over_all_pixels(tmp_path):
     assert s.classes == ["a", "b"]
     assert (root / "stats.npz").is_file()
     # cached: same object contents, no recomputation when nothing changed
-    s2 = D.load_stats(root, progress=False)
+    s2 = DS.load_stats(root, progress=False)
     assert s2.fingerprint == s.fingerprint and torch.equal(s2.mean, s.mean)
     # a changed dataset is noticed
     Image.fromarray(np.zeros((256, 256, 3), np.uint8)).save(root / "train" / "a" / "new.png")
-    s3 = D.load_stats(root, progress=False)
+    s3 = DS.load_stats(root, progress=False)
     assert s3.fingerprint != s.fingerprint
     assert float(s3.mean.mean()) < float(s.mean.mean())
 
 
 def test_stats_parallel_equals_serial_and_cache_fallback(demo_root, tmp_path, monkeypatch):
-    a = D.compute_stats(demo_root, progress=False, workers=0)
-    b = D.compute_stats(demo_root, progress=False, workers=2, chunk=5)
+    a = DS.compute_stats(demo_root, progress=False, workers=0)
+    b = DS.compute_stats(demo_root, progress=False, workers=2, chunk=5)
     for k in ("mean", "eigval", "eigvec", "cov"):
         np.testing.assert_array_equal(a[k], b[k])  # exact float64 sums: order-independent
     # read-only root -> user cache keyed by the absolute path
@@ -89,12 +91,12 @@ def test_stats_parallel_equals_serial_and_cache_fallback(demo_root, tmp_path, mo
     shutil.copytree(demo_root, root)
     (root / "stats.npz").unlink(missing_ok=True)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(D, "_writable", lambda d: False)
-    s = D.load_stats(root, progress=False)
+    monkeypatch.setattr(DS, "_writable", lambda d: False)
+    s = DS.load_stats(root, progress=False)
     assert not (root / "stats.npz").exists()
-    cache = D.stats_cache_path(root)
+    cache = DS.stats_cache_path(root)
     assert cache.is_file() and str(tmp_path / "cache") in str(cache)
-    assert D.read_stats(cache).fingerprint == s.fingerprint
+    assert DS.read_stats(cache).fingerprint == s.fingerprint
 
 
 # ----------------------------------------------------------------------------- PCA noise
@@ -109,7 +111,7 @@ def test_pca_noise_adds_exact_offset_to_every_pixel(pca):
     img = torch.randint(0, 256, (2, 3, 227, 227), dtype=torch.uint8)
     batch = {"image": img, "top": torch.tensor([0, 29]), "left": torch.tensor([3, 14]),
              "flip": torch.tensor([False, True]), "alpha": alpha, "pca": pca}
-    out = D.finish_batch(batch, st, "cpu")
+    out = DA.finish_batch(batch, st, "cpu")
     # paper: eigenvalues of [0, 1]-scaled RGB (l / 255**2), offset back in 0-255 units (* 255)
     lam = {"paper": st.eigval / 255.0, "paper-255": st.eigval, "sqrt": st.eigval.sqrt(),
            "off": st.eigval}[pca]
@@ -125,12 +127,12 @@ def test_pca_noise_adds_exact_offset_to_every_pixel(pca):
 
 def test_dataset_alpha_distribution_and_off(demo_root):
     classes = D.find_classes(demo_root / "train")
-    ds = D.ImageFolder(demo_root / "train", classes, mode="train", pca="paper")
+    ds = D.CropFolder(demo_root / "train", classes, mode="train", pca="paper")
     alphas = torch.stack([ds.draw(e, i)[3] for e in range(50) for i in range(len(ds))])
     assert abs(float(alphas.std()) - 0.1) < 0.01 and abs(float(alphas.mean())) < 0.01
-    off = D.ImageFolder(demo_root / "train", classes, mode="train", pca="off")
+    off = D.CropFolder(demo_root / "train", classes, mode="train", pca="off")
     assert torch.equal(off[3]["alpha"], torch.zeros(3))
-    ev = D.ImageFolder(demo_root / "val", classes, mode="center")
+    ev = D.CropFolder(demo_root / "val", classes, mode="center")
     assert torch.equal(ev[0]["alpha"], torch.zeros(3))
 
 
@@ -142,12 +144,12 @@ def coord_root(tmp_path):
     return make_root(tmp_path, {"a": [coord_image()] * 2})
 
 
-def coord_stats() -> D.Stats:
+def coord_stats() -> DS.Stats:
     return zero_stats(mean=torch.from_numpy(coord_image().transpose(2, 0, 1).astype(np.float32)))
 
 
 def test_train_crop_flip_and_mean_crop(coord_root):
-    ds = D.ImageFolder(coord_root / "train", ["a"], mode="train", pca="off")
+    ds = D.CropFolder(coord_root / "train", ["a"], mode="train", pca="off")
     seen_flip, seen_offsets = set(), set()
     items = [ds[(e, 0)] for e in range(40)]
     for it in items:
@@ -165,18 +167,18 @@ def test_train_crop_flip_and_mean_crop(coord_root):
         seen_offsets.add((t, l))
     assert seen_flip == {True, False} and len(seen_offsets) > 20
     # the mean image is cropped (and flipped) exactly like the image
-    out = D.finish_batch(D.collate(items), coord_stats(), "cpu")
+    out = DA.finish_batch(D.collate(items), coord_stats(), "cpu")
     assert out.shape == (40, 3, 227, 227) and bool((out == 0).all())
 
 
 def test_center_and_tencrop_regions(coord_root):
     st = coord_stats()
-    c = D.ImageFolder(coord_root / "val", ["a"], mode="center")[0]
+    c = D.CropFolder(coord_root / "val", ["a"], mode="center")[0]
     assert (c["top"], c["left"], c["flip"]) == (14, 14, False)
     assert int(c["image"][0, 0, 0]) == 14 and int(c["image"][1, 0, 0]) == 14
     assert int(c["image"][0, -1, -1]) == 240 and int(c["image"][1, -1, -1]) == 240
-    assert bool((D.finish_batch(D.collate([c]), st, "cpu") == 0).all())
-    t = D.ImageFolder(coord_root / "val", ["a"], mode="tencrop")[1]
+    assert bool((DA.finish_batch(D.collate([c]), st, "cpu") == 0).all())
+    t = D.CropFolder(coord_root / "val", ["a"], mode="tencrop")[1]
     img = t["image"]
     assert img.shape == (10, 3, 227, 227)
     expect = [(0, 0, False), (0, 29, False), (29, 0, False), (29, 29, False), (14, 14, False)]
@@ -187,7 +189,7 @@ def test_center_and_tencrop_regions(coord_root):
         first_col, last_col = (left + 226, left) if flip else (left, left + 226)
         assert int(img[k, 1, 0, 0]) == first_col and int(img[k, 1, 0, -1]) == last_col
         assert torch.equal(img[k + 5 if k < 5 else k - 5], img[k].flip(-1))
-    out = D.finish_batch(D.collate([t, t]), st, "cpu")
+    out = DA.finish_batch(D.collate([t, t]), st, "cpu")
     assert out.shape == (2, 10, 3, 227, 227) and bool((out == 0).all())
 
 
@@ -280,7 +282,7 @@ def test_bad_files_skipped_and_counted_or_strict(demo_root, tmp_path):
     shutil.copytree(demo_root / "train", root / "train")
     classes = D.find_classes(root / "train")
     bad = _bad_files(root / "train" / classes[0])
-    ds = D.ImageFolder(root / "train", classes)
+    ds = D.CropFolder(root / "train", classes)
     bad_idx = [i for i, (p, _) in enumerate(ds.samples) if Path(p) in set(bad.values())]
     assert len(bad_idx) == 4
     with warnings.catch_warnings(record=True) as w:
@@ -291,7 +293,7 @@ def test_bad_files_skipped_and_counted_or_strict(demo_root, tmp_path):
     assert sorted(skipped) == sorted(str(p) for p in bad.values())
     assert sum(len(b["label"]) for b in batches) == len(ds) - 4
     assert any("unreadable" in str(x.message) for x in w)
-    strict = D.ImageFolder(root / "train", classes, strict=True)
+    strict = D.CropFolder(root / "train", classes, strict=True)
     with pytest.raises(UnreadableImage, match=str(ds.samples[bad_idx[0]][0])):
         strict[bad_idx[0]]
     # an all-bad batch collates to an empty batch
@@ -309,11 +311,11 @@ def test_usage_errors(tmp_path, demo_root):
     with pytest.raises(UsageError, match="val"):
         D.check_dataset_root(tmp_path / "r")
     with pytest.raises(UsageError, match="empty class folder"):
-        D.ImageFolder(tmp_path / "r" / "train", ["a"])
+        D.CropFolder(tmp_path / "r" / "train", ["a"])
     classes = D.find_classes(demo_root / "train")
     assert classes == sorted(classes)
     with pytest.raises(UsageError, match="class folder missing"):
-        D.ImageFolder(demo_root / "val", classes + ["zzz"])
+        D.CropFolder(demo_root / "val", classes + ["zzz"])
 
 
 # ----------------------------------------------------------------------------- determinism
@@ -321,8 +323,8 @@ def test_usage_errors(tmp_path, demo_root):
 
 def test_same_key_same_item(demo_root):
     classes = D.find_classes(demo_root / "train")
-    ds = D.ImageFolder(demo_root / "train", classes, seed=3)
-    a, b = ds[(2, 5)], D.ImageFolder(demo_root / "train", classes, seed=3)[(2, 5)]
+    ds = D.CropFolder(demo_root / "train", classes, seed=3)
+    a, b = ds[(2, 5)], D.CropFolder(demo_root / "train", classes, seed=3)[(2, 5)]
     for k in ("image", "alpha"):
         assert torch.equal(a[k], b[k])
     assert (a["top"], a["left"], a["flip"]) == (b["top"], b["left"], b["flip"])
@@ -333,7 +335,7 @@ def test_same_key_same_item(demo_root):
 
 def test_workers_0_and_2_give_identical_batches(demo_root):
     classes = D.find_classes(demo_root / "train")
-    ds = D.ImageFolder(demo_root / "train", classes, seed=1)
+    ds = D.CropFolder(demo_root / "train", classes, seed=1)
 
     def run(workers):
         sampler = D.EpochSampler(len(ds), epoch=4, seed=1)
@@ -376,12 +378,12 @@ def test_epoch_sampler_sharding_and_resume():
 
 def test_finish_batch_dtype_and_cache(demo_root):
     classes = D.find_classes(demo_root / "train")
-    st = D.load_stats(demo_root, progress=False)
-    ds = D.ImageFolder(demo_root / "train", classes, pca="sqrt")
+    st = DS.load_stats(demo_root, progress=False)
+    ds = D.CropFolder(demo_root / "train", classes, pca="sqrt")
     b = D.collate([ds[i] for i in range(4)])
     assert b["pca"] == "sqrt" and b["image"].dtype == torch.uint8
-    x = D.finish_batch(b, st, "cpu")
-    y = D.finish_batch(b, st, "cpu", dtype=torch.bfloat16)
+    x = DA.finish_batch(b, st, "cpu")
+    y = DA.finish_batch(b, st, "cpu", dtype=torch.bfloat16)
     assert x.dtype == torch.float32 and y.dtype == torch.bfloat16
     # mean-subtracted, raw 0-255 scale: roughly zero-centred, std tens of levels
     assert abs(float(x.mean())) < 40 and 10 < float(x.std()) < 200

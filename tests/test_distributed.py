@@ -26,9 +26,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from split_alexnet.checkpoint import load_checkpoint
-from split_alexnet.cli import run
-from split_alexnet.train import main as train_main
+from split_alexnet.training.checkpoint import load_checkpoint
+from split_alexnet.utils.cli import run
+from split_alexnet.training.trainer import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -42,8 +42,9 @@ DRIVER = textwrap.dedent('''
     import hashlib, json, os, sys
     from pathlib import Path
     import torch
-    from split_alexnet import distributed as dist_util, train
-    from split_alexnet.cli import run
+    import split_alexnet.training.distributed as dist_util
+    import split_alexnet.training.trainer as train
+    from split_alexnet.utils.cli import run
 
     rank = int(os.environ.get("RANK", "0"))
     report = {"rank": rank, "saves": 0}
@@ -107,7 +108,7 @@ def records(out: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def dist_runs(tmp_path_factory):
-    from split_alexnet.demo_data import make_demo_dataset
+    from split_alexnet.data.demo import make_demo_dataset
     base = tmp_path_factory.mktemp("dist")
     data = make_demo_dataset(base / "data", classes=3, train_per_class=4, val_per_class=3,
                              seed=0)
@@ -252,8 +253,8 @@ def test_bad_settings_fail_up_front(monkeypatch, capsys, tmp_path, argv, words):
 
 
 def test_per_process_batch_allows_any_size(monkeypatch):
-    from split_alexnet import distributed as d
-    from split_alexnet.config import parse_config
+    import split_alexnet.training.distributed as d
+    from split_alexnet.training.config import parse_config
     ctx = d.Context(rank=1, world_size=4, local_rank=1, local_world_size=4)
     assert d.local_batch_size(parse_config(["--batch-size", "128"]), ctx) == 32
     assert d.local_batch_size(parse_config(["--batch-size", "7", "--per-process-batch"]),

@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from split_alexnet import AlexNet, HalfAlexNet, SplitAlexNet, build_model, count_parameters
-from split_alexnet.cli import run
-from split_alexnet.config import parse_config
-from split_alexnet.experiments import (EXPERIMENTS, chance_threshold, first_crossing,
+from split_alexnet.utils.cli import run
+from split_alexnet.training.config import parse_config
+from split_alexnet.tools.experiments import (EXPERIMENTS, chance_threshold, first_crossing,
                                        main as experiments_main, smooth)
-from split_alexnet.model import INPUT_SIZE, init_values
-from split_alexnet.train import Run, main as train_main
+from split_alexnet.network.model import INPUT_SIZE, init_values
+from split_alexnet.training.trainer import Run, main as train_main
 
 
 def images(n: int = 2, seed: int = 0) -> torch.Tensor:
@@ -75,7 +75,7 @@ def _spatial_sizes(net) -> dict[str, tuple[int, ...]]:
 @pytest.mark.parametrize("pool", ["3/2", "2/2"])
 @pytest.mark.parametrize("net_cls", [AlexNet, HalfAlexNet])
 def test_both_pools_give_55_27_13_6(net_cls, pool):
-    from split_alexnet.model import ModelConfig, _pool
+    from split_alexnet.network.model import ModelConfig, _pool
     cfg = ModelConfig(10, pool=pool)
     sizes = [55]
     for _ in range(3):  # pool1, pool2 (conv2-conv4 keep the size), pool5
@@ -211,7 +211,7 @@ def test_smoothing_and_crossing():
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
     """2 classes x 12 train (3 steps per epoch at batch 8) x 2 val."""
-    from split_alexnet.demo_data import make_demo_dataset
+    from split_alexnet.data.demo import make_demo_dataset
     return make_demo_dataset(tmp_path_factory.mktemp("exp") / "d", classes=2,
                              train_per_class=12, val_per_class=2, seed=0)
 
@@ -324,7 +324,7 @@ def test_watchdog_decision(capsys):
 @pytest.fixture(scope="module")
 def same_images_root(tmp_path_factory):
     """Two class folders holding the same 4 images: nothing to learn (loss >= ln 2)."""
-    from split_alexnet.demo_data import make_demo_dataset
+    from split_alexnet.data.demo import make_demo_dataset
     root = make_demo_dataset(tmp_path_factory.mktemp("same") / "d", classes=1,
                              train_per_class=4, val_per_class=1, seed=0)
     for split in ("train", "val"):
@@ -356,7 +356,7 @@ def test_watchdog_fires_on_a_run_that_cannot_learn(same_images_root, tmp_path, c
 def test_watchdog_stays_silent_on_a_run_that_learns(tmp_path, capsys):
     """tests/test_train.py::test_loss_falls_on_a_tiny_set's configuration (it learns: 2 x 4
     images, one step per epoch), judged at step 10 over steps 6-10."""
-    from split_alexnet.demo_data import make_demo_dataset
+    from split_alexnet.data.demo import make_demo_dataset
     root = make_demo_dataset(tmp_path / "d", classes=2, train_per_class=4, val_per_class=2,
                              seed=1)
     out = tmp_path / "learns"
@@ -373,7 +373,7 @@ def test_watchdog_stays_silent_on_a_run_that_learns(tmp_path, capsys):
 
 
 def test_watchdog_flag_and_preset():
-    from split_alexnet.config import DEMO_PRESET, TrainConfig
+    from split_alexnet.training.config import DEMO_PRESET, TrainConfig
     assert TrainConfig().watchdog_steps == 500
     assert parse_config(["--watchdog-steps", "0", "--devices", "cpu,cpu"]).watchdog_steps == 0
     # The demo's run leaves chance within ~100 steps (docs/training.md); the watchdog waits longer.
@@ -384,7 +384,7 @@ def test_watchdog_flag_and_preset():
 
 
 def test_table_cells_and_the_relu_tanh_ratio():
-    from split_alexnet.experiments import _target_cell, comparisons
+    from split_alexnet.tools.experiments import _target_cell, comparisons
     base = {"seeds": 2, "top1_err_mean": 0.3, "top5_err_mean": 0.1, "target_reached": 2,
             "target_step_mean": 100.0, "target_seconds_mean": 50.0, "budget_steps": 900,
             "diverged": 0}

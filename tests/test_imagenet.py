@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from split_alexnet import imagenet as inet
-from split_alexnet.cli import UsageError
-from split_alexnet.prepare import TMP_MARK, prepare
+import split_alexnet.data.imagenet as inet
+from split_alexnet.utils.cli import UsageError
+from split_alexnet.data.prepare import TMP_MARK, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = {"n01440764": "tench, Tinca tinca", "n01443537": "goldfish, Carassius auratus",

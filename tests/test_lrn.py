@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from split_alexnet import _lrn_ext
-from split_alexnet.lrn import LRN_IMPLS, LocalResponseNorm, lrn, lrn_reference, resolve_impl
+import split_alexnet.network.lrn_ext as _lrn_ext
+from split_alexnet.network.lrn import LRN_IMPLS, LocalResponseNorm, lrn, lrn_reference, resolve_impl
 
 SIZE, ALPHA, BETA, K = 5, 1e-4, 0.75, 2.0
 # Large alpha in some checks so that the sum term matters as much as k (a wrong window shows).
@@ -193,7 +193,7 @@ def test_build_failure_falls_back_with_one_line(monkeypatch, capsys):
     def boom():
         raise RuntimeError("no compiler here\nsecond line of a long log")
 
-    import split_alexnet.lrn as lrn_mod
+    import split_alexnet.network.lrn as lrn_mod
 
     monkeypatch.setattr(_lrn_ext, "_compile", boom)
     monkeypatch.setattr(_lrn_ext, "_registered", lambda: None)
@@ -247,7 +247,7 @@ def test_compile_impl():
 
 def test_compile_failure_falls_back(monkeypatch, capsys):
     """torch.compile fails -> one line on stderr, the reference's result."""
-    import split_alexnet.lrn as lrn_mod
+    import split_alexnet.network.lrn as lrn_mod
 
     def boom():
         raise RuntimeError("inductor unavailable")

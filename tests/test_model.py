@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from split_alexnet import (AlexNet, HalfAlexNet, SplitAlexNet, collapse_state_dict,
                            count_parameters, layout_state_dict, split_state_dict)
-from split_alexnet.model import INPUT_SIZE, init_values
-from split_alexnet.optim import PaperSGD
+from split_alexnet.network.model import INPUT_SIZE, init_values
+from split_alexnet.training.optim import PaperSGD
 
 B = 3  # batch used by most tests: small, and odd so nothing divides by accident
 

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from split_alexnet import data as D
-from split_alexnet.demo_data import make_demo_dataset
-from split_alexnet.prepare import REPORT, TMP_MARK, prepare
+import split_alexnet.data.augment as DA
+import split_alexnet.data.dataset as D
+import split_alexnet.data.stats as DS
+from split_alexnet.data.demo import make_demo_dataset
+from split_alexnet.data.prepare import REPORT, TMP_MARK, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,10 +68,10 @@ def test_prepare_outputs_report_and_resume(src, tmp_path):
         np.testing.assert_array_equal(stats1[k], stats2[k])
     # the two rewritten files have new mtimes: the fingerprint notices and stats were redone
     assert str(stats1["fingerprint"]) != str(stats2["fingerprint"])
-    st = D.load_stats(dst, progress=False)
+    st = DS.load_stats(dst, progress=False)
     assert st.classes == ["cat", "dog"] and st.mean.shape == (3, 256, 256)
     # prepared pixels = the on-the-fly pixels up to JPEG re-encoding
-    from split_alexnet.images import load_rgb256
+    from split_alexnet.data.images import load_rgb256
     a = load_rgb256(src / "train" / "dog" / "dog4.JPEG").astype(int)
     b = load_rgb256(dst / "train" / "dog" / "dog4.JPEG").astype(int)
     assert np.abs(a - b).mean() < 12

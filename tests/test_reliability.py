@@ -37,12 +37,14 @@ import pytest
 import torch
 from PIL import Image
 
-import split_alexnet.checkpoint as C
-from split_alexnet import data as D
-from split_alexnet import train as T
-from split_alexnet.checkpoint import CheckpointError, load_checkpoint
-from split_alexnet.cli import run
-from split_alexnet.evaluate import main as evaluate_main
+import split_alexnet.training.checkpoint as C
+import split_alexnet.data.augment as DA
+import split_alexnet.data.dataset as D
+import split_alexnet.data.stats as DS
+import split_alexnet.training.trainer as T
+from split_alexnet.training.checkpoint import CheckpointError, load_checkpoint
+from split_alexnet.utils.cli import run
+from split_alexnet.tools.evaluate import main as evaluate_main
 
 BASE = ["--batch-size", "8", "--epochs", "2", "--workers", "0", "--log-interval", "1",
         "--init", "caffe", "--no-ten-crop", "--seed", "3", "--devices", "cpu,cpu"]
@@ -440,7 +442,7 @@ def test_a_consistent_file_with_changed_weights_fails_the_checksum(reference, tm
 
 @pytest.mark.parametrize("what", ["arch", "classes"])
 def test_a_checkpoint_of_another_model_names_both(reference, demo_root, tmp_path, capsys, what):
-    from split_alexnet.demo_data import make_demo_dataset
+    from split_alexnet.data.demo import make_demo_dataset
     if what == "arch":
         root, extra, want = demo_root, ["--arch", "half", "--single-device"], ("half", 4)
     else:
@@ -544,7 +546,7 @@ def _hostile_folder(d: Path) -> tuple[set[str], set[str], set[str]]:
 
 def test_hostile_image_files_never_crash_or_hang_the_loader(tmp_path):
     must_load, must_skip, fuzzed = _hostile_folder(tmp_path / "train" / "a")
-    ds = D.ImageFolder(tmp_path / "train", ["a"], mode="train", seed=0)
+    ds = D.CropFolder(tmp_path / "train", ["a"], mode="train", seed=0)
     assert len(ds) == len(must_load) + len(must_skip) + len(fuzzed)
     loader = D.make_loader(ds, batch_size=4, sampler=D.EpochSampler(len(ds), shuffle=False),
                            workers=2)
@@ -566,7 +568,7 @@ def test_hostile_image_files_never_crash_or_hang_the_loader(tmp_path):
 def test_training_over_hostile_files_skips_and_counts_them(tmp_path, capsys):
     """The same files inside a training set, end to end (statistics, 2 loader workers, one
     epoch): the run completes and says how many images it skipped."""
-    from split_alexnet.demo_data import make_demo_dataset
+    from split_alexnet.data.demo import make_demo_dataset
     root = make_demo_dataset(tmp_path / "d", classes=2, train_per_class=4, val_per_class=1,
                              seed=0)
     cls = D.find_classes(root / "train")[0]
@@ -596,7 +598,7 @@ def test_a_dead_loader_worker_is_one_line_naming_the_file(demo_root, tmp_path, m
                                                           capsys, how):
     batches = _first_epoch_batches(demo_root)
     victim = batches[1][-1]  # the last file of batch 2 (worker 1's first task)
-    real = D.ImageFolder.__getitem__
+    real = D.CropFolder.__getitem__
 
     def getitem(self, key):
         i = int(key[1]) if isinstance(key, (tuple, list)) else int(key)
@@ -606,7 +608,7 @@ def test_a_dead_loader_worker_is_one_line_naming_the_file(demo_root, tmp_path, m
             os.kill(os.getpid(), signal.SIGKILL)
         return real(self, key)
 
-    monkeypatch.setattr(D.ImageFolder, "__getitem__", getitem)
+    monkeypatch.setattr(D.CropFolder, "__getitem__", getitem)
     t0 = time.monotonic()
     rc = train(demo_root, tmp_path / "o", "--workers", "2", "--max-steps", "3")
     assert time.monotonic() - t0 < 120

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from split_alexnet.checkpoint import load_checkpoint
-from split_alexnet.cli import run
-from split_alexnet.evaluate import main as evaluate_main
-from split_alexnet.optim import LRSchedule, PaperSGD
-from split_alexnet.train import main as train_main
+from split_alexnet.training.checkpoint import load_checkpoint
+from split_alexnet.utils.cli import run
+from split_alexnet.tools.evaluate import main as evaluate_main
+from split_alexnet.training.optim import LRSchedule, PaperSGD
+from split_alexnet.training.trainer import main as train_main
 
 BASE = ["--batch-size", "8", "--epochs", "2", "--workers", "0", "--log-interval", "1",
         "--init", "caffe", "--no-ten-crop", "--seed", "3"]
@@ -98,7 +98,7 @@ def test_resume_equals_uninterrupted(runs, cut):
 def test_loss_falls_on_a_tiny_set(tmp_path):
     """The split layout overfits 8 images. (The collapsed layout computes the same losses bit
     for bit: test_split_and_single_device_runs_agree_step_by_step.)"""
-    from split_alexnet.demo_data import make_demo_dataset
+    from split_alexnet.data.demo import make_demo_dataset
     root = make_demo_dataset(tmp_path / "d", classes=2, train_per_class=4, val_per_class=2,
                              seed=1)
     out = tmp_path / "run"
@@ -257,7 +257,7 @@ def test_plateau_schedule_drops_at_most_three_times():
 
 
 def test_compare_prints_the_largest_difference(runs, tmp_path, capsys):
-    from split_alexnet.compare import main as compare_main
+    from split_alexnet.tools.compare import main as compare_main
     png = tmp_path / "cmp.png"
     assert run(compare_main, "compare", [str(runs["split"]), str(runs["single"]),
                                          "--out", str(png)]) == 0
@@ -272,7 +272,7 @@ def test_compare_prints_the_largest_difference(runs, tmp_path, capsys):
 
 
 def test_summary_lists_towers_and_traffic(capsys):
-    from split_alexnet.summary import main as summary_main
+    from split_alexnet.tools.summary import main as summary_main
     assert run(summary_main, "summary", ["--devices", "cpu,cpu"]) == 0
     out = capsys.readouterr().out
     assert "60,965,224 parameters" in out
@@ -297,8 +297,8 @@ def test_truncated_last_checkpoint_falls_back_to_the_previous_one(runs, demo_roo
 
 def test_class_metadata_survives_into_the_checkpoint(tmp_path):
     import shutil
-    from split_alexnet.demo_data import make_demo_dataset
-    from split_alexnet.imagenet import write_class_metadata
+    from split_alexnet.data.demo import make_demo_dataset
+    from split_alexnet.data.imagenet import write_class_metadata
     root = make_demo_dataset(tmp_path / "d", classes=2, train_per_class=4, val_per_class=1)
     wnids = ["n01440764", "n01443537"]  # as prepare writes them for ImageNet
     for old, new in zip(sorted(p.name for p in (root / "train").iterdir()), wnids):

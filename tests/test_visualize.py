@@ -14,17 +14,19 @@ import pytest
 import torch
 from PIL import Image
 
-from split_alexnet import predict as predict_mod
-from split_alexnet.checkpoint import save_checkpoint
-from split_alexnet.cli import run
-from split_alexnet.data import ImageFolder, find_classes, finish_batch, load_stats
-from split_alexnet.evaluate import load_model
-from split_alexnet.features import checkpoint_stats, fc7_features, forward_with_features
-from split_alexnet.model import AlexNet, layout_state_dict
-from split_alexnet.visualize import (KernelGrid, RetrievalLayout, colourfulness, curve_series,
+import split_alexnet.tools.predict as predict_mod
+from split_alexnet.training.checkpoint import save_checkpoint
+from split_alexnet.utils.cli import run
+from split_alexnet.data.dataset import CropFolder, find_classes
+from split_alexnet.data.stats import load_stats
+from split_alexnet.data.augment import finish_batch
+from split_alexnet.tools.evaluate import load_model
+from split_alexnet.tools.features import checkpoint_stats, fc7_features, forward_with_features
+from split_alexnet.network.model import AlexNet, layout_state_dict
+from split_alexnet.tools.visualize import (KernelGrid, RetrievalLayout, colourfulness, curve_series,
                                      kernel_image, retrieval_image, retrieve,
                                      tower_colourfulness)
-from split_alexnet.visualize import main as viz_main
+from split_alexnet.tools.visualize import main as viz_main
 
 PROG = "split_alexnet.visualize"
 
@@ -125,8 +127,8 @@ def test_fc7_features_same_in_both_layouts(ckpt, demo_root):
     single, c, devs = load_model(ckpt, single_device=True)
     split, _, _ = load_model(ckpt, devices="cpu,cpu")
     stats = checkpoint_stats(c)
-    ds = ImageFolder(demo_root / "val", c["classes"], mode="center")
-    from split_alexnet.data import collate
+    ds = CropFolder(demo_root / "val", c["classes"], mode="center")
+    from split_alexnet.data.dataset import collate
     x = finish_batch(collate([ds[i] for i in (0, 5, 9)]), stats, "cpu")
     f1 = fc7_features(single, x)
     f2 = fc7_features(split, x)
@@ -156,7 +158,7 @@ def self_root(demo_root, tmp_path_factory) -> tuple[Path, Path]:
 def test_retrieval_finds_itself_first(ckpt, self_root):
     root, copy = self_root
     model, c, devs = load_model(ckpt, single_device=True)
-    val = ImageFolder(root / "val", find_classes(root / "val"), mode="center")
+    val = CropFolder(root / "val", find_classes(root / "val"), mode="center")
     q = [i for i, (p, _) in enumerate(val.samples) if Path(p).name in copy.name][0]
     res = retrieve(model, c, root, devs[0], queries=[q, 0], neighbours=6, batch_size=7,
                    progress=False)
@@ -247,8 +249,8 @@ def test_predict_json_and_table(ckpt, demo_root, capsys):
 
 def test_predict_matches_evaluation_pipeline(ckpt, demo_root):
     model, c, devs = load_model(ckpt, single_device=True)
-    ds = ImageFolder(demo_root / "val", c["classes"], mode="center")
-    from split_alexnet.data import collate
+    ds = CropFolder(demo_root / "val", c["classes"], mode="center")
+    from split_alexnet.data.dataset import collate
     x = finish_batch(collate([ds[i] for i in (0, 7)]), checkpoint_stats(c), "cpu")
     want = model(x).softmax(1)
     _, arrays = predict_mod.load_images([ds.samples[0][0], ds.samples[7][0]])

@@ -25,10 +25,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..fastpath import (amp_dtype, apply_fast_paths, autocast_context, grad_scaler,
+from split_alexnet.network.parallelize import (amp_dtype, apply_fast_paths, autocast_context, grad_scaler,
                         to_input_format, unwrap)
-from ..flops import flops_per_step
-from ..placement import parse_devices
+from split_alexnet.network.flops import flops_per_step
+from split_alexnet.network.placement import parse_devices
 
 LAYOUTS = ("split", "split-one-device", "collapsed", "half", "torchvision")
 FAST_PATH_TOKENS = ("fp32", "channels_last", "bf16", "fp16", "compile", "cudnn_benchmark")
@@ -57,7 +57,7 @@ def parse_fast_path(spec: str) -> dict:
 
 
 def build(layout: str, devices: tuple[torch.device, torch.device]) -> torch.nn.Module:
-    from ..model import AlexNet, HalfAlexNet, SplitAlexNet
+    from split_alexnet.network.model import AlexNet, HalfAlexNet, SplitAlexNet
     if layout == "split":
         return SplitAlexNet(1000, devices)
     if layout == "split-one-device":
@@ -148,7 +148,7 @@ def _step_fn(net, mode: str, fp: dict, x, y, devices) -> Callable[[], None]:
             with torch.no_grad(), autocast_context(devices, dtype):
                 net(x)
         return step
-    from ..optim import build_optimizer
+    from split_alexnet.training.optim import build_optimizer
     net.train()
     opt = build_optimizer(unwrap(net))
     scaler = grad_scaler(devices[0], dtype)
@@ -365,7 +365,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    from ..cli import UsageError
+    from split_alexnet.utils.cli import UsageError
     quick = bool(getattr(args, "quick", False))
     try:
         devices = parse_devices(getattr(args, "devices", None) or default_devices())

@@ -11,11 +11,11 @@ from typing import Any, Sequence
 
 import torch
 
-from .cli import UsageError
-from .fastpath import AMP_CHOICES
-from .optim import OPTIMIZERS, parse_schedule
-from .model import ACTIVATIONS, INIT_SCHEMES, LRN_CHOICES, POOLS
-from .placement import parse_device, parse_devices
+from split_alexnet.utils.cli import UsageError
+from split_alexnet.network.parallelize import AMP_CHOICES
+from split_alexnet.training.optim import OPTIMIZERS, parse_schedule
+from split_alexnet.network.model import ACTIVATIONS, INIT_SCHEMES, LRN_CHOICES, POOLS
+from split_alexnet.network.placement import parse_device, parse_devices
 
 
 @dataclass

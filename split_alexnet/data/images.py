@@ -35,7 +35,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .cli import UsageError
+from split_alexnet.utils.cli import UsageError
 
 __all__ = ["SIZE", "IMG_EXTENSIONS", "UnreadableImage", "is_image_file", "load_rgb256",
            "to_rgb", "resize_center", "image_sums", "list_images"]

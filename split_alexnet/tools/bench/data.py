@@ -7,7 +7,7 @@ in a temp folder: prepared 256x256 images and unprepared 500x375 (ImageNet-typic
 * every available decoder turns each file into the 256x256 RGB uint8 patch (shorter side 256,
   central crop); the rate and the error against the reference (full Pillow decode + bicubic
   antialiased resize, no draft) are reported;
-* the real training item (:class:`split_alexnet.data.ImageFolder`, random crop + flip + PCA draw)
+* the real training item (:class:`split_alexnet.data.CropFolder`, random crop + flip + PCA draw)
   is timed on the prepared and unprepared folders - the number the 400 img/s/core target is
   about;
 * a :class:`torch.utils.data.DataLoader` with ``--workers`` workers is timed end to end.
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, features
 
-from ..images import SIZE, load_rgb256, resize_center, to_rgb
+from split_alexnet.data.images import SIZE, load_rgb256, resize_center, to_rgb
 
 __all__ = ["run", "add_arguments", "make_photo_like", "DECODERS"]
 
@@ -100,8 +100,8 @@ def _rate(fn, paths: list[str], min_time: float, rounds: int = 3) -> float:
 
 
 def _dataset_rate(split_dir: Path, min_time: float) -> float:
-    from ..data import ImageFolder
-    ds = ImageFolder(split_dir, ["c"], mode="train")
+    from split_alexnet.data.dataset import CropFolder
+    ds = CropFolder(split_dir, ["c"], mode="train")
     epoch = [0]
 
     def item(i):
@@ -110,8 +110,8 @@ def _dataset_rate(split_dir: Path, min_time: float) -> float:
 
 
 def _loader_rate(split_dir: Path, workers: int, batches: int) -> float:
-    from ..data import EpochSampler, ImageFolder, make_loader
-    ds = ImageFolder(split_dir, ["c"], mode="train")
+    from split_alexnet.data.dataset import EpochSampler, CropFolder, make_loader
+    ds = CropFolder(split_dir, ["c"], mode="train")
 
     class Repeat(torch.utils.data.Sampler):
         def __iter__(self):
@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> dict:
                 res[dname] = {"rate": rate, "mean_abs_err": mean_err, "max_abs_err": max_err}
                 print(f"  {dname:30s} {rate:10.0f} {mean_err:9.3f} {max_err:8d}")
             out["decoders"][sname] = {"files": len(paths), "mean_kib": kb, "results": res}
-        print("\ntraining item (ImageFolder train mode: decode + crop + flip + PCA draw + tensor)")
+        print("\ntraining item (CropFolder train mode: decode + crop + flip + PCA draw + tensor)")
         for sname, d in (("prepared 256x256", "p256"), ("unprepared 500x375", "u500"),
                          ("unprepared 1600x1200", "u1600")):
             r = _dataset_rate(tmp / d, min_time)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from split_alexnet.lrn import LocalResponseNorm
+from split_alexnet.network.lrn import LocalResponseNorm
 
 IMPLS = ("torch-nn", "reference", "function", "cpp")
 
@@ -125,8 +125,8 @@ def _make_net(lrn: str, standin: bool = False):
     if standin:
         return _StandInAlexNet(1000, lrn=lrn), "stand-in grouped-conv AlexNet, LRN groups=2"
     try:
-        from split_alexnet.model import AlexNet
-        return AlexNet(1000, lrn=lrn), "split_alexnet.model.AlexNet"
+        from split_alexnet.network.model import AlexNet
+        return AlexNet(1000, lrn=lrn), "split_alexnet.network.model.AlexNet"
     except Exception:  # model not there yet (or a different signature)
         return _StandInAlexNet(1000, lrn=lrn), "stand-in grouped-conv AlexNet (bench/lrn.py)"
 

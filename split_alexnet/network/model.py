@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .lrn import LocalResponseNorm
-from .placement import DEFAULT_DEVICES, first_device, parse_device, parse_devices
+from split_alexnet.network.lrn import LocalResponseNorm
+from split_alexnet.network.placement import DEFAULT_DEVICES, first_device, parse_device, parse_devices
 
 INPUT_SIZE = 227  # the paper's "224" cannot give 55x55 after an 11x11 stride-4 conv; see docs
 TOWER_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7")

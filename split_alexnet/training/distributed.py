@@ -42,8 +42,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .cli import UsageError
-from .placement import parse_device, parse_devices
+from split_alexnet.utils.cli import UsageError
+from split_alexnet.network.placement import parse_device, parse_devices
 
 BACKENDS = ("auto", "nccl", "gloo")
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .data import CENTER, CROP, Stats, finish_batch, tencrop_offsets
+from split_alexnet.data.dataset import CENTER, CROP, tencrop_offsets
+from split_alexnet.data.stats import Stats
+from split_alexnet.data.augment import finish_batch
 
 __all__ = ["fc7_features", "forward_with_features", "checkpoint_stats", "center_batch",
            "tencrop_batch", "prepare_input", "default_layout"]

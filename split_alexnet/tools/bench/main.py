@@ -10,12 +10,13 @@ See docs/benchmarks.md for the columns and the numbers measured so far.
 
 from __future__ import annotations
 
+import sys
 import argparse
 import json
 from pathlib import Path
 from typing import Sequence
 
-from ..cli import UsageError, run as cli_run
+from split_alexnet.utils.cli import UsageError, run as cli_run
 
 
 def _write_json(path: str | None, rows: list[dict]) -> None:
@@ -24,7 +25,7 @@ def _write_json(path: str | None, rows: list[dict]) -> None:
 
 
 def _model(args: argparse.Namespace) -> list[dict]:
-    from . import model
+    import split_alexnet.tools.bench.model as model
     rows = model.run(args)
     if args.command == "model":
         _write_json(args.json, rows)
@@ -32,7 +33,7 @@ def _model(args: argparse.Namespace) -> list[dict]:
 
 
 def _lrn(args: argparse.Namespace) -> list[dict]:
-    from . import lrn
+    import split_alexnet.tools.bench.lrn as lrn
     if args.command == "all":  # lrn's own options are not on the `all` parser: its defaults
         args = argparse.Namespace(quick=args.quick, threads=args.threads or 2)
     rows = [{**r, "bench": "lrn"} for r in lrn.run(args)]
@@ -42,7 +43,7 @@ def _lrn(args: argparse.Namespace) -> list[dict]:
 
 
 def _data(args: argparse.Namespace) -> list[dict]:
-    from . import data
+    import split_alexnet.tools.bench.data as data
     if args.command == "data":  # its own JSON layout ({"data": {...}}), as before
         data.run(args)
         return []
@@ -81,13 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
         if name in ("data", "all"):
             p.add_argument("--workers", type=int, default=None, help="DataLoader workers")
-            from .data import add_arguments
+            from split_alexnet.tools.bench.data import add_arguments
             add_arguments(p)
         if name in ("model", "all"):
-            from .model import add_arguments
+            from split_alexnet.tools.bench.model import add_arguments
             add_arguments(p)
         if name == "lrn":
-            from .lrn import add_arguments
+            from split_alexnet.tools.bench.lrn import add_arguments
             add_arguments(p)
     return ap
 
@@ -100,5 +101,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(cli_run(main, "split_alexnet.bench"))
+def cli() -> None:
+    """The console command: ``main`` with one-line errors and exit codes."""
+    sys.exit(cli_run(main, "split_alexnet.bench"))

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .fileio import atomic_write
+from split_alexnet.utils.fileio import atomic_write
 
 FORMAT = "split_alexnet/checkpoint-v1"
 

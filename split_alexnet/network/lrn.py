@@ -154,7 +154,7 @@ _CPP_OPS: list = []  # [ops] once the C++ kernels are loaded (a constant for tor
 
 @torch.compiler.disable
 def _load_cpp():
-    from split_alexnet import _lrn_ext
+    import split_alexnet.network.lrn_ext as _lrn_ext
     ops = _lrn_ext.load()  # one-line notice on failure
     if ops is not None:
         _CPP_OPS[:] = [ops]
@@ -162,7 +162,7 @@ def _load_cpp():
 
 
 def _notice(msg: str) -> None:
-    print(f"split_alexnet.lrn: {msg}", file=sys.stderr)
+    print(f"split_alexnet.network.lrn: {msg}", file=sys.stderr)
 
 
 def resolve_impl(impl: str, device_type: str) -> str:

@@ -485,7 +485,7 @@ def load(quiet: bool = False):
             msg = str(exc).strip().splitlines()
             _state["error"] = f"{type(exc).__name__}: {msg[0] if msg else ''}"[:200]
             if not quiet:
-                print(f"split_alexnet.lrn: C++ LRN kernel unavailable ({_state['error']}); "
+                print(f"split_alexnet.network.lrn: C++ LRN kernel unavailable ({_state['error']}); "
                       "using the eager reference", file=sys.stderr)
             return None
 

@@ -44,9 +44,9 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from .cli import UsageError
-from .fileio import atomic_write
-from .images import DRAFT_MIN, SIZE, UnreadableImage, is_image_file, resize_center, to_rgb
+from split_alexnet.utils.cli import UsageError
+from split_alexnet.utils.fileio import atomic_write
+from split_alexnet.data.images import DRAFT_MIN, SIZE, UnreadableImage, is_image_file, resize_center, to_rgb
 
 __all__ = ["TRAIN_TAR", "VAL_TAR", "DEVKIT", "KAGGLE_SOLUTION", "KAGGLE_MAPPING", "CLASSES_FILE",
            "SUBSET_FILE", "Source", "Subset", "detect_layout", "parse_devkit",
@@ -70,7 +70,7 @@ WNID = re.compile(r"n\d{8}$")
 def _convert(data: bytes, label: str, out: Path, quality: int, res: dict) -> None:
     """Decode one archive member to the 256x256 crop and write it; an unreadable image is
     recorded in ``res["failures"]`` instead."""
-    from .prepare import write_jpeg  # prepare imports this module
+    from split_alexnet.data.prepare import write_jpeg  # prepare imports this module
     try:
         a = rgb256_from_bytes(data, label)
     except UnreadableImage as e:
@@ -386,7 +386,7 @@ def detect_layout(src: Path) -> Source:
 
 
 def _folders(src: Path) -> Source:
-    from .data import check_dataset_root, find_classes
+    from split_alexnet.data.dataset import check_dataset_root, find_classes
     check_dataset_root(src)
     wnids = find_classes(src / "train")
     names: dict[str, str] = {}
@@ -406,7 +406,7 @@ def _folders(src: Path) -> Source:
 
 def _flat_val(src: Path, train: Path, val: Path, labels: Path, mapping: Path | None,
               layout: str) -> Source:
-    from .data import find_classes
+    from split_alexnet.data.dataset import find_classes
     wnids = find_classes(train)
     if not val.is_dir():
         raise UsageError(f"validation folder not found: {val}")

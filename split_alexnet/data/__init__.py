@@ -1,0 +1,1 @@
+"""The input pipeline: decoding, statistics, the dataset and loader, augmentation, prepare, ImageNet layouts, demo data."""

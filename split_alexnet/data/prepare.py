@@ -1,0 +1,360 @@
+"""The paper's offline step (section 2): every image -> central 256x256 patch, as JPEG.
+
+``python -m split_alexnet.prepare SRC DST [--workers N] [--quality 90] [--classes N|FILE]
+[--per-class M] [--val-per-class K] [--seed S]``
+
+* SRC is one of (:func:`split_alexnet.imagenet.detect_layout`, which says what it found):
+  the official ImageNet archives (streamed, not extracted), Kaggle's ``ILSVRC/Data/CLS-LOC``
+  with its CSVs, ``train/<wnid>/`` + a flat ``val/`` with a label file, or class folders;
+* reads ``SRC/train/<class>/...`` and ``SRC/val/<class>/...`` (any image format Pillow reads,
+  nested folders allowed; or the equivalent from the other layouts), rescales the shorter
+  side to 256 and keeps the central 256x256 patch (:func:`split_alexnet.images.load_rgb256`),
+  and writes it as a JPEG to the mirror path under ``DST`` (``.jpg``/``.jpeg`` names are
+  kept, other names get their suffix replaced by ``.jpg``);
+* parallel (``--workers``, default: all cores), with a progress line on stderr;
+* resumable: each output is written to a hidden temp file and renamed into place, existing
+  outputs are skipped, and stray temp files of an interrupted run are removed;
+* unreadable inputs are skipped and listed in ``DST/prepare_report.txt`` (and counted);
+* ``DST/classes.json`` (wnid, index, name: :func:`split_alexnet.imagenet.read_class_metadata`)
+  and ``DST/subset.json`` (the subset taken; a DST prepared with another subset is refused);
+* finally the training statistics are computed into ``DST/stats.npz``
+  (:func:`split_alexnet.data.load_stats`), with the layout and subset added as metadata.
+
+Run it once at a time per DST. The output for a given input is deterministic (same Pillow),
+so a resumed run gives a byte-identical tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import multiprocessing as mp
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image
+
+from split_alexnet.utils.cli import UsageError, run
+from split_alexnet.data.images import UnreadableImage, list_images, load_rgb256
+import split_alexnet.data.imagenet as inet
+
+__all__ = ["TMP_MARK", "REPORT", "plan", "write_jpeg", "prepare", "main"]
+
+TMP_MARK = ".prepare-tmp"
+REPORT = "prepare_report.txt"
+SPLITS = ("train", "val")
+
+
+def _mp_context():
+    """forkserver where available (one fresh server imports the package - which imports torch -
+    once; workers are forked from it cheaply and safely), else spawn."""
+    methods = mp.get_all_start_methods()
+    return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
+def _out_name(rel: Path) -> Path:
+    return rel if rel.suffix.lower() in (".jpg", ".jpeg") else rel.with_suffix(".jpg")
+
+
+def plan(src: Path, dst: Path) -> list[tuple[str, str]]:
+    """``[(input path, output path)]`` for every image under SRC/train and SRC/val."""
+    from split_alexnet.data.dataset import check_dataset_root, find_classes, list_samples
+    check_dataset_root(src)
+    classes = find_classes(src / "train")
+    jobs: list[tuple[str, str]] = []
+    seen: dict[Path, Path] = {}
+    for split in SPLITS:
+        samples = list_samples(src / split, classes)
+        for p, _ in samples:
+            rel = Path(p).relative_to(src)
+            out = _out_name(rel)
+            if out in seen:  # e.g. a.png and a.gif: keep the whole name
+                out = rel.with_name(rel.name + ".jpg")
+            seen[out] = rel
+            jobs.append((p, str(dst / out)))
+    return jobs
+
+
+def write_jpeg(a, out: str | os.PathLike, quality: int) -> None:
+    """Write the (256, 256, 3) uint8 array ``a`` as a JPEG to ``out`` atomically (hidden temp
+    file ``.<name>.prepare-tmp<pid>`` + rename), creating the folder."""
+    outp = Path(out)
+    outp.parent.mkdir(parents=True, exist_ok=True)
+    tmp = outp.with_name(f".{outp.name}{TMP_MARK}{os.getpid()}")
+    try:
+        Image.fromarray(a, "RGB").save(tmp, "JPEG", quality=quality)
+        os.replace(tmp, outp)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _convert(job: tuple[str, str, int]) -> tuple[str, str | None]:
+    """Worker: decode, crop, write atomically. Returns (input, error message or None)."""
+    src, out, quality = job
+    try:
+        a = load_rgb256(src, decoder="pillow")  # light workers: no torch import
+    except UnreadableImage as e:
+        return src, str(e)
+    write_jpeg(a, out, quality)
+    return src, None
+
+
+def _remove_stray_temps(dst: Path) -> int:
+    n = 0
+    for split in SPLITS:
+        for dirpath, _, files in os.walk(dst / split):
+            for f in files:
+                if TMP_MARK in f:
+                    os.unlink(os.path.join(dirpath, f))
+                    n += 1
+    return n
+
+
+def _file_jobs(source: "inet.Source", dst: Path, wnids: list[str],
+               subset: "inet.Subset") -> list[tuple[str, str]]:
+    """``[(input path, output path)]`` for the file layouts (folders, kaggle, flat-val),
+    restricted to the selected classes and per-class subsets."""
+    sel = set(wnids)
+    groups: dict[tuple[str, str], list[tuple[str, str, str]]] = {}  # (split, wnid) -> jobs
+    if source.layout == "folders":
+        for p, o in plan(source.root, dst):
+            rel_in = Path(p).relative_to(source.root)
+            split, w = rel_in.parts[0], rel_in.parts[1]
+            groups.setdefault((split, w), []).append((Path(*rel_in.parts[2:]).as_posix(), p, o))
+    else:
+        for w in wnids:
+            d = source.train_dir / w
+            for p in list_images(d) if d.is_dir() else []:
+                rel = p.relative_to(d).as_posix()
+                groups.setdefault(("train", w), []).append(
+                    (rel, str(p), str(dst / "train" / w / _out_name(Path(rel)))))
+        for p, w in source.val_files:
+            groups.setdefault(("val", w), []).append(
+                (p.name, str(p), str(dst / "val" / w / _out_name(Path(p.name)))))
+    jobs: list[tuple[str, str]] = []
+    for split in SPLITS:
+        m = subset.per_class if split == "train" else subset.val_per_class
+        for w in wnids:
+            g = groups.get((split, w), [])
+            keep = inet.pick([r for r, _, _ in g], m, subset.seed, w)
+            jobs.extend((p, o) for r, p, o in g if r in keep)
+    assert all(Path(o).relative_to(dst).parts[1] in sel for _, o in jobs)
+    return jobs
+
+
+def _run_file_jobs(jobs, src: Path, quality: int, workers: int, progress: bool,
+                   stray: int) -> dict:
+    from split_alexnet.utils.progress import Progress
+    todo = [(s, o, quality) for s, o in jobs if not os.path.exists(o)]
+    done_before = len(jobs) - len(todo)
+    print(f"prepare: {len(jobs)} images, {done_before} already done, {len(todo)} to do"
+          + (f", removed {stray} stray temp files" if stray else ""), file=sys.stderr)
+    failures: list[tuple[str, str]] = []
+    with Progress(len(todo), "prepare", unit="img", enabled=progress) as bar:
+        def handle(res):
+            s, err = res
+            if err is not None:
+                failures.append((Path(s).relative_to(src).as_posix(), err))
+            bar.update(1, extra=f"{len(failures)} unreadable" if failures else None)
+        if workers > 0 and len(todo) > 1:
+            with _mp_context().Pool(workers) as pool:
+                for res in pool.imap_unordered(_convert, todo, chunksize=16):
+                    handle(res)
+        else:
+            for job in todo:
+                handle(_convert(job))
+    return {"images": len(jobs), "existing": done_before, "todo": len(todo),
+            "failures": failures}
+
+
+def _run_archives(source: "inet.Source", dst: Path, wnids: list[str], subset: "inet.Subset",
+                  quality: int, workers: int, progress: bool, stray: int) -> dict:
+    """Stream the official archives: validation images in chunks (read at their offsets),
+    then one task per class tar. Resumable: existing outputs are skipped."""
+    from split_alexnet.utils.progress import Progress
+    sel = set(wnids)
+    by_class: dict[str, list] = {}
+    for it in source.val_members:
+        if it[1] in sel:
+            by_class.setdefault(it[1], []).append(it)
+    val_items = []
+    for w in wnids:
+        g = by_class.get(w, [])
+        keep = inet.pick([it[0] for it in g], subset.val_per_class, subset.seed, w)
+        val_items.extend(it for it in g if it[0] in keep)
+    val_todo = [it for it in val_items
+                if not (dst / "val" / it[1] / inet._out_rel(it[0])).exists()]
+    chunk = max(1, min(64, len(val_todo) // (4 * max(workers, 1))))
+    val_tasks = [(str(source.val_tar), val_todo[i:i + chunk], str(dst), quality)
+                 for i in range(0, len(val_todo), chunk)]
+    train_tasks = [(str(source.train_tar), w, *source.train_members[w], str(dst),
+                    subset.per_class, subset.seed, quality) for w in wnids]
+    print(f"prepare: {len(train_tasks)} class archives to stream; {len(val_items)} validation "
+          f"images, {len(val_items) - len(val_todo)} already done"
+          + (f"; removed {stray} stray temp files" if stray else ""), file=sys.stderr)
+    tally = {"images": len(val_items), "existing": len(val_items) - len(val_todo), "todo": 0,
+             "failures": []}
+    pool = _mp_context().Pool(workers) if workers > 0 else None
+    if pool is not None:
+        pool.map(abs, range(workers))  # start the workers before the clock of the ETA starts
+
+    def results(fn, tasks):
+        if pool is not None and len(tasks) > 1:
+            return pool.imap_unordered(fn, tasks)
+        return map(fn, tasks)
+
+    def add(res):
+        if res["error"]:
+            raise UsageError(res["error"])
+        tally["failures"].extend(res["failures"])
+        tally["todo"] += res["written"] + len(res["failures"])
+        return res["written"] + len(res["failures"])
+
+    try:
+        with Progress(len(val_todo), "prepare val", unit="img", enabled=progress) as bar:
+            for res in results(inet.val_chunk_task, val_tasks):
+                bar.update(add(res))
+        n_img = 0
+        with Progress(len(train_tasks), "prepare train", unit="class",
+                      enabled=progress) as bar:
+            for res in results(inet.train_class_task, train_tasks):
+                n_img += add(res)
+                tally["images"] += res["images"]
+                tally["existing"] += res["existing"]
+                el = time.monotonic() - bar.start
+                bar.update(1, extra=f"{n_img} img written, {n_img / max(el, 1e-9):.1f} img/s"
+                           + (f", {len(tally['failures'])} unreadable"
+                              if tally["failures"] else ""))
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    return tally
+
+
+def _annotate_stats(dst: Path, extra: dict[str, str]) -> None:
+    """Add string metadata (layout, subset) to DST/stats.npz; the fingerprint is unchanged
+    (it already covers the train file list, hence the subset)."""
+    import numpy as np
+    from split_alexnet.data.stats import save_stats
+    p = dst / "stats.npz"
+    if not p.is_file():
+        return
+    with np.load(p, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    if all(k in arrays and str(arrays[k]) == v for k, v in extra.items()):
+        return
+    arrays.update({k: np.str_(v) for k, v in extra.items()})
+    save_stats(p, arrays)
+
+
+def prepare(src: Path, dst: Path, *, workers: int | None = None, quality: int = 90,
+            progress: bool = True, stats: bool = True, classes: int | str | None = None,
+            per_class: int | None = None, val_per_class: int | None = None,
+            seed: int = 0) -> dict:
+    """Prepare SRC into DST (see the module docstring). Returns a summary dict.
+
+    ``classes``: None, N (the first N sorted wnids) or a path to a wnid list file;
+    ``per_class`` / ``val_per_class``: keep M train / K val images per class (chosen by
+    ``seed``)."""
+    from split_alexnet.data.stats import load_stats
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise UsageError(f"source folder not found: {src}")
+    if src.resolve() == dst.resolve():
+        raise UsageError("SRC and DST must be different folders")
+    if not 1 <= quality <= 100:
+        raise UsageError(f"--quality must be in 1..100, got {quality}")
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    if workers < 0:
+        raise UsageError("--workers must be >= 0")
+    for flag, v in (("--per-class", per_class), ("--val-per-class", val_per_class)):
+        if v is not None and v < 1:
+            raise UsageError(f"{flag} must be >= 1, got {v}")
+    subset = inet.Subset(classes, per_class, val_per_class, int(seed))
+    source = inet.detect_layout(src)
+    print(f"prepare: found {source.description}", file=sys.stderr)
+    wnids = inet.select_classes(source.wnids, subset.classes)
+    record = subset.record(wnids)
+    dst.mkdir(parents=True, exist_ok=True)
+    old = dst / inet.SUBSET_FILE
+    if old.is_file():
+        try:
+            prev = json.loads(old.read_text(encoding="utf-8"))
+        except ValueError:
+            prev = None
+        if prev != record:
+            raise UsageError(f"{dst} was prepared with another subset ({old}: "
+                             f"{json.dumps(prev)[:120]}); use a new DST")
+    stray = _remove_stray_temps(dst)
+    inet.write_json(old, record)
+    inet.write_class_metadata(dst, wnids, source.names, source.wnids)
+    t0 = time.monotonic()
+    if source.layout == "archives":
+        tally = _run_archives(source, dst, wnids, subset, quality, workers, progress, stray)
+    else:
+        jobs = _file_jobs(source, dst, wnids, subset)
+        tally = _run_file_jobs(jobs, src, quality, workers, progress, stray)
+    elapsed = time.monotonic() - t0
+    failures = sorted(tally["failures"])
+    n_images, done_before, n_todo = tally["images"], tally["existing"], tally["todo"]
+    written = n_todo - len(failures)
+    with open(dst / REPORT, "w", encoding="utf-8") as f:
+        f.write(f"source: {src.resolve()}\nlayout: {source.layout}\n")
+        f.write(f"images: {n_images}\nprepared: {n_images - len(failures)}\n"
+                f"unreadable: {len(failures)}\n")
+        for s, err in failures:
+            f.write(f"UNREADABLE\t{s}\t{err}\n")
+    rate = n_todo / elapsed if elapsed > 0 else 0.0
+    print(f"prepare: wrote {written}, skipped {done_before} existing, {len(failures)} unreadable "
+          f"(listed in {dst / REPORT}); {elapsed:.1f} s, {rate:.1f} img/s with {workers} workers",
+          file=sys.stderr)
+    summary = {"images": n_images, "written": written, "existing": done_before,
+               "unreadable": len(failures), "seconds": elapsed, "rate": rate,
+               "layout": source.layout, "classes": len(wnids)}
+    if stats:
+        s = load_stats(dst, progress=progress, workers=workers)
+        _annotate_stats(dst, {"layout": source.layout,
+                              "subset": json.dumps(record, sort_keys=True)})
+        summary["fingerprint"] = s.fingerprint
+        print(f"prepare: statistics in {dst / 'stats.npz'} (eigval {s.eigval.tolist()})",
+              file=sys.stderr)
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m split_alexnet.prepare",
+                                 description="Rescale to shorter side 256, keep the central "
+                                             "256x256 patch, write JPEGs + stats.npz.")
+    ap.add_argument("src", type=Path,
+                    help="source: the official ImageNet archives, Kaggle's layout, or "
+                         "train/<class>/* + val/<class>/* (see docs/data.md)")
+    ap.add_argument("dst", type=Path, help="output root (mirror tree)")
+    ap.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    ap.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
+    ap.add_argument("--no-stats", action="store_true", help="skip computing DST/stats.npz")
+    ap.add_argument("--quiet", action="store_true", help="no progress line")
+    ap.add_argument("--classes", default=None, metavar="N|FILE",
+                    help="subset: the first N wnids in sorted order, or a file listing wnids")
+    ap.add_argument("--per-class", type=int, default=None, metavar="M",
+                    help="subset: M training images per class (chosen by --seed)")
+    ap.add_argument("--val-per-class", type=int, default=None, metavar="K",
+                    help="subset: K validation images per class (default: all)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the per-class choice")
+    a = ap.parse_args(argv)
+    s = prepare(a.src, a.dst, workers=a.workers, quality=a.quality, progress=not a.quiet,
+                stats=not a.no_stats, classes=inet.parse_classes_arg(a.classes),
+                per_class=a.per_class, val_per_class=a.val_per_class, seed=a.seed)
+    return 1 if s["images"] and s["unreadable"] == s["images"] else 0
+
+
+def cli() -> None:
+    """The console command: ``main`` with one-line errors and exit codes."""
+    sys.exit(run(main, "split_alexnet.prepare"))

@@ -1,0 +1,178 @@
+"""The training set's statistics (section 2, 4.1): the per-pixel mean image and the eigen-decomposition
+of the RGB covariance for PCA colour noise, computed once in float64 and cached with a
+fingerprint of the file list. See docs/data.md."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+import multiprocessing as mp
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from split_alexnet.utils.cli import UsageError
+from split_alexnet.utils.fileio import atomic_write
+from split_alexnet.data.images import SIZE, image_sums
+from split_alexnet.utils.progress import Progress
+from split_alexnet.data.dataset import check_dataset_root, find_classes, list_samples
+
+STATS_VERSION = "split_alexnet-stats-v1"
+
+
+def _mp_context():
+    """forkserver where available (one fresh server imports the package - which imports torch -
+    once; workers are forked from it cheaply and safely), else spawn."""
+    methods = mp.get_all_start_methods()
+    return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
+# ----------------------------------------------------------------------------- statistics
+
+@dataclass
+class Stats:
+    mean: torch.Tensor      # (3, 256, 256) float32, RGB, 0-255
+    eigval: torch.Tensor    # (3,) float32, descending
+    eigvec: torch.Tensor    # (3, 3) float32, column i = eigenvector i
+    fingerprint: str
+    classes: list[str]
+
+
+def fingerprint_files(root: Path, files: Sequence[Path]) -> str:
+    """sha256 over (relative path, size, mtime_ns) of every file, plus the stats version."""
+    h = hashlib.sha256(STATS_VERSION.encode())
+    root = Path(root)
+    for p in files:
+        st = os.stat(p)
+        h.update(f"\n{Path(p).relative_to(root).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}"
+                 .encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def compute_stats(root: Path, *, progress: bool = True, workers: int = 0,
+                  chunk: int = 32) -> dict:
+    """Compute the statistics of ``root/train`` (all pixels, float64) -> dict for savez."""
+    root = Path(root)
+    check_dataset_root(root)
+    classes = find_classes(root / "train")
+    samples = list_samples(root / "train", classes)
+    files = [Path(p) for p, _ in samples]
+    fp = fingerprint_files(root / "train", files)
+    chunks = [[str(p) for p in files[i:i + chunk]] for i in range(0, len(files), chunk)]
+    img_sum = np.zeros((SIZE, SIZE, 3), np.float64)
+    rgb_sum = np.zeros(3, np.float64)
+    outer = np.zeros((3, 3), np.float64)
+    n, bad = 0, []
+    with Progress(len(files), "statistics", unit="img", enabled=progress) as bar:
+        def add(res, k):
+            nonlocal img_sum, rgb_sum, outer, n
+            s, r, o, m, b = res
+            img_sum += s
+            rgb_sum += r
+            outer += o
+            n += m
+            bad.extend(b)
+            bar.update(k, extra=f"{len(bad)} unreadable" if bad else None)
+        if workers and workers > 0 and len(chunks) > 1:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context()) as ex:
+                for c, res in zip(chunks, ex.map(image_sums, chunks)):
+                    add(res, len(c))
+        else:
+            for c in chunks:
+                add(image_sums(c), len(c))
+    for p, msg in bad:
+        print(f"warning: skipped unreadable image: {msg}", file=sys.stderr)
+    if n == 0:
+        raise UsageError(f"no readable training images in {root / 'train'}")
+    npix = n * SIZE * SIZE
+    mu = rgb_sum / npix
+    cov = outer / npix - np.outer(mu, mu)
+    eigval, eigvec = np.linalg.eigh(cov)
+    order = np.argsort(eigval)[::-1]
+    eigval, eigvec = eigval[order], eigvec[:, order]
+    # Sign convention (deterministic): the largest-magnitude entry of each vector is positive.
+    signs = np.sign(eigvec[np.argmax(np.abs(eigvec), axis=0), np.arange(3)])
+    eigvec = eigvec * np.where(signs == 0, 1.0, signs)
+    mean = (img_sum / n).transpose(2, 0, 1)
+    return {
+        "mean": mean.astype(np.float32), "eigval": eigval.astype(np.float32),
+        "eigvec": eigvec.astype(np.float32), "cov": cov, "rgb_mean": mu,
+        "count": np.int64(n), "unreadable": np.int64(len(bad)),
+        "fingerprint": np.str_(fp), "classes": np.array(classes, dtype=np.str_),
+        "version": np.str_(STATS_VERSION),
+    }
+
+
+def save_stats(path: Path, arrays: dict) -> None:
+    """Atomic ``np.savez`` (temp file + rename)."""
+    atomic_write(path, lambda f: np.savez(f, **arrays), fsync=False)
+
+
+def read_stats(path: Path) -> Stats:
+    with np.load(path, allow_pickle=False) as z:
+        return Stats(mean=torch.from_numpy(z["mean"].astype(np.float32)),
+                     eigval=torch.from_numpy(z["eigval"].astype(np.float32)),
+                     eigvec=torch.from_numpy(z["eigvec"].astype(np.float32)),
+                     fingerprint=str(z["fingerprint"]), classes=[str(c) for c in z["classes"]])
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "split_alexnet"
+
+
+def stats_cache_path(root: Path) -> Path:
+    """The fallback cache file for a read-only ``root``: keyed by its absolute path."""
+    absroot = os.path.abspath(root)
+    key = hashlib.sha256(absroot.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return _cache_dir() / "stats" / f"{Path(absroot).name or 'root'}-{key}.npz"
+
+
+def _writable(directory: Path) -> bool:
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".write-test-", dir=directory)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(tmp)
+    return True
+
+
+def _try_read(path: Path, fp: str) -> Stats | None:
+    if not path.is_file():
+        return None
+    try:
+        s = read_stats(path)
+    except Exception:  # noqa: BLE001 - a damaged cache is recomputed
+        return None
+    return s if s.fingerprint == fp else None
+
+
+def load_stats(root: Path, *, progress: bool = True, workers: int = 0) -> Stats:
+    """The training statistics of ``root`` (prepared or not), computed on first use.
+
+    Looked up in ``root/stats.npz`` then in the user cache (:func:`stats_cache_path`); used
+    only if its fingerprint matches the current ``root/train`` file list, else recomputed and
+    written to ``root/stats.npz`` (or the user cache if ``root`` is not writable)."""
+    root = Path(root)
+    check_dataset_root(root)
+    classes = find_classes(root / "train")
+    files = [Path(p) for p, _ in list_samples(root / "train", classes)]
+    fp = fingerprint_files(root / "train", files)
+    local, cached = root / "stats.npz", stats_cache_path(root)
+    for path in (local, cached):
+        s = _try_read(path, fp)
+        if s is not None:
+            return s
+    arrays = compute_stats(root, progress=progress, workers=workers)
+    target = local if _writable(root) else cached
+    save_stats(target, arrays)
+    return read_stats(target)
+
+

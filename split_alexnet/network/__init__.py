@@ -1,0 +1,1 @@
+"""The network: the model's math (``model``, ``lrn``) and where it runs (``placement``, ``parallelize``)."""

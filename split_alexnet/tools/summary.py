@@ -1,0 +1,71 @@
+"""Print the network per tower: layers, output shapes, parameters, device, traffic per image.
+
+    python -m split_alexnet.summary                      # towers on cpu,cpu (or cuda:0,cuda:1 with --devices)
+    python -m split_alexnet.summary --devices cuda:0,cpu --classes 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+import torch
+
+from split_alexnet.utils.cli import UsageError, run
+from split_alexnet.network.model import INPUT_SIZE, TOWER_LAYERS, SplitAlexNet, count_parameters
+
+PROG = "split_alexnet.summary"
+
+
+def summarize(net: SplitAlexNet) -> str:
+    shapes: dict[tuple[str, int], tuple[int, ...]] = {}
+    hooks = [getattr(net.towers[t], name).register_forward_hook(
+        lambda m, i, o, key=(name, t): shapes.__setitem__(key, tuple(o.shape[1:])))
+        for name in TOWER_LAYERS for t in (0, 1)]
+    net.eval()
+    with torch.no_grad():
+        net(torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE))
+    for h in hooks:
+        h.remove()
+    lines = [f"SplitAlexNet: {count_parameters(net):,} parameters, input (B, 3, {INPUT_SIZE}, "
+             f"{INPUT_SIZE})", ""]
+    head = f"{'layer':<7}" + "".join(f"{'tower ' + str(t) + ' (' + str(net.devices[t]) + ')':<38}"
+                                    for t in (0, 1))
+    lines.append(head)
+    for name in TOWER_LAYERS:
+        row = f"{name:<7}"
+        for t in (0, 1):
+            mod = getattr(net.towers[t], name)
+            n = sum(p.numel() for p in mod.parameters())
+            row += f"{str(shapes[(name, t)]):<20}{n:>12,} params  "
+        lines.append(row)
+    fc8 = sum(p.numel() for p in net.fc8.parameters())
+    lines.append(f"{'fc8':<7}{'(' + str(net.fc8.out_features) + ',)':<20}{fc8:>12,} params  "
+                 f"(with tower 0, on {net.fc8.weight.device})")
+    lines += ["", "cross-tower traffic per image (forward; the backward sends as much back):"]
+    total = 0
+    for t in net.traffic:
+        lines.append(f"  into {t.layer:<5} tower {t.src} -> tower {t.dst}  "
+                     f"{str(t.shape[1:]):<16} {t.bytes:>8,} bytes  ({t.src_device} -> {t.dst_device})")
+        total += t.bytes
+    lines.append(f"  total {total:,} bytes per image per forward pass")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0])
+    p.add_argument("--devices", default="cpu,cpu", help="the towers' devices (default cpu,cpu)")
+    p.add_argument("--classes", type=int, default=1000, help="units in fc8 (default 1000)")
+    args = p.parse_args(argv)
+    try:
+        net = SplitAlexNet(args.classes, args.devices, init=None)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    print(summarize(net))
+    return 0
+
+
+def cli() -> None:
+    """The console command: ``main`` with one-line errors and exit codes."""
+    sys.exit(run(main, PROG))

@@ -1,0 +1,459 @@
+"""What a trained network learned: the paper's Figures 3 and 4, and training curves.
+
+    python -m split_alexnet.visualize kernels --checkpoint C --out kernels.png
+    python -m split_alexnet.visualize retrieval --checkpoint C --data DIR --out retrieval.png
+    python -m split_alexnet.visualize curves runs/a runs/b --out curves.png
+
+* ``kernels`` (Figure 3): the 96 conv1 kernels, tower 0's 48 in a block above tower 1's 48,
+  each contrast-normalised on its own (min-max to 0-255) and enlarged by pixel repetition, and
+  a colourfulness figure per tower (:func:`colourfulness`) printed on stdout.
+* ``retrieval`` (Figure 4): query images from ``val/`` (first column), each with the training
+  images whose fc7 features (4096-d, post-ReLU, eval mode) are nearest in Euclidean distance.
+* ``curves``: training and validation error against step for one or more run folders.
+
+Pillow only (a core dependency): no matplotlib needed. See docs/visualize.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from split_alexnet.utils.cli import UsageError, run
+
+PROG = "split_alexnet.visualize"
+
+__all__ = ["KernelGrid", "normalise_kernels", "colourfulness", "tower_colourfulness",
+           "kernel_image", "RetrievalLayout", "retrieve", "retrieval_image", "curve_series",
+           "main"]
+
+
+# ----------------------------------------------------------------------------- Figure 3
+
+def normalise_kernels(weight: torch.Tensor) -> torch.Tensor:
+    """(N, 3, h, w) -> the same shape in [0, 1], each kernel min-max scaled on its own over
+    all of its values (all three colours together, so colour balance is kept). A constant
+    kernel becomes mid-grey (0.5)."""
+    w = weight.detach().to("cpu", torch.float64)
+    flat = w.flatten(1)
+    lo, hi = flat.min(1).values, flat.max(1).values
+    span = (hi - lo)[:, None, None, None]
+    out = (w - lo[:, None, None, None]) / torch.where(span > 0, span, torch.ones_like(span))
+    return torch.where(span > 0, out, torch.full_like(out, 0.5))
+
+
+def colourfulness(weight: torch.Tensor) -> torch.Tensor:
+    """Chroma of each kernel (N,): after :func:`normalise_kernels`, the standard deviation
+    across the R, G, B values of each pixel (population std), averaged over the kernel's
+    pixels. 0 for a grey kernel (R = G = B everywhere); at most sqrt(2)/3 = 0.471 (every pixel
+    a pure primary or secondary colour at full contrast)."""
+    return normalise_kernels(weight).std(dim=1, unbiased=False).mean(dim=(1, 2))
+
+
+def tower_colourfulness(weight: torch.Tensor, towers: int = 2) -> list[float]:
+    """Mean :func:`colourfulness` of each tower's kernels (tower 0's are the first
+    ``N / towers`` kernels, as in the collapsed layout)."""
+    c = colourfulness(weight)
+    return [float(part.mean()) for part in c.chunk(towers)]
+
+
+@dataclass(frozen=True)
+class KernelGrid:
+    """Where each kernel goes in the Figure 3 image.
+
+    Each tower's kernels fill a block of ``rows`` x ``cols`` cells in row-major order; tower
+    blocks are stacked top to bottom (tower 0 on top), with a black band of ``sep`` pixels
+    between them. A cell is ``k * scale`` pixels square; cells are ``gap`` pixels apart and
+    ``gap`` from the block's edge; the background is white."""
+
+    n: int = 96
+    towers: int = 2
+    cols: int = 16
+    scale: int = 4
+    k: int = 11
+    gap: int = 2
+    sep: int = 4
+
+    @property
+    def per_tower(self) -> int:
+        return self.n // self.towers
+
+    @property
+    def rows(self) -> int:
+        return -(-self.per_tower // self.cols)
+
+    @property
+    def cell(self) -> int:
+        return self.k * self.scale
+
+    @property
+    def block(self) -> tuple[int, int]:
+        return (self.cols * self.cell + (self.cols + 1) * self.gap,
+                self.rows * self.cell + (self.rows + 1) * self.gap)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        bw, bh = self.block
+        return bw, self.towers * bh + (self.towers - 1) * self.sep
+
+    def box(self, i: int) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1) of kernel ``i`` (end-exclusive)."""
+        t, j = divmod(i, self.per_tower)
+        r, c = divmod(j, self.cols)
+        x0 = self.gap + c * (self.cell + self.gap)
+        y0 = t * (self.block[1] + self.sep) + self.gap + r * (self.cell + self.gap)
+        return x0, y0, x0 + self.cell, y0 + self.cell
+
+
+def kernel_image(weight: torch.Tensor, *, towers: int = 2, cols: int = 16,
+                 scale: int = 4) -> tuple[Image.Image, KernelGrid]:
+    """The Figure 3 image of conv1 ``weight`` (N, 3, k, k) and its :class:`KernelGrid`."""
+    n, _, k, _ = weight.shape
+    grid = KernelGrid(n=n, towers=towers, cols=min(cols, n // towers), scale=scale, k=k)
+    w, h = grid.size
+    canvas = np.full((h, w, 3), 255, np.uint8)
+    bh = grid.block[1]
+    for t in range(1, towers):
+        y = t * bh + (t - 1) * grid.sep
+        canvas[y:y + grid.sep] = 0
+    pix = (normalise_kernels(weight) * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
+    for i in range(n):
+        x0, y0, x1, y1 = grid.box(i)
+        big = pix[i].transpose(1, 2, 0).repeat(scale, axis=0).repeat(scale, axis=1)
+        canvas[y0:y1, x0:x1] = big
+    return Image.fromarray(canvas, "RGB"), grid
+
+
+def _conv1_weight(ckpt: dict) -> torch.Tensor:
+    try:
+        return ckpt["model"]["conv1.weight"].float()
+    except KeyError:
+        raise UsageError("the checkpoint has no conv1.weight") from None
+
+
+def cmd_kernels(args: argparse.Namespace) -> int:
+    from split_alexnet.training.checkpoint import CheckpointError, load_checkpoint
+    if args.scale < 1 or args.cols < 1:
+        raise UsageError("--scale and --cols must be at least 1")
+    try:
+        ckpt = load_checkpoint(Path(args.checkpoint))
+    except CheckpointError as e:
+        raise UsageError(str(e)) from None
+    weight = _conv1_weight(ckpt)
+    towers = 1 if ckpt.get("config", {}).get("arch") == "half" else 2
+    img, grid = kernel_image(weight, towers=towers, cols=args.cols, scale=args.scale)
+    _save(img, args.out)
+    chroma = colourfulness(weight)
+    print(f"{args.out}: {grid.size[0]}x{grid.size[1]} px; {grid.n} conv1 kernels "
+          f"{grid.k}x{grid.k}, {towers} block(s) of {grid.rows} rows x {grid.cols}, x{grid.scale}")
+    print("colourfulness (mean over kernels of the per-pixel std across R,G,B after per-kernel "
+          "min-max normalisation; 0 = grey, max 0.471)")
+    for t, part in enumerate(chroma.chunk(towers)):
+        lo = t * grid.per_tower
+        print(f"  tower {t} (kernels {lo}-{lo + grid.per_tower - 1}): mean {part.mean():.4f}  "
+              f"median {part.median():.4f}  kernels over 0.1: {int((part > 0.1).sum())}"
+              f"/{part.numel()}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- Figure 4
+
+@torch.no_grad()
+def _features(model, ds, indices: Sequence[int], stats, device, *, batch_size: int,
+              workers: int, desc: str, progress: bool):
+    """Yield (dataset indices, fc7 features float64 on the CPU) batch by batch."""
+    from split_alexnet.data.dataset import make_loader
+    from split_alexnet.data.augment import finish_batch
+    from split_alexnet.tools.features import fc7_features
+    from split_alexnet.utils.progress import Progress
+    loader = make_loader(ds, batch_size=batch_size, sampler=list(indices), workers=workers,
+                         pin_memory=device.type == "cuda")
+    with Progress(len(indices), desc, unit="img", enabled=progress) as bar:
+        for batch in loader:
+            n_in = batch["label"].numel() + len(batch["skipped"])
+            if batch["label"].numel():
+                x = finish_batch(batch, stats, device)
+                yield batch["index"].tolist(), fc7_features(model, x).double().cpu()
+            bar.update(n_in)
+
+
+def pick_queries(n: int, count: int) -> list[int]:
+    """``count`` indices spread evenly over ``range(n)`` (val samples are sorted by class, so
+    the queries cover the classes)."""
+    count = min(count, n)
+    if count <= 0:
+        return []
+    return sorted({int(round(v)) for v in np.linspace(0, n - 1, count)})
+
+
+@torch.no_grad()
+def retrieve(model, ckpt: dict, data: Path, device, *, queries: int | Sequence[int] = 5,
+             neighbours: int = 6, batch_size: int = 64, workers: int = 0,
+             progress: bool = True, max_train: int | None = None) -> list[dict]:
+    """Figure 4's search. For each query (val images: a count spread evenly over
+    ``data/val``, or explicit val indices), the ``neighbours`` training images of
+    ``data/train`` nearest in fc7 space (Euclidean), nearest first (ties: dataset order).
+
+    Returns ``[{"path", "label", "neighbours": [{"path", "label", "distance"}, ...]}]``
+    with labels as class-folder names. Only the (queries x train) distances are kept, so any
+    training set size fits in memory; ``max_train`` searches an evenly spread subset."""
+    from split_alexnet.data.dataset import CropFolder, find_classes
+    from split_alexnet.tools.features import checkpoint_stats
+    model.eval()
+    data = Path(data)
+    stats = checkpoint_stats(ckpt)
+    val = CropFolder(data / "val", find_classes(data / "val"), mode="center")
+    train = CropFolder(data / "train", find_classes(data / "train"), mode="center")
+    q_idx = pick_queries(len(val), queries) if isinstance(queries, int) else list(queries)
+    t_idx = (list(range(len(train))) if not max_train or max_train >= len(train)
+             else pick_queries(len(train), max_train))
+    kw = dict(batch_size=batch_size, workers=workers, progress=progress)
+    q_rows, q_feats = [], []
+    for idx, f in _features(model, val, q_idx, stats, device, desc="fc7 of queries", **kw):
+        q_rows += idx
+        q_feats.append(f)
+    if not q_rows:
+        raise UsageError(f"no readable query images in {data / 'val'}")
+    qf = torch.cat(q_feats)
+    dist = torch.full((len(q_rows), len(t_idx)), float("inf"), dtype=torch.float64)
+    col = {i: c for c, i in enumerate(t_idx)}
+    for idx, f in _features(model, train, t_idx, stats, device, desc="fc7 of train", **kw):
+        d = torch.cdist(qf, f, compute_mode="donot_use_mm_for_euclid_dist")
+        dist[:, [col[i] for i in idx]] = d
+    order = torch.sort(dist, dim=1, stable=True).indices[:, :neighbours]
+    out = []
+    for r, qi in enumerate(q_rows):
+        qp, ql = val.samples[qi]
+        nbrs = []
+        for c in order[r].tolist():
+            if not torch.isfinite(dist[r, c]):
+                break  # fewer readable training images than neighbours asked for
+            tp, tl = train.samples[t_idx[c]]
+            nbrs.append({"path": tp, "label": train.classes[tl], "distance": float(dist[r, c])})
+        out.append({"path": qp, "label": val.classes[ql], "neighbours": nbrs})
+    return out
+
+
+@dataclass(frozen=True)
+class RetrievalLayout:
+    """Figure 4's grid: one row per query; the query in the first column, then a wider gap
+    (``sep``) and its neighbours, nearest first. Each cell is a ``tile`` x ``tile`` thumbnail of
+    the 227 centre crop with ``label`` pixels of text under it; ``pad`` pixels around cells;
+    a ``header`` strip of text on top."""
+
+    queries: int
+    neighbours: int
+    tile: int = 112
+    pad: int = 6
+    sep: int = 16
+    label: int = 26
+    header: int = 18
+
+    @property
+    def size(self) -> tuple[int, int]:
+        w = self.pad + self.tile + self.sep + self.neighbours * (self.tile + self.pad)
+        h = self.header + self.queries * (self.tile + self.label + self.pad) + self.pad
+        return w, h
+
+    def box(self, q: int, j: int) -> tuple[int, int, int, int]:
+        """Tile (x0, y0, x1, y1) of query ``q``'s column ``j`` (0: the query, 1..: nbrs)."""
+        x0 = self.pad
+        if j:
+            x0 += self.tile + self.sep + (j - 1) * (self.tile + self.pad)
+        y0 = self.header + q * (self.tile + self.label + self.pad)
+        return x0, y0, x0 + self.tile, y0 + self.tile
+
+
+def _thumb(path: str, tile: int) -> Image.Image:
+    from split_alexnet.data.dataset import CENTER, CROP
+    from split_alexnet.data.images import UnreadableImage, load_rgb256
+    try:
+        a = load_rgb256(path)[CENTER:CENTER + CROP, CENTER:CENTER + CROP]
+    except UnreadableImage:
+        return Image.new("RGB", (tile, tile), (200, 200, 200))
+    return Image.fromarray(np.ascontiguousarray(a), "RGB").resize((tile, tile),
+                                                                  Image.Resampling.BILINEAR)
+
+
+def _fit(d: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    while text and d.textlength(text, font=font) > width:
+        text = text[:-1]
+    return text
+
+
+def retrieval_image(results: list[dict], neighbours: int, *, tile: int = 112
+                    ) -> tuple[Image.Image, RetrievalLayout]:
+    """Draw :func:`retrieve`'s results. Neighbours of the query's class get a green frame,
+    others red; under each tile: class name, and the fc7 distance for neighbours."""
+    lay = RetrievalLayout(len(results), neighbours, tile=tile)
+    img = Image.new("RGB", lay.size, "white")
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    d.text((lay.pad, 3), "query  |  nearest training images by fc7 distance (nearest first)",
+           fill="black", font=font)
+    xs = lay.pad + lay.tile + lay.sep // 2
+    d.line([xs, lay.header, xs, lay.size[1] - lay.pad], fill=(120, 120, 120), width=2)
+    for q, res in enumerate(results):
+        cells = [(res["path"], res["label"], None)] + [
+            (n["path"], n["label"], n["distance"]) for n in res["neighbours"]]
+        for j, (path, label, dist) in enumerate(cells):
+            x0, y0, x1, y1 = lay.box(q, j)
+            if j:
+                colour = (40, 160, 40) if label == res["label"] else (200, 40, 40)
+                d.rectangle([x0 - 3, y0 - 3, x1 + 2, y1 + 2], outline=colour, width=2)
+            img.paste(_thumb(path, tile), (x0, y0))
+            d.text((x0, y1 + 2), _fit(d, label, font, tile), fill="black", font=font)
+            if dist is not None:
+                d.text((x0, y1 + 13), _fit(d, f"d = {dist:.4g}", font, tile), fill=(80, 80, 80),
+                       font=font)
+    return img, lay
+
+
+def cmd_retrieval(args: argparse.Namespace) -> int:
+    from split_alexnet.tools.evaluate import load_model
+    from split_alexnet.tools.features import default_layout
+    if args.queries < 1 or args.neighbours < 1 or args.tile < 16 or args.batch_size < 1:
+        raise UsageError("--queries, --neighbours and --batch-size must be at least 1, "
+                         "--tile at least 16")
+    single = default_layout(args.gpus, args.devices, args.single_device)
+    model, ckpt, devs = load_model(Path(args.checkpoint), gpus=args.gpus, devices=args.devices,
+                                   single_device=single)
+    results = retrieve(model, ckpt, Path(args.data), devs[0], queries=args.queries,
+                       neighbours=args.neighbours, batch_size=args.batch_size,
+                       workers=args.workers, max_train=args.max_train)
+    img, lay = retrieval_image(results, args.neighbours, tile=args.tile)
+    _save(img, args.out)
+    same = sum(n["label"] == r["label"] for r in results for n in r["neighbours"])
+    total = sum(len(r["neighbours"]) for r in results)
+    for r in results:
+        print(f"{r['path']} [{r['label']}]")
+        for n in r["neighbours"]:
+            print(f"  {n['distance']:12.4f}  {n['path']} [{n['label']}]")
+    print(f"{args.out}: {lay.size[0]}x{lay.size[1]} px; {same}/{total} neighbours share the "
+          f"query's class")
+    return 0
+
+
+# ----------------------------------------------------------------------------- curves
+
+_LABELS = {"train": "train (batches)", "val": "val (centre crop)",
+           "val_ten_crop": "val (ten crops)"}
+
+
+def curve_series(run_dirs: Sequence[Path | str], metric: str = "top1_err"
+                 ) -> list[tuple[str, list[float], list[float]]]:
+    """[(label, steps, values)] of ``metric`` for each run's train, val and val_ten_crop
+    records (metrics.jsonl), in that order; runs are named by their folder."""
+    from split_alexnet.tools.compare import read_metrics
+    names = [Path(r).resolve().name or str(r) for r in run_dirs]
+    if len(set(names)) < len(names):
+        names = [str(r) for r in run_dirs]
+    series = []
+    for run_dir, name in zip(run_dirs, names):
+        recs = read_metrics(Path(run_dir))
+        found = False
+        for kind, label in _LABELS.items():
+            pts = sorted((s, r[metric]) for s, r in recs.get(kind, {}).items()
+                         if isinstance(r.get(metric), (int, float)))
+            if pts:
+                found = True
+                series.append((f"{name}: {label}" if len(run_dirs) > 1 else label,
+                               [float(s) for s, _ in pts], [float(v) for _, v in pts]))
+        if not found:
+            raise UsageError(f"{run_dir}/metrics.jsonl has no train or val records with "
+                             f"{metric!r}")
+    return series
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"--size takes WIDTHxHEIGHT, e.g. 800x500; got {text!r}") from None
+    if w < 200 or h < 150:
+        raise UsageError(f"--size must be at least 200x150, got {text}")
+    return w, h
+
+
+def cmd_curves(args: argparse.Namespace) -> int:
+    from split_alexnet.utils.plot import curves_png
+    size = _parse_size(args.size)
+    series = curve_series(args.runs, args.metric)
+    err = args.metric.endswith("_err")
+    what = {"top1_err": "top-1 error", "top5_err": "top-5 error", "loss": "loss"}[args.metric]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    curves_png(args.out, series, title=f"{what}: " + ", ".join(Path(r).name for r in args.runs),
+               xlabel="step", ylabel=what, size=size, ylim=(0.0, 1.0) if err else None)
+    for label, xs, ys in series:
+        print(f"  {label}: {len(xs)} points, last {ys[-1]:.4f} at step {xs[-1]:g}")
+    print(f"{args.out}: {size[0]}x{size[1]} px")
+    return 0
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _save(img: Image.Image, out: str | Path) -> None:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        img.save(out, format=None if out.suffix else "PNG")
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot write {out}: {e}") from None
+
+
+def _device_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpus", help="GPU indices for the two towers, e.g. 0,1")
+    p.add_argument("--devices", help="any two devices for the towers, e.g. cpu,cpu")
+    p.add_argument("--single-device", action="store_true", help="the collapsed layout")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    k = sub.add_parser("kernels", help="Figure 3: the conv1 kernels of both towers")
+    k.add_argument("--checkpoint", required=True, help="a .pt file written by train")
+    k.add_argument("--out", required=True, help="PNG to write")
+    k.add_argument("--cols", type=int, default=16, help="kernels per row (default 16: "
+                   "two blocks of 3 rows x 16)")
+    k.add_argument("--scale", type=int, default=4, help="pixel repetition (default 4)")
+    k.set_defaults(func=cmd_kernels)
+
+    r = sub.add_parser("retrieval", help="Figure 4: nearest training images in fc7 space")
+    r.add_argument("--checkpoint", required=True, help="a .pt file written by train")
+    r.add_argument("--data", required=True, help="dataset root with train/ and val/")
+    r.add_argument("--out", required=True, help="PNG to write")
+    r.add_argument("--queries", type=int, default=5, help="val images to query (default 5)")
+    r.add_argument("--neighbours", type=int, default=6, help="neighbours each (default 6)")
+    r.add_argument("--max-train", type=int, help="search an evenly spread subset of train/")
+    r.add_argument("--tile", type=int, default=112, help="thumbnail size in px (default 112)")
+    r.add_argument("--batch-size", type=int, default=64, help="images per forward (default 64)")
+    r.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
+    _device_flags(r)
+    r.set_defaults(func=cmd_retrieval)
+
+    c = sub.add_parser("curves", help="training and validation error curves")
+    c.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders with metrics.jsonl")
+    c.add_argument("--out", required=True, help="PNG to write")
+    c.add_argument("--metric", default="top1_err", choices=("top1_err", "top5_err", "loss"),
+                   help="what to plot (default top1_err; train records have no top5_err)")
+    c.add_argument("--size", default="800x500", help="WIDTHxHEIGHT in px (default 800x500)")
+    c.set_defaults(func=cmd_curves)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    return args.func(args)
+
+
+def cli() -> None:
+    """The console command: ``main`` with one-line errors and exit codes."""
+    sys.exit(run(main, PROG))

@@ -1,0 +1,1 @@
+"""Training: the config, the paper's optimizer and schedule, the trainer, checkpoints, DDP, metrics."""
