@@ -42,13 +42,14 @@ DRIVER = textwrap.dedent('''
     import hashlib, json, os, sys
     from pathlib import Path
     import torch
-    import split_alexnet.training.distributed as dist_util
+    import split_alexnet.training.checkpoint as ckpt_mod
     import split_alexnet.training.trainer as train
     from split_alexnet.utils.cli import run
 
     rank = int(os.environ.get("RANK", "0"))
     report = {"rank": rank, "saves": 0}
     out = Path(os.environ["REPORT"]) / f"rank{rank}.json"
+    trainers = []
 
     def digest(tensors):
         h = hashlib.sha256()
@@ -57,16 +58,14 @@ DRIVER = textwrap.dedent('''
             h.update(tensors[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         return h.hexdigest()
 
-    _fit, _load, _save = train.Run.fit, train.Run._load, train.save_checkpoint
+    _setup, _restore, _save = train.setup, ckpt_mod.restore, ckpt_mod.save_checkpoint
 
-    def fit(self):
-        result = _fit(self)
-        report["params"] = digest(self.raw_model.state_dict())
-        out.write_text(json.dumps(report))
-        return result
+    def setup(cfg):
+        trainers.append(_setup(cfg))
+        return trainers[-1]
 
-    def load(self, ckpt, path):
-        _load(self, ckpt, path)
+    def restore(t, ckpt, path):
+        _restore(t, ckpt, path)
         report["resumed_rng"] = digest({"cpu": torch.get_rng_state()})
         report["ckpt_rng"] = {k: digest({"cpu": v["cpu"]}) for k, v in ckpt["rng"].items()}
 
@@ -74,12 +73,16 @@ DRIVER = textwrap.dedent('''
         report["saves"] += 1
         return _save(*a, **k)
 
-    train.Run.fit, train.Run._load, train.save_checkpoint = fit, load, save_checkpoint
+    train.setup, ckpt_mod.restore, ckpt_mod.save_checkpoint = setup, restore, save_checkpoint
     if os.environ.get("DIE_RANK") == str(rank):  # this rank dies after joining the group
-        def wrap(*a, **k):
+        def parallelize(*a, **k):
             os._exit(3)
-        dist_util.wrap = wrap
-    sys.exit(run(train.main, "split_alexnet.train"))
+        train.parallelize = parallelize
+    rc = run(train.main, "split_alexnet.train")
+    if rc == 0:  # the parameters after training
+        report["params"] = digest(trainers[-1].module.state_dict())
+        out.write_text(json.dumps(report))
+    sys.exit(rc)
 ''')
 
 
@@ -254,7 +257,13 @@ def test_bad_settings_fail_up_front(monkeypatch, capsys, tmp_path, argv, words):
 
 def test_per_process_batch_allows_any_size(monkeypatch):
     import split_alexnet.training.distributed as d
+    from split_alexnet.network.placement import resolve_devices
     from split_alexnet.training.config import parse_config
+
+    def devices_for_rank(cfg, ctx):  # what distributed.setup asks placement for
+        return resolve_devices(cfg.gpus, cfg.devices, cfg.single_device,
+                               torchrun=(ctx.local_rank, ctx.local_world_size))
+
     ctx = d.Context(rank=1, world_size=4, local_rank=1, local_world_size=4)
     assert d.local_batch_size(parse_config(["--batch-size", "128"]), ctx) == 32
     assert d.local_batch_size(parse_config(["--batch-size", "7", "--per-process-batch"]),
@@ -262,14 +271,14 @@ def test_per_process_batch_allows_any_size(monkeypatch):
     cfg = parse_config(["--gpus", "0,1,2,3,4,5,6,7", "--single-device"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
-    assert d.devices_for_rank(cfg, ctx) == (torch.device("cuda", 1),)
+    assert devices_for_rank(cfg, ctx) == (torch.device("cuda", 1),)
     cfg = parse_config(["--gpus", "0,1,2,3,4,5,6,7"])
-    assert d.devices_for_rank(cfg, ctx) == (torch.device("cuda", 2), torch.device("cuda", 3))
+    assert devices_for_rank(cfg, ctx) == (torch.device("cuda", 2), torch.device("cuda", 3))
     cfg = parse_config([])  # default: every visible GPU, a pair per local rank
-    assert d.devices_for_rank(cfg, ctx) == (torch.device("cuda", 2), torch.device("cuda", 3))
-    assert d.cfg_backend(cfg, d.devices_for_rank(cfg, ctx)) == "nccl"
-    assert d.cfg_backend(parse_config(["--devices", "cpu,cpu"]), (torch.device("cpu"),) * 2) \
-        == "gloo"
+    assert devices_for_rank(cfg, ctx) == (torch.device("cuda", 2), torch.device("cuda", 3))
+    assert d.resolve_backend(cfg.backend, devices_for_rank(cfg, ctx)) == "nccl"
+    assert d.resolve_backend(parse_config(["--devices", "cpu,cpu"]).backend,
+                             (torch.device("cpu"),) * 2) == "gloo"
 
 
 # ------------------------------------------------------------------------------ launch scripts

@@ -20,19 +20,20 @@ import json
 import math
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from split_alexnet import AlexNet, HalfAlexNet, SplitAlexNet, build_model, count_parameters
+from split_alexnet import (AlexNet, HalfAlexNet, ModelConfig, SplitAlexNet, build_model,
+                           count_parameters)
 from split_alexnet.utils.cli import run
 from split_alexnet.training.config import parse_config
 from split_alexnet.tools.experiments import (EXPERIMENTS, chance_threshold, first_crossing,
                                        main as experiments_main, smooth)
 from split_alexnet.network.model import INPUT_SIZE, init_values
-from split_alexnet.training.trainer import Run, main as train_main
+from split_alexnet.training.metrics import Watchdog
+from split_alexnet.training.trainer import main as train_main
 
 
 def images(n: int = 2, seed: int = 0) -> torch.Tensor:
@@ -53,8 +54,8 @@ def images(n: int = 2, seed: int = 0) -> torch.Tensor:
 ])
 def test_parameter_counts_per_variant(arch, kw, params):
     """Activation, LRN and pooling have no parameters: only --arch changes the count."""
-    net = build_model(arch=arch, layout="collapsed", devices="cpu", num_classes=1000,
-                      init=None, **kw)
+    net = build_model(ModelConfig(arch=arch, num_classes=1000, init=None, **kw), "collapsed",
+                      "cpu")
     assert count_parameters(net) == params
 
 
@@ -75,8 +76,8 @@ def _spatial_sizes(net) -> dict[str, tuple[int, ...]]:
 @pytest.mark.parametrize("pool", ["3/2", "2/2"])
 @pytest.mark.parametrize("net_cls", [AlexNet, HalfAlexNet])
 def test_both_pools_give_55_27_13_6(net_cls, pool):
-    from split_alexnet.network.model import ModelConfig, _pool
-    cfg = ModelConfig(10, pool=pool)
+    from split_alexnet.network.model import _pool
+    cfg = ModelConfig(num_classes=10, pool=pool)
     sizes = [55]
     for _ in range(3):  # pool1, pool2 (conv2-conv4 keep the size), pool5
         sizes.append(_pool(torch.zeros(1, 1, sizes[-1], sizes[-1]), cfg).shape[-1])
@@ -114,7 +115,7 @@ def test_activation_switch_is_used_everywhere(activation):
     """Layer 1 before LRN is exactly act(conv1(x)); every hidden layer's output obeys the
     activation's range (tanh in (-1, 1); ReLU >= 0 and unbounded at the paper's input scale)."""
     torch.manual_seed(0)
-    net = SplitAlexNet(10, "cpu,cpu", activation=activation, init="caffe").eval()
+    net = SplitAlexNet(10, activation=activation, init="caffe").eval()
     t0 = net.towers[0]
     seen = {}
     def first_lrn_input(module, args):  # layer 1's LRN input (layer 2 calls it again)
@@ -161,7 +162,7 @@ def test_half_net_init_follows_the_same_readings(scheme):
     torch.manual_seed(0)
     net = HalfAlexNet(10, init=scheme)
     for layer in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"):
-        std, bias = init_values(layer, "weight", scheme)
+        std, bias = init_values(layer, scheme)
         m = getattr(net, layer)
         assert torch.all(m.bias == bias), layer
         assert abs(m.weight.std().item() - std) < 0.05 * std, layer
@@ -171,8 +172,9 @@ def test_half_net_init_follows_the_same_readings(scheme):
 def test_each_experiment_changes_exactly_one_switch(name):
     """Every variant parses, and the variants' configs differ only in the named switch."""
     exp = EXPERIMENTS[name]
-    cfgs = [parse_config(["--devices", "cpu,cpu", *flags]).to_dict() for _, flags in exp.variants]
-    switches = {flags[0].lstrip("-").replace("-", "_") for _, flags in exp.variants}
+    base = parse_config(["--devices", "cpu,cpu"])
+    cfgs = [base.with_settings(**switch).to_dict() for _, switch in exp.variants]
+    switches = {k for _, switch in exp.variants for k in switch}
     assert len(switches) == 1
     (switch,) = switches
     changed = {k for c in cfgs[1:] for k in c if c[k] != cfgs[0][k]} - {"single_device"}
@@ -185,7 +187,8 @@ def test_each_experiment_changes_exactly_one_switch(name):
 def test_trainer_flags_reach_the_run_config():
     cfg = parse_config(["--devices", "cpu,cpu", "--activation", "tanh", "--lrn", "off",
                         "--pool", "2/2", "--pca", "off", "--init", "caffe", "--arch", "half"])
-    assert (cfg.activation, cfg.lrn, cfg.pool, cfg.pca, cfg.init, cfg.arch, cfg.layout) == \
+    m = cfg.model
+    assert (m.activation, m.lrn, m.pool, cfg.pca, m.init, m.arch, cfg.layout) == \
         ("tanh", "off", "2/2", "off", "caffe", "half", "collapsed")
 
 
@@ -237,7 +240,7 @@ def _check_outputs(out: Path, name: str, variants: list[str], budget: int) -> di
     # Everything else equal: the configs differ only in the switch and the output folder.
     first = cfgs[variants[0]]
     diff = {k for c in cfgs.values() for k in c if c[k] != first[k]}
-    switch = EXPERIMENTS[name].variants[0][1][0].lstrip("-").replace("-", "_")
+    (switch,) = EXPERIMENTS[name].variants[0][1]
     assert diff == {switch, "out"}, diff
     return res
 
@@ -291,33 +294,30 @@ def test_bad_experiment_input_is_one_line(tmp_path, capsys):
 # ----------------------------------------------------------------------------- watchdog
 
 
-def _fake_run(w: int, classes: int = 2):
+def _watchdog(w: int, classes: int = 2):
     logged = []
-    fake = SimpleNamespace(cfg=SimpleNamespace(watchdog_steps=w), state=SimpleNamespace(step=0),
-                           classes=list(range(classes)), is_main=True, log=logged.append)
-    return fake, logged
+    return Watchdog(w, classes, logged.append), logged
 
 
-def _feed(fake, losses):
-    for loss in losses:
-        fake.state.step += 1
-        Run.watchdog(fake, loss)
+def _feed(watchdog, losses):
+    for step, loss in enumerate(losses, 1):
+        watchdog.observe(step, loss)
 
 
 def test_watchdog_decision(capsys):
     ln2 = math.log(2)
-    fake, logged = _fake_run(4)
-    _feed(fake, [5.0, 5.0, ln2, 0.99 * ln2, ln2, ln2])  # last 2 of the first 4: at chance
+    wd, logged = _watchdog(4)
+    _feed(wd, [5.0, 5.0, ln2, 0.99 * ln2, ln2, ln2])  # last 2 of the first 4: at chance
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "after 4 steps the training loss is still at chance" in err[0]
     assert "ln 2 = 0.693" in err[0] and "docs/experiments.md" in err[0]
     assert logged == [{"kind": "watchdog", "step": 4, "loss": pytest.approx(0.995 * ln2),
                        "chance_loss": pytest.approx(ln2), "window": 2}]
-    fake, logged = _fake_run(4)
-    _feed(fake, [ln2, ln2, 0.9 * ln2, 0.9 * ln2, ln2])  # learning: 10% below chance
+    wd, logged = _watchdog(4)
+    _feed(wd, [ln2, ln2, 0.9 * ln2, 0.9 * ln2, ln2])  # learning: 10% below chance
     assert logged == [] and capsys.readouterr().err == ""
-    fake, logged = _fake_run(0)  # disabled
-    _feed(fake, [ln2] * 10)
+    wd, logged = _watchdog(0)  # disabled
+    _feed(wd, [ln2] * 10)
     assert logged == []
 
 

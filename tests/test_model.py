@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from split_alexnet import (AlexNet, HalfAlexNet, SplitAlexNet, collapse_state_dict,
-                           count_parameters, layout_state_dict, split_state_dict)
+                           count_parameters, layout_state_dict, place, split_state_dict)
 from split_alexnet.network.model import INPUT_SIZE, init_values
 from split_alexnet.training.optim import PaperSGD
 
@@ -29,7 +29,7 @@ def images(n: int = B, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def pair():
     torch.manual_seed(0)
-    split = SplitAlexNet(num_classes=10, devices=("cpu", "cpu"))
+    split = SplitAlexNet(num_classes=10)
     return split, split.collapse()
 
 
@@ -43,7 +43,7 @@ def grads(model) -> dict[str, torch.Tensor]:
 
 def test_parameter_counts_match_the_paper():
     torch.manual_seed(0)
-    split = SplitAlexNet(num_classes=1000, devices="cpu,cpu", init=None)
+    split = SplitAlexNet(num_classes=1000, init=None)
     assert count_parameters(split) == 60_965_224
     assert count_parameters(split.collapse()) == 60_965_224
     fc6 = split.towers[0].fc6.weight.numel() + split.towers[1].fc6.weight.numel() + 4096
@@ -158,7 +158,7 @@ def test_traffic_lists_the_seven_transfers_with_bytes(pair):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_layouts_agree_exactly_in_eval(dtype):
     torch.manual_seed(1)
-    split = SplitAlexNet(10, ("cpu", "cpu"), dtype=dtype).eval()
+    split = SplitAlexNet(10, dtype=dtype).eval()
     coll = split.collapse().eval()
     assert coll.fc8.weight.dtype == dtype
     x = images(dtype=dtype)
@@ -169,7 +169,7 @@ def test_layouts_agree_exactly_in_eval(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_layouts_agree_exactly_in_training_with_dropout(dtype):
     torch.manual_seed(2)
-    split = SplitAlexNet(10, ("cpu", "cpu"), dtype=dtype, init="caffe")
+    split = SplitAlexNet(10, dtype=dtype, init="caffe")
     coll = split.collapse()
     before = layout_state_dict(split)["fc6.weight"]
     assert split.training and coll.training
@@ -212,8 +212,8 @@ def test_dropout_masks_differ_between_draws_and_halves(pair):
 
 def test_round_trips_are_lossless_and_keep_dtype():
     torch.manual_seed(3)
-    split = SplitAlexNet(10, "cpu,cpu", dtype=torch.float64)
-    back = split.collapse().split(("cpu", "cpu"))
+    split = SplitAlexNet(10, dtype=torch.float64)
+    back = split.collapse().split()
     assert back.fc8.weight.dtype == torch.float64
     a, b = split.state_dict(), back.state_dict()
     assert a.keys() == b.keys()
@@ -222,10 +222,10 @@ def test_round_trips_are_lossless_and_keep_dtype():
 
 def test_state_dicts_load_across_layouts():
     torch.manual_seed(4)
-    split = SplitAlexNet(10, "cpu,cpu")
+    split = SplitAlexNet(10)
     coll = AlexNet(10, init=None)
     coll.load_state_dict(split.state_dict())          # split keys into the collapsed layout
-    other = SplitAlexNet(10, "cpu,cpu", init=None)
+    other = SplitAlexNet(10, init=None)
     other.load_state_dict(coll.state_dict())          # collapsed keys into the towers
     ref = layout_state_dict(split)
     for model in (coll, other):
@@ -239,7 +239,7 @@ def test_state_dicts_load_across_layouts():
 
 def test_same_seed_same_weights_in_both_layouts():
     torch.manual_seed(9)
-    a = layout_state_dict(SplitAlexNet(10, "cpu,cpu"))
+    a = layout_state_dict(SplitAlexNet(10))
     torch.manual_seed(9)
     b = AlexNet(10).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in b)
@@ -256,7 +256,7 @@ def test_initialisation_by_layer_name(scheme):
     for layer in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"):
         w = getattr(net, layer).weight.detach()
         b = getattr(net, layer).bias.detach()
-        std, bias = init_values(layer, "weight", scheme)
+        std, bias = init_values(layer, scheme)
         want_bias = expected_bias_one if layer in ("conv2", "conv4", "conv5", "fc6", "fc7") else 0.0
         assert bias == want_bias
         assert torch.all(b == want_bias), layer
@@ -266,11 +266,11 @@ def test_initialisation_by_layer_name(scheme):
         assert abs(w.std().item() - std) < max(tol, 0.02 * std), (layer, w.std().item(), std)
         assert abs(w.mean().item()) < 5 * std / math.sqrt(n) + 1e-6
     if scheme == "paper":
-        assert init_values("conv3", "weight", scheme)[0] == 0.01
+        assert init_values("conv3", scheme)[0] == 0.01
     if scheme == "cuda-convnet2":
-        assert init_values("conv4", "weight", scheme)[0] == 0.03
+        assert init_values("conv4", scheme)[0] == 0.03
     if scheme == "caffe":
-        assert init_values("fc6", "weight", scheme)[0] == 0.005
+        assert init_values("fc6", scheme)[0] == 0.005
 
 
 # ----------------------------------------------------------------------------- bad arguments
@@ -284,19 +284,19 @@ def test_initialisation_by_layer_name(scheme):
 ])
 def test_bad_devices_raise_clear_value_errors(devices, words):
     with pytest.raises(ValueError, match=words):
-        SplitAlexNet(10, devices, init=None)
+        place(SplitAlexNet(10, init=None), devices)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_missing_gpu_is_named():
     with pytest.raises(ValueError, match="cuda:1 requested but this machine has no CUDA"):
-        SplitAlexNet(10, ("cpu", "cuda:1"), init=None)
+        place(SplitAlexNet(10, init=None), ("cpu", "cuda:1"))
 
 
 @pytest.mark.parametrize("n", [0, -3])
 def test_bad_class_count(n):
     with pytest.raises(ValueError, match="num_classes"):
-        SplitAlexNet(n, ("cpu", "cpu"))
+        SplitAlexNet(n)
     with pytest.raises(ValueError, match="num_classes"):
         AlexNet(n)
 
@@ -321,9 +321,9 @@ def test_gpu_layouts_match_collapsed(devices):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
-    ref = SplitAlexNet(10, ("cpu", "cpu")).eval()
+    ref = SplitAlexNet(10).eval()
     coll_cpu = ref.collapse("cpu").eval()
-    split = ref.collapse("cpu").split(devices).eval()
+    split = place(ref.collapse("cpu").split(), devices).eval()
     for name, p in split.named_parameters():
         want = split.devices[1] if name.startswith("towers.1.") else split.devices[0]
         assert p.device == want

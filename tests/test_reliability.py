@@ -41,6 +41,7 @@ import split_alexnet.training.checkpoint as C
 import split_alexnet.data.augment as DA
 import split_alexnet.data.dataset as D
 import split_alexnet.data.stats as DS
+import split_alexnet.training.loop as L
 import split_alexnet.training.trainer as T
 from split_alexnet.training.checkpoint import CheckpointError, load_checkpoint
 from split_alexnet.utils.cli import run
@@ -304,7 +305,7 @@ def test_disk_full_at_checkpoint_time_keeps_the_previous_checkpoint(demo_root, t
 
 def test_poisoned_batch_stops_naming_the_step_and_the_last_good_checkpoint(
         demo_root, tmp_path, monkeypatch, capsys):
-    real_finish, real_checksum = T.finish_batch, C.checksum
+    real_finish, real_checksum = L.finish_batch, C.checksum
     calls, sums = [0], {}
 
     def finish_batch(batch, stats, device, **kw):
@@ -320,7 +321,7 @@ def test_poisoned_batch_stops_naming_the_step_and_the_last_good_checkpoint(
         sums.setdefault(payload["progress"]["step"], h)
         return h
 
-    monkeypatch.setattr(T, "finish_batch", finish_batch)
+    monkeypatch.setattr(L, "finish_batch", finish_batch)
     monkeypatch.setattr(C, "checksum", checksum)
     out = tmp_path / "poison"
     rc = train(demo_root, out, "--checkpoint-minutes", "0")

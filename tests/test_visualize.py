@@ -15,13 +15,13 @@ import torch
 from PIL import Image
 
 import split_alexnet.tools.predict as predict_mod
-from split_alexnet.training.checkpoint import save_checkpoint
+from split_alexnet.training.checkpoint import checkpoint_stats, save_checkpoint
 from split_alexnet.utils.cli import run
 from split_alexnet.data.dataset import CropFolder, find_classes
 from split_alexnet.data.stats import load_stats
 from split_alexnet.data.augment import finish_batch
 from split_alexnet.tools.evaluate import load_model
-from split_alexnet.tools.features import checkpoint_stats, fc7_features, forward_with_features
+from split_alexnet.tools.features import fc7_features, forward_with_features
 from split_alexnet.network.model import AlexNet, layout_state_dict
 from split_alexnet.tools.visualize import (KernelGrid, RetrievalLayout, colourfulness, curve_series,
                                      kernel_image, retrieval_image, retrieve,
@@ -32,6 +32,8 @@ PROG = "split_alexnet.visualize"
 
 
 def write_ckpt(path: Path, model: AlexNet, classes, stats, **extra) -> Path:
+    """A checkpoint as the tools read it. Without a "model_config" (checkpoints written before
+    it existed): the network comes from the flat config and the class count."""
     save_checkpoint(path, {
         "model": layout_state_dict(model),
         "config": {"arch": "alexnet", "lrn": "paper", "activation": "relu", "pool": "3/2",

@@ -15,23 +15,23 @@ Three networks, one set of rules:
 Global channel and unit order is always tower 0 then tower 1, so every parameter of the
 collapsed layout is the dim-0 concatenation of the two towers' parameters.
 
-Nothing in this file names a device: placement comes from ``placement.py``.
+Nothing in this file names a device: every network is built on the CPU, and
+``placement.py`` (``place``, ``build_model``) puts it on its devices.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from split_alexnet.network.lrn import LocalResponseNorm
-from split_alexnet.network.placement import DEFAULT_DEVICES, first_device, parse_device, parse_devices
 
 INPUT_SIZE = 227  # the paper's "224" cannot give 55x55 after an 11x11 stride-4 conv; see docs
 TOWER_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7")
+ARCHS = ("alexnet", "half")
 ACTIVATIONS = ("relu", "tanh")
 POOLS = ("3/2", "2/2")
 LRN_CHOICES = ("paper", "alpha-over-n", "off")
@@ -40,28 +40,42 @@ INIT_SCHEMES = ("paper", "cuda-convnet2", "caffe")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Everything that defines the network's function (saved inside every checkpoint)."""
+    """Everything that defines the network: which net, its switches, and how its weights
+    start (saved inside every checkpoint). ``help`` and ``choices`` in each field's metadata
+    are the training flags' help text and allowed values (``--arch``, ``--lrn``, ...)."""
 
+    arch: str = field(default="alexnet", metadata={
+        "choices": ARCHS,
+        "help": "'alexnet' (two towers) or 'half' (the paper's one-device ablation, section "
+                "3.2: always the single-device layout)."})
     num_classes: int = 1000
-    """Units in fc8."""
-    lrn: str = "paper"
-    """'paper': alpha=1e-4 multiplies the window's sum of squares (section 3.3, as printed);
-    'alpha-over-n': Krizhevsky's code, alpha/n on the sum; 'off': no LRN (an ablation)."""
-    activation: str = "relu"
-    """'relu' (the paper) or 'tanh' (the Figure 1 comparison)."""
-    pool: str = "3/2"
-    """'3/2': overlapping max-pool, window 3, stride 2 (section 3.4); '2/2': non-overlapping."""
-    dropout: float = 0.5
-    """Dropout probability on the outputs of fc6 and fc7 (section 4.2)."""
+    """Units in fc8 (training takes it from the dataset's class folders: not a flag)."""
+    init: str | None = field(default="paper", metadata={
+        "choices": INIT_SCHEMES,
+        "help": "'paper' (biases 1, std 0.01), 'cuda-convnet2' (std 0.03 in conv3-5), 'caffe' "
+                "(biases 0.1). None (not a flag value) builds without initialising, for "
+                "weights that are loaded next."})
+    lrn: str = field(default="paper", metadata={
+        "choices": LRN_CHOICES,
+        "help": "'paper': alpha=1e-4 multiplies the window's sum of squares (section 3.3, as "
+                "printed); 'alpha-over-n': Krizhevsky's code, alpha/n on the sum; 'off': no "
+                "LRN (an ablation)."})
+    activation: str = field(default="relu", metadata={
+        "choices": ACTIVATIONS, "help": "'relu' (the paper) or 'tanh' (Figure 1's comparison)."})
+    pool: str = field(default="3/2", metadata={
+        "choices": POOLS,
+        "help": "'3/2': overlapping max-pool, window 3, stride 2 (section 3.4); '2/2': "
+                "non-overlapping."})
+    dropout: float = field(default=0.5, metadata={
+        "help": "Dropout probability on the outputs of fc6 and fc7 (section 4.2)."})
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_classes, int) or self.num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {self.num_classes!r}")
-        for name, value, allowed in (("lrn", self.lrn, LRN_CHOICES),
-                                     ("activation", self.activation, ACTIVATIONS),
-                                     ("pool", self.pool, POOLS)):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        for f in fields(self):
+            allowed, value = f.metadata.get("choices"), getattr(self, f.name)
+            if allowed and value not in allowed and not (f.name == "init" and value is None):
+                raise ValueError(f"{f.name} must be one of {', '.join(allowed)}; got {value!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
@@ -109,8 +123,9 @@ def _by_output_half(layer: nn.Module, x: Tensor) -> Tensor:
 def check_input(x: Tensor) -> None:
     if x.dim() != 4 or x.shape[1] != 3 or tuple(x.shape[-2:]) != (INPUT_SIZE, INPUT_SIZE):
         raise ValueError(
-            f"AlexNet expects images of shape (B, 3, {INPUT_SIZE}, {INPUT_SIZE}); "
-            f"got {tuple(x.shape)}")
+            f"AlexNet takes images of shape (B, 3, {INPUT_SIZE}, {INPUT_SIZE}) (the paper's "
+            f"\"224\" cannot give conv1's 55x55 output: (224 - 11) / 4 + 1 is not an integer, "
+            f"({INPUT_SIZE} - 11) / 4 + 1 = 55); got {tuple(x.shape)}")
 
 
 # --------------------------------------------------------------------------------------
@@ -119,7 +134,7 @@ def check_input(x: Tensor) -> None:
 _BIAS_ONE = {"conv2", "conv4", "conv5", "fc6", "fc7"}  # "biases ... constant 1" (section 5)
 
 
-def init_values(layer: str, kind: str, scheme: str) -> tuple[float, float]:
+def init_values(layer: str, scheme: str) -> tuple[float, float]:
     """(std, bias) for a parameter of ``layer``: the weight's std, or the bias constant.
 
     paper: N(0, 0.01) weights; biases 1 in conv2, conv4, conv5, fc6, fc7, else 0.
@@ -142,7 +157,7 @@ def init_values(layer: str, kind: str, scheme: str) -> tuple[float, float]:
 @torch.no_grad()
 def _init_(name: str, t: Tensor, scheme: str) -> None:
     *_, layer, kind = name.split(".")
-    std, bias = init_values(layer, kind, scheme)
+    std, bias = init_values(layer, scheme)
     if kind == "weight":
         t.normal_(0.0, std)
     else:
@@ -227,7 +242,8 @@ class AlexNet(nn.Module):
     def __init__(self, num_classes: int = 1000, *, lrn: str = "paper", activation: str = "relu",
                  pool: str = "3/2", dropout: float = 0.5, init: str | None = "paper") -> None:
         super().__init__()
-        self.cfg = ModelConfig(num_classes, lrn, activation, pool, dropout)
+        self.cfg = ModelConfig(num_classes=num_classes, init=init, lrn=lrn, activation=activation,
+                               pool=pool, dropout=dropout)
         self.conv1 = nn.Conv2d(3, 96, 11, stride=4)                 # both halves see the image
         self.conv2 = nn.Conv2d(96, 256, 5, padding=2, groups=2)     # half-local
         self.conv3 = nn.Conv2d(256, 384, 3, padding=1)              # crosses the halves
@@ -259,10 +275,11 @@ class AlexNet(nn.Module):
         x = self._dropout(_act(_by_output_half(self.fc7, x), cfg))   # (B, 4096)
         return self.fc8(x)                                           # (B, num_classes)
 
-    def split(self, devices: Sequence[str | torch.device] | str = DEFAULT_DEVICES) -> "SplitAlexNet":
-        """The same weights as two towers on ``devices`` (dtype kept)."""
-        dtype = self.fc8.weight.dtype
-        net = SplitAlexNet(**_cfg_kwargs(self.cfg), devices=devices, init=None, dtype=dtype)
+    def split(self) -> "SplitAlexNet":
+        """The same weights as two towers, both on this network's device (dtype kept);
+        ``placement.place(net, devices)`` moves them apart."""
+        net = SplitAlexNet(**_cfg_kwargs(self.cfg), init=None, dtype=self.fc8.weight.dtype)
+        net.to(self.fc8.weight.device)
         net.load_state_dict(self.state_dict())
         return net.train(self.training)
 
@@ -331,34 +348,26 @@ def transfer(x: Tensor, device: torch.device) -> Tensor:
 
 
 class SplitAlexNet(nn.Module):
-    """The paper's network as two towers on two devices (tower 0 first in every concat)."""
+    """The paper's network as two towers (tower 0 first in every concat). It is built on the
+    CPU, as every module is; ``placement.place(net, devices)`` puts tower i on devices[i]."""
 
-    def __init__(self, num_classes: int = 1000,
-                 devices: Sequence[str | torch.device] | str = DEFAULT_DEVICES, *,
-                 lrn: str = "paper", activation: str = "relu", pool: str = "3/2",
-                 dropout: float = 0.5, init: str | None = "paper",
+    def __init__(self, num_classes: int = 1000, *, lrn: str = "paper", activation: str = "relu",
+                 pool: str = "3/2", dropout: float = 0.5, init: str | None = "paper",
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        placement = parse_devices(devices)  # reject bad devices before building anything
-        self.cfg = ModelConfig(num_classes, lrn, activation, pool, dropout)
+        self.cfg = ModelConfig(num_classes=num_classes, init=init, lrn=lrn, activation=activation,
+                               pool=pool, dropout=dropout)
         self.towers = nn.ModuleList([Tower(self.cfg), Tower(self.cfg)])
         self.fc8 = nn.Linear(4096, num_classes)  # lives with tower 0, as in cuda-convnet2
         self._register_load_state_dict_pre_hook(_accept_collapsed_keys)
+        # net.traffic: the tensors that crossed between the towers in the last forward pass
+        # (reset by every forward). Forward transfers only: the backward pass sends the
+        # gradients of the same tensors the other way, as many bytes, and is not recorded.
         self.traffic: list[Transfer] = []
         if dtype is not None:
             self.to(dtype)
         if init is not None:
             init_weights_(self, init)
-        self.place(placement)
-
-    # Placement ---------------------------------------------------------------------------
-    def place(self, devices: Sequence[str | torch.device] | str) -> "SplitAlexNet":
-        """Put tower i (and its parameters) on ``devices[i]``; fc8 goes with tower 0."""
-        d0, d1 = parse_devices(devices)
-        self.towers[0].to(d0)
-        self.towers[1].to(d1)
-        self.fc8.to(d0)
-        return self
 
     @property
     def devices(self) -> tuple[torch.device, torch.device]:
@@ -398,8 +407,9 @@ class SplitAlexNet(nn.Module):
         return self.fc8(h)                                # (B, num_classes) on device 0
 
     def collapse(self, device: str | torch.device | None = None) -> AlexNet:
-        """The same weights as the single-device ``AlexNet`` (dtype kept)."""
-        device = self.devices[0] if device is None else parse_device(device)
+        """The same weights as the single-device ``AlexNet`` on ``device`` (default: tower
+        0's device), dtype kept."""
+        device = self.devices[0] if device is None else torch.device(device)
         net = AlexNet(**_cfg_kwargs(self.cfg), init=None)
         net.to(device=device, dtype=self.fc8.weight.dtype)
         net.load_state_dict(self.state_dict())
@@ -417,7 +427,8 @@ class HalfAlexNet(nn.Module):
     def __init__(self, num_classes: int = 1000, *, lrn: str = "paper", activation: str = "relu",
                  pool: str = "3/2", dropout: float = 0.5, init: str | None = "paper") -> None:
         super().__init__()
-        self.cfg = ModelConfig(num_classes, lrn, activation, pool, dropout)
+        self.cfg = ModelConfig(arch="half", num_classes=num_classes, init=init, lrn=lrn,
+                               activation=activation, pool=pool, dropout=dropout)
         self.conv1 = nn.Conv2d(3, 48, 11, stride=4)
         self.conv2 = nn.Conv2d(48, 128, 5, padding=2)
         self.conv3 = nn.Conv2d(128, 192, 3, padding=1)
@@ -448,27 +459,9 @@ def _cfg_kwargs(cfg: ModelConfig) -> dict:
                 pool=cfg.pool, dropout=cfg.dropout)
 
 
-def build_model(*, arch: str = "alexnet", layout: str = "split",
-                devices: Sequence[str | torch.device] | str = DEFAULT_DEVICES,
-                num_classes: int = 1000, init: str | None = "paper", **cfg) -> nn.Module:
-    """Keyword-only builder used by the tools.
-
-    arch 'alexnet' with layout 'split' -> SplitAlexNet on ``devices``; layout 'collapsed'
-    -> AlexNet on ``devices[0]``. arch 'half' is always one device (the first).
-    """
-    if arch not in ("alexnet", "half"):
-        raise ValueError(f"arch must be 'alexnet' or 'half'; got {arch!r}")
-    if layout not in ("split", "collapsed"):
-        raise ValueError(f"layout must be 'split' or 'collapsed'; got {layout!r}")
-    if arch == "alexnet" and layout == "split":
-        return SplitAlexNet(num_classes, devices, init=init, **cfg)
-    net = (AlexNet if arch == "alexnet" else HalfAlexNet)(num_classes, init=init, **cfg)
-    return net.to(first_device(devices))
-
-
 def layout_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """A layout-independent state (the collapsed layout's keys and shapes), on the CPU."""
-    model = getattr(model, "module", model)  # unwrap DDP
+    """A layout-independent state (the collapsed layout's keys and shapes), on the CPU, of a
+    plain network (not its DDP or compile wrapper: ``parallelize.unwrap``)."""
     sd = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     return collapse_state_dict(sd) if isinstance(model, SplitAlexNet) else sd
 

@@ -1,14 +1,16 @@
-"""Optional fast paths: channels_last, autocast (bf16/fp16), torch.compile, cudnn.benchmark.
+"""How a built network runs on its devices: :func:`parallelize` (placement, channels_last,
+DDP, compile, always in that order), :func:`unwrap`, and the autocast helpers.
 
-All are off by default: the faithful path is fp32 eager, contiguous (NCHW) tensors. What each
-one was measured to give is in docs/benchmarks.md; the trainer exposes them as
-``--channels-last``, ``--amp off|bf16|fp16``, ``--compile`` and ``--cudnn-benchmark``.
+The fast paths are all off by default: the faithful path is fp32 eager, contiguous (NCHW)
+tensors. What each one was measured to give is in docs/benchmarks.md; the trainer exposes
+them as ``--channels-last``, ``--amp off|bf16|fp16``, ``--compile`` and ``--cudnn-benchmark``.
 
 * ``channels_last``: conv weights (and the inputs, via :func:`to_input_format`) in NHWC. The
   function is the same; CPU results agree within float rounding (tests/test_bench.py).
 * autocast: convolutions and matmuls in bf16/fp16 with fp32 weights and fp32 optimizer;
   LRN accumulates in fp32 (``lrn.py``). fp16 on CUDA needs a :func:`grad_scaler`.
-* ``compile``: ``torch.compile`` of the whole model. The split model records its traffic in
+* ``compile``: ``nn.Module.compile()``, in place: the module stays itself (same parameters,
+  same state-dict keys), only its calls run compiled. The split model records its traffic in
   Python, which Dynamo handles with graph breaks at the four transfers; a tower pair across
   two devices compiles as several graphs.
 * ``cudnn_benchmark``: let cuDNN time its algorithms for each new shape (CUDA only; fixed
@@ -22,6 +24,9 @@ from typing import Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from split_alexnet.network.placement import place
 
 AMP_CHOICES = ("off", "bf16", "fp16")
 _AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -37,38 +42,38 @@ def amp_dtype(amp: str | torch.dtype | None) -> torch.dtype | None:
         raise ValueError(f"amp must be one of {', '.join(AMP_CHOICES)}; got {amp!r}") from None
 
 
-def model_devices(model: nn.Module) -> list[torch.device]:
-    """The distinct devices of ``model``'s parameters, in order of first appearance."""
-    seen: list[torch.device] = []
-    for p in model.parameters():
-        if p.device not in seen:
-            seen.append(p.device)
-    return seen or [torch.device("cpu")]
+def parallelize(model: nn.Module, devices: Sequence[str | torch.device] | str, *,
+                channels_last: bool = False, ddp: bool = False, compile: bool = False,
+                cudnn_benchmark: bool | None = None, compile_kwargs: dict | None = None
+                ) -> nn.Module:
+    """Make ``model`` ready to run on ``devices``, always in this order, and return it:
 
+    1. placement: :func:`placement.place` (nothing moves if ``build_model`` placed it);
+    2. channels_last: 4-D weights to NHWC, in place (devices are kept);
+    3. DDP (``ddp``, under torchrun): ``DistributedDataParallel(model, device_ids=None)``, as
+       the PyTorch docs require for a module that spans devices; the input goes to tower 0's
+       device, the logits come back there (fc8 lives with tower 0);
+    4. compile: ``nn.Module.compile()`` of the result, in place (under DDP the wrapper is
+       compiled, so the module inside runs eager wherever it is called without DDP).
 
-def apply_fast_paths(model: nn.Module, *, channels_last: bool = False, compile: bool = False,
-                     cudnn_benchmark: bool | None = None, compile_kwargs: dict | None = None
-                     ) -> nn.Module:
-    """Apply the chosen fast paths to ``model`` and return it (or its compiled wrapper).
-
-    Call after placement and before building the optimizer (parameters keep their identity,
-    so building it after is not required, only tidy). ``channels_last`` converts the 4-D
-    weights in place (devices are kept). ``compile`` returns ``torch.compile(model)``; the
-    original module stays reachable as ``._orig_mod`` and shares its parameters."""
+    ``cudnn_benchmark`` is a global switch, set first. Build the optimizer afterwards, on
+    ``unwrap(result)``: the parameters are the same tensors."""
     if cudnn_benchmark is not None:
         torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
+    model = place(model, devices)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    if ddp:
+        model = DistributedDataParallel(model, device_ids=None)
     if compile:
-        model = torch.compile(model, **(compile_kwargs or {}))
+        model.compile(**(compile_kwargs or {}))
     return model
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module under a torch.compile (and/or DDP) wrapper."""
-    model = getattr(model, "_orig_mod", model)
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
+    """The network inside :func:`parallelize`'s result: DDP's ``.module``, else ``model``
+    itself (compiling is in place, so there is no compile wrapper to remove)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def to_input_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:

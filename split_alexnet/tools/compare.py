@@ -9,33 +9,15 @@ the largest difference of each, and writes a PNG of the curves.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Sequence
 
+from split_alexnet.training.metrics import by_step, read_records
 from split_alexnet.utils.cli import UsageError, run
 from split_alexnet.utils.plot import curves_png
 
 PROG = "split_alexnet.compare"
-
-
-def read_metrics(run_dir: Path) -> dict[str, dict[int, dict]]:
-    """{kind: {step: record}}; a resumed run's repeated steps keep the latest record."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise UsageError(f"{run_dir} is not a run folder (no metrics.jsonl)")
-    out: dict[str, dict[int, dict]] = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            raise UsageError(f"{path}:{n} is not valid JSON") from None
-        if "step" in r:
-            out.setdefault(r["kind"], {})[r["step"]] = r
-    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -45,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="PNG of both runs' curves (default: none)")
     p.add_argument("--rows", type=int, default=20, help="at most this many table rows")
     args = p.parse_args(argv)
-    a, b = read_metrics(Path(args.run_a)), read_metrics(Path(args.run_b))
+    a, b = by_step(read_records(args.run_a)), by_step(read_records(args.run_b))
     name_a, name_b = Path(args.run_a).name, Path(args.run_b).name
     report = {}
     for kind, field in (("train", "loss"), ("val", "top1_err"), ("val", "top5_err")):

@@ -5,8 +5,9 @@ paper's ten crops with averaged softmax. A checkpoint of either layout runs in e
     python -m split_alexnet.evaluate --checkpoint runs/demo/last.pt --data runs/demo/demo_data --single-device
     python -m split_alexnet.evaluate --checkpoint C --data DIR --devices cpu,cpu --json results.json
 
-The mean image and colour statistics come from the checkpoint (the training set's), so
-``--data`` needs only ``val/<class>/``; class folders are matched to the checkpoint by name.
+The network is rebuilt from the checkpoint's model config; the mean image and colour
+statistics come from the checkpoint too (the training set's), so ``--data`` needs only
+``val/<class>/``; class folders are matched to the checkpoint by name.
 """
 
 from __future__ import annotations
@@ -14,15 +15,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from split_alexnet.training.checkpoint import CheckpointError, load_checkpoint
+import torch
+from torch import nn
+
+from split_alexnet.data.dataset import CropFolder, EpochSampler, find_classes, make_loader
+from split_alexnet.network.placement import add_device_flags, build_model, resolve_devices
+from split_alexnet.training.checkpoint import (CheckpointError, checkpoint_stats,
+                                               load_checkpoint, model_config)
+from split_alexnet.training.loop import evaluate
 from split_alexnet.utils.cli import UsageError, run
-from split_alexnet.training.config import TrainConfig, resolve_devices
-from split_alexnet.data.dataset import EpochSampler, CropFolder, find_classes, make_loader
-from split_alexnet.data.stats import Stats
-from split_alexnet.network.model import build_model
+from split_alexnet.utils.fileio import atomic_write
 
 PROG = "split_alexnet.evaluate"
 
@@ -33,60 +39,73 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="dataset root with val/<class>/")
     p.add_argument("--split", default="val", help="subfolder to evaluate (default: val)")
     p.add_argument("--ten-crop", action="store_true", help="also the paper's ten-crop test")
-    p.add_argument("--gpus", help="GPU indices for the two towers, e.g. 0,1")
-    p.add_argument("--devices", help="any two devices for the towers, e.g. cpu,cpu")
-    p.add_argument("--single-device", action="store_true", help="the collapsed layout")
+    add_device_flags(p, default="paper")
     p.add_argument("--batch-size", type=int, default=128, help="images per forward (default 128)")
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers (default 4)")
     p.add_argument("--json", help="also write the results to this file")
     return p.parse_args(argv)
 
 
-def load_model(path: Path, *, gpus=None, devices=None, single_device=False):
-    """Checkpoint -> (model in the requested layout, checkpoint payload, devices)."""
+def load_model(path: Path, *, gpus: str | None = None, devices: str | None = None,
+               single_device: bool = False, default: str = "paper"
+               ) -> tuple[nn.Module, dict, tuple[torch.device, ...]]:
+    """Checkpoint -> (its network in eval mode on the devices the flags give, the checkpoint
+    payload, those devices). ``default``: what no device flag means (``resolve_devices``)."""
     try:
         ckpt = load_checkpoint(path)
+        cfg = model_config(ckpt)
     except CheckpointError as e:
         raise UsageError(str(e)) from None
-    saved = ckpt["config"]
-    cfg = TrainConfig(gpus=gpus, devices=devices,
-                      single_device=single_device or saved.get("arch") == "half")
-    devs = resolve_devices(cfg)
-    model = build_model(arch=saved.get("arch", "alexnet"), layout=cfg.layout, devices=devs,
-                        num_classes=len(ckpt["classes"]), init=None, lrn=saved["lrn"],
-                        activation=saved["activation"], pool=saved["pool"],
-                        dropout=saved["dropout"])
+    devs = resolve_devices(gpus, devices, single_device or cfg.arch == "half", default=default)
+    layout = "collapsed" if len(devs) == 1 else "split"
+    model = build_model(replace(cfg, init=None), layout, devs)  # weights: the checkpoint's
     model.load_state_dict(ckpt["model"])
     return model.eval(), ckpt, devs
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from split_alexnet.training.trainer import evaluate  # the same function training uses
-    args = parse_args(argv)
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
-    model, ckpt, devs = load_model(Path(args.checkpoint), gpus=args.gpus, devices=args.devices,
-                                   single_device=args.single_device)
-    split_dir = Path(args.data) / args.split
+def evaluate_checkpoint(path: Path, data: Path, *, split: str = "val", ten_crop: bool = False,
+                        gpus: str | None = None, devices: str | None = None,
+                        single_device: bool = False, batch_size: int = 128, workers: int = 4,
+                        progress: bool = True) -> dict:
+    """The centre-crop (and with ``ten_crop`` the ten-crop) results of a checkpoint on
+    ``data/split``, with the layout and devices used: what ``--json`` writes."""
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    model, ckpt, devs = load_model(Path(path), gpus=gpus, devices=devices,
+                                   single_device=single_device)
+    split_dir = Path(data) / split
     classes = list(ckpt["classes"])
     unknown = sorted(set(find_classes(split_dir)) - set(classes))
     if unknown:
         raise UsageError(f"{split_dir} has class folders the checkpoint does not know: "
                          f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
-    st = ckpt["stats"]
-    stats = Stats(mean=st["mean"], eigval=st["eigval"], eigvec=st["eigvec"],
-                  fingerprint=ckpt["stats_fingerprint"], classes=classes)
-    results = {"checkpoint": str(args.checkpoint), "layout": "collapsed" if len(devs) == 1
-               else "split", "devices": [str(d) for d in devs]}
-    for mode in ["center"] + (["tencrop"] if args.ten_crop else []):
+    stats = checkpoint_stats(ckpt)
+    results = {"checkpoint": str(path), "layout": "collapsed" if len(devs) == 1 else "split",
+               "devices": [str(d) for d in devs]}
+    for mode in ["center"] + (["tencrop"] if ten_crop else []):
         ds = CropFolder(split_dir, classes, mode=mode)
-        bs = max(1, args.batch_size // 10) if mode == "tencrop" else args.batch_size
-        loader = make_loader(ds, batch_size=bs, workers=args.workers,
+        bs = max(1, batch_size // 10) if mode == "tencrop" else batch_size
+        loader = make_loader(ds, batch_size=bs, workers=workers,
                              sampler=EpochSampler(len(ds), shuffle=False, drop_last=False),
                              pin_memory=devs[0].type == "cuda")
         key = "ten_crop" if mode == "tencrop" else "center"
         results[key] = evaluate(model, loader, stats, devs[0], ten_crop=mode == "tencrop",
-                                progress=True)
+                                progress=progress)
+    return results
+
+
+def write_json(path: Path | str, obj) -> None:
+    """``obj`` as indented JSON, written atomically."""
+    text = json.dumps(obj, indent=2) + "\n"
+    atomic_write(Path(path), lambda f: f.write(text.encode()))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    results = evaluate_checkpoint(
+        Path(args.checkpoint), Path(args.data), split=args.split, ten_crop=args.ten_crop,
+        gpus=args.gpus, devices=args.devices, single_device=args.single_device,
+        batch_size=args.batch_size, workers=args.workers)
     print(f"{'crop':<10} {'images':>7} {'top-1 err':>10} {'top-5 err':>10} {'loss':>8}")
     for key in ("center", "ten_crop"):
         if key in results:
@@ -94,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{key:<10} {r['n']:>7} {r['top1_err']:>10.4f} {r['top5_err']:>10.4f} "
                   f"{r['loss']:>8.4f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.json, results)
     return 0
 
 

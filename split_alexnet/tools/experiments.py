@@ -5,14 +5,17 @@
     python -m split_alexnet.experiments lrn --data /data/ilsvrc12 --epochs 90 --gpus 0,1
     python -m split_alexnet.experiments overlap-pool --data DIR --budget-steps 500 -- --lr 0.005
 
-Each experiment trains its variants with everything else equal (same data, same flags, same
-seeds 0..K-1) by calling ``split_alexnet.train.main`` in-process with
-``--out OUT/<variant>-seed<k>``, then writes to OUT:
+Each experiment trains its variants with everything else equal (same data, same settings,
+same seeds 0..K-1): one base :class:`TrainConfig`, and for each run its variant's switch, the
+seed and ``out=OUT/<variant>-seed<k>`` set with ``TrainConfig.with_settings``
+(``dataclasses.replace``), trained in-process by ``training.trainer.train``. Then it writes
+to OUT:
 
 * ``results.md``: variant, final val top-1 / top-5 error (centre crop), steps (and training
   seconds) to the experiment's target, and the paper's figure where it gives one;
 * ``curves.png``: smoothed training top-1 error per variant (mean over seeds);
-* ``results.json``: every number, per seed, with the commands that produced them.
+* ``results.json``: every number, per seed, with the command that reproduces each run
+  (derived from its config).
 
 Targets. ``relu-vs-tanh`` (Figure 1): the first step at which the training top-1 error,
 smoothed over a trailing window of ``--smooth`` steps, is at most 25%. ``init``: the first step
@@ -36,9 +39,19 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
+import torch
+
+from split_alexnet.data.demo import make_demo_dataset
+from split_alexnet.network.placement import DEVICE_HELP, resolve_devices
+from split_alexnet.tools.evaluate import evaluate_checkpoint, write_json
+from split_alexnet.training.config import TrainConfig, parse_config, to_flags
+from split_alexnet.training.metrics import read_records
+from split_alexnet.training.trainer import train
 from split_alexnet.utils.cli import Abort, UsageError, run
+from split_alexnet.utils.fileio import atomic_write
+from split_alexnet.utils.plot import curves_png
 
 PROG = "split_alexnet.experiments"
 
@@ -47,7 +60,7 @@ PROG = "split_alexnet.experiments"
 class Experiment:
     name: str
     question: str
-    variants: tuple[tuple[str, tuple[str, ...]], ...]  # (name, trainer flags); paper's first
+    variants: tuple[tuple[str, dict[str, Any]], ...]  # (name, trainer settings); paper's first
     target: str                                         # "err25" or "chance"
     paper: dict[str, str] = field(default_factory=dict)  # variant -> the paper's figure
     claim: str = ""
@@ -58,7 +71,7 @@ class Experiment:
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
     Experiment(
         "relu-vs-tanh", "Figure 1: how much faster does ReLU reach 25% training error than tanh?",
-        (("relu", ("--activation", "relu")), ("tanh", ("--activation", "tanh"))),
+        (("relu", {"activation": "relu"}), ("tanh", {"activation": "tanh"})),
         target="err25",
         paper={"relu": "6x fewer steps to 25% train error than tanh",
                "tanh": "(baseline of the 6x)"},
@@ -67,14 +80,14 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
                      "ImageNet; here it is the full AlexNet on whatever --data is."),
     Experiment(
         "lrn", "Does local response normalisation lower the error?",
-        (("lrn-paper", ("--lrn", "paper")), ("lrn-off", ("--lrn", "off"))),
+        (("lrn-paper", {"lrn": "paper"}), ("lrn-off", {"lrn": "off"})),
         target="chance",
         paper={"lrn-paper": "-1.4 top-1 / -1.2 top-5 (vs no LRN)"},
         claim="LRN reduces top-1 / top-5 error by 1.4 / 1.2 points (section 3.3).",
         delta=(-1.4, -1.2)),
     Experiment(
         "overlap-pool", "Does overlapping pooling (3/2) beat non-overlapping (2/2)?",
-        (("pool-3s2", ("--pool", "3/2")), ("pool-2s2", ("--pool", "2/2"))),
+        (("pool-3s2", {"pool": "3/2"}), ("pool-2s2", {"pool": "2/2"})),
         target="chance",
         paper={"pool-3s2": "-0.4 top-1 / -0.3 top-5 (vs 2/2)"},
         claim="Overlapping pooling reduces top-1 / top-5 error by 0.4 / 0.3 points "
@@ -82,7 +95,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
         delta=(-0.4, -0.3)),
     Experiment(
         "towers-vs-half", "Do the two towers beat a one-device net with half the kernels?",
-        (("towers", ("--arch", "alexnet")), ("half", ("--arch", "half"))),
+        (("towers", {"arch": "alexnet"}), ("half", {"arch": "half"})),
         target="chance",
         paper={"towers": "-1.7 top-1 / -1.2 top-5 (vs half)"},
         claim="The two-tower net has 1.7 / 1.2 points lower top-1 / top-5 error than the "
@@ -90,22 +103,22 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
         delta=(-1.7, -1.2)),
     Experiment(
         "pca-noise", "Does PCA colour noise lower the error?",
-        (("pca-paper", ("--pca", "paper")), ("pca-off", ("--pca", "off"))),
+        (("pca-paper", {"pca": "paper"}), ("pca-off", {"pca": "off"})),
         target="chance",
         paper={"pca-paper": "more than -1 top-1 (vs off)"},
         claim="PCA colour augmentation reduces top-1 error by over 1 point (section 4.1).",
         delta=(-1.0, float("nan"))),
     Experiment(
         "init", "Which initialisation reading leaves chance, and how fast?",
-        (("paper", ("--init", "paper")), ("cuda-convnet2", ("--init", "cuda-convnet2")),
-         ("caffe", ("--init", "caffe"))),
+        (("paper", {"init": "paper"}), ("cuda-convnet2", {"init": "cuda-convnet2"}),
+         ("caffe", {"init": "caffe"})),
         target="chance",
-        paper={"paper": "paper.md measurement: at chance for all 330 steps",
-               "cuda-convnet2": "paper.md measurement: at chance for 220 steps",
-               "caffe": "paper.md measurement: val error 12% within 60 steps"},
+        paper={"paper": "measured before (docs/experiments.md): at chance for all 330 steps",
+               "cuda-convnet2": "measured before (docs/experiments.md): at chance for 220 steps",
+               "caffe": "measured before (docs/experiments.md): val error 12% within 60 steps"},
         claim="The paper's biases of 1 (section 5) train ImageNet in its 90-epoch runs; on a "
               "small generated set they were measured sitting at chance for hundreds of steps "
-              "while Caffe's 0.1 learned within 60 (../shared/paper.md).",
+              "while Caffe's 0.1 learned within 60 (docs/experiments.md, the init question).",
         setting_note="The reference figures are this project's earlier CPU measurement (5 "
                      "classes, 320 images, batch 32, lr 0.01), not the paper's."),
 )}
@@ -144,13 +157,6 @@ def chance_threshold(num_classes: int, window: int = 1, batch: int = 1) -> float
     return p - max(0.5 / num_classes, 3.0 * se)
 
 
-def read_metrics(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def train_seconds(train_recs: list[dict], batch: int) -> list[float]:
     """Cumulative seconds spent in training steps at each record (evaluation excluded), from
     each record's window of steps and its images/s."""
@@ -165,7 +171,7 @@ def train_seconds(train_recs: list[dict], batch: int) -> list[float]:
 
 def summarise_run(out: Path, *, target: str, window: int, num_classes: int, batch: int,
                   final: dict) -> dict:
-    recs = read_metrics(out)
+    recs = read_records(out, missing_ok=True)
     train = [r for r in recs if r["kind"] == "train"]
     steps = [int(r["step"]) for r in train]
     errs = [float(r["top1_err"]) for r in train]
@@ -192,25 +198,24 @@ def summarise_run(out: Path, *, target: str, window: int, num_classes: int, batc
     }
 
 
-def final_val(out: Path, data: str, devices_flags: list[str], workers: int) -> dict:
-    """The last centre-crop val record, if it is at the last step; otherwise evaluate
-    OUT/last.pt now (a run stopped by --max-steps mid-epoch logs no val record)."""
-    recs = read_metrics(out)
-    train = [r for r in recs if r["kind"] == "train"]
+def final_val(cfg: TrainConfig) -> dict:
+    """The run's last centre-crop val record, if it is at the last step; otherwise evaluate
+    OUT/last.pt now, as trained (a run stopped by --max-steps mid-epoch logs no val record),
+    and keep the results in OUT/final_val.json."""
+    out = Path(cfg.out)
+    recs = read_records(out, missing_ok=True)
+    train_recs = [r for r in recs if r["kind"] == "train"]
     val = [r for r in recs if r["kind"] == "val"]
-    last_step = train[-1]["step"] if train else 0
+    last_step = train_recs[-1]["step"] if train_recs else 0
     if val and val[-1]["step"] == last_step:
         v = val[-1]
         return {"step": v["step"], "top1_err": v["top1_err"], "top5_err": v["top5_err"],
                 "loss": v["loss"], "n": v.get("n")}
-    from split_alexnet.tools.evaluate import main as evaluate_main
-    js = out / "final_val.json"
-    argv = ["--checkpoint", str(out / "last.pt"), "--data", data, "--json", str(js),
-            "--workers", str(workers), "--batch-size", "32", *devices_flags]
-    rc = evaluate_main(argv)
-    if rc != 0:
-        raise UsageError(f"evaluating {out / 'last.pt'} failed")
-    c = json.loads(js.read_text())["center"]
+    results = evaluate_checkpoint(out / "last.pt", Path(cfg.data), gpus=cfg.gpus,
+                                  devices=cfg.devices, single_device=cfg.single_device,
+                                  batch_size=32, workers=cfg.workers)
+    write_json(out / "final_val.json", results)
+    c = results["center"]
     return {"step": last_step, "top1_err": c["top1_err"], "top5_err": c["top5_err"],
             "loss": c["loss"], "n": c["n"]}
 
@@ -308,9 +313,9 @@ def write_markdown(path: Path, exp: Experiment, result: dict) -> None:
               "(training seconds in the table exclude evaluation and checkpoints)", "",
               f"| variant | flags | seeds | top-1 err (val, centre) | top-5 err | {target_name} "
               "| paper |", "|---|---|---|---|---|---|---|"]
-    for name, flags in exp.variants:
+    for name, settings in exp.variants:
         a = result["summary"][name]
-        lines.append(f"| {name} | `{' '.join(flags)}` | {a['seeds']} | "
+        lines.append(f"| {name} | `{' '.join(to_flags(settings))}` | {a['seeds']} | "
                      f"{_pct(a['top1_err_mean'], a['top1_err_std'])} | "
                      f"{_pct(a['top5_err_mean'], a['top5_err_std'])} | "
                      f"{_target_cell(a, target_name)} | {exp.paper.get(name, '-')} |")
@@ -322,11 +327,11 @@ def write_markdown(path: Path, exp: Experiment, result: dict) -> None:
     if result["num_classes"] <= 5:
         lines.append(f"With {result['num_classes']} classes top-5 error is trivially 0.")
     lines.append("")
-    path.write_text("\n".join(lines))
+    text = "\n".join(lines)
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def write_png(path: Path, exp: Experiment, result: dict) -> None:
-    from split_alexnet.utils.plot import curves_png
     series = []
     last = 1
     for name, _ in exp.variants:
@@ -364,9 +369,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     g.add_argument("--epochs", type=int, help="epochs per run instead of a step budget")
     p.add_argument("--seeds", type=int, default=1, help="seeds 0..K-1 for every variant")
     p.add_argument("--out", help="output folder (default runs/experiments/NAME)")
-    p.add_argument("--devices", help="the towers' devices, e.g. cpu,cpu (default: the "
-                                     "trainer's choice; cpu,cpu when there is no GPU)")
-    p.add_argument("--gpus", help="GPU indices for the towers, e.g. 0,1")
+    p.add_argument("--devices", help=f"{DEVICE_HELP['devices']} With neither flag: GPUs 0 "
+                                     "and 1, or the CPU for the demo and when there is no GPU.")
+    p.add_argument("--gpus", help=DEVICE_HELP["gpus"])
     p.add_argument("--batch-size", type=int, help="images per step (default: the trainer's "
                                                   "or the demo preset's)")
     p.add_argument("--smooth", type=int, default=10,
@@ -399,16 +404,12 @@ def _count_classes(root: Path) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import torch
-
-    from split_alexnet.training.trainer import main as train_main
     a, extra = parse_args(argv)
     exp = EXPERIMENTS[a.name]
     out = Path(a.out or f"runs/experiments/{a.name}")
     out.mkdir(parents=True, exist_ok=True)
     demo = a.demo or a.data is None
     if demo and a.data is None:
-        from split_alexnet.data.demo import make_demo_dataset
         data = out / "demo_data"
         print(f"{PROG}: no --data: using the generated demo set in {data}", file=sys.stderr)
         make_demo_dataset(data, seed=0)
@@ -426,60 +427,55 @@ def main(argv: Sequence[str] | None = None) -> int:
         variants = [v for v in variants if v[0] in wanted]
         exp = Experiment(**{**exp.__dict__, "variants": tuple(variants)})
 
-    if a.gpus:
-        dev_flags = ["--gpus", a.gpus]
-    elif a.devices:
-        dev_flags = ["--devices", a.devices]
-    elif not torch.cuda.is_available():
-        dev_flags = ["--devices", "cpu,cpu"]
-    else:
-        dev_flags = []
-    common = [*(["--demo"] if demo else []), "--data", str(data), *dev_flags,
-              "--log-interval", "1", "--no-ten-crop"]
+    # One base config for every run: the experiment's settings, then the flags after --.
+    devices = resolve_devices(a.gpus, a.devices, default="paper" if torch.cuda.is_available()
+                              and not demo else "cpu")
+    settings: dict[str, Any] = {"demo": demo, "data": str(data), "gpus": None,
+                                "devices": ",".join(map(str, devices)), "log_interval": 1,
+                                "ten_crop": False}
     if a.budget_steps is not None:
         # Enough epochs that the step budget, not the epoch count, ends the run.
-        common += ["--max-steps", str(a.budget_steps), "--epochs", "100000"]
+        settings.update(max_steps=a.budget_steps, epochs=100000)
         budget = f"{a.budget_steps} steps per run"
     elif a.epochs is not None:
-        common += ["--epochs", str(a.epochs)]
+        settings.update(epochs=a.epochs)
         budget = f"{a.epochs} epochs per run"
     else:
         budget = "the trainer's epochs" + (" (demo preset)" if demo else "")
     if a.batch_size is not None:
-        common += ["--batch-size", str(a.batch_size)]
+        settings.update(batch_size=a.batch_size)
     if a.workers is not None:
-        common += ["--workers", str(a.workers)]
-    common += extra
+        settings.update(workers=a.workers)
+    base = parse_config(extra, base=settings)
+    switched = {k for _, v in variants for k in v}
+    common = base.to_argv(leave_out=("config", "out", "seed", *switched))
 
     num_classes = _count_classes(data)
     t_start = time.monotonic()
     runs: dict[str, list[dict]] = {}
     commands: dict[str, list[str]] = {}
     for seed in range(a.seeds):
-        for name, flags in variants:
+        for name, switch in variants:
             run_out = out / f"{name}-seed{seed}"
             if run_out.exists():
                 shutil.rmtree(run_out)  # a fresh run: metrics.jsonl appends otherwise
-            argv_ = [*common, *flags, "--seed", str(seed), "--out", str(run_out)]
-            commands[f"{name}-seed{seed}"] = ["python", "-m", "split_alexnet.train", *argv_]
-            print(f"{PROG}: {a.name}: {name} seed {seed}: train {' '.join(argv_)}",
+            cfg = base.with_settings(**switch, seed=seed, out=str(run_out))
+            commands[f"{name}-seed{seed}"] = ["python", "-m", "split_alexnet.train",
+                                              *cfg.to_argv()]
+            print(f"{PROG}: {a.name}: {name} seed {seed}: train {' '.join(cfg.to_argv())}",
                   file=sys.stderr)
             diverged = None
             try:
-                rc = train_main(argv_)
+                train(cfg)
             except Abort as e:
                 if isinstance(e, UsageError) or "loss is" not in str(e):
                     raise
                 diverged = str(e)  # a NaN/inf loss: a result of this variant, not a crash
                 print(f"{PROG}: {name} seed {seed} diverged: {e}", file=sys.stderr)
-                rc = 0
-            if rc != 0:
-                raise UsageError(f"training {name} (seed {seed}) failed with exit code {rc}")
-            cfg = json.loads((run_out / "config.json").read_text())
-            fv = final_val(run_out, str(data), dev_flags, cfg["workers"]) if diverged is None \
+            fv = final_val(cfg) if diverged is None \
                 else {"step": None, "top1_err": None, "top5_err": None, "loss": None, "n": None}
             summary = summarise_run(run_out, target=exp.target, window=a.smooth,
-                                    num_classes=num_classes, batch=cfg["batch_size"], final=fv)
+                                    num_classes=num_classes, batch=cfg.batch_size, final=fv)
             summary["seed"] = seed
             summary["diverged"] = diverged
             runs.setdefault(name, []).append(summary)
@@ -496,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "num_classes": num_classes,
         "settings": {"data": str(data), "demo": demo, "budget": budget, "seeds": a.seeds,
                      "smooth": a.smooth, "common_flags": common,
-                     "variants": {n: list(f) for n, f in variants}},
+                     "variants": {n: to_flags(v) for n, v in variants}},
         "commands": commands,
         "wall_seconds": time.monotonic() - t_start,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -506,7 +502,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     result["comparisons"] = comparisons(exp, summ) if len(variants) == len(
         EXPERIMENTS[a.name].variants) else []
-    (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    text = json.dumps(result, indent=1) + "\n"
+    atomic_write(out / "results.json", lambda f: f.write(text.encode()))
     write_markdown(out / "results.md", exp, result)
     write_png(out / "curves.png", exp, result)
     print((out / "results.md").read_text())

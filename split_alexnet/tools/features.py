@@ -14,20 +14,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from split_alexnet.data.augment import finish_batch
 from split_alexnet.data.dataset import CENTER, CROP, tencrop_offsets
 from split_alexnet.data.stats import Stats
-from split_alexnet.data.augment import finish_batch
+from split_alexnet.network.parallelize import unwrap
 
-__all__ = ["fc7_features", "forward_with_features", "checkpoint_stats", "center_batch",
-           "tencrop_batch", "prepare_input", "default_layout"]
+__all__ = ["fc7_features", "forward_with_features", "center_batch", "tencrop_batch",
+           "prepare_input"]
 
 
 class _Captured(Exception):
     """Raised by the fc8 pre-hook to stop the forward pass once fc7 is known (saves fc8)."""
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
 
 
 @torch.no_grad()
@@ -36,7 +33,7 @@ def forward_with_features(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
 
     The features are the input of fc8: post-activation fc7 of both towers, tower 0 first, on
     the device of fc8 (the first device). Call it on a model in eval mode (no dropout)."""
-    net = _unwrap(model)
+    net = unwrap(model)
     box: list[Tensor] = []
     handle = net.fc8.register_forward_pre_hook(lambda _m, args: box.append(args[0]))
     try:
@@ -50,7 +47,7 @@ def forward_with_features(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
 def fc7_features(model: nn.Module, x: Tensor) -> Tensor:
     """fc7 activations (B, 4096), post-ReLU, towers in order 0, 1, for ``x`` (B, 3, 227, 227)
     in the model's input scale (raw 0-255 minus the mean image). Any layout. fc8 is skipped."""
-    net = _unwrap(model)
+    net = unwrap(model)
     box: list[Tensor] = []
 
     def hook(_m, args):
@@ -67,14 +64,6 @@ def fc7_features(model: nn.Module, x: Tensor) -> Tensor:
     if not box:  # pragma: no cover - a model whose forward does not reach fc8
         raise RuntimeError("the model's forward never reached fc8")
     return box[0]
-
-
-def checkpoint_stats(ckpt: dict) -> Stats:
-    """The training set's mean image and colour statistics stored in a checkpoint."""
-    st = ckpt["stats"]
-    return Stats(mean=st["mean"], eigval=st["eigval"], eigvec=st["eigvec"],
-                 fingerprint=str(ckpt.get("stats_fingerprint", "")),
-                 classes=list(ckpt["classes"]))
 
 
 def center_batch(images: Tensor) -> dict:
@@ -103,13 +92,3 @@ def prepare_input(images: Tensor, stats: Stats, device, *, ten_crop: bool = Fals
     crops, or (B, 10, 3, 227, 227) ten crops, minus the mean image, raw 0-255 scale."""
     batch = tencrop_batch(images) if ten_crop else center_batch(images)
     return finish_batch(batch, stats, device)
-
-
-def default_layout(gpus, devices, single_device) -> bool:
-    """``single_device`` for the inference tools: with no device flags and fewer than two
-    GPUs, run the collapsed layout (the same function) on the one GPU or the CPU instead of
-    refusing, as training must."""
-    if gpus is None and devices is None and not single_device:
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        return n < 2
-    return bool(single_device)

@@ -28,10 +28,14 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from torchvision.models import AlexNet_Weights
 
-from split_alexnet.utils.cli import UsageError, run
-from split_alexnet.tools.features import checkpoint_stats, default_layout, prepare_input
 from split_alexnet.data.images import UnreadableImage, load_rgb256
+from split_alexnet.network.placement import add_device_flags
+from split_alexnet.tools.evaluate import load_model
+from split_alexnet.tools.features import prepare_input
+from split_alexnet.training.checkpoint import checkpoint_stats
+from split_alexnet.utils.cli import UsageError, run
 
 PROG = "split_alexnet.predict"
 
@@ -51,9 +55,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-unreadable", action="store_true",
                    help="warn about unreadable images and classify the rest (default: stop)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward (default 32)")
-    p.add_argument("--gpus", help="GPU indices for the two towers, e.g. 0,1")
-    p.add_argument("--devices", help="any two devices for the towers, e.g. cpu,cpu")
-    p.add_argument("--single-device", action="store_true", help="the collapsed layout")
+    add_device_flags(p, default="collapse")
     return p.parse_args(argv)
 
 
@@ -69,7 +71,6 @@ def imagenet_names() -> dict[str, str]:
     :data:`ILSVRC2012_WNIDS`."""
     global _IMAGENET
     if _IMAGENET is None:
-        from torchvision.models import AlexNet_Weights
         cats = list(AlexNet_Weights.IMAGENET1K_V1.meta["categories"])
         if len(cats) != len(ILSVRC2012_WNIDS):  # pragma: no cover - a changed torchvision
             raise RuntimeError(f"torchvision lists {len(cats)} ImageNet categories, not 1000")
@@ -127,7 +128,6 @@ def predict(model, ckpt: dict, arrays: Sequence[np.ndarray], device, *, ten_crop
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from split_alexnet.tools.evaluate import load_model
     args = parse_args(argv)
     if args.top < 1:
         raise UsageError(f"--top must be at least 1, got {args.top}")
@@ -136,9 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths, arrays = load_images(args.images, skip_unreadable=args.skip_unreadable)
     if not arrays:
         raise UsageError("none of the images could be read")
-    single = default_layout(args.gpus, args.devices, args.single_device)
     model, ckpt, devs = load_model(Path(args.checkpoint), gpus=args.gpus, devices=args.devices,
-                                   single_device=single)
+                                   single_device=args.single_device, default="collapse")
     probs = predict(model, ckpt, arrays, devs[0], ten_crop=args.ten_crop,
                     batch_size=args.batch_size)
     classes = [str(c) for c in ckpt["classes"]]

@@ -1,7 +1,7 @@
 """Print the network per tower: layers, output shapes, parameters, device, traffic per image.
 
-    python -m split_alexnet.summary                      # towers on cpu,cpu (or cuda:0,cuda:1 with --devices)
-    python -m split_alexnet.summary --devices cuda:0,cpu --classes 1000
+    python -m split_alexnet.summary                      # towers on cpu,cpu
+    python -m split_alexnet.summary --gpus 0,1           # or any two devices: --devices cuda:0,cpu
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from typing import Sequence
 
 import torch
 
-from split_alexnet.utils.cli import UsageError, run
 from split_alexnet.network.model import INPUT_SIZE, TOWER_LAYERS, SplitAlexNet, count_parameters
+from split_alexnet.network.placement import add_device_flags, place, resolve_devices
+from split_alexnet.utils.cli import UsageError, run
 
 PROG = "split_alexnet.summary"
 
@@ -55,12 +56,13 @@ def summarize(net: SplitAlexNet) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0])
-    p.add_argument("--devices", default="cpu,cpu", help="the towers' devices (default cpu,cpu)")
+    add_device_flags(p, default="cpu", single_device=False)
     p.add_argument("--classes", type=int, default=1000, help="units in fc8 (default 1000)")
     args = p.parse_args(argv)
+    devices = resolve_devices(args.gpus, args.devices, default="cpu")
     try:
-        net = SplitAlexNet(args.classes, args.devices, init=None)
-    except ValueError as e:
+        net = place(SplitAlexNet(args.classes, init=None), devices)
+    except ValueError as e:  # --classes
         raise UsageError(str(e)) from None
     print(summarize(net))
     return 0

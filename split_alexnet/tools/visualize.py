@@ -26,7 +26,19 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from split_alexnet.data.augment import finish_batch
+from split_alexnet.data.dataset import CENTER, CROP, CropFolder, find_classes, make_loader
+from split_alexnet.data.images import UnreadableImage, load_rgb256
+from split_alexnet.network.placement import add_device_flags
+from split_alexnet.tools.evaluate import load_model
+from split_alexnet.tools.features import fc7_features
+from split_alexnet.training.checkpoint import (CheckpointError, checkpoint_stats,
+                                               load_checkpoint, model_config)
+from split_alexnet.training.metrics import by_step, read_records
 from split_alexnet.utils.cli import UsageError, run
+from split_alexnet.utils.fileio import atomic_write
+from split_alexnet.utils.plot import curves_png
+from split_alexnet.utils.progress import Progress
 
 PROG = "split_alexnet.visualize"
 
@@ -139,15 +151,14 @@ def _conv1_weight(ckpt: dict) -> torch.Tensor:
 
 
 def cmd_kernels(args: argparse.Namespace) -> int:
-    from split_alexnet.training.checkpoint import CheckpointError, load_checkpoint
     if args.scale < 1 or args.cols < 1:
         raise UsageError("--scale and --cols must be at least 1")
     try:
         ckpt = load_checkpoint(Path(args.checkpoint))
+        towers = 1 if model_config(ckpt).arch == "half" else 2
     except CheckpointError as e:
         raise UsageError(str(e)) from None
     weight = _conv1_weight(ckpt)
-    towers = 1 if ckpt.get("config", {}).get("arch") == "half" else 2
     img, grid = kernel_image(weight, towers=towers, cols=args.cols, scale=args.scale)
     _save(img, args.out)
     chroma = colourfulness(weight)
@@ -169,10 +180,6 @@ def cmd_kernels(args: argparse.Namespace) -> int:
 def _features(model, ds, indices: Sequence[int], stats, device, *, batch_size: int,
               workers: int, desc: str, progress: bool):
     """Yield (dataset indices, fc7 features float64 on the CPU) batch by batch."""
-    from split_alexnet.data.dataset import make_loader
-    from split_alexnet.data.augment import finish_batch
-    from split_alexnet.tools.features import fc7_features
-    from split_alexnet.utils.progress import Progress
     loader = make_loader(ds, batch_size=batch_size, sampler=list(indices), workers=workers,
                          pin_memory=device.type == "cuda")
     with Progress(len(indices), desc, unit="img", enabled=progress) as bar:
@@ -204,8 +211,6 @@ def retrieve(model, ckpt: dict, data: Path, device, *, queries: int | Sequence[i
     Returns ``[{"path", "label", "neighbours": [{"path", "label", "distance"}, ...]}]``
     with labels as class-folder names. Only the (queries x train) distances are kept, so any
     training set size fits in memory; ``max_train`` searches an evenly spread subset."""
-    from split_alexnet.data.dataset import CropFolder, find_classes
-    from split_alexnet.tools.features import checkpoint_stats
     model.eval()
     data = Path(data)
     stats = checkpoint_stats(ckpt)
@@ -272,8 +277,6 @@ class RetrievalLayout:
 
 
 def _thumb(path: str, tile: int) -> Image.Image:
-    from split_alexnet.data.dataset import CENTER, CROP
-    from split_alexnet.data.images import UnreadableImage, load_rgb256
     try:
         a = load_rgb256(path)[CENTER:CENTER + CROP, CENTER:CENTER + CROP]
     except UnreadableImage:
@@ -317,14 +320,11 @@ def retrieval_image(results: list[dict], neighbours: int, *, tile: int = 112
 
 
 def cmd_retrieval(args: argparse.Namespace) -> int:
-    from split_alexnet.tools.evaluate import load_model
-    from split_alexnet.tools.features import default_layout
     if args.queries < 1 or args.neighbours < 1 or args.tile < 16 or args.batch_size < 1:
         raise UsageError("--queries, --neighbours and --batch-size must be at least 1, "
                          "--tile at least 16")
-    single = default_layout(args.gpus, args.devices, args.single_device)
     model, ckpt, devs = load_model(Path(args.checkpoint), gpus=args.gpus, devices=args.devices,
-                                   single_device=single)
+                                   single_device=args.single_device, default="collapse")
     results = retrieve(model, ckpt, Path(args.data), devs[0], queries=args.queries,
                        neighbours=args.neighbours, batch_size=args.batch_size,
                        workers=args.workers, max_train=args.max_train)
@@ -351,13 +351,12 @@ def curve_series(run_dirs: Sequence[Path | str], metric: str = "top1_err"
                  ) -> list[tuple[str, list[float], list[float]]]:
     """[(label, steps, values)] of ``metric`` for each run's train, val and val_ten_crop
     records (metrics.jsonl), in that order; runs are named by their folder."""
-    from split_alexnet.tools.compare import read_metrics
     names = [Path(r).resolve().name or str(r) for r in run_dirs]
     if len(set(names)) < len(names):
         names = [str(r) for r in run_dirs]
     series = []
     for run_dir, name in zip(run_dirs, names):
-        recs = read_metrics(Path(run_dir))
+        recs = by_step(read_records(run_dir))
         found = False
         for kind, label in _LABELS.items():
             pts = sorted((s, r[metric]) for s, r in recs.get(kind, {}).items()
@@ -383,7 +382,6 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 
 def cmd_curves(args: argparse.Namespace) -> int:
-    from split_alexnet.utils.plot import curves_png
     size = _parse_size(args.size)
     series = curve_series(args.runs, args.metric)
     err = args.metric.endswith("_err")
@@ -400,18 +398,15 @@ def cmd_curves(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- CLI
 
 def _save(img: Image.Image, out: str | Path) -> None:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``img`` atomically, in the format of ``out``'s suffix (PNG without one)."""
+    out, formats = Path(out), Image.registered_extensions()
+    if out.suffix and out.suffix.lower() not in formats:
+        raise UsageError(f"cannot write {out}: unknown file extension: {out.suffix}")
+    fmt = formats.get(out.suffix.lower(), "PNG")
     try:
-        img.save(out, format=None if out.suffix else "PNG")
+        atomic_write(out, lambda f: img.save(f, format=fmt))
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot write {out}: {e}") from None
-
-
-def _device_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gpus", help="GPU indices for the two towers, e.g. 0,1")
-    p.add_argument("--devices", help="any two devices for the towers, e.g. cpu,cpu")
-    p.add_argument("--single-device", action="store_true", help="the collapsed layout")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -436,7 +431,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     r.add_argument("--tile", type=int, default=112, help="thumbnail size in px (default 112)")
     r.add_argument("--batch-size", type=int, default=64, help="images per forward (default 64)")
     r.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
-    _device_flags(r)
+    add_device_flags(r, default="collapse")
     r.set_defaults(func=cmd_retrieval)
 
     c = sub.add_parser("curves", help="training and validation error curves")

@@ -40,10 +40,9 @@ from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
+from split_alexnet.network.placement import resolve_devices
 from split_alexnet.utils.cli import UsageError
-from split_alexnet.network.placement import parse_device, parse_devices
 
 BACKENDS = ("auto", "nccl", "gloo")
 
@@ -56,7 +55,6 @@ class Context:
     local_world_size: int = 1
 
 
-_CTX = Context()
 _SETUP_GROUP: Any = None  # a gloo group with a long timeout, for set-up barriers
 
 
@@ -79,61 +77,6 @@ def env_context() -> Context:
     return ctx
 
 
-def context() -> Context:
-    """The context of the running process (after :func:`init`)."""
-    return _CTX
-
-
-def _split(spec: str) -> list[str]:
-    return [s.strip() for s in spec.split(",") if s.strip()]
-
-
-def devices_for_rank(cfg, ctx: Context) -> tuple[torch.device, ...]:
-    """This process's devices under torchrun, with readable errors for bad settings.
-
-    ``--devices`` names the same devices in every process (cpu,cpu for tests and CPU
-    clusters; a GPU only with one process per node). Otherwise the node's GPUs (``--gpus``,
-    default all visible) are dealt out: a pair per process, or one with ``--single-device``.
-    """
-    n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    try:
-        if cfg.devices is not None:
-            specs = _split(cfg.devices)
-            devs = (parse_device(specs[0]),) if cfg.single_device and specs else \
-                parse_devices(specs)
-            if ctx.local_world_size > 1 and any(d.type != "cpu" for d in devs):
-                raise UsageError(
-                    f"--devices {cfg.devices} would put all {ctx.local_world_size} processes of "
-                    "this node on the same GPUs; under torchrun use --gpus (each process takes "
-                    "its own pair) or --devices cpu,cpu")
-            return devs
-        if cfg.gpus is not None:
-            ids = _split(cfg.gpus)
-            if not all(i.isdigit() for i in ids):
-                raise UsageError(f"--gpus takes GPU indices such as 0,1,2,3; got {cfg.gpus!r}")
-            if len(set(ids)) != len(ids):
-                raise UsageError(f"--gpus {cfg.gpus} names a GPU twice; under torchrun every "
-                                 "process needs its own GPUs")
-        else:
-            ids = [str(i) for i in range(n_gpu)]
-        per = 1 if cfg.single_device else 2
-        if not cfg.single_device and len(ids) % 2:
-            raise UsageError(f"an odd number of GPUs ({len(ids)}) cannot form tower pairs; give "
-                             "an even count with --gpus, or use --single-device")
-        need = ctx.local_world_size * per
-        if len(ids) < need:
-            where = f" (--gpus {cfg.gpus})" if cfg.gpus is not None else " on this node"
-            raise UsageError(
-                f"{ctx.local_world_size} processes on this node need {need} GPUs "
-                f"({'one' if per == 1 else 'a pair'} each) but {len(ids)} are available{where}; "
-                f"start {len(ids) // per} processes per node or give more GPUs")
-        mine = ids[ctx.local_rank * per:(ctx.local_rank + 1) * per]
-        specs = [f"cuda:{i}" for i in mine]
-        return (parse_device(specs[0]),) if cfg.single_device else parse_devices(specs)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-
-
 def local_batch_size(cfg, ctx: Context) -> int:
     """--batch-size is global by default (split across processes), or per process."""
     if cfg.per_process_batch or ctx.world_size == 1:
@@ -145,11 +88,8 @@ def local_batch_size(cfg, ctx: Context) -> int:
     return cfg.batch_size // ctx.world_size
 
 
-def cfg_backend(cfg, devices: Sequence[torch.device]) -> str:
-    """'auto' is nccl when every device is a CUDA device, gloo otherwise."""
-    backend = getattr(cfg, "backend", None) or "auto"
-    if backend not in BACKENDS:
-        raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+def resolve_backend(backend: str, devices: Sequence[torch.device]) -> str:
+    """--backend 'auto' is nccl when every device is a CUDA device, gloo otherwise."""
     if backend == "auto":
         backend = "nccl" if all(d.type == "cuda" for d in devices) else "gloo"
     if backend == "nccl" and any(d.type != "cuda" for d in devices):
@@ -169,38 +109,27 @@ def _seconds(var: str, default: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=value)
 
 
-def check(cfg, ctx: Context) -> tuple[tuple[torch.device, ...], str, int]:
-    """Every up-front check (devices, backend, batch split): all before any network traffic."""
-    devices = devices_for_rank(cfg, ctx)
-    backend = cfg_backend(cfg, devices)
-    batch = local_batch_size(cfg, ctx)
-    return devices, backend, batch
-
-
-def init(cfg) -> Context:
-    """Join the process group when launched by torchrun; a no-op for one process."""
-    global _CTX, _SETUP_GROUP
+def setup(cfg) -> tuple[Context, tuple[torch.device, ...]]:
+    """This process's rank and devices (``placement.resolve_devices`` with the config's
+    device flags; without any, the CPU for ``--demo``, else the paper's two GPUs). Under
+    torchrun every up-front check (devices, backend, batch split) runs before any network
+    traffic, then the process joins the group; for one process nothing is joined."""
+    global _SETUP_GROUP
     ctx = env_context()
+    devices = resolve_devices(cfg.gpus, cfg.devices, cfg.single_device,
+                              default="cpu" if cfg.demo else "paper",
+                              torchrun=(ctx.local_rank, ctx.local_world_size)
+                              if ctx.world_size > 1 else None)
     if ctx.world_size > 1 and not dist.is_initialized():
-        devices, backend, _ = check(cfg, ctx)
+        backend = resolve_backend(cfg.backend, devices)
+        local_batch_size(cfg, ctx)
         timeout = _seconds("SPLIT_ALEXNET_DIST_TIMEOUT", 600.0)
         setup_timeout = _seconds("SPLIT_ALEXNET_SETUP_TIMEOUT", 86400.0)
         if backend == "nccl":
             torch.cuda.set_device(devices[0])
         dist.init_process_group(backend, timeout=timeout)
         _SETUP_GROUP = dist.new_group(backend="gloo", timeout=setup_timeout)
-    _CTX = ctx
-    return ctx
-
-
-def wrap(model: nn.Module, ctx: Context, devices) -> nn.Module:
-    """DDP over a module that spans devices: device_ids=None, as the PyTorch docs require
-    for multi-device modules (the input goes to the first tower's device; the output comes
-    back on the device of fc8, the same first device)."""
-    if ctx.world_size == 1:
-        return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    return DDP(model, device_ids=None)
+    return ctx, devices
 
 
 def all_reduce_sum(t: torch.Tensor) -> None:
@@ -246,8 +175,7 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
-    global _SETUP_GROUP, _CTX
+    global _SETUP_GROUP
     if dist.is_initialized():
         dist.destroy_process_group()
     _SETUP_GROUP = None
-    _CTX = Context()

@@ -17,6 +17,9 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
+from split_alexnet.network.model import SplitAlexNet, collapse_state_dict, split_state_dict
+from split_alexnet.network.parallelize import unwrap
+
 OPTIMIZERS = ("paper", "torch")
 
 
@@ -126,8 +129,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Optimizer state keyed by the collapsed layout's parameter names (layout-independent),
     on the CPU: {buffer name: {param name: tensor}} plus the hyper-parameters."""
-    from split_alexnet.network.model import SplitAlexNet, collapse_state_dict
-    model = getattr(model, "module", model)
+    model = unwrap(model)
     names = {id(p): n for n, p in model.named_parameters()}
     buffers: dict[str, dict[str, Tensor]] = {}
     for p, st in optimizer.state.items():
@@ -143,8 +145,7 @@ def named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) ->
 def load_named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
                                state: dict) -> None:
     """Inverse of :func:`named_optimizer_state`, into either layout."""
-    from split_alexnet.network.model import SplitAlexNet, split_state_dict
-    model = getattr(model, "module", model)
+    model = unwrap(model)
     params = dict(model.named_parameters())
     for key, named in state["buffers"].items():
         named = dict(named)

@@ -9,6 +9,8 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
+from split_alexnet.utils.fileio import atomic_write
+
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
            (140, 86, 75), (227, 119, 194), (127, 127, 127)]
 
@@ -71,7 +73,4 @@ def curves_png(path: Path | str, series: Sequence[tuple[str, Sequence[float], Se
         ly = top + 10 + 14 * i
         d.line([left + pw - 150, ly + 6, left + pw - 130, ly + 6], fill=color, width=3)
         d.text((left + pw - 125, ly), label, fill="black", font=font)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(path).with_suffix(".tmp.png")
-    img.save(tmp)
-    tmp.replace(path)
+    atomic_write(Path(path), lambda f: img.save(f, format="PNG"))

@@ -10,22 +10,26 @@ See docs/benchmarks.md for the columns and the numbers measured so far.
 
 from __future__ import annotations
 
-import sys
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Sequence
 
+import split_alexnet.tools.bench.data as data
+import split_alexnet.tools.bench.lrn as lrn
+import split_alexnet.tools.bench.model as model
 from split_alexnet.utils.cli import UsageError, run as cli_run
+from split_alexnet.utils.fileio import atomic_write
 
 
 def _write_json(path: str | None, rows: list[dict]) -> None:
     if path:
-        Path(path).write_text(json.dumps(rows, indent=2, default=str) + "\n")
+        text = json.dumps(rows, indent=2, default=str) + "\n"
+        atomic_write(Path(path), lambda f: f.write(text.encode()))
 
 
 def _model(args: argparse.Namespace) -> list[dict]:
-    import split_alexnet.tools.bench.model as model
     rows = model.run(args)
     if args.command == "model":
         _write_json(args.json, rows)
@@ -33,7 +37,6 @@ def _model(args: argparse.Namespace) -> list[dict]:
 
 
 def _lrn(args: argparse.Namespace) -> list[dict]:
-    import split_alexnet.tools.bench.lrn as lrn
     if args.command == "all":  # lrn's own options are not on the `all` parser: its defaults
         args = argparse.Namespace(quick=args.quick, threads=args.threads or 2)
     rows = [{**r, "bench": "lrn"} for r in lrn.run(args)]
@@ -43,7 +46,6 @@ def _lrn(args: argparse.Namespace) -> list[dict]:
 
 
 def _data(args: argparse.Namespace) -> list[dict]:
-    import split_alexnet.tools.bench.data as data
     if args.command == "data":  # its own JSON layout ({"data": {...}}), as before
         data.run(args)
         return []
@@ -82,14 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
         if name in ("data", "all"):
             p.add_argument("--workers", type=int, default=None, help="DataLoader workers")
-            from split_alexnet.tools.bench.data import add_arguments
-            add_arguments(p)
+            data.add_arguments(p)
         if name in ("model", "all"):
-            from split_alexnet.tools.bench.model import add_arguments
-            add_arguments(p)
+            model.add_arguments(p)
         if name == "lrn":
-            from split_alexnet.tools.bench.lrn import add_arguments
-            add_arguments(p)
+            lrn.add_arguments(p)
     return ap
 
 

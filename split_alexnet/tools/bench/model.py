@@ -15,20 +15,27 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import statistics
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+import torchvision
 
-from split_alexnet.network.parallelize import (amp_dtype, apply_fast_paths, autocast_context, grad_scaler,
-                        to_input_format, unwrap)
 from split_alexnet.network.flops import flops_per_step
-from split_alexnet.network.placement import parse_devices
+from split_alexnet.network.model import ModelConfig
+from split_alexnet.network.parallelize import (amp_dtype, autocast_context, grad_scaler,
+                                               parallelize, to_input_format, unwrap)
+from split_alexnet.network.placement import add_device_flags, build_model, resolve_devices
+from split_alexnet.training.optim import build_optimizer
+from split_alexnet.utils.cli import UsageError
+from split_alexnet.utils.fileio import atomic_write
 
 LAYOUTS = ("split", "split-one-device", "collapsed", "half", "torchvision")
 FAST_PATH_TOKENS = ("fp32", "channels_last", "bf16", "fp16", "compile", "cudnn_benchmark")
@@ -37,11 +44,6 @@ ARCH_OF = {"split": "alexnet", "split-one-device": "alexnet", "collapsed": "alex
 
 
 # ----------------------------------------------------------------------------- setup
-def default_devices() -> tuple[str, str]:
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return ("cuda:0", "cuda:1") if n >= 2 else ("cuda:0", "cuda:0") if n == 1 else ("cpu", "cpu")
-
-
 def parse_fast_path(spec: str) -> dict:
     """'channels_last+bf16' -> {'channels_last': True, 'amp': 'bf16', ...}."""
     toks = [t.strip().replace("-", "_") for t in spec.split("+") if t.strip()]
@@ -56,20 +58,22 @@ def parse_fast_path(spec: str) -> dict:
             "compile": "compile" in toks, "cudnn_benchmark": "cudnn_benchmark" in toks}
 
 
-def build(layout: str, devices: tuple[torch.device, torch.device]) -> torch.nn.Module:
-    from split_alexnet.network.model import AlexNet, HalfAlexNet, SplitAlexNet
+def placement(layout: str, devices: tuple[torch.device, torch.device]) -> tuple[torch.device, ...]:
+    """The devices a bench ``layout``'s network is placed on."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
     if layout == "split":
-        return SplitAlexNet(1000, devices)
-    if layout == "split-one-device":
-        return SplitAlexNet(1000, (devices[0], devices[0]))
-    if layout == "collapsed":
-        return AlexNet(1000).to(devices[0])
-    if layout == "half":
-        return HalfAlexNet(1000).to(devices[0])
+        return devices
+    return (devices[0], devices[0]) if layout == "split-one-device" else (devices[0],)
+
+
+def build(layout: str, devices: tuple[torch.device, torch.device]) -> torch.nn.Module:
+    """The network of a bench ``layout`` (1000 classes, the paper's init), placed."""
+    where = placement(layout, devices)
     if layout == "torchvision":
-        import torchvision
-        return torchvision.models.alexnet(weights=None).to(devices[0])
-    raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
+        return torchvision.models.alexnet(weights=None).to(where[0])
+    return build_model(ModelConfig(arch=ARCH_OF[layout]),
+                       "split" if len(where) == 2 else "collapsed", where)
 
 
 def layout_devices(layout: str, devices) -> list[torch.device]:
@@ -148,7 +152,6 @@ def _step_fn(net, mode: str, fp: dict, x, y, devices) -> Callable[[], None]:
             with torch.no_grad(), autocast_context(devices, dtype):
                 net(x)
         return step
-    from split_alexnet.training.optim import build_optimizer
     net.train()
     opt = build_optimizer(unwrap(net))
     scaler = grad_scaler(devices[0], dtype)
@@ -177,9 +180,9 @@ def measure(layout: str, mode: str, fast_path: str, devices, batch: int, warmup:
     old_bench = torch.backends.cudnn.benchmark
     torch.manual_seed(0)
     with _RssPeak() as rss:
-        net = build(layout, devices)
-        net = apply_fast_paths(net, channels_last=fp["channels_last"], compile=fp["compile"],
-                               cudnn_benchmark=True if fp["cudnn_benchmark"] else None)
+        net = parallelize(build(layout, devices), placement(layout, devices),
+                          channels_last=fp["channels_last"], compile=fp["compile"],
+                          cudnn_benchmark=True if fp["cudnn_benchmark"] else None)
         x = to_input_format(torch.randn(batch, 3, size, size, device=devs[0]) * 60,
                             fp["channels_last"])
         y = torch.randint(0, 1000, (batch,), device=devs[0])
@@ -243,9 +246,9 @@ def interleaved(layout: str, mode: str, fast_paths: list[str], devices, batch: i
     for f in fast_paths:
         fp = parse_fast_path(f)
         torch.manual_seed(0)
-        net = apply_fast_paths(build(layout, devices), channels_last=fp["channels_last"],
-                               compile=fp["compile"],
-                               cudnn_benchmark=True if fp["cudnn_benchmark"] else None)
+        net = parallelize(build(layout, devices), placement(layout, devices),
+                          channels_last=fp["channels_last"], compile=fp["compile"],
+                          cudnn_benchmark=True if fp["cudnn_benchmark"] else None)
         x = to_input_format(torch.randn(batch, 3, size, size, device=devs[0]) * 60,
                             fp["channels_last"])
         y = torch.randint(0, 1000, (batch,), device=devs[0])
@@ -332,7 +335,8 @@ TABLE = [("layout", "layout"), ("devices", "devices"), ("mode", "mode"),
          ("bytes_between_towers", "tower bytes/step"), ("peak_mem", "peak mem")]
 
 
-def print_table(rows: list[dict], file=sys.stdout) -> None:
+def print_table(rows: list[dict], file=None) -> None:
+    file = sys.stdout if file is None else file
     cells = [[_fmt_bytes(r.get(k)) if k == "bytes_between_towers" else _fmt(r.get(k))
               for k, _ in TABLE] for r in rows]
     heads = [h for _, h in TABLE]
@@ -344,9 +348,7 @@ def print_table(rows: list[dict], file=sys.stdout) -> None:
 
 # ----------------------------------------------------------------------------- entry
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--devices", default=None,
-                   help="the towers' two devices (default cuda:0,cuda:1 with 2 GPUs, cuda:0,cuda:0 "
-                        "with one, else cpu,cpu)")
+    add_device_flags(p, default="fit", single_device=False)
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per step (default 128 on CUDA, 32 on CPU, 8 with --quick)")
     p.add_argument("--layouts", default=None, help=argparse.SUPPRESS)  # e.g. collapsed,split
@@ -365,12 +367,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    from split_alexnet.utils.cli import UsageError
     quick = bool(getattr(args, "quick", False))
-    try:
-        devices = parse_devices(getattr(args, "devices", None) or default_devices())
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    devices = resolve_devices(getattr(args, "gpus", None), getattr(args, "devices", None),
+                              default="fit")
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     cuda = devices[0].type == "cuda" or devices[1].type == "cuda"
@@ -483,9 +482,8 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def _write_partial(path: str, rows: list[dict]) -> None:
-    import json
-    from pathlib import Path
-    Path(path).write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    text = json.dumps(rows, indent=2, default=str) + "\n"
+    atomic_write(Path(path), lambda f: f.write(text.encode()))
 
 
 def _device_name(d: torch.device) -> str:
