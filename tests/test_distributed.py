@@ -80,7 +80,7 @@ DRIVER = textwrap.dedent('''
         train.parallelize = parallelize
     rc = run(train.main, "split_alexnet.train")
     if rc == 0:  # the parameters after training
-        report["params"] = digest(trainers[-1].module.state_dict())
+        report["params"] = digest(trainers[-1].net.state_dict())
         out.write_text(json.dumps(report))
     sys.exit(rc)
 ''')

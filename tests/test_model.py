@@ -6,15 +6,20 @@ equivalence tests demand bitwise equality (``torch.equal``). GPU tests use a sta
 
 from __future__ import annotations
 
+import inspect
 import math
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from split_alexnet import (AlexNet, HalfAlexNet, SplitAlexNet, collapse_state_dict,
-                           count_parameters, layout_state_dict, place, split_state_dict)
+from split_alexnet import (AlexNet, HalfAlexNet, ModelConfig, SplitAlexNet, build_model,
+                           collapse_state_dict, count_parameters, layout_state_dict, place,
+                           split_state_dict)
 from split_alexnet.network.model import INPUT_SIZE, init_values
+from split_alexnet.network.placement import resolve_devices
+from split_alexnet.utils.cli import UsageError
 from split_alexnet.training.optim import PaperSGD
 
 B = 3  # batch used by most tests: small, and odd so nothing divides by accident
@@ -304,8 +309,9 @@ def test_bad_class_count(n):
 def test_wrong_input_size_names_the_expected_size(pair):
     split, coll = pair
     for net in (split, coll):
-        with pytest.raises(ValueError, match=r"\(B, 3, 227, 227\).*224"):
+        with pytest.raises(ValueError, match=r"\(B, 3, 227, 227\).*224") as e:
             net(torch.zeros(1, 3, 224, 224))
+        assert "(224 - 11) / 4 + 1 is not an integer" in str(e.value)
 
 
 # ----------------------------------------------------------------------------- GPU (skipped here)
@@ -342,3 +348,52 @@ def test_gpu_layouts_match_collapsed(devices):
     torch.manual_seed(1)
     split(x).logsumexp(1).sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in split.parameters())
+
+
+# ----------------------------------------------------------------------------- placement
+
+
+def test_networks_are_built_without_devices():
+    for cls in (AlexNet, SplitAlexNet, HalfAlexNet):
+        assert "devices" not in inspect.signature(cls).parameters, cls
+    torch.manual_seed(0)
+    split = build_model(ModelConfig(num_classes=10, init="caffe"), "split", "cpu,cpu")
+    torch.manual_seed(0)
+    coll = build_model(ModelConfig(num_classes=10, init="caffe"), "collapsed", ["cpu"])
+    assert isinstance(split, SplitAlexNet) and type(coll) is AlexNet
+    a, b = layout_state_dict(split), layout_state_dict(coll)
+    assert all(torch.equal(a[k], b[k]) for k in b)  # the same seed, the same weights
+    half = build_model(ModelConfig(arch="half", num_classes=10, init=None), "split", "cpu,cpu")
+    assert type(half) is HalfAlexNet  # always one device
+    with pytest.raises(ValueError, match="layout"):
+        build_model(ModelConfig(), "sideways", "cpu")
+
+
+@pytest.mark.parametrize("n_gpu, default, want", [
+    (0, "cpu", ("cpu", "cpu")), (0, "fit", ("cpu", "cpu")), (0, "collapse", ("cpu",)),
+    (1, "fit", ("cuda:0", "cuda:0")), (1, "collapse", ("cuda:0",)),
+    (2, "paper", ("cuda:0", "cuda:1")), (2, "collapse", ("cuda:0", "cuda:1")),
+    (2, "cpu", ("cpu", "cpu")),
+])
+def test_one_resolver_gives_every_tool_its_default(monkeypatch, n_gpu, default, want):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: n_gpu > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n_gpu)
+    assert resolve_devices(default=default) == tuple(map(torch.device, want))
+    single = ("cuda:0",) if n_gpu else ("cpu",)
+    assert resolve_devices(single_device=True, default=default) == tuple(map(torch.device, single))
+    assert resolve_devices(devices="cpu,cpu", default=default) == (torch.device("cpu"),) * 2
+
+
+@pytest.mark.parametrize("n_gpu, kw, words", [
+    (0, {}, "no GPU found: use --devices cpu,cpu"),
+    (1, {}, "one GPU found; the paper's layout needs two: use --gpus 0,0"),
+    (1, {"gpus": "0"}, "--gpus 0 names one GPU but the towers need two"),
+    (1, {"gpus": "x,y"}, "--gpus takes GPU indices such as 0,1"),
+    (0, {"devices": "cpu"}, "exactly two devices"),
+    (0, {"gpus": "0,1"}, "cuda:0 requested but this machine has no CUDA device"),
+])
+def test_bad_device_flags_are_one_usage_line(monkeypatch, n_gpu, kw, words):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: n_gpu > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n_gpu)
+    with pytest.raises(UsageError, match=re.escape(words)):
+        resolve_devices(**kw)

@@ -7,22 +7,34 @@ perform the same arithmetic, and a resumed run restores every state it draws fro
 
 from __future__ import annotations
 
+import compileall
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from split_alexnet.training.checkpoint import load_checkpoint
-from split_alexnet.utils.cli import run
+import split_alexnet
+from split_alexnet.data.dataset import PCA_MODES
+from split_alexnet.network.model import (ACTIVATIONS, ARCHS, INIT_SCHEMES, LRN_CHOICES, POOLS,
+                                         ModelConfig)
+from split_alexnet.network.parallelize import AMP_CHOICES
 from split_alexnet.tools.evaluate import main as evaluate_main
-from split_alexnet.training.optim import LRSchedule, PaperSGD
+from split_alexnet.training.checkpoint import load_checkpoint
+from split_alexnet.training.config import (TrainConfig, describe_preset, parse_config,
+                                           to_flags)
+from split_alexnet.training.distributed import BACKENDS
+from split_alexnet.training.optim import OPTIMIZERS, LRSchedule, PaperSGD
 from split_alexnet.training.trainer import main as train_main
+from split_alexnet.utils.cli import run
 
 BASE = ["--batch-size", "8", "--epochs", "2", "--workers", "0", "--log-interval", "1",
         "--init", "caffe", "--no-ten-crop", "--seed", "3"]
@@ -310,3 +322,88 @@ def test_class_metadata_survives_into_the_checkpoint(tmp_path):
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["classes"] == wnids and ckpt["class_names"] == ["tench", "goldfish"]
     assert [c["wnid"] for c in ckpt["class_metadata"]] == wnids
+
+
+# ----------------------------------------------------------------------------- the config
+
+
+CHOICE_FLAGS = {"--arch": ARCHS, "--init": INIT_SCHEMES, "--lrn": LRN_CHOICES,
+                "--activation": ACTIVATIONS, "--pool": POOLS, "--optimizer": OPTIMIZERS,
+                "--pca": PCA_MODES, "--backend": BACKENDS, "--amp": AMP_CHOICES}
+
+
+def test_help_lists_the_choices_of_every_choice_flag_from_bytecode_alone(tmp_path):
+    """--help from a copy of the package without its .py sources (only .pyc, as some installs
+    ship it): every choice flag shows its allowed values, taken from the one tuple."""
+    pkg = tmp_path / "split_alexnet"
+    shutil.copytree(Path(split_alexnet.__file__).parent, pkg,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    assert compileall.compile_dir(pkg, quiet=1, legacy=True)
+    for src in pkg.rglob("*.py"):
+        src.unlink()
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    p = subprocess.run([sys.executable, "-m", "split_alexnet.train", "--help"], env=env,
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    text = " ".join(p.stdout.split())
+    for flag, choices in CHOICE_FLAGS.items():
+        assert f"{flag} {{{','.join(choices)}}}" in text, flag
+        assert f"One of: {', '.join(choices)}." in text, flag
+    assert "--lr-schedule {plateau,step:N}" in text
+
+
+def test_validate_returns_a_resolved_copy_and_leaves_its_input_alone():
+    cfg = TrainConfig(out="runs/x", demo=True, model=ModelConfig(arch="half"))
+    resolved = cfg.validate()
+    assert (cfg.data, cfg.single_device, cfg.layout) == (None, False, "split")
+    assert (resolved.data, resolved.single_device, resolved.layout) == \
+        (str(Path("runs/x") / "demo_data"), True, "collapsed")
+    assert resolved.validate() == resolved
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        resolved.data = "elsewhere"  # type: ignore[misc]
+    # A data folder given with --demo stays (the demo set is generated there if missing).
+    assert TrainConfig(data="d", demo=True).validate().data == "d"
+
+
+def _toml(values: dict) -> str:
+    def lit(v):
+        return str(v).lower() if isinstance(v, bool) else json.dumps(v)
+    return "".join(f"{k.replace('_', '-')} = {lit(v)}\n" for k, v in values.items())
+
+
+def test_demo_in_a_toml_file_is_the_demo(tmp_path):
+    (tmp_path / "demo.toml").write_text(_toml({"demo": True, "out": str(tmp_path / "o")}))
+    from_file = parse_config(["--config", str(tmp_path / "demo.toml")])
+    from_flags = parse_config(["--demo", "--out", str(tmp_path / "o")])
+    assert replace(from_file, config=None) == from_flags
+    assert from_file.model.init == "caffe" and from_file.batch_size == 32  # the preset
+    assert from_file.data == str(tmp_path / "o" / "demo_data")
+    # The command line still wins over the file and the preset.
+    assert parse_config(["--config", str(tmp_path / "demo.toml"),
+                         "--batch-size", "8"]).batch_size == 8
+
+
+def test_every_flag_works_in_a_toml_file(tmp_path):
+    values = {"data": "d", "out": "o", "devices": "cpu,cpu", "single_device": True,
+              "arch": "half", "init": "cuda-convnet2", "lrn": "off", "activation": "tanh",
+              "pool": "2/2", "dropout": 0.25, "epochs": 3, "batch_size": 16,
+              "per_process_batch": True, "backend": "gloo", "lr": 0.02, "momentum": 0.8,
+              "weight_decay": 0.001, "optimizer": "torch", "lr_schedule": "step:2",
+              "plateau_patience": 2, "lr_drops": 1, "pca": "sqrt", "workers": 1, "seed": 7,
+              "max_steps": 5, "resume": "auto", "checkpoint_minutes": 5.0, "keep_last": 1,
+              "log_interval": 3, "watchdog_steps": 0, "ten_crop": False, "eval_every": 2,
+              "strict": True, "channels_last": True, "amp": "bf16", "compile": True,
+              "cudnn_benchmark": True, "demo": True}
+    # Every setting but --gpus (it excludes --devices) and --config itself.
+    assert set(values) == set(TrainConfig().to_dict()) - {"gpus", "config"}
+    (tmp_path / "all.toml").write_text(_toml(values))
+    from_file = parse_config(["--config", str(tmp_path / "all.toml")])
+    assert {k: v for k, v in from_file.to_dict().items() if k in values} == values
+    assert replace(from_file, config=None) == parse_config(to_flags(values))
+    (tmp_path / "gpus.toml").write_text(_toml({"gpus": "0,1"}))
+    assert parse_config(["--config", str(tmp_path / "gpus.toml")]).gpus == "0,1"
+
+
+def test_demo_reasons_cite_the_repository():
+    text = describe_preset()
+    assert "docs/experiments.md" in text and "shared" not in text

@@ -221,6 +221,21 @@ def test_curves(tmp_path, capsys):
     assert len(err) == 1 and "metrics.jsonl" in err[0]
 
 
+def test_one_metrics_reader_for_every_tool(tmp_path, capsys):
+    """visualize curves and compare read metrics.jsonl with the same reader: a line cut by a
+    crash is one error line naming the file and the line."""
+    from split_alexnet.tools.compare import main as compare_main
+    a, b = write_run(tmp_path / "a"), write_run(tmp_path / "b")
+    with open(a / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "st')  # 13 good lines, then half of one
+    capsys.readouterr()
+    for main, argv in ((viz_main, ["curves", str(a), "--out", str(tmp_path / "c.png")]),
+                       (compare_main, [str(a), str(b)])):
+        assert run(main, PROG, argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].endswith(f"{a / 'metrics.jsonl'}:14 is not valid JSON")
+
+
 # ----------------------------------------------------------------------------- predict
 
 def predict_cli(*args) -> int:

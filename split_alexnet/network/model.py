@@ -50,11 +50,11 @@ class ModelConfig:
                 "3.2: always the single-device layout)."})
     num_classes: int = 1000
     """Units in fc8 (training takes it from the dataset's class folders: not a flag)."""
+    # None (in code, not a flag value): built without initialising, for weights loaded next.
     init: str | None = field(default="paper", metadata={
         "choices": INIT_SCHEMES,
         "help": "'paper' (biases 1, std 0.01), 'cuda-convnet2' (std 0.03 in conv3-5), 'caffe' "
-                "(biases 0.1). None (not a flag value) builds without initialising, for "
-                "weights that are loaded next."})
+                "(biases 0.1)."})
     lrn: str = field(default="paper", metadata={
         "choices": LRN_CHOICES,
         "help": "'paper': alpha=1e-4 multiplies the window's sum of squares (section 3.3, as "

@@ -188,8 +188,8 @@ def payload(t: Trainer) -> dict:
     pos = t.pos
     rngs = dist_util.gather_objects(rng_state(t.devices), t.ctx)
     return {
-        "model": layout_state_dict(t.module),
-        "optimizer": named_optimizer_state(t.module, t.optimizer),
+        "model": layout_state_dict(t.net),
+        "optimizer": named_optimizer_state(t.net, t.optimizer),
         "schedule": t.schedule.state_dict(),
         "progress": {"epoch": pos.epoch, "epoch_step": pos.epoch_step, "step": pos.step,
                      "best_top1": pos.best_top1},
@@ -269,8 +269,8 @@ def restore(t: Trainer, ckpt: dict, path: Path) -> None:
     if ckpt.get("stats_fingerprint") != t.stats.fingerprint and t.is_main:
         print(f"{PROG}: warning: the dataset changed since {path} was written "
               "(statistics fingerprint differs)", file=sys.stderr)
-    t.module.load_state_dict(ckpt["model"])
-    load_named_optimizer_state(t.module, t.optimizer, ckpt["optimizer"])
+    t.net.load_state_dict(ckpt["model"])
+    load_named_optimizer_state(t.net, t.optimizer, ckpt["optimizer"])
     t.schedule.load_state_dict(ckpt["schedule"])
     set_lr(t.optimizer, t.schedule.lr)
     s = ckpt["progress"]

@@ -47,8 +47,8 @@ class Trainer:
     batch: int                      # images per step in this process
     steps_per_epoch: int
     model_cfg: ModelConfig          # the network, with num_classes from the data
-    module: nn.Module               # the network itself: checkpoints are its state
-    model: nn.Module                # what trains: parallelize(module) (DDP, compiled)
+    net: nn.Module                  # the network itself: checkpoints are its state
+    model: nn.Module                # what trains: parallelize(net) (DDP, compiled)
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler    # enabled only for fp16 on CUDA
     schedule: LRSchedule
@@ -68,6 +68,6 @@ class Trainer:
     @property
     def eval_model(self) -> nn.Module:
         """What evaluation runs: ``model`` in one process (compiled, with --compile); under
-        torchrun the module itself, eager, outside DDP (ranks may run different numbers of
+        torchrun the network itself, eager, outside DDP (ranks may run different numbers of
         validation batches, which DDP's forward would wait on)."""
-        return self.module if self.ctx.world_size > 1 else self.model
+        return self.net if self.ctx.world_size > 1 else self.model

@@ -122,10 +122,10 @@ def setup(cfg: TrainConfig) -> Trainer:
     # parallelize's fixed order; the optimizer last, over the placed parameters.
     model_cfg = replace(cfg.model, num_classes=len(classes))
     torch.manual_seed(cfg.seed)
-    module = build_model(model_cfg, cfg.layout, devices)
+    net = build_model(model_cfg, cfg.layout, devices)
     # The dropout stream, independent of the layout; each rank draws its own masks.
     torch.manual_seed(cfg.seed + 1 + 1_000_003 * ctx.rank)
-    model = parallelize(module, devices, channels_last=cfg.channels_last,
+    model = parallelize(net, devices, channels_last=cfg.channels_last,
                         ddp=ctx.world_size > 1, compile=cfg.compile,
                         cudnn_benchmark=True if cfg.cudnn_benchmark else None)
     metrics = MetricsLog(out, enabled=is_main)
@@ -136,9 +136,8 @@ def setup(cfg: TrainConfig) -> Trainer:
         class_meta=read_class_metadata(root), train_set=train_set,
         val_set=CropFolder(root / "val", classes, mode="center", seed=cfg.seed,
                            strict=cfg.strict),
-        batch=batch, steps_per_epoch=steps_per_epoch, model_cfg=model_cfg, module=module,
-        model=model,
-        optimizer=build_optimizer(module, kind=cfg.optimizer, lr=cfg.lr,
+        batch=batch, steps_per_epoch=steps_per_epoch, model_cfg=model_cfg, net=net, model=model,
+        optimizer=build_optimizer(net, kind=cfg.optimizer, lr=cfg.lr,
                                   momentum=cfg.momentum, weight_decay=cfg.weight_decay),
         scaler=grad_scaler(devices[0], cfg.amp),
         schedule=LRSchedule(cfg.lr_schedule, cfg.lr, patience=cfg.plateau_patience,
