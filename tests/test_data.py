@@ -1,4 +1,4 @@
-"""The input pipeline: statistics, augmentation geometry, PCA noise, odd files, determinism."""
+"""The input pipeline: statistics, augmentation geometry, PCA noise, odd files, determinism, decoders, module imports."""
 
 from __future__ import annotations
 

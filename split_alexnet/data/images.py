@@ -64,7 +64,7 @@ DECODERS = ("auto", "pillow")
 RESAMPLE = Image.Resampling.BICUBIC
 JPEG_MAGIC = b"\xff\xd8\xff"
 
-Source = str | os.PathLike | bytes | bytearray | memoryview
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview
 
 
 class UnreadableImage(UsageError):
@@ -197,7 +197,7 @@ def _decode_tv(data: bytes, size: int, decode: Decode) -> np.ndarray | None:
 
 # ----------------------------------------------------------------------------- the decoder
 
-def load_rgb(source: Source, *, name: str | None = None, size: int = SIZE, draft: bool = True,
+def load_rgb(source: ImageSource, *, name: str | None = None, size: int = SIZE, draft: bool = True,
              decoder: str = "auto") -> np.ndarray:
     """Decode ``source`` (a file path, or the encoded bytes of an image) -> (size, size, 3)
     uint8 RGB array, or raise :class:`UnreadableImage` naming ``name`` (default: the path).
