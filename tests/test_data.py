@@ -1,4 +1,5 @@
-"""The input pipeline: statistics, augmentation geometry, PCA noise, odd files, determinism, decoders, module imports."""
+"""The input pipeline: statistics, augmentation geometry, PCA noise, odd files, determinism,
+decoders, and the data modules' imports."""
 
 from __future__ import annotations
 

@@ -197,8 +197,8 @@ def _decode_tv(data: bytes, size: int, decode: Decode) -> np.ndarray | None:
 
 # ----------------------------------------------------------------------------- the decoder
 
-def load_rgb(source: ImageSource, *, name: str | None = None, size: int = SIZE, draft: bool = True,
-             decoder: str = "auto") -> np.ndarray:
+def load_rgb(source: ImageSource, *, name: str | None = None, size: int = SIZE,
+             draft: bool = True, decoder: str = "auto") -> np.ndarray:
     """Decode ``source`` (a file path, or the encoded bytes of an image) -> (size, size, 3)
     uint8 RGB array, or raise :class:`UnreadableImage` naming ``name`` (default: the path).
 
