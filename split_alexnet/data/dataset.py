@@ -94,11 +94,12 @@ class CropFolder(Dataset):
 
     ``mode``: ``"train"`` (random 227 crop + flip with p=0.5 + a PCA draw),
     ``"center"`` (the 227 centre crop at (14, 14)), ``"tencrop"`` ((10, 3, 227, 227) in
-    :data:`TENCROP_ORDER`). ``pca``: ``"paper"`` (noise eigvec @ (alpha * eigval)), ``"sqrt"``
-    (alpha * sqrt(eigval), Krizhevsky's released code), ``"off"``. The item's ``alpha`` is the
-    raw draw alpha ~ N(0, 0.1) (zeros when off or in evaluation) and its ``pca`` says the
-    reading; :func:`split_alexnet.data.augment.finish_batch` applies the scale. Key: ``i`` or ``(epoch, i)``; the
-    crop/flip/alpha are drawn from ``torch.Generator().manual_seed(item_seed(seed, epoch, i))``.
+    :data:`TENCROP_ORDER`). ``pca``: one of :data:`PCA_MODES` (see
+    :func:`split_alexnet.data.augment.pca_noise`). The item's ``alpha`` is the raw draw
+    alpha ~ N(0, 0.1) (zeros when off or in evaluation) and its ``pca`` says the reading;
+    :func:`split_alexnet.data.augment.finish_batch` applies the scale. Key: ``i`` or
+    ``(epoch, i)``; the crop/flip/alpha are drawn from
+    ``torch.Generator().manual_seed(item_seed(seed, epoch, i))``.
     """
 
     def __init__(self, split_dir: Path, classes: list[str], *, mode: str = "train",
