@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import email
 import importlib
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -14,7 +15,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import setuptools
 
 import split_alexnet
 
@@ -89,8 +89,9 @@ def _copy_sources(dest: Path) -> None:
 def wheel(tmp_path_factory) -> Path:
     """A wheel built from a copy of the tree, with an ``import torch`` that fails (the build
     must read the version statically, never import the package)."""
-    if int(setuptools.__version__.split(".")[0]) < 77:
-        pytest.skip(f"setuptools {setuptools.__version__} < 77 (PEP 639 licence fields)")
+    setuptools = importlib.metadata.version("setuptools")
+    if int(setuptools.split(".")[0]) < 77:
+        pytest.skip(f"setuptools {setuptools} < 77 (PEP 639 licence fields)")
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
     src.mkdir()
