@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GPU check for a lent H100/H200 (torch preinstalled there, nothing else). A few minutes:
-#   1. pip install -e . --no-deps
+#   1. pip install -e . --no-deps --no-build-isolation   (offline there: the machine's own
+#                                         setuptools; later steps import this checkout through
+#                                         PYTHONPATH even if the install fails)
 #   2. python -m pytest -m gpu -q        (towers on cuda:0,cuda:0 and cuda:0+cpu, collapsed on
 #                                         cuda:0, fast paths on CUDA, the bench on CUDA)
 #   3. python -m split_alexnet.bench model --json $OUT/bench_gpu.json  (all layouts, fp32 and
@@ -15,6 +17,7 @@ set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 OUT=${OUT:-$PWD/gpu_check_out}
 PYTHON=${PYTHON:-python}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
 failed=()
 
@@ -35,16 +38,16 @@ step() {  # step NAME TIMEOUT_S CMD...: run, log to $OUT/NAME.log, record failur
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null
 } 2>&1 | tee "$OUT/machine.txt"
 
-step install 300 "$PYTHON" -m pip install -e . --no-deps -q
+step install 300 "$PYTHON" -m pip install -e . --no-deps --no-build-isolation -q
 if "$PYTHON" -c "import pytest" 2>/dev/null; then
     step pytest_gpu 300 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider
 else  # pytest is not preinstalled there and the machine is offline: the same checks inline
     echo "pytest not installed: running the GPU checks without it" | tee -a "$OUT/ran.txt"
     step gpu_checks_no_pytest 300 "$PYTHON" - <<'PY'
 import torch, torch.nn.functional as F
-from split_alexnet.model import SplitAlexNet
-from split_alexnet.optim import build_optimizer
-from split_alexnet.fastpath import apply_fast_paths, autocast_context, grad_scaler, to_input_format
+from split_alexnet import SplitAlexNet
+from split_alexnet.training.optim import build_optimizer
+from split_alexnet.network.parallelize import apply_fast_paths, autocast_context, grad_scaler, to_input_format
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 torch.manual_seed(0)
 ref = SplitAlexNet(10, ("cpu", "cpu")).eval()
