@@ -14,4 +14,4 @@ from split_alexnet.network.placement import build_model, place
 __all__ = ["AlexNet", "HalfAlexNet", "ModelConfig", "SplitAlexNet", "Transfer", "build_model",
            "collapse_state_dict", "count_parameters", "init_weights_", "layout_state_dict",
            "place", "split_state_dict"]
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one version source: pyproject.toml reads this literal

@@ -1,7 +1,9 @@
-"""The input pipeline: statistics, augmentation geometry, PCA noise, odd files, determinism."""
+"""The input pipeline: statistics, augmentation geometry, PCA noise, odd files, determinism,
+decoders, and the data modules' imports."""
 
 from __future__ import annotations
 
+import ast
 import io
 import os
 import warnings
@@ -14,9 +16,10 @@ from PIL import Image
 
 import split_alexnet.data.augment as DA
 import split_alexnet.data.dataset as D
+import split_alexnet.data.images as I
 import split_alexnet.data.stats as DS
 from split_alexnet.utils.cli import UsageError
-from split_alexnet.data.images import UnreadableImage, load_rgb256
+from split_alexnet.data.images import UnreadableImage, load_rgb, load_rgb256
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -387,3 +390,100 @@ def test_finish_batch_dtype_and_cache(demo_root):
     assert x.dtype == torch.float32 and y.dtype == torch.bfloat16
     # mean-subtracted, raw 0-255 scale: roughly zero-centred, std tens of levels
     assert abs(float(x.mean())) < 40 and 10 < float(x.std()) < 200
+
+
+# ----------------------------------------------------------------------------- decoders
+
+
+def _odd_sources(d: Path) -> list[Path]:
+    """A big JPEG (draft path), an EXIF-rotated JPEG, a prepared JPEG, a PNG with alpha."""
+    rng = np.random.default_rng(1)
+    big = Image.fromarray(rng.integers(0, 256, (1100, 1300, 3), dtype=np.uint8))
+    rot = Image.fromarray(rng.integers(0, 256, (300, 200, 3), dtype=np.uint8))
+    exif = rot.getexif()
+    exif[0x0112] = 6
+    rgba = rng.integers(0, 256, (120, 90, 4), dtype=np.uint8)
+    return [_save(d / "big.jpg", big, "JPEG", quality=90),
+            _save(d / "rot.jpg", rot, "JPEG", exif=exif),
+            _save(d / "prep.jpg", Image.fromarray(coord_image()), "JPEG", quality=90),
+            _save(d / "alpha.png", Image.fromarray(rgba, "RGBA"), "PNG")]
+
+
+@pytest.mark.parametrize("decoder", ["auto", "pillow"])
+def test_bytes_and_path_decode_identically(tmp_path, decoder):
+    for p in _odd_sources(tmp_path):
+        a = load_rgb256(p, decoder=decoder)
+        b = load_rgb(p.read_bytes(), name=p.name, decoder=decoder)
+        assert a.shape == (256, 256, 3) and np.array_equal(a, b), p.name
+    with pytest.raises(UnreadableImage, match="cannot read image member.jpg: "):
+        load_rgb(b"\xff\xd8\xff" + b"\0" * 50, name="member.jpg")
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        load_rgb(p, decoder="cv2")
+
+
+def _torchvision_deprecates_codecs() -> bool:
+    """torchvision >= 0.29 deprecates torchvision.io's image decoding (moved to TorchCodec)."""
+    import torchvision
+    major, minor = (int(x) for x in torchvision.__version__.split("+")[0].split(".")[:2])
+    return (major, minor) >= (0, 29)
+
+
+@pytest.mark.skipif(I.tvio is None, reason="torchvision.io does not load here")
+def test_torchvision_decoder_only_without_deprecation(tmp_path, monkeypatch):
+    p = _odd_sources(tmp_path)[2]  # prepared 256x256 JPEG: the one the fast path takes
+    monkeypatch.setattr(I, "_tv_state", {})  # decide afresh in this test
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        a = load_rgb256(p)  # decoder="auto"
+    assert not [w for w in caught if issubclass(w.category, DeprecationWarning)]
+    assert (I._tv_decoder() is None) == _torchvision_deprecates_codecs()
+    assert np.array_equal(a, load_rgb256(p, decoder="pillow"))
+
+    def quiet(data):  # the same torchvision decoder with its warning silenced
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return I._tv_decode(data)
+    assert I._tv_usable(quiet)
+    assert I._tv_usable(I._tv_decode) == (not _torchvision_deprecates_codecs())
+    # where torchvision is used, it gives Pillow's pixels exactly on prepared JPEGs
+    fast = I._decode_tv(p.read_bytes(), 256, quiet)
+    assert fast is not None and np.array_equal(fast, load_rgb256(p, decoder="pillow"))
+
+
+# ----------------------------------------------------------------------------- module structure
+
+
+def _import_names(node: ast.AST) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if isinstance(node, ast.ImportFrom) and node.module:
+        return [node.module]
+    return []
+
+
+def test_data_modules_import_at_top_without_cycles():
+    pkg = Path(I.__file__).parent
+    graph: dict[str, set[str]] = {}
+    inside: list[str] = []
+    for f in sorted(pkg.glob("*.py")):
+        tree = ast.parse(f.read_text())
+        for fn in ast.walk(tree):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                inside += [f"{f.stem}.{fn.name}: {n}" for node in ast.walk(fn)
+                           for n in _import_names(node)]
+        graph[f.stem] = {n.rsplit(".", 1)[-1] for node in ast.walk(tree)
+                         for n in _import_names(node) if n.startswith("split_alexnet.data.")}
+    # only the optional scipy import of the devkit reader sits inside a function
+    assert inside == ["imagenet.parse_devkit: scipy.io"]
+    assert not graph["imagenet"] & {"prepare", "prepare_tasks"}
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        assert state.get(m) != 1, f"import cycle: {' -> '.join(path + [m])}"
+        if m not in state:
+            state[m] = 1
+            for d in sorted(graph.get(m, ())):
+                visit(d, path + [m])
+            state[m] = 2
+    for m in sorted(graph):
+        visit(m, [])

@@ -309,11 +309,6 @@ def sh(script: str, env: dict, *args: str, **extra: str) -> subprocess.Completed
 
 
 def test_launch_one_pair(script_env):
-    p = sh("train_2gpu.sh", script_env, "--data", "/data/in", "--lr", "0.02")
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.strip() == "python -m split_alexnet.train --gpus 0,1 --data /data/in --lr 0.02"
-    p = sh("train_2gpu.sh", script_env, "--data", "/d", GPUS="2,3")
-    assert p.stdout.strip() == "python -m split_alexnet.train --gpus 2,3 --data /d"
     p = sh("train_node.sh", script_env, "--data", "/d", NGPU="2")  # 1 node x 2 GPUs
     assert p.stdout.strip() == \
         "torchrun --standalone --nproc-per-node 1 -m split_alexnet.train --data /d"
@@ -351,12 +346,47 @@ def test_launch_two_nodes_of_8(script_env):
     ("train_multinode.slurm", {"SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NNODES": "2",
                                "GPUS_PER_NODE": "3"}),
     ("train_multinode.slurm", {}),  # not inside a SLURM job
-    ("train_2gpu.sh", {"GPUS": "0,1,2"}),
+    ("train_node.sh", {"NGPU": "two"}),
 ])
 def test_launch_bad_settings(script_env, script, env):
     p = sh(script, script_env, "--data", "/d", **env)
     assert p.returncode == 2
     assert p.stdout == "" and len(p.stderr.strip().splitlines()) == 1 and "error" in p.stderr
+
+
+def test_launch_slurm_copy_finds_helpers_in_submit_dir(script_env, tmp_path):
+    """sbatch runs a copy of the script from a spool folder: the helpers come from
+    $SLURM_SUBMIT_DIR/launch, and without them the job stops with one error line."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    script = spool / "slurm_script"
+    shutil.copy2(LAUNCH / "train_multinode.slurm", script)
+    slurm = dict(SLURM_JOB_NODELIST="gpu-node-[017-018]", SLURM_NNODES="2", SLURM_JOB_ID="7",
+                 SLURM_GPUS_ON_NODE="8")
+    env = {**script_env, **slurm}
+    p = subprocess.run(["bash", str(script), "--data", "/d"], cwd=spool, capture_output=True,
+                       text=True, timeout=30, env={**env, "SLURM_SUBMIT_DIR": str(REPO)})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == (
+        "srun --nodes 2 --ntasks-per-node 1 --kill-on-bad-exit=1 torchrun --nnodes 2 "
+        "--nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint gpu-node-017:29500 "
+        "--rdzv-id 7 -m split_alexnet.train --data /d")
+    p = subprocess.run(["bash", str(script), "--data", "/d"], cwd=spool, capture_output=True,
+                       text=True, timeout=30, env={**env, "SLURM_SUBMIT_DIR": str(spool)})
+    assert p.returncode == 2 and p.stdout == ""
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert "launch/common.sh" in p.stderr and "repository root" in p.stderr
+
+
+def test_launch_puts_the_checkout_on_pythonpath(script_env, tmp_path):
+    """The launched command imports this checkout's package (the helpers set PYTHONPATH)."""
+    probe = tmp_path / "torchrun"
+    probe.write_text("#!/bin/sh\nprintf '%s' \"$PYTHONPATH\"\n")
+    probe.chmod(0o755)
+    env = {**script_env, "DRY_RUN": "0", "TORCHRUN": str(probe), "PYTHONPATH": "/elsewhere"}
+    p = sh("train_node.sh", env, "--data", "/d", NGPU="2")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == f"{REPO}:/elsewhere"
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")

@@ -2,8 +2,8 @@
 
 Tiny fakes of each layout are built from the same source images (3 classes x 3 train, 4 val):
 real tar files with the official names and nesting, a devkit .tar.gz whose data/meta.mat is
-written with scipy.io.savemat in the structure torchvision's parse_meta_mat reads, and
-Kaggle's CSV and mapping.
+written with scipy.io.savemat in the structure of the official one (read back with
+scipy.io.loadmat by imagenet.parse_devkit), and Kaggle's CSV and mapping.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from PIL import Image
 import split_alexnet.data.imagenet as inet
 from split_alexnet.utils.cli import UsageError
 from split_alexnet.data.prepare import TMP_MARK, prepare
+from split_alexnet.data.subset import SUBSET_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = {"n01440764": "tench, Tinca tinca", "n01443537": "goldfish, Carassius auratus",
@@ -223,7 +224,7 @@ def test_subsets_deterministic_and_recorded(images, tmp_path):
     assert sorted({k.split("/")[1] for k in t1}) == WNIDS[:2]
     assert sum(k.startswith("train/") for k in t1) == 4
     assert sum(k.startswith("val/") for k in t1) == 3  # all val images of the 2 classes
-    rec = json.loads((tmp_path / "d1" / inet.SUBSET_FILE).read_text())
+    rec = json.loads((tmp_path / "d1" / SUBSET_FILE).read_text())
     assert rec == {"classes": 2, "wnids": WNIDS[:2], "per_class": 2, "val_per_class": None,
                    "seed": 7}
     meta = inet.read_class_metadata(tmp_path / "d1")
@@ -315,8 +316,25 @@ def test_archive_errors(images, tmp_path):
 def test_devkit_without_scipy(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "scipy.io", None)  # import scipy.io -> ImportError
     (tmp_path / inet.DEVKIT).write_bytes(b"")
-    with pytest.raises(UsageError, match="pip install scipy"):
+    with pytest.raises(UsageError, match="pip install scipy") as e:
         inet.parse_devkit(tmp_path / inet.DEVKIT)
+    assert "pip install 'split_alexnet[imagenet]'" in str(e.value)
+
+
+@needs_scipy
+def test_parse_devkit_reads_leaf_synsets_and_ground_truth(tmp_path):
+    make_devkit(tmp_path / inet.DEVKIT)
+    names, val_wnids = inet.parse_devkit(tmp_path / inet.DEVKIT)
+    assert names == NAMES  # the leaves only: the non-leaf synset n00000001 is left out
+    assert val_wnids == VAL_LABELS
+    # a devkit without data/meta.mat is named as not usable
+    with tarfile.open(tmp_path / "other.tar.gz", "w:gz") as t:
+        data = b"1\n"
+        ti = tarfile.TarInfo("ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt")
+        ti.size = len(data)
+        t.addfile(ti, io.BytesIO(data))
+    with pytest.raises(UsageError, match="not a usable ILSVRC2012 devkit.*meta.mat"):
+        inet.parse_devkit(tmp_path / "other.tar.gz")
 
 
 def test_kaggle_errors(images, tmp_path):

@@ -1,5 +1,6 @@
 """LRN: the formula against a literal loop, every implementation's gradients, layouts, autocast,
-and the C++ kernel's build fallback. The C++ kernel is built once per machine (cached)."""
+the C++ kernel's torch.library autograd, its build key and its build fallback. The C++ kernel is
+built once per machine (cached)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import split_alexnet.network.lrn as lrn_mod
 import split_alexnet.network.lrn_ext as _lrn_ext
 from split_alexnet.network.lrn import LRN_IMPLS, LocalResponseNorm, lrn, lrn_reference, resolve_impl
 
@@ -193,8 +195,6 @@ def test_build_failure_falls_back_with_one_line(monkeypatch, capsys):
     def boom():
         raise RuntimeError("no compiler here\nsecond line of a long log")
 
-    import split_alexnet.network.lrn as lrn_mod
-
     monkeypatch.setattr(_lrn_ext, "_compile", boom)
     monkeypatch.setattr(_lrn_ext, "_registered", lambda: None)
     monkeypatch.setattr(lrn_mod, "_CPP_OPS", [])
@@ -207,6 +207,82 @@ def test_build_failure_falls_back_with_one_line(monkeypatch, capsys):
         y.sum().backward()  # the reference's autograd
         lrn(x, impl="auto")  # no second notice
         assert capsys.readouterr().err == ""
+    finally:
+        _lrn_ext._state.clear()
+        _lrn_ext._state.update(saved)
+
+
+def test_cpp_autograd_registered_with_torch_library(cpp_ok):
+    """The op's own autograd (torch.library): its backward is the C++ backward op, bit for bit,
+    and differentiating that backward again raises instead of returning a wrong answer."""
+    ops = torch.ops.split_alexnet_lrn
+    x = _x((2, 10, 4, 3), torch.float32, scale=10.0).requires_grad_(True)
+    g = _x((2, 10, 4, 3), torch.float32, seed=4)
+    y = ops.forward(x, 2, 2, BIG_ALPHA, BETA, K, 2)  # the bare op, no Python wrapper around it
+    assert y.grad_fn is not None
+    (gx,) = torch.autograd.grad(y, x, g)
+    assert torch.equal(gx, ops.backward(x.detach(), g, 2, 2, BIG_ALPHA, BETA, K, 2))
+    (gx2,) = torch.autograd.grad(lrn(x, SIZE, BIG_ALPHA, BETA, K, impl="cpp", groups=2), x, g)
+    assert torch.equal(gx2, gx)
+    (gg,) = torch.autograd.grad(ops.forward(x, 2, 2, BIG_ALPHA, BETA, K, 1), x, g, create_graph=True)
+    with pytest.raises(RuntimeError, match="first-order only"):
+        gg.sum().backward()
+
+
+def test_build_key_covers_cpu_flags(monkeypatch):
+    """Same model name, different instruction-set flags -> another build folder; same -> same."""
+    def cpu(flags):
+        return lambda: f"model name: AMD EPYC\nflags: {flags}"
+
+    keys = {}
+    for name, flags in (("avx2", "fpu sse2 avx2"), ("avx512", "fpu sse2 avx2 avx512f"),
+                        ("avx2 again", "fpu sse2 avx2")):
+        monkeypatch.setattr(_lrn_ext, "cpu_description", cpu(flags))
+        keys[name] = _lrn_ext.build_key()
+    assert keys["avx2"] != keys["avx512"]
+    assert keys["avx2"] == keys["avx2 again"]
+    assert all(len(k) == 16 and int(k, 16) >= 0 for k in keys.values())
+
+
+def test_build_key_covers_the_source(monkeypatch, tmp_path):
+    copy = tmp_path / "lrn.cpp"
+    copy.write_bytes(_lrn_ext.SOURCE.read_bytes())
+    monkeypatch.setattr(_lrn_ext, "SOURCE", copy)
+    same = _lrn_ext.build_key()
+    copy.write_bytes(_lrn_ext.SOURCE.read_bytes() + b"// edited\n")
+    assert _lrn_ext.build_key() != same
+    monkeypatch.undo()
+    assert _lrn_ext.build_key() == same  # the copy hashed like the shipped file
+
+
+def test_cpu_description_reads_the_instruction_set():
+    desc = _lrn_ext.cpu_description()
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        text = ""
+    first = text.split("\n\n")[0].splitlines()
+    flags = [ln for ln in first if ln.split(":")[0].strip() in ("flags", "Features")]
+    if flags:  # Linux: the first processor's flags line, whitespace normalised
+        key, _, value = flags[0].partition(":")
+        assert f"{key.strip()}: {' '.join(value.split())}" in desc.splitlines()
+    else:
+        assert desc.splitlines()[0].startswith(("model name", "machine", "CPU"))
+
+
+def test_missing_source_falls_back_with_one_line(monkeypatch, capsys, tmp_path):
+    """An install without csrc/lrn.cpp: one line naming the file, then the reference."""
+    saved = dict(_lrn_ext._state)
+    _lrn_ext._state.clear()
+    monkeypatch.setattr(_lrn_ext, "SOURCE", tmp_path / "csrc" / "lrn.cpp")
+    monkeypatch.setattr(_lrn_ext, "_registered", lambda: None)
+    monkeypatch.setattr(lrn_mod, "_CPP_OPS", [])
+    try:
+        x = _x((2, 7, 3, 4))
+        y = lrn(x, SIZE, BIG_ALPHA, BETA, K, impl="cpp")
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "FileNotFoundError" in err and "lrn.cpp" in err
+        torch.testing.assert_close(y, lrn_reference(x, SIZE, BIG_ALPHA, BETA, K), rtol=0, atol=0)
     finally:
         _lrn_ext._state.clear()
         _lrn_ext._state.update(saved)
@@ -247,8 +323,6 @@ def test_compile_impl():
 
 def test_compile_failure_falls_back(monkeypatch, capsys):
     """torch.compile fails -> one line on stderr, the reference's result."""
-    import split_alexnet.network.lrn as lrn_mod
-
     def boom():
         raise RuntimeError("inductor unavailable")
 
@@ -270,3 +344,17 @@ def test_cpp_under_torch_compile(cpp_ok):
     x = torch.randn(2, 3, 10, 10)
     y = torch.compile(m)(x)
     torch.testing.assert_close(y, m(x), rtol=1e-6, atol=1e-6)
+
+
+def test_cpp_backward_under_torch_compile(cpp_ok):
+    """AOT autograd traces the registered autograd: compiled gradients equal eager ones."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(),
+                            LocalResponseNorm(5, BIG_ALPHA, impl="cpp", groups=2))
+    x = torch.randn(2, 3, 10, 10) * 3
+    torch.compile(m)(x).square().sum().backward()
+    compiled = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    m(x).square().sum().backward()
+    for got, want in zip(compiled, (p.grad for p in m.parameters())):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pytest
 from PIL import Image
 
-import split_alexnet.data.augment as DA
 import split_alexnet.data.dataset as D
 import split_alexnet.data.stats as DS
 from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.data.prepare import REPORT, TMP_MARK, prepare
+from split_alexnet.data.prepare_tasks import out_name
+from split_alexnet.utils.fileio import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,3 +117,28 @@ def test_demo_data_cli(tmp_path):
     assert len(list((tmp_path / "d").rglob("*.jpg"))) == 6
     r = _cli("split_alexnet.demo_data", str(tmp_path / "d"), "--classes", "99")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_out_name_for_paths_and_archive_members():
+    assert out_name(Path("train/a/x.JPEG")) == Path("train/a/x.JPEG")
+    assert out_name(Path("train/a/x.png")) == Path("train/a/x.jpg")
+    assert out_name(PurePosixPath("sub/y.jpeg")) == PurePosixPath("sub/y.jpeg")
+    assert str(out_name(PurePosixPath("sub/z.tar.gif"))) == "sub/z.tar.jpg"
+
+
+def test_outputs_are_atomic_and_have_plain_file_permissions(src, tmp_path):
+    # a temporary file is a hidden sibling whose name ends in TMP_MARK (what a rerun removes)
+    seen = []
+    atomic_write(tmp_path / "o" / "a.jpg", lambda f: seen.extend(os.listdir(tmp_path / "o")),
+                 fsync=False, suffix=TMP_MARK, private=False)
+    assert len(seen) == 1 and seen[0].startswith(".a.jpg.") and seen[0].endswith(TMP_MARK)
+    assert os.listdir(tmp_path / "o") == ["a.jpg"]
+    # everything prepare writes gets the permissions of open(): 0o666 minus the umask
+    dst = tmp_path / "dst"
+    prepare(src, dst, workers=0, progress=False)
+    umask = os.umask(0)
+    os.umask(umask)
+    files = [dst / REPORT, dst / "classes.json", dst / "subset.json", dst / "stats.npz",
+             dst / "train" / "cat" / "cat0.JPEG", dst / "val" / "dog" / "dog1.jpg"]
+    assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in files} == \
+        {f.name: 0o666 & ~umask for f in files}

@@ -1,1 +1,2 @@
-"""The input pipeline: decoding, statistics, the dataset and loader, augmentation, prepare, ImageNet layouts, demo data."""
+"""The input pipeline: decoding, statistics, the dataset and loader, augmentation, prepare (its
+tasks and subsets), ImageNet layouts, demo data."""

@@ -3,19 +3,17 @@ plus PCA colour noise, in raw 0-255 units as in the paper (section 4.1). See doc
 
 from __future__ import annotations
 
-
 import torch
 
 from split_alexnet.data.dataset import CROP, tencrop_offsets
 from split_alexnet.data.stats import Stats
 
-# ----------------------------------------------------------------------------- device side
-
 _mean_cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
 
 def _device_stats(stats: Stats, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """(mean, ten mean crops, eigval, eigvec) on ``device``, cached per (stats, device)."""
+    """(mean, ten mean crops, eigval, eigvec) on ``device`` plus the host mean they came from,
+    cached per (stats, device)."""
     key = (id(stats), stats.fingerprint, str(device))
     hit = _mean_cache.get(key)
     if hit is None or hit[4] is not stats.mean:
@@ -75,9 +73,8 @@ def finish_batch(batch: dict, stats: Stats, device: torch.device | str, *,
     """On ``device``: ``image.float() - mean crop (+ PCA noise in train batches)``.
 
     Train batches (``image`` (B,3,227,227)) subtract the mean image cropped at each item's
-    (top, left) and flipped where it was flipped, then add
-    ``eigvec @ (alpha * eigval)`` (``pca="paper"``) or ``eigvec @ (alpha * sqrt(eigval))``
-    (``"sqrt"``) to every pixel. Centre batches have top=left=14 and alpha=0 so the same
+    (top, left) and flipped where it was flipped, then add the item's :func:`pca_noise` offset
+    (for ``batch["pca"]``) to every pixel. Centre batches have top=left=14 and alpha=0 so the same
     code applies. Ten-crop batches ((B,10,3,227,227)) subtract the ten matching mean crops.
     Raw 0-255 scale, no division."""
     device = torch.device(device)

@@ -15,15 +15,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from split_alexnet.utils.cli import UsageError
 from split_alexnet.data.images import SIZE, UnreadableImage, list_images, load_rgb256
+from split_alexnet.utils.cli import UsageError
 
-CROP = 227
-PCA_STD = 0.1
-CENTER = (SIZE - CROP) // 2  # 14
+CROP = 227                   # the network's input side (section 4.1; 55x55 after conv1)
+CENTER = (SIZE - CROP) // 2  # 14: top and left of the centre crop
+PCA_STD = 0.1                # standard deviation of the colour-noise draw alpha (section 4.1)
 MODES = ("train", "center", "tencrop")
 PCA_MODES = ("paper", "paper-255", "sqrt", "off")
-
 TENCROP_ORDER = ("TL", "TR", "BL", "BR", "C", "flip TL", "flip TR", "flip BL", "flip BR", "flip C")
 
 
@@ -95,11 +94,12 @@ class CropFolder(Dataset):
 
     ``mode``: ``"train"`` (random 227 crop + flip with p=0.5 + a PCA draw),
     ``"center"`` (the 227 centre crop at (14, 14)), ``"tencrop"`` ((10, 3, 227, 227) in
-    :data:`TENCROP_ORDER`). ``pca``: ``"paper"`` (noise eigvec @ (alpha * eigval)), ``"sqrt"``
-    (alpha * sqrt(eigval), Krizhevsky's released code), ``"off"``. The item's ``alpha`` is the
-    raw draw alpha ~ N(0, 0.1) (zeros when off or in evaluation) and its ``pca`` says the
-    reading; :func:`finish_batch` applies the scale. Key: ``i`` or ``(epoch, i)``; the
-    crop/flip/alpha are drawn from ``torch.Generator().manual_seed(item_seed(seed, epoch, i))``.
+    :data:`TENCROP_ORDER`). ``pca``: one of :data:`PCA_MODES` (see
+    :func:`split_alexnet.data.augment.pca_noise`). The item's ``alpha`` is the raw draw
+    alpha ~ N(0, 0.1) (zeros when off or in evaluation) and its ``pca`` says the reading;
+    :func:`split_alexnet.data.augment.finish_batch` applies the scale. Key: ``i`` or
+    ``(epoch, i)``; the crop/flip/alpha are drawn from
+    ``torch.Generator().manual_seed(item_seed(seed, epoch, i))``.
     """
 
     def __init__(self, split_dir: Path, classes: list[str], *, mode: str = "train",
@@ -212,9 +212,6 @@ class EpochSampler(Sampler):
         self.n, self.epoch, self.seed, self.shuffle = int(n), int(epoch), int(seed), shuffle
         self.rank, self.world_size, self.drop_last, self.start = rank, world_size, drop_last, start
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = int(epoch), int(start)
-
     def indices(self) -> list[int]:
         """This rank's full index sequence for the epoch (before ``start``)."""
         if not self.shuffle:
@@ -254,5 +251,3 @@ def make_loader(dataset, *, batch_size: int, sampler, workers: int,
                       persistent_workers=False,
                       worker_init_fn=_worker_init if workers > 0 else None,
                       prefetch_factor=4 if workers > 0 else None)
-
-

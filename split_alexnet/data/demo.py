@@ -11,10 +11,10 @@ and rotation, so colour alone does not give the label. Every image is a pure fun
 
 from __future__ import annotations
 
-import sys
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from split_alexnet.utils.cli import UsageError, run
+from split_alexnet.utils.fileio import atomic_write
 
 __all__ = ["SHAPES", "make_demo_dataset", "draw_image", "main"]
 
@@ -151,10 +152,12 @@ def make_demo_dataset(root, *, classes: int = 10, train_per_class: int = 100,
     except (OSError, ValueError):
         pass
     for split_idx, kind, j, path in plan:
-        path.parent.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng([seed, split_idx, SHAPES.index(kind), j])
-        draw_image(kind, rng).save(path, "JPEG", quality=QUALITY)
-    marker.write_text(json.dumps(params, sort_keys=True) + "\n")
+        img = draw_image(kind, rng)
+        atomic_write(path, lambda f: img.save(f, "JPEG", quality=QUALITY), fsync=False,
+                     private=False)
+    text = json.dumps(params, sort_keys=True) + "\n"
+    atomic_write(marker, lambda f: f.write(text.encode("utf-8")), fsync=False, private=False)
     return root
 
 

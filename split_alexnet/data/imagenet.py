@@ -1,15 +1,16 @@
-"""ImageNet as users have it: the official archives, Kaggle's layout, or class folders.
+"""ImageNet as users have it: which layout ``SRC`` holds (the official archives, Kaggle's
+layout, or class folders), what its archives contain, and its class metadata.
 
 :func:`detect_layout` looks at ``SRC`` and returns a :class:`Source` for one of
 
 * ``"archives"`` - the official files from image-net.org in ``SRC``:
   ``ILSVRC2012_img_train.tar`` (a tar of 1000 per-class tars ``<wnid>.tar``),
   ``ILSVRC2012_img_val.tar`` (50,000 flat ``ILSVRC2012_val_%08d.JPEG``) and
-  ``ILSVRC2012_devkit_t12.tar.gz`` (class names and the validation ground truth, parsed with
-  torchvision's :func:`torchvision.datasets.imagenet.parse_devkit_archive`, which needs scipy).
-  The archives are streamed (nothing is extracted): a worker opens the train tar, seeks to the
-  data of its class tar (``TarInfo.offset_data``) and reads that as a tar; validation images
-  are read straight from their offsets in the val tar.
+  ``ILSVRC2012_devkit_t12.tar.gz`` (class names and the validation ground truth:
+  :func:`parse_devkit` reads its ``data/meta.mat`` with ``scipy.io.loadmat``, scipy being
+  the optional dependency ``split_alexnet[imagenet]``). Only the tar headers are read here:
+  the :class:`Source` lists where each class tar and each validation image lies
+  (``TarInfo.offset_data``), and ``prepare``'s workers stream them from there.
 * ``"kaggle"`` - Kaggle's ``SRC/ILSVRC/Data/CLS-LOC/{train/<wnid>/*, val/*}`` with
   ``SRC/LOC_val_solution.csv`` and ``SRC/LOC_synset_mapping.txt``. The same reader handles any
   ``SRC/train/<wnid>/`` + flat ``SRC/val/`` whose labels come from a ``LOC_val_solution.csv``
@@ -17,180 +18,63 @@
 * ``"folders"`` - ``SRC/train/<class>/`` and ``SRC/val/<class>/`` (the original prepare).
 
 Every layout prepares to the same tree (``DST/{train,val}/<wnid>/<name>``, byte-identical
-JPEGs) plus ``DST/classes.json`` (:func:`read_class_metadata`) and ``DST/subset.json``.
-Subsets (:class:`Subset`): the first N sorted wnids or a list file, and/or M images per class
-chosen by a seeded hash of the file name (deterministic, independent of listing order and of
-the other classes; a smaller M is a subset of a larger one).
-
-This module imports no torch at import time (prepare workers stay light); torchvision is
-imported only to parse a devkit.
+JPEGs) plus ``DST/classes.json`` (:func:`write_class_metadata`, :func:`read_class_metadata`).
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
 import re
 import tarfile
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
 
+from split_alexnet.data.dataset import check_dataset_root, find_classes
+from split_alexnet.data.images import is_image_file
 from split_alexnet.utils.cli import UsageError
 from split_alexnet.utils.fileio import atomic_write
-from split_alexnet.data.images import DRAFT_MIN, SIZE, UnreadableImage, is_image_file, resize_center, to_rgb
 
 __all__ = ["TRAIN_TAR", "VAL_TAR", "DEVKIT", "KAGGLE_SOLUTION", "KAGGLE_MAPPING", "CLASSES_FILE",
-           "SUBSET_FILE", "Source", "Subset", "detect_layout", "parse_devkit",
-           "read_kaggle_solution", "read_synset_mapping", "select_classes", "pick",
-           "rgb256_from_bytes", "read_class_metadata", "write_class_metadata", "write_json"]
+           "Source", "detect_layout", "parse_devkit", "read_kaggle_solution",
+           "read_synset_mapping", "safe_rel", "read_class_metadata", "write_class_metadata",
+           "write_json"]
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
 DEVKIT = "ILSVRC2012_devkit_t12.tar.gz"
+DEVKIT_META = "ILSVRC2012_devkit_t12/data/meta.mat"
+DEVKIT_TRUTH = "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt"
 KAGGLE_DATA = ("ILSVRC", "Data", "CLS-LOC")
 KAGGLE_SOLUTION = "LOC_val_solution.csv"
 KAGGLE_MAPPING = "LOC_synset_mapping.txt"
 CLASSES_FILE = "classes.json"
-SUBSET_FILE = "subset.json"
 VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})\.JPEG$", re.IGNORECASE)
 WNID = re.compile(r"n\d{8}$")
 
 
 # ----------------------------------------------------------------------------- small helpers
 
-def _convert(data: bytes, label: str, out: Path, quality: int, res: dict) -> None:
-    """Decode one archive member to the 256x256 crop and write it; an unreadable image is
-    recorded in ``res["failures"]`` instead."""
-    from split_alexnet.data.prepare import write_jpeg  # prepare imports this module
-    try:
-        a = rgb256_from_bytes(data, label)
-    except UnreadableImage as e:
-        res["failures"].append((label, str(e)))
-        return
-    write_jpeg(a, out, quality)
-    res["written"] += 1
-
-
 def write_json(path: Path, obj) -> None:
-    """Atomic JSON write (temp file + rename), deterministic content (sorted keys)."""
+    """Atomic JSON write (:func:`split_alexnet.utils.fileio.atomic_write`), deterministic
+    content (sorted keys)."""
     text = json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")), fsync=False)
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")), fsync=False, private=False)
 
 
-def rgb256_from_bytes(data: bytes, name: str, size: int = SIZE) -> np.ndarray:
-    """Encoded image bytes -> (size, size, 3) uint8, exactly as
-    ``images.load_rgb256(path, decoder="pillow")`` does for a file holding ``data`` (same
-    draft rule, EXIF, mode conversion, one-step resize); ``name`` is used in the error."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.format == "JPEG" and min(im.size) >= 2 * DRAFT_MIN:
-                im.draft("RGB", (DRAFT_MIN, DRAFT_MIN))
-            im.load()
-            img = to_rgb(ImageOps.exif_transpose(im))
-            if min(img.size) < 1:
-                raise ValueError("zero-size image")
-            out = np.asarray(resize_center(img, size))
-    except Exception as e:  # noqa: BLE001 - any decode failure
-        msg = "not a recognised image file" if type(e).__name__ == "UnidentifiedImageError" \
-            else str(e)
-        raise UnreadableImage(f"cannot read image {name}: {type(e).__name__}: {msg}") from None
-    if out.shape != (size, size, 3) or out.dtype != np.uint8:
-        raise UnreadableImage(f"cannot read image {name}: decoded to {out.shape} {out.dtype}")
-    return out
-
-
-def _safe_rel(name: str) -> str | None:
+def safe_rel(name: str) -> str | None:
     """A tar member name as a safe relative posix path (no absolute, no '..'), else None."""
     p = PurePosixPath(name)
     if p.is_absolute() or any(part == ".." for part in p.parts):
         return None
     parts = [q for q in p.parts if q not in ("", ".")]
     return "/".join(parts) if parts else None
-
-
-# ----------------------------------------------------------------------------- subsets
-
-@dataclass(frozen=True)
-class Subset:
-    """``classes``: None (all), an int N (first N sorted wnids) or a path to a list file
-    (one wnid per line, ``#`` comments); ``per_class`` / ``val_per_class``: None (all) or M
-    images per class; ``seed`` picks which M."""
-
-    classes: int | str | None = None
-    per_class: int | None = None
-    val_per_class: int | None = None
-    seed: int = 0
-
-    @property
-    def active(self) -> bool:
-        return any(v is not None for v in (self.classes, self.per_class, self.val_per_class))
-
-    def record(self, wnids: Sequence[str]) -> dict:
-        """The content of ``DST/subset.json`` for the selected ``wnids``."""
-        uses_seed = self.per_class is not None or self.val_per_class is not None
-        return {"classes": None if self.classes is None else len(wnids),
-                "wnids": list(wnids) if self.classes is not None else None,
-                "per_class": self.per_class, "val_per_class": self.val_per_class,
-                "seed": self.seed if uses_seed else None}
-
-
-def parse_classes_arg(value: str | None) -> int | str | None:
-    """``--classes``: an integer or a path to a wnid list file."""
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        return value
-
-
-def select_classes(wnids: Sequence[str], spec: int | str | None) -> list[str]:
-    """The selected wnids, sorted (``wnids`` = all classes of the source)."""
-    allw = sorted(wnids)
-    if spec is None:
-        return allw
-    if isinstance(spec, int):
-        if not 1 <= spec <= len(allw):
-            raise UsageError(f"--classes must be in 1..{len(allw)} (the source has "
-                             f"{len(allw)} classes), got {spec}")
-        return allw[:spec]
-    path = Path(spec)
-    if not path.is_file():
-        raise UsageError(f"--classes: not an integer and no such list file: {spec}")
-    want = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        w = line.split("#", 1)[0].strip()
-        if w:
-            want.append(w.split()[0])
-    if not want:
-        raise UsageError(f"--classes list file names no classes: {spec}")
-    unknown = sorted(set(want) - set(allw))
-    if unknown:
-        raise UsageError(f"--classes list file {spec} names classes that are not in the source: "
-                         f"{', '.join(unknown[:5])}" + (" ..." if len(unknown) > 5 else ""))
-    return sorted(set(want))
-
-
-def _rank(seed: int, wnid: str, rel: str) -> bytes:
-    return hashlib.blake2b(f"{seed}\0{wnid}\0{rel}".encode("utf-8", "surrogateescape"),
-                           digest_size=16).digest()
-
-
-def pick(rels: Sequence[str], m: int | None, seed: int, wnid: str) -> set[str]:
-    """The ``m`` names of ``rels`` (relative names inside class ``wnid``) with the smallest
-    seeded hash; all of them when ``m`` is None."""
-    if m is None or m >= len(rels):
-        return set(rels)
-    return set(sorted(rels, key=lambda r: _rank(seed, wnid, r))[:m])
 
 
 # ----------------------------------------------------------------------------- metadata files
@@ -243,37 +127,44 @@ def read_kaggle_solution(path: Path) -> dict[str, str]:
 
 def parse_devkit(path: Path) -> tuple[dict[str, str], list[str]]:
     """``ILSVRC2012_devkit_t12.tar.gz`` -> ({wnid: name} for the 1000 leaf synsets, the wnid of
-    each validation image in ILSVRC2012_val order), via torchvision's parser (needs scipy).
+    each validation image in ILSVRC2012_val order).
 
-    torchvision's ``parse_devkit_archive`` also checks the official file's md5; that check is
-    skipped here (the structure and the ground-truth count are checked instead), so a devkit
-    repacked with the same content works too."""
+    ``data/meta.mat`` (read with ``scipy.io.loadmat``) lists the synsets: the leaves
+    (``num_children == 0``) are the classes, ``ILSVRC2012_ID`` -> ``WNID``, ``words``;
+    ``data/ILSVRC2012_validation_ground_truth.txt`` holds the ILSVRC2012_ID of validation image
+    1, 2, ... The official file's md5 is not checked (the structure and the ground-truth count
+    are), so a devkit repacked with the same content works too."""
     path = Path(path)
     try:
-        import scipy.io  # noqa: F401
+        import scipy.io  # optional dependency (split_alexnet[imagenet]): only the devkit needs it
     except ImportError:
-        raise UsageError(f"reading {path.name} needs scipy: pip install scipy") from None
-    import torchvision.datasets.imagenet as tvin
-    with tempfile.TemporaryDirectory(prefix="devkit-") as tmp:
-        os.symlink(path.resolve(), os.path.join(tmp, DEVKIT))
-        saved = getattr(tvin, "_verify_archive", None)
-        tvin._verify_archive = lambda *a, **k: None  # the official-md5-only check
-        try:
-            tvin.parse_devkit_archive(tmp, DEVKIT)
-            wnid_to_classes, val_wnids = tvin.load_meta_file(tmp)
-        except (tarfile.TarError, EOFError, zlib.error) as e:
-            raise UsageError(f"cannot read devkit {path}: {type(e).__name__}: {e} "
-                             f"(truncated or corrupt download?)") from None
-        except (OSError, KeyError, ValueError, IndexError, TypeError) as e:
-            raise UsageError(f"{path} is not a usable ILSVRC2012 devkit (expected "
-                             f"ILSVRC2012_devkit_t12/data/meta.mat and "
-                             f"data/ILSVRC2012_validation_ground_truth.txt): "
-                             f"{type(e).__name__}: {e}") from None
-        finally:
-            if saved is not None:
-                tvin._verify_archive = saved
-    names = {str(w): ", ".join(c) for w, c in wnid_to_classes.items()}
-    return names, [str(w) for w in val_wnids]
+        raise UsageError(f"reading {path.name} needs scipy: pip install 'split_alexnet[imagenet]' "
+                         f"(or pip install scipy)") from None
+    files: dict[str, bytes] = {}
+    try:
+        with tarfile.open(path, "r:gz") as t:
+            for m in t:
+                rel = safe_rel(m.name) if m.isfile() else None
+                if rel in (DEVKIT_META, DEVKIT_TRUTH):
+                    files[rel] = t.extractfile(m).read()
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        raise UsageError(f"cannot read devkit {path}: {type(e).__name__}: {e} "
+                         f"(truncated or corrupt download?)") from None
+    try:
+        missing = [n for n in (DEVKIT_META, DEVKIT_TRUTH) if n not in files]
+        if missing:
+            raise KeyError(f"no member {missing[0]}")
+        synsets = scipy.io.loadmat(io.BytesIO(files[DEVKIT_META]), squeeze_me=True)["synsets"]
+        leaves = [s for s in np.atleast_1d(synsets) if int(s["num_children"]) == 0]
+        wnid_of = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in leaves}
+        names = {str(s["WNID"]): str(s["words"]) for s in leaves}
+        val_wnids = [wnid_of[int(v)] for v in files[DEVKIT_TRUTH].decode("ascii").split()]
+    except (KeyError, ValueError, IndexError, TypeError, scipy.io.matlab.MatReadError) as e:
+        raise UsageError(f"{path} is not a usable ILSVRC2012 devkit (expected "
+                         f"ILSVRC2012_devkit_t12/data/meta.mat and "
+                         f"data/ILSVRC2012_validation_ground_truth.txt): "
+                         f"{type(e).__name__}: {e}") from None
+    return names, val_wnids
 
 
 def write_class_metadata(dst: Path, wnids: Sequence[str], names: dict[str, str],
@@ -386,7 +277,6 @@ def detect_layout(src: Path) -> Source:
 
 
 def _folders(src: Path) -> Source:
-    from split_alexnet.data.dataset import check_dataset_root, find_classes
     check_dataset_root(src)
     wnids = find_classes(src / "train")
     names: dict[str, str] = {}
@@ -406,7 +296,6 @@ def _folders(src: Path) -> Source:
 
 def _flat_val(src: Path, train: Path, val: Path, labels: Path, mapping: Path | None,
               layout: str) -> Source:
-    from split_alexnet.data.dataset import find_classes
     wnids = find_classes(train)
     if not val.is_dir():
         raise UsageError(f"validation folder not found: {val}")
@@ -486,7 +375,7 @@ def _archives(src: Path) -> Source:
     train_tar, val_tar = src / TRAIN_TAR, src / VAL_TAR
     train_members: dict[str, tuple[int, int]] = {}
     for m in _list_tar(train_tar):
-        rel = _safe_rel(m.name)
+        rel = safe_rel(m.name)
         w = PurePosixPath(rel).name[:-4] if rel and rel.endswith(".tar") else None
         if w not in names:
             raise UsageError(f"{train_tar}: unexpected member {m.name} (expected <wnid>.tar for "
@@ -504,101 +393,3 @@ def _archives(src: Path) -> Source:
     return Source("archives", src, f"official ImageNet archives ({TRAIN_TAR}, {VAL_TAR}, "
                   f"{DEVKIT}) in {src}", wnids, names, train_tar=train_tar, val_tar=val_tar,
                   train_members=train_members, val_members=val_members)
-
-
-# ----------------------------------------------------------------------------- archive workers
-
-class _Slice(io.RawIOBase):
-    """Read-only seekable view of bytes [offset, offset + size) of an open file."""
-
-    def __init__(self, f, offset: int, size: int) -> None:
-        self.f, self.offset, self.size, self.pos = f, offset, size, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self.pos, 2: self.size}[whence]
-        self.pos = max(0, base + pos)
-        return self.pos
-
-    def readinto(self, b) -> int:
-        n = max(0, min(len(b), self.size - self.pos))
-        if n == 0:
-            return 0
-        self.f.seek(self.offset + self.pos)
-        data = self.f.read(n)
-        b[:len(data)] = data
-        self.pos += len(data)
-        return len(data)
-
-
-class ArchiveReadError(Exception):
-    """Reading an archive failed (the message names it)."""
-
-
-def _out_rel(rel: str) -> str:
-    p = PurePosixPath(rel)
-    return rel if p.suffix.lower() in (".jpg", ".jpeg") else str(p.with_suffix(".jpg"))
-
-
-def train_class_task(task: tuple) -> dict:
-    """Worker: stream one class tar out of the train tar, write its (selected) images.
-    ``task = (train_tar, wnid, offset, size, dst, per_class, seed, quality)``."""
-    tar_path, wnid, offset, size, dst, per_class, seed, quality = task
-    res = {"wnid": wnid, "images": 0, "written": 0, "existing": 0, "failures": [],
-           "error": None}
-    where = f"{Path(tar_path).name}/{wnid}.tar"
-    try:
-        with open(tar_path, "rb") as raw:
-            fobj = io.BufferedReader(_Slice(raw, offset, size), 1 << 18)
-            with tarfile.open(fileobj=fobj, mode="r:") as inner:
-                keep = None
-                if per_class is not None:  # needs all names first (headers only)
-                    keep = pick(sorted(r for r in (_safe_rel(m.name) for m in inner.getmembers()
-                                                   if m.isfile()) if r and is_image_file(r)),
-                                per_class, seed, wnid)
-                for m in inner:  # one sequential pass over the class tar
-                    rel = _safe_rel(m.name) if m.isfile() else None
-                    if not rel or not is_image_file(rel) or (keep is not None and rel not in keep):
-                        continue
-                    res["images"] += 1
-                    out = Path(dst) / "train" / wnid / _out_rel(rel)
-                    if out.exists():
-                        res["existing"] += 1
-                        continue
-                    data = inner.extractfile(m).read()
-                    if len(data) != m.size:
-                        raise tarfile.ReadError("unexpected end of data")
-                    _convert(data, f"{where}/{rel}", out, quality, res)
-    except (tarfile.TarError, EOFError, zlib.error) as e:
-        res["error"] = (f"cannot read {where} in {tar_path}: {type(e).__name__}: {e} "
-                        f"(truncated or corrupt archive?)")
-    return res
-
-
-def val_chunk_task(task: tuple) -> dict:
-    """Worker: read validation images at their offsets in the val tar and write them.
-    ``task = (val_tar, [(name, wnid, offset, size), ...], dst, quality)``."""
-    tar_path, items, dst, quality = task
-    res = {"images": len(items), "written": 0, "existing": 0, "failures": [], "error": None}
-    with open(tar_path, "rb") as f:
-        for name, wnid, off, size in items:
-            out = Path(dst) / "val" / wnid / _out_rel(name)
-            if out.exists():
-                res["existing"] += 1
-                continue
-            f.seek(off)
-            data = f.read(size)
-            if len(data) != size:
-                res["error"] = (f"archive {tar_path} is truncated at {name} "
-                                f"(incomplete download?)")
-                return res
-            _convert(data, f"{Path(tar_path).name}/{name}", out, quality, res)
-    return res

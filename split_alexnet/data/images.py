@@ -1,8 +1,10 @@
-"""Decoding any image file into the paper's 256x256 RGB uint8 form (section 2).
+"""Image files: which files are images, and decoding any of them into the paper's 256x256 RGB
+uint8 form (section 2).
 
-One function, :func:`load_rgb256`, is used both by the offline ``prepare`` step and by the
-on-the-fly loader for unprepared folders, so a prepared and an unprepared dataset see the same
-pixels up to the JPEG re-encoding of ``prepare``:
+One function, :func:`load_rgb`, decodes a file path or the encoded bytes of an archive member;
+it is used by the offline ``prepare`` step (files and archives alike), by the statistics and by
+the on-the-fly loader for unprepared folders, so every path sees the same pixels (up to the
+JPEG re-encoding of ``prepare``):
 
 * the shorter side is rescaled to 256 and the central 256x256 patch is kept. This is done in
   one resampling step: the central square of the source (side = shorter side, exact fractional
@@ -19,9 +21,17 @@ pixels up to the JPEG re-encoding of ``prepare``:
   32-bit integer grayscale (``I;16``, ``I``) are scaled to 0-255 (value / 257, i.e. the high
   byte rounded) rather than clipped; float (``F``) images are clipped to 0-255.
 
+Decoders (``decoder=``): ``"pillow"`` decodes everything with Pillow. ``"auto"`` (the default)
+sends already-prepared (256x256) plain RGB/grayscale JPEGs to ``torchvision.io.decode_jpeg``
+(libjpeg-turbo, bit-identical to Pillow there and faster) and everything else to Pillow.
+torchvision is an optional speed-up of this module: when it is missing, has no image codecs,
+or deprecates them (torchvision >= 0.29 moves image decoding to TorchCodec and warns on every
+call), ``"auto"`` is Pillow for everything. That is decided once per process by decoding a
+tiny JPEG with the warnings recorded (:func:`_tv_usable`), so no deprecation warning reaches
+the user.
+
 Any failure to read (not an image, empty, truncated, corrupt, a decompression bomb over
-Pillow's ``Image.MAX_IMAGE_PIXELS`` protection) raises :class:`UnreadableImage` naming the path.
-This module needs only numpy and Pillow (no torch), so ``prepare`` workers stay light.
+Pillow's ``Image.MAX_IMAGE_PIXELS`` protection) raises :class:`UnreadableImage` naming the image.
 """
 
 from __future__ import annotations
@@ -30,21 +40,31 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from split_alexnet.utils.cli import UsageError
 
-__all__ = ["SIZE", "IMG_EXTENSIONS", "UnreadableImage", "is_image_file", "load_rgb256",
-           "to_rgb", "resize_center", "image_sums", "list_images"]
+try:  # optional: the fast decoder of prepared JPEGs (see the module docstring)
+    from torchvision import io as tvio
+except Exception:  # noqa: BLE001 - not installed, or a build that does not load: Pillow only
+    tvio = None
+
+__all__ = ["SIZE", "IMG_EXTENSIONS", "DECODERS", "UnreadableImage", "is_image_file", "load_rgb",
+           "load_rgb256", "to_rgb", "resize_center", "list_images"]
 
 SIZE = 256
 DRAFT_MIN = 2 * SIZE
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                   ".pgm", ".pbm", ".jfif")
+DECODERS = ("auto", "pillow")
 RESAMPLE = Image.Resampling.BICUBIC
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview
 
 
 class UnreadableImage(UsageError):
@@ -54,6 +74,20 @@ class UnreadableImage(UsageError):
 def is_image_file(name: str | os.PathLike) -> bool:
     return str(name).lower().endswith(IMG_EXTENSIONS)
 
+
+def list_images(directory: Path) -> list[Path]:
+    """All image files under ``directory`` (recursive), sorted by relative path."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(directory):
+        dirnames.sort()
+        for f in filenames:
+            if is_image_file(f) and not f.startswith("."):
+                out.append(Path(dirpath) / f)
+    out.sort(key=lambda p: p.relative_to(directory).as_posix())
+    return out
+
+
+# ----------------------------------------------------------------------------- Pillow
 
 def _composite_white(img: Image.Image) -> Image.Image:
     rgba = img.convert("RGBA")
@@ -93,111 +127,108 @@ def resize_center(img: Image.Image, size: int = SIZE) -> Image.Image:
     return img.resize((size, size), RESAMPLE, box=(x0, y0, x0 + s, y0 + s))
 
 
-_TVIO: object = None
+def _decode_pillow(data: bytes, size: int, draft: bool) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        if draft and im.format == "JPEG" and min(im.size) >= 2 * DRAFT_MIN:
+            # Both requested sides >= DRAFT_MIN, so the shorter side stays >= DRAFT_MIN
+            # whatever the EXIF rotation.
+            im.draft("RGB", (DRAFT_MIN, DRAFT_MIN))
+        im.load()
+        img = to_rgb(ImageOps.exif_transpose(im))
+        if min(img.size) < 1:
+            raise ValueError("zero-size image")
+        return np.asarray(resize_center(img, size))
 
 
-def _torchvision_io():
-    """``torchvision.io`` if it imports, else False (cached)."""
-    global _TVIO
-    if _TVIO is None:
+# ----------------------------------------------------------------------------- torchvision
+
+Decode = Callable[[bytes], torch.Tensor]
+
+
+def _tv_decode(data: bytes) -> torch.Tensor:
+    """torchvision's libjpeg-turbo decoder: JPEG bytes -> (3, H, W) uint8, EXIF applied."""
+    return tvio.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                            mode=tvio.ImageReadMode.RGB, apply_exif_orientation=True)
+
+
+def _tv_usable(decode: Decode) -> bool:
+    """Whether ``decode`` decodes a tiny JPEG without error and without a DeprecationWarning
+    (torchvision >= 0.29 warns on every call: its image codecs move to TorchCodec)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 200, 30)).save(buf, "JPEG")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         try:
-            import torch
-            from torchvision import io as tvio
-            _TVIO = (torch, tvio)
-        except Exception:  # noqa: BLE001 - no torchvision: Pillow only
-            _TVIO = False
-    return _TVIO
+            t = decode(buf.getvalue())
+        except Exception:  # noqa: BLE001 - a build without image codecs: Pillow only
+            return False
+    if any(issubclass(w.category, DeprecationWarning) for w in caught):
+        return False
+    return tuple(t.shape) == (3, 16, 16)
 
 
-def _decode_jpeg_tv(data: bytes, size: int, draft: bool) -> np.ndarray | None:
-    """Fast path for prepared (size x size) plain RGB/grayscale JPEGs: torchvision's
-    libjpeg-turbo decoder (~2x Pillow, bit-identical output here; docs/data.md).
-    None -> use Pillow."""
+_tv_state: dict[str, Decode | None] = {}
+
+
+def _tv_decoder() -> Decode | None:
+    """The torchvision JPEG decoder if it is usable here (checked once per process), else None."""
+    if "decode" not in _tv_state:
+        _tv_state["decode"] = _tv_decode if tvio is not None and _tv_usable(_tv_decode) else None
+    return _tv_state["decode"]
+
+
+def _decode_tv(data: bytes, size: int, decode: Decode) -> np.ndarray | None:
+    """Fast path for prepared (size x size) plain RGB/grayscale JPEGs (~2x Pillow, bit-identical
+    output; docs/data.md). None -> use Pillow."""
     with Image.open(io.BytesIO(data)) as im:   # header only; runs Pillow's bomb check
         if im.format != "JPEG" or im.mode not in ("RGB", "L"):
             return None
         if im.size != (size, size):
             return None  # full-size input: Pillow's decode + resize is faster (docs/data.md)
-    tv = _torchvision_io()
-    if not tv:
-        return None
-    torch, tvio = tv
     try:
-        with warnings.catch_warnings():
-            # torchvision 0.29 deprecates its codecs (moving to TorchCodec) and warns on every
-            # call; we use decode_jpeg only with a Pillow fallback, so silence that warning.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            t = tvio.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                 mode=tvio.ImageReadMode.RGB, apply_exif_orientation=True)
+        t = decode(data)
     except Exception:  # noqa: BLE001 - let Pillow decide (and name the error)
         return None
-    a = t.permute(1, 2, 0).numpy()
+    a = np.ascontiguousarray(t.permute(1, 2, 0).numpy())  # (H, W, 3)
     if a.shape[:2] == (size, size):
-        return np.ascontiguousarray(a)
-    return np.asarray(resize_center(Image.fromarray(np.ascontiguousarray(a), "RGB"), size))
+        return a
+    return np.asarray(resize_center(Image.fromarray(a, "RGB"), size))
+
+
+# ----------------------------------------------------------------------------- the decoder
+
+def load_rgb(source: ImageSource, *, name: str | None = None, size: int = SIZE,
+             draft: bool = True, decoder: str = "auto") -> np.ndarray:
+    """Decode ``source`` (a file path, or the encoded bytes of an image) -> (size, size, 3)
+    uint8 RGB array, or raise :class:`UnreadableImage` naming ``name`` (default: the path).
+
+    The bytes of a file decode to exactly what its path does. ``decoder``: ``"auto"`` or
+    ``"pillow"`` (see the module docstring); ``draft``: allow the reduced-scale JPEG decode."""
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    is_bytes = isinstance(source, (bytes, bytearray, memoryview))
+    label = name if name is not None else ("image bytes" if is_bytes else os.fspath(source))
+    try:
+        if is_bytes:
+            data = bytes(source)
+        else:
+            with open(source, "rb") as f:
+                data = f.read()
+        out = None
+        decode = _tv_decoder() if decoder == "auto" and data[:3] == JPEG_MAGIC else None
+        if decode is not None:
+            out = _decode_tv(data, size, decode)
+        if out is None:
+            out = _decode_pillow(data, size, draft)
+    except Exception as e:  # noqa: BLE001 - any decode failure (incl. DecompressionBombError)
+        msg = "not a recognised image file" if isinstance(e, UnidentifiedImageError) else str(e)
+        raise UnreadableImage(f"cannot read image {label}: {type(e).__name__}: {msg}") from None
+    if out.shape != (size, size, 3) or out.dtype != np.uint8:
+        raise UnreadableImage(f"cannot read image {label}: decoded to {out.shape} {out.dtype}")
+    return out
 
 
 def load_rgb256(path: str | os.PathLike, *, draft: bool = True, size: int = SIZE,
                 decoder: str = "auto") -> np.ndarray:
-    """Decode ``path`` -> (size, size, 3) uint8 RGB array, or raise :class:`UnreadableImage`.
-
-    ``decoder="auto"``: torchvision's JPEG decoder for already-prepared (size x size) plain
-    RGB/grayscale JPEGs, Pillow for everything else; ``"pillow"``: Pillow only."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        out = None
-        if decoder == "auto" and data[:3] == b"\xff\xd8\xff":
-            out = _decode_jpeg_tv(data, size, draft)
-        if out is None:
-            with Image.open(io.BytesIO(data)) as im:
-                if draft and im.format == "JPEG" and min(im.size) >= 2 * DRAFT_MIN:
-                    # Both requested sides >= DRAFT_MIN, so the shorter side stays >= DRAFT_MIN
-                    # whatever the EXIF rotation.
-                    im.draft("RGB", (DRAFT_MIN, DRAFT_MIN))
-                im.load()
-                img = ImageOps.exif_transpose(im)
-                img = to_rgb(img)
-                if min(img.size) < 1:
-                    raise ValueError("zero-size image")
-                out = np.asarray(resize_center(img, size))
-    except UnreadableImage:
-        raise
-    except Exception as e:  # noqa: BLE001 - any decode failure (incl. DecompressionBombError)
-        msg = "not a recognised image file" if isinstance(e, UnidentifiedImageError) else str(e)
-        raise UnreadableImage(f"cannot read image {path}: {type(e).__name__}: {msg}") from None
-    if out.shape != (size, size, 3) or out.dtype != np.uint8:
-        raise UnreadableImage(f"cannot read image {path}: decoded to {out.shape} {out.dtype}")
-    return out
-
-
-def image_sums(paths: Sequence[str]):
-    """Exact float64 sums over the given images: image sum, RGB sum, RGB outer products."""
-    img_sum = np.zeros((SIZE, SIZE, 3), np.float64)
-    rgb_sum = np.zeros(3, np.float64)
-    outer = np.zeros((3, 3), np.float64)
-    n, bad = 0, []
-    for p in paths:
-        try:
-            a = load_rgb256(p)
-        except UnreadableImage as e:
-            bad.append((p, str(e)))
-            continue
-        x = a.reshape(-1, 3).astype(np.float64)
-        img_sum += a
-        rgb_sum += x.sum(0)
-        outer += x.T @ x
-        n += 1
-    return img_sum, rgb_sum, outer, n, bad
-
-
-def list_images(directory: Path) -> list[Path]:
-    """All image files under ``directory`` (recursive), sorted by relative path."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(directory):
-        dirnames.sort()
-        for f in filenames:
-            if is_image_file(f) and not f.startswith("."):
-                out.append(Path(dirpath) / f)
-    out.sort(key=lambda p: p.relative_to(directory).as_posix())
-    return out
+    """:func:`load_rgb` of a file: ``path`` -> (size, size, 3) uint8 RGB array."""
+    return load_rgb(path, size=size, draft=draft, decoder=decoder)

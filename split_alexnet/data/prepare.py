@@ -3,22 +3,27 @@
 ``python -m split_alexnet.prepare SRC DST [--workers N] [--quality 90] [--classes N|FILE]
 [--per-class M] [--val-per-class K] [--seed S]``
 
-* SRC is one of (:func:`split_alexnet.imagenet.detect_layout`, which says what it found):
+* SRC is one of (:func:`split_alexnet.data.imagenet.detect_layout`, which says what it found):
   the official ImageNet archives (streamed, not extracted), Kaggle's ``ILSVRC/Data/CLS-LOC``
   with its CSVs, ``train/<wnid>/`` + a flat ``val/`` with a label file, or class folders;
 * reads ``SRC/train/<class>/...`` and ``SRC/val/<class>/...`` (any image format Pillow reads,
   nested folders allowed; or the equivalent from the other layouts), rescales the shorter
-  side to 256 and keeps the central 256x256 patch (:func:`split_alexnet.images.load_rgb256`),
-  and writes it as a JPEG to the mirror path under ``DST`` (``.jpg``/``.jpeg`` names are
-  kept, other names get their suffix replaced by ``.jpg``);
-* parallel (``--workers``, default: all cores), with a progress line on stderr;
-* resumable: each output is written to a hidden temp file and renamed into place, existing
-  outputs are skipped, and stray temp files of an interrupted run are removed;
+  side to 256 and keeps the central 256x256 patch (:func:`split_alexnet.data.images.load_rgb`,
+  Pillow only, so the output depends on Pillow alone), and writes it as a JPEG to the mirror
+  path under ``DST`` (``.jpg``/``.jpeg`` names are kept, other names get their suffix replaced
+  by ``.jpg``: :func:`split_alexnet.data.prepare_tasks.out_name`);
+* parallel (``--workers``, default: all cores), with a progress line on stderr; the worker
+  tasks (:mod:`split_alexnet.data.prepare_tasks`) are a chunk of files, a chunk of validation
+  images read at their offsets in the val tar, or one class tar streamed out of the train tar;
+* resumable: each output is written to a hidden temp file (name ending in ``TMP_MARK``) and
+  renamed into place (:func:`split_alexnet.utils.fileio.atomic_write`), existing outputs are
+  skipped, and stray temp files of an interrupted run are removed;
 * unreadable inputs are skipped and listed in ``DST/prepare_report.txt`` (and counted);
-* ``DST/classes.json`` (wnid, index, name: :func:`split_alexnet.imagenet.read_class_metadata`)
-  and ``DST/subset.json`` (the subset taken; a DST prepared with another subset is refused);
+* ``DST/classes.json`` (wnid, index, name: :func:`split_alexnet.data.imagenet.read_class_metadata`)
+  and ``DST/subset.json`` (the subset taken: :mod:`split_alexnet.data.subset`; a DST prepared
+  with another subset is refused);
 * finally the training statistics are computed into ``DST/stats.npz``
-  (:func:`split_alexnet.data.load_stats`), with the layout and subset added as metadata.
+  (:func:`split_alexnet.data.stats.load_stats`), with the layout and subset added as metadata.
 
 Run it once at a time per DST. The output for a given input is deterministic (same Pillow),
 so a resumed run gives a byte-identical tree.
@@ -31,37 +36,31 @@ import json
 import os
 import sys
 import time
-import multiprocessing as mp
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Sequence
 
-from PIL import Image
+import numpy as np
 
-from split_alexnet.utils.cli import UsageError, run
-from split_alexnet.data.images import UnreadableImage, list_images, load_rgb256
 import split_alexnet.data.imagenet as inet
+from split_alexnet.data.dataset import check_dataset_root, find_classes, list_samples
+from split_alexnet.data.images import list_images
+from split_alexnet.data.pool import mp_context
+from split_alexnet.data.prepare_tasks import (TMP_MARK, files_task, out_name, train_class_task,
+                                             val_chunk_task)
+from split_alexnet.data.stats import load_stats, save_stats
+from split_alexnet.data.subset import SUBSET_FILE, Subset, parse_classes_arg, pick, select_classes
+from split_alexnet.utils.cli import UsageError, run
+from split_alexnet.utils.fileio import atomic_write
+from split_alexnet.utils.progress import Progress
 
-__all__ = ["TMP_MARK", "REPORT", "plan", "write_jpeg", "prepare", "main"]
+__all__ = ["TMP_MARK", "REPORT", "plan", "prepare", "main", "cli"]
 
-TMP_MARK = ".prepare-tmp"
 REPORT = "prepare_report.txt"
 SPLITS = ("train", "val")
 
 
-def _mp_context():
-    """forkserver where available (one fresh server imports the package - which imports torch -
-    once; workers are forked from it cheaply and safely), else spawn."""
-    methods = mp.get_all_start_methods()
-    return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
-
-
-def _out_name(rel: Path) -> Path:
-    return rel if rel.suffix.lower() in (".jpg", ".jpeg") else rel.with_suffix(".jpg")
-
-
 def plan(src: Path, dst: Path) -> list[tuple[str, str]]:
     """``[(input path, output path)]`` for every image under SRC/train and SRC/val."""
-    from split_alexnet.data.dataset import check_dataset_root, find_classes, list_samples
     check_dataset_root(src)
     classes = find_classes(src / "train")
     jobs: list[tuple[str, str]] = []
@@ -70,7 +69,7 @@ def plan(src: Path, dst: Path) -> list[tuple[str, str]]:
         samples = list_samples(src / split, classes)
         for p, _ in samples:
             rel = Path(p).relative_to(src)
-            out = _out_name(rel)
+            out = out_name(rel)
             if out in seen:  # e.g. a.png and a.gif: keep the whole name
                 out = rel.with_name(rel.name + ".jpg")
             seen[out] = rel
@@ -78,32 +77,51 @@ def plan(src: Path, dst: Path) -> list[tuple[str, str]]:
     return jobs
 
 
-def write_jpeg(a, out: str | os.PathLike, quality: int) -> None:
-    """Write the (256, 256, 3) uint8 array ``a`` as a JPEG to ``out`` atomically (hidden temp
-    file ``.<name>.prepare-tmp<pid>`` + rename), creating the folder."""
-    outp = Path(out)
-    outp.parent.mkdir(parents=True, exist_ok=True)
-    tmp = outp.with_name(f".{outp.name}{TMP_MARK}{os.getpid()}")
-    try:
-        Image.fromarray(a, "RGB").save(tmp, "JPEG", quality=quality)
-        os.replace(tmp, outp)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+# ----------------------------------------------------------------------------- running the tasks
+
+class _Runner:
+    """Runs worker tasks in a pool of ``workers`` processes (started on first need; none for
+    0 workers or a single task) and sums their results into ``tally``."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers, self.pool = workers, None
+        self.tally = {"images": 0, "existing": 0, "todo": 0, "failures": []}
+
+    def __enter__(self) -> "_Runner":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+    def start(self) -> None:
+        """Start the workers now (so that their start-up is not in a progress line's rate)."""
+        if self.workers > 0 and self.pool is None:
+            self.pool = mp_context().Pool(self.workers)
+            self.pool.map(abs, range(self.workers))
+
+    def results(self, fn, tasks: list):
+        if self.workers > 0 and len(tasks) > 1:
+            self.start()
+            return self.pool.imap_unordered(fn, tasks)
+        return map(fn, tasks)
+
+    def add(self, res: dict) -> int:
+        """Count one task's result (UsageError for a task that could not read its archive);
+        returns the number of images it converted or found unreadable."""
+        if res["error"]:
+            raise UsageError(res["error"])
+        self.tally["failures"].extend(res["failures"])
+        done = res["written"] + len(res["failures"])
+        self.tally["todo"] += done
+        return done
 
 
-def _convert(job: tuple[str, str, int]) -> tuple[str, str | None]:
-    """Worker: decode, crop, write atomically. Returns (input, error message or None)."""
-    src, out, quality = job
-    try:
-        a = load_rgb256(src, decoder="pillow")  # light workers: no torch import
-    except UnreadableImage as e:
-        return src, str(e)
-    write_jpeg(a, out, quality)
-    return src, None
+def _chunks(items: list, workers: int) -> list[list]:
+    """``items`` in chunks of up to 64, at least 4 chunks per worker while there are enough."""
+    n = max(1, min(64, len(items) // (4 * max(workers, 1))))
+    return [items[i:i + n] for i in range(0, len(items), n)]
 
 
 def _remove_stray_temps(dst: Path) -> int:
@@ -117,8 +135,8 @@ def _remove_stray_temps(dst: Path) -> int:
     return n
 
 
-def _file_jobs(source: "inet.Source", dst: Path, wnids: list[str],
-               subset: "inet.Subset") -> list[tuple[str, str]]:
+def _file_jobs(source: inet.Source, dst: Path, wnids: list[str],
+               subset: Subset) -> list[tuple[str, str]]:
     """``[(input path, output path)]`` for the file layouts (folders, kaggle, flat-val),
     restricted to the selected classes and per-class subsets."""
     sel = set(wnids)
@@ -132,53 +150,42 @@ def _file_jobs(source: "inet.Source", dst: Path, wnids: list[str],
         for w in wnids:
             d = source.train_dir / w
             for p in list_images(d) if d.is_dir() else []:
-                rel = p.relative_to(d).as_posix()
+                rel = p.relative_to(d)
                 groups.setdefault(("train", w), []).append(
-                    (rel, str(p), str(dst / "train" / w / _out_name(Path(rel)))))
+                    (rel.as_posix(), str(p), str(dst / "train" / w / out_name(rel))))
         for p, w in source.val_files:
             groups.setdefault(("val", w), []).append(
-                (p.name, str(p), str(dst / "val" / w / _out_name(Path(p.name)))))
+                (p.name, str(p), str(dst / "val" / w / out_name(Path(p.name)))))
     jobs: list[tuple[str, str]] = []
     for split in SPLITS:
         m = subset.per_class if split == "train" else subset.val_per_class
         for w in wnids:
             g = groups.get((split, w), [])
-            keep = inet.pick([r for r, _, _ in g], m, subset.seed, w)
+            keep = pick([r for r, _, _ in g], m, subset.seed, w)
             jobs.extend((p, o) for r, p, o in g if r in keep)
     assert all(Path(o).relative_to(dst).parts[1] in sel for _, o in jobs)
     return jobs
 
 
-def _run_file_jobs(jobs, src: Path, quality: int, workers: int, progress: bool,
-                   stray: int) -> dict:
-    from split_alexnet.utils.progress import Progress
-    todo = [(s, o, quality) for s, o in jobs if not os.path.exists(o)]
+def _run_file_jobs(runner: _Runner, jobs, src: Path, quality: int, progress: bool,
+                   stray: int) -> None:
+    todo = [(s, o, Path(s).relative_to(src).as_posix()) for s, o in jobs
+            if not os.path.exists(o)]
     done_before = len(jobs) - len(todo)
     print(f"prepare: {len(jobs)} images, {done_before} already done, {len(todo)} to do"
           + (f", removed {stray} stray temp files" if stray else ""), file=sys.stderr)
-    failures: list[tuple[str, str]] = []
+    runner.tally.update(images=len(jobs), existing=done_before)
+    tasks = [(c, quality) for c in _chunks(todo, runner.workers)]
+    failures = runner.tally["failures"]
     with Progress(len(todo), "prepare", unit="img", enabled=progress) as bar:
-        def handle(res):
-            s, err = res
-            if err is not None:
-                failures.append((Path(s).relative_to(src).as_posix(), err))
-            bar.update(1, extra=f"{len(failures)} unreadable" if failures else None)
-        if workers > 0 and len(todo) > 1:
-            with _mp_context().Pool(workers) as pool:
-                for res in pool.imap_unordered(_convert, todo, chunksize=16):
-                    handle(res)
-        else:
-            for job in todo:
-                handle(_convert(job))
-    return {"images": len(jobs), "existing": done_before, "todo": len(todo),
-            "failures": failures}
+        for res in runner.results(files_task, tasks):
+            bar.update(runner.add(res), extra=f"{len(failures)} unreadable" if failures else None)
 
 
-def _run_archives(source: "inet.Source", dst: Path, wnids: list[str], subset: "inet.Subset",
-                  quality: int, workers: int, progress: bool, stray: int) -> dict:
+def _run_archives(runner: _Runner, source: inet.Source, dst: Path, wnids: list[str],
+                  subset: Subset, quality: int, progress: bool, stray: int) -> None:
     """Stream the official archives: validation images in chunks (read at their offsets),
     then one task per class tar. Resumable: existing outputs are skipped."""
-    from split_alexnet.utils.progress import Progress
     sel = set(wnids)
     by_class: dict[str, list] = {}
     for it in source.val_members:
@@ -187,63 +194,39 @@ def _run_archives(source: "inet.Source", dst: Path, wnids: list[str], subset: "i
     val_items = []
     for w in wnids:
         g = by_class.get(w, [])
-        keep = inet.pick([it[0] for it in g], subset.val_per_class, subset.seed, w)
+        keep = pick([it[0] for it in g], subset.val_per_class, subset.seed, w)
         val_items.extend(it for it in g if it[0] in keep)
     val_todo = [it for it in val_items
-                if not (dst / "val" / it[1] / inet._out_rel(it[0])).exists()]
-    chunk = max(1, min(64, len(val_todo) // (4 * max(workers, 1))))
-    val_tasks = [(str(source.val_tar), val_todo[i:i + chunk], str(dst), quality)
-                 for i in range(0, len(val_todo), chunk)]
+                if not (dst / "val" / it[1] / out_name(PurePosixPath(it[0]))).exists()]
+    val_tasks = [(str(source.val_tar), c, str(dst), quality)
+                 for c in _chunks(val_todo, runner.workers)]
     train_tasks = [(str(source.train_tar), w, *source.train_members[w], str(dst),
                     subset.per_class, subset.seed, quality) for w in wnids]
     print(f"prepare: {len(train_tasks)} class archives to stream; {len(val_items)} validation "
           f"images, {len(val_items) - len(val_todo)} already done"
           + (f"; removed {stray} stray temp files" if stray else ""), file=sys.stderr)
-    tally = {"images": len(val_items), "existing": len(val_items) - len(val_todo), "todo": 0,
-             "failures": []}
-    pool = _mp_context().Pool(workers) if workers > 0 else None
-    if pool is not None:
-        pool.map(abs, range(workers))  # start the workers before the clock of the ETA starts
+    tally = runner.tally
+    tally.update(images=len(val_items), existing=len(val_items) - len(val_todo))
+    runner.start()  # the workers' start-up is not in the rates below
+    with Progress(len(val_todo), "prepare val", unit="img", enabled=progress) as bar:
+        for res in runner.results(val_chunk_task, val_tasks):
+            bar.update(runner.add(res))
+    n_img = 0
+    with Progress(len(train_tasks), "prepare train", unit="class", enabled=progress) as bar:
+        for res in runner.results(train_class_task, train_tasks):
+            n_img += runner.add(res)
+            tally["images"] += res["images"]
+            tally["existing"] += res["existing"]
+            el = time.monotonic() - bar.start
+            bar.update(1, extra=f"{n_img} img written, {n_img / max(el, 1e-9):.1f} img/s"
+                       + (f", {len(tally['failures'])} unreadable" if tally["failures"] else ""))
 
-    def results(fn, tasks):
-        if pool is not None and len(tasks) > 1:
-            return pool.imap_unordered(fn, tasks)
-        return map(fn, tasks)
 
-    def add(res):
-        if res["error"]:
-            raise UsageError(res["error"])
-        tally["failures"].extend(res["failures"])
-        tally["todo"] += res["written"] + len(res["failures"])
-        return res["written"] + len(res["failures"])
-
-    try:
-        with Progress(len(val_todo), "prepare val", unit="img", enabled=progress) as bar:
-            for res in results(inet.val_chunk_task, val_tasks):
-                bar.update(add(res))
-        n_img = 0
-        with Progress(len(train_tasks), "prepare train", unit="class",
-                      enabled=progress) as bar:
-            for res in results(inet.train_class_task, train_tasks):
-                n_img += add(res)
-                tally["images"] += res["images"]
-                tally["existing"] += res["existing"]
-                el = time.monotonic() - bar.start
-                bar.update(1, extra=f"{n_img} img written, {n_img / max(el, 1e-9):.1f} img/s"
-                           + (f", {len(tally['failures'])} unreadable"
-                              if tally["failures"] else ""))
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-    return tally
-
+# ----------------------------------------------------------------------------- the command
 
 def _annotate_stats(dst: Path, extra: dict[str, str]) -> None:
     """Add string metadata (layout, subset) to DST/stats.npz; the fingerprint is unchanged
     (it already covers the train file list, hence the subset)."""
-    import numpy as np
-    from split_alexnet.data.stats import save_stats
     p = dst / "stats.npz"
     if not p.is_file():
         return
@@ -255,6 +238,28 @@ def _annotate_stats(dst: Path, extra: dict[str, str]) -> None:
     save_stats(p, arrays)
 
 
+def _check_subset(dst: Path, record: dict) -> None:
+    """UsageError if DST holds a ``subset.json`` that differs from ``record``."""
+    old = dst / SUBSET_FILE
+    if old.is_file():
+        try:
+            prev = json.loads(old.read_text(encoding="utf-8"))
+        except ValueError:
+            prev = None
+        if prev != record:
+            raise UsageError(f"{dst} was prepared with another subset ({old}: "
+                             f"{json.dumps(prev)[:120]}); use a new DST")
+
+
+def _write_report(dst: Path, src: Path, layout: str, n_images: int, failures: list) -> None:
+    lines = [f"source: {src.resolve()}", f"layout: {layout}", f"images: {n_images}",
+             f"prepared: {n_images - len(failures)}", f"unreadable: {len(failures)}"]
+    lines += [f"UNREADABLE\t{s}\t{err}" for s, err in failures]
+    text = "".join(line + "\n" for line in lines)
+    atomic_write(dst / REPORT, lambda f: f.write(text.encode("utf-8")), fsync=False,
+                 private=False)
+
+
 def prepare(src: Path, dst: Path, *, workers: int | None = None, quality: int = 90,
             progress: bool = True, stats: bool = True, classes: int | str | None = None,
             per_class: int | None = None, val_per_class: int | None = None,
@@ -264,7 +269,6 @@ def prepare(src: Path, dst: Path, *, workers: int | None = None, quality: int = 
     ``classes``: None, N (the first N sorted wnids) or a path to a wnid list file;
     ``per_class`` / ``val_per_class``: keep M train / K val images per class (chosen by
     ``seed``)."""
-    from split_alexnet.data.stats import load_stats
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise UsageError(f"source folder not found: {src}")
@@ -278,40 +282,29 @@ def prepare(src: Path, dst: Path, *, workers: int | None = None, quality: int = 
     for flag, v in (("--per-class", per_class), ("--val-per-class", val_per_class)):
         if v is not None and v < 1:
             raise UsageError(f"{flag} must be >= 1, got {v}")
-    subset = inet.Subset(classes, per_class, val_per_class, int(seed))
+    subset = Subset(classes, per_class, val_per_class, int(seed))
     source = inet.detect_layout(src)
     print(f"prepare: found {source.description}", file=sys.stderr)
-    wnids = inet.select_classes(source.wnids, subset.classes)
+    wnids = select_classes(source.wnids, subset.classes)
     record = subset.record(wnids)
     dst.mkdir(parents=True, exist_ok=True)
-    old = dst / inet.SUBSET_FILE
-    if old.is_file():
-        try:
-            prev = json.loads(old.read_text(encoding="utf-8"))
-        except ValueError:
-            prev = None
-        if prev != record:
-            raise UsageError(f"{dst} was prepared with another subset ({old}: "
-                             f"{json.dumps(prev)[:120]}); use a new DST")
+    _check_subset(dst, record)
     stray = _remove_stray_temps(dst)
-    inet.write_json(old, record)
+    inet.write_json(dst / SUBSET_FILE, record)
     inet.write_class_metadata(dst, wnids, source.names, source.wnids)
     t0 = time.monotonic()
-    if source.layout == "archives":
-        tally = _run_archives(source, dst, wnids, subset, quality, workers, progress, stray)
-    else:
-        jobs = _file_jobs(source, dst, wnids, subset)
-        tally = _run_file_jobs(jobs, src, quality, workers, progress, stray)
+    with _Runner(workers) as runner:
+        if source.layout == "archives":
+            _run_archives(runner, source, dst, wnids, subset, quality, progress, stray)
+        else:
+            jobs = _file_jobs(source, dst, wnids, subset)
+            _run_file_jobs(runner, jobs, src, quality, progress, stray)
     elapsed = time.monotonic() - t0
+    tally = runner.tally
     failures = sorted(tally["failures"])
     n_images, done_before, n_todo = tally["images"], tally["existing"], tally["todo"]
     written = n_todo - len(failures)
-    with open(dst / REPORT, "w", encoding="utf-8") as f:
-        f.write(f"source: {src.resolve()}\nlayout: {source.layout}\n")
-        f.write(f"images: {n_images}\nprepared: {n_images - len(failures)}\n"
-                f"unreadable: {len(failures)}\n")
-        for s, err in failures:
-            f.write(f"UNREADABLE\t{s}\t{err}\n")
+    _write_report(dst, src, source.layout, n_images, failures)
     rate = n_todo / elapsed if elapsed > 0 else 0.0
     print(f"prepare: wrote {written}, skipped {done_before} existing, {len(failures)} unreadable "
           f"(listed in {dst / REPORT}); {elapsed:.1f} s, {rate:.1f} img/s with {workers} workers",
@@ -350,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the per-class choice")
     a = ap.parse_args(argv)
     s = prepare(a.src, a.dst, workers=a.workers, quality=a.quality, progress=not a.quiet,
-                stats=not a.no_stats, classes=inet.parse_classes_arg(a.classes),
+                stats=not a.no_stats, classes=parse_classes_arg(a.classes),
                 per_class=a.per_class, val_per_class=a.val_per_class, seed=a.seed)
     return 1 if s["images"] and s["unreadable"] == s["images"] else 0
 

@@ -1,6 +1,6 @@
-"""The training set's statistics (section 2, 4.1): the per-pixel mean image and the eigen-decomposition
-of the RGB covariance for PCA colour noise, computed once in float64 and cached with a
-fingerprint of the file list. See docs/data.md."""
+"""The training set's statistics (sections 2, 4.1): the per-pixel mean image and the
+eigen-decomposition of the RGB covariance for PCA colour noise, computed once over all pixels in
+float64 and cached with a fingerprint of the file list. See docs/data.md."""
 
 from __future__ import annotations
 
@@ -10,33 +10,27 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-import multiprocessing as mp
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from split_alexnet.data.dataset import check_dataset_root, find_classes, list_samples
+from split_alexnet.data.images import SIZE, UnreadableImage, load_rgb256
+from split_alexnet.data.pool import mp_context
 from split_alexnet.utils.cli import UsageError
 from split_alexnet.utils.fileio import atomic_write
-from split_alexnet.data.images import SIZE, image_sums
 from split_alexnet.utils.progress import Progress
-from split_alexnet.data.dataset import check_dataset_root, find_classes, list_samples
 
 STATS_VERSION = "split_alexnet-stats-v1"
 
 
-def _mp_context():
-    """forkserver where available (one fresh server imports the package - which imports torch -
-    once; workers are forked from it cheaply and safely), else spawn."""
-    methods = mp.get_all_start_methods()
-    return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
-
-
-# ----------------------------------------------------------------------------- statistics
-
 @dataclass
 class Stats:
+    """The statistics of a training set, as :func:`load_stats` returns them."""
+
+
     mean: torch.Tensor      # (3, 256, 256) float32, RGB, 0-255
     eigval: torch.Tensor    # (3,) float32, descending
     eigvec: torch.Tensor    # (3, 3) float32, column i = eigenvector i
@@ -53,6 +47,27 @@ def fingerprint_files(root: Path, files: Sequence[Path]) -> str:
         h.update(f"\n{Path(p).relative_to(root).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}"
                  .encode("utf-8", "surrogateescape"))
     return h.hexdigest()
+
+
+def image_sums(paths: Sequence[str]):
+    """Worker: exact float64 sums over the given images -> (image sum (256, 256, 3), RGB sum
+    (3,), RGB outer-product sum (3, 3), images used, [(path, error)] of unreadable ones)."""
+    img_sum = np.zeros((SIZE, SIZE, 3), np.float64)
+    rgb_sum = np.zeros(3, np.float64)
+    outer = np.zeros((3, 3), np.float64)
+    n, bad = 0, []
+    for p in paths:
+        try:
+            a = load_rgb256(p)                    # (256, 256, 3) uint8
+        except UnreadableImage as e:
+            bad.append((p, str(e)))
+            continue
+        x = a.reshape(-1, 3).astype(np.float64)  # (65536, 3)
+        img_sum += a
+        rgb_sum += x.sum(0)
+        outer += x.T @ x
+        n += 1
+    return img_sum, rgb_sum, outer, n, bad
 
 
 def compute_stats(root: Path, *, progress: bool = True, workers: int = 0,
@@ -80,7 +95,7 @@ def compute_stats(root: Path, *, progress: bool = True, workers: int = 0,
             bad.extend(b)
             bar.update(k, extra=f"{len(bad)} unreadable" if bad else None)
         if workers and workers > 0 and len(chunks) > 1:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context()) as ex:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=mp_context()) as ex:
                 for c, res in zip(chunks, ex.map(image_sums, chunks)):
                     add(res, len(c))
         else:
@@ -110,11 +125,12 @@ def compute_stats(root: Path, *, progress: bool = True, workers: int = 0,
 
 
 def save_stats(path: Path, arrays: dict) -> None:
-    """Atomic ``np.savez`` (temp file + rename)."""
-    atomic_write(path, lambda f: np.savez(f, **arrays), fsync=False)
+    """Atomic ``np.savez`` (:func:`split_alexnet.utils.fileio.atomic_write`)."""
+    atomic_write(path, lambda f: np.savez(f, **arrays), fsync=False, private=False)
 
 
 def read_stats(path: Path) -> Stats:
+    """The :class:`Stats` in a ``stats.npz`` file."""
     with np.load(path, allow_pickle=False) as z:
         return Stats(mean=torch.from_numpy(z["mean"].astype(np.float32)),
                      eigval=torch.from_numpy(z["eigval"].astype(np.float32)),
@@ -174,5 +190,3 @@ def load_stats(root: Path, *, progress: bool = True, workers: int = 0) -> Stats:
     target = local if _writable(root) else cached
     save_stats(target, arrays)
     return read_stats(target)
-
-

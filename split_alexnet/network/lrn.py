@@ -18,9 +18,10 @@ derivation of the backward and the measurements):
                  What the tests compare against. ~9 passes over the maps forward + backward.
 ``"function"``   a custom autograd Function in plain torch ops with the hand-derived backward
                  (saves x and d); any device, deterministic (pad/slice/add/pow only).
-``"cpp"``        C++/OpenMP kernels (:mod:`split_alexnet._lrn_ext`), CPU tensors only: forward
-                 reads x once and writes y once, backward reads x and dy once and writes dx
-                 once (d is recomputed). Compiled on first use (~10 s, cached in
+``"cpp"``        C++/OpenMP kernels (``split_alexnet/csrc/lrn.cpp``, built and registered by
+                 :mod:`split_alexnet.network.lrn_ext`), CPU tensors only: forward reads x
+                 once and writes y once, backward reads x and dy once and writes dx once (d is
+                 recomputed; first-order only). Compiled on first use (~10 s, cached in
                  ``~/.cache/split_alexnet``); if compiling fails, one line on stderr and the
                  reference is used. On a CUDA tensor it runs ``"function"``.
 ``"compile"``    ``torch.compile`` of the reference (Inductor: C++ on CPU, Triton on GPU);
@@ -43,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-LRN_READINGS = ("paper", "alpha-over-n", "off")
+from split_alexnet.network import lrn_ext
+
 LRN_IMPLS = ("auto", "reference", "function", "cpp", "compile", "fused")
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -117,24 +119,6 @@ class _LRNFunction(torch.autograd.Function):
         return gx, None, None, None, None, None
 
 
-class _LRNCpp(torch.autograd.Function):
-    """The C++ kernels; saves only x (the ReLU before it saves the same tensor)."""
-
-    @staticmethod
-    def forward(ctx, x, lo, hi, alpha, beta, k, groups, ops):
-        ctx.save_for_backward(x)
-        ctx.args = (lo, hi, alpha, beta, k, groups)
-        ctx.ops = ops
-        return ops.forward(x, lo, hi, alpha, beta, k, groups)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        gx = ctx.ops.backward(x, g.to(x.dtype), *ctx.args)
-        return gx, None, None, None, None, None, None, None
-
-
 _compiled = {}
 _compile_failed = []
 
@@ -154,8 +138,7 @@ _CPP_OPS: list = []  # [ops] once the C++ kernels are loaded (a constant for tor
 
 @torch.compiler.disable
 def _load_cpp():
-    import split_alexnet.network.lrn_ext as _lrn_ext
-    ops = _lrn_ext.load()  # one-line notice on failure
+    ops = lrn_ext.load()  # one-line notice on failure
     if ops is not None:
         _CPP_OPS[:] = [ops]
     return ops
@@ -192,7 +175,8 @@ def lrn(x: Tensor, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: fl
     if which == "cpp":
         ops = _CPP_OPS[0] if _CPP_OPS else _load_cpp()
         if ops is not None:
-            return _LRNCpp.apply(x, lo, hi, float(alpha), float(beta), float(k), int(groups), ops)
+            # Autograd and the fake (shape) version are registered with torch.library (lrn_ext).
+            return ops.forward(x, lo, hi, float(alpha), float(beta), float(k), int(groups))
         which = "reference"
     if which == "compile":
         if not _compile_failed:

@@ -97,7 +97,7 @@ def evaluate_checkpoint(path: Path, data: Path, *, split: str = "val", ten_crop:
 def write_json(path: Path | str, obj) -> None:
     """``obj`` as indented JSON, written atomically."""
     text = json.dumps(obj, indent=2) + "\n"
-    atomic_write(Path(path), lambda f: f.write(text.encode()))
+    atomic_write(Path(path), lambda f: f.write(text.encode()), private=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -328,7 +328,7 @@ def write_markdown(path: Path, exp: Experiment, result: dict) -> None:
         lines.append(f"With {result['num_classes']} classes top-5 error is trivially 0.")
     lines.append("")
     text = "\n".join(lines)
-    atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()), private=False)
 
 
 def write_png(path: Path, exp: Experiment, result: dict) -> None:
@@ -503,7 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result["comparisons"] = comparisons(exp, summ) if len(variants) == len(
         EXPERIMENTS[a.name].variants) else []
     text = json.dumps(result, indent=1) + "\n"
-    atomic_write(out / "results.json", lambda f: f.write(text.encode()))
+    atomic_write(out / "results.json", lambda f: f.write(text.encode()), private=False)
     write_markdown(out / "results.md", exp, result)
     write_png(out / "curves.png", exp, result)
     print((out / "results.md").read_text())

@@ -404,7 +404,7 @@ def _save(img: Image.Image, out: str | Path) -> None:
         raise UsageError(f"cannot write {out}: unknown file extension: {out.suffix}")
     fmt = formats.get(out.suffix.lower(), "PNG")
     try:
-        atomic_write(out, lambda f: img.save(f, format=fmt))
+        atomic_write(out, lambda f: img.save(f, format=fmt), private=False)
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot write {out}: {e}") from None
 

@@ -241,8 +241,8 @@ def _check_choices(values: dict[str, Any]) -> None:
 #: Recipe changes for the tiny generated demo set, each with its reason (docs/training.md).
 DEMO_PRESET: dict[str, tuple[Any, str]] = {
     "init": ("caffe", "the paper's biases of 1 sit at chance for hundreds of steps on a small "
-                      "set (measured: docs/experiments.md, the init question); Caffe's 0.1 "
-                      "learns within ~60 steps"),
+                      "set (measured: docs/experiments.md, \"The init question\"); Caffe's "
+                      "0.1 learns within ~60 steps"),
     "batch_size": (32, "a 2-core CPU trains about 40-50 images/s; 32 gives ~30 steps per epoch"),
     "epochs": (14, "the demo set is 1,000 images; 14 epochs (~440 steps) fit in under 10 "
                    "minutes on 2 cores"),

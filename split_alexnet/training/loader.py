@@ -36,8 +36,8 @@ class ReadingLog(Dataset):
     def __getitem__(self, key):
         info = get_worker_info()
         if info is not None:
-            self.slots[2 * info.id] = os.getpid()
-            self.slots[2 * info.id + 1] = int(key[1]) if isinstance(key, (tuple, list)) else int(key)
+            index = key[1] if isinstance(key, (tuple, list)) else key  # (epoch, i) or i
+            self.slots[2 * info.id:2 * info.id + 2] = [os.getpid(), int(index)]
         return self.dataset[key]
 
     def reading(self) -> dict[int, int]:

@@ -149,7 +149,7 @@ def setup(cfg: TrainConfig) -> Trainer:
         resume(t, cfg.resume)
     elif is_main:
         text = json.dumps(cfg.to_dict(), indent=2) + "\n"
-        atomic_write(out / "config.json", lambda f: f.write(text.encode()))
+        atomic_write(out / "config.json", lambda f: f.write(text.encode()), private=False)
     return t
 
 

@@ -73,4 +73,4 @@ def curves_png(path: Path | str, series: Sequence[tuple[str, Sequence[float], Se
         ly = top + 10 + 14 * i
         d.line([left + pw - 150, ly + 6, left + pw - 130, ly + 6], fill=color, width=3)
         d.text((left + pw - 125, ly), label, fill="black", font=font)
-    atomic_write(Path(path), lambda f: img.save(f, format="PNG"))
+    atomic_write(Path(path), lambda f: img.save(f, format="PNG"), private=False)

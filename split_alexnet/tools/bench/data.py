@@ -7,7 +7,7 @@ in a temp folder: prepared 256x256 images and unprepared 500x375 (ImageNet-typic
 * every available decoder turns each file into the 256x256 RGB uint8 patch (shorter side 256,
   central crop); the rate and the error against the reference (full Pillow decode + bicubic
   antialiased resize, no draft) are reported;
-* the real training item (:class:`split_alexnet.data.CropFolder`, random crop + flip + PCA draw)
+* the real training item (:class:`split_alexnet.data.dataset.CropFolder`, random crop + flip + PCA draw)
   is timed on the prepared and unprepared folders - the number the 400 img/s/core target is
   about;
 * a :class:`torch.utils.data.DataLoader` with ``--workers`` workers is timed end to end.
@@ -27,8 +27,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, features
+from torchvision.transforms.v2 import functional as F
 
+from split_alexnet.data.dataset import CropFolder, EpochSampler, make_loader
 from split_alexnet.data.images import SIZE, load_rgb256, resize_center, to_rgb
+
+try:  # deprecated since torchvision 0.29 (moving to TorchCodec): measured while it exists
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+except ImportError:
+    decode_jpeg = None
 
 __all__ = ["run", "add_arguments", "make_photo_like", "DECODERS"]
 
@@ -53,9 +60,13 @@ def _write_set(d: Path, n: int, w: int, h: int, seed: int) -> list[str]:
 
 
 def _tv_decode(path: str) -> np.ndarray:
-    from torchvision.io import ImageReadMode, decode_jpeg, read_file
-    from torchvision.transforms.v2 import functional as F
+    """torchvision's decoder and resize, for comparison (``load_rgb256`` decides whether it
+    uses torchvision's decoder; this row measures it regardless)."""
+    if decode_jpeg is None:
+        raise RuntimeError("torchvision.io.decode_jpeg is not available")
     with warnings.catch_warnings():
+        # torchvision >= 0.29 warns on every call; this row measures the deprecated decoder on
+        # purpose, so its warning is expected here and not shown
         warnings.simplefilter("ignore", DeprecationWarning)
         t = decode_jpeg(read_file(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
     _, h, w = t.shape
@@ -100,7 +111,6 @@ def _rate(fn, paths: list[str], min_time: float, rounds: int = 3) -> float:
 
 
 def _dataset_rate(split_dir: Path, min_time: float) -> float:
-    from split_alexnet.data.dataset import CropFolder
     ds = CropFolder(split_dir, ["c"], mode="train")
     epoch = [0]
 
@@ -110,7 +120,6 @@ def _dataset_rate(split_dir: Path, min_time: float) -> float:
 
 
 def _loader_rate(split_dir: Path, workers: int, batches: int) -> float:
-    from split_alexnet.data.dataset import EpochSampler, CropFolder, make_loader
     ds = CropFolder(split_dir, ["c"], mode="train")
 
     class Repeat(torch.utils.data.Sampler):

@@ -1,4 +1,4 @@
-"""LRN benchmark: ``python -m split_alexnet.bench lrn [--quick]`` (or ``python -m split_alexnet.bench.lrn``).
+"""LRN benchmark: ``python -m split_alexnet.bench lrn [--quick]`` (or ``python -m split_alexnet.tools.bench.lrn``).
 
 Rows (dicts, also printed as a table):
 
@@ -14,13 +14,12 @@ median is named.
   ``torch-nn`` is ``torch.nn.LocalResponseNorm`` applied per tower (for comparison).
 * ``net``: the AlexNet train step (SGD momentum, cross-entropy, 227x227 input) at batch 32
   with LRN off / reference / fused, images/s, and LRN's share of the step
-  ``1 - t(off) / t(with LRN)``. Uses ``split_alexnet.model.AlexNet`` when it imports, else a
-  stand-in grouped-conv AlexNet defined here (the row says which). The implementation is
-  switched by setting ``impl`` on every LocalResponseNorm module of the net. Configurations
-  are timed in interleaved rounds (drift and other load hit all alike); the share is given
-  from the fastest step (least disturbed by other processes), from the median, and from the
-  process CPU time (all threads; less sensitive to waiting for a busy core); img/s is from
-  the fastest step.
+  ``1 - t(off) / t(with LRN)``, on ``split_alexnet.network.model.AlexNet`` (the collapsed
+  layout). The implementation is switched by setting ``impl`` on every LocalResponseNorm
+  module of the net. Configurations are timed in interleaved rounds (drift and other load hit
+  all alike); the share is given from the fastest step (least disturbed by other processes),
+  from the median, and from the process CPU time (all threads; less sensitive to waiting for a
+  busy core); img/s is from the fastest step.
 
 Threads are set explicitly (``--threads``, default 2) for torch intra-op and inter-op.
 """
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from split_alexnet.network.lrn import LocalResponseNorm
+from split_alexnet.network.model import AlexNet
 
 IMPLS = ("torch-nn", "reference", "function", "cpp")
 
@@ -95,40 +95,7 @@ def lrn_rows(batch: int, reps: int, impls, copy_gbs: float) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- network
-class _StandInAlexNet(nn.Module):
-    """Collapsed grouped-conv AlexNet (used only when split_alexnet.model is missing)."""
-
-    def __init__(self, num_classes: int = 1000, lrn: str = "paper") -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 96, 11, 4)
-        self.conv2 = nn.Conv2d(96, 256, 5, padding=2, groups=2)
-        self.conv3 = nn.Conv2d(256, 384, 3, padding=1)
-        self.conv4 = nn.Conv2d(384, 384, 3, padding=1, groups=2)
-        self.conv5 = nn.Conv2d(384, 256, 3, padding=1, groups=2)
-        self.fc6, self.fc7 = nn.Linear(9216, 4096), nn.Linear(4096, 4096)
-        self.fc8 = nn.Linear(4096, num_classes)
-        on = lrn != "off"
-        self.lrn1 = LocalResponseNorm(reading=lrn, groups=2) if on else nn.Identity()
-        self.lrn2 = LocalResponseNorm(reading=lrn, groups=2) if on else nn.Identity()
-
-    def forward(self, x):
-        x = F.max_pool2d(self.lrn1(F.relu(self.conv1(x))), 3, 2)
-        x = F.max_pool2d(self.lrn2(F.relu(self.conv2(x))), 3, 2)
-        x = F.relu(self.conv4(F.relu(self.conv3(x))))
-        x = F.max_pool2d(F.relu(self.conv5(x)), 3, 2).flatten(1)
-        x = F.dropout(F.relu(self.fc6(x)), 0.5, self.training)
-        x = F.dropout(F.relu(self.fc7(x)), 0.5, self.training)
-        return self.fc8(x)
-
-
-def _make_net(lrn: str, standin: bool = False):
-    if standin:
-        return _StandInAlexNet(1000, lrn=lrn), "stand-in grouped-conv AlexNet, LRN groups=2"
-    try:
-        from split_alexnet.network.model import AlexNet
-        return AlexNet(1000, lrn=lrn), "split_alexnet.network.model.AlexNet"
-    except Exception:  # model not there yet (or a different signature)
-        return _StandInAlexNet(1000, lrn=lrn), "stand-in grouped-conv AlexNet (bench/lrn.py)"
+MODEL_NAME = "split_alexnet.network.model.AlexNet"  # the "model" column of the rows
 
 
 def _set_impl(net: nn.Module, impl: str) -> int:
@@ -140,16 +107,16 @@ def _set_impl(net: nn.Module, impl: str) -> int:
     return n
 
 
-def net_rows(batch: int, rounds: int, impls, standin: bool = False) -> list[dict]:
+def net_rows(batch: int, rounds: int, impls) -> list[dict]:
     torch.manual_seed(0)
     configs = [("off", "off", None)] + [(f"paper/{i}", "paper", i) for i in impls]
-    nets, steps, which = {}, {}, ""
+    nets, steps = {}, {}
     x = torch.randn(batch, 3, 227, 227) * 60
     y = torch.randint(0, 1000, (batch,))
     for label, reading, impl in configs:
-        net, which = _make_net(reading, standin)
+        net = AlexNet(1000, lrn=reading)
         if impl is not None and _set_impl(net, impl) == 0:
-            print(f"bench lrn: no LocalResponseNorm modules found in {which}", file=sys.stderr)
+            print(f"bench lrn: no LocalResponseNorm modules found in {MODEL_NAME}", file=sys.stderr)
         net.train()
         opt = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9, weight_decay=5e-4)
 
@@ -175,7 +142,7 @@ def net_rows(batch: int, rounds: int, impls, standin: bool = False) -> list[dict
     for label, ts in times.items():
         t_min, t_med, c_min = min(ts), statistics.median(ts), min(cpu[label])
         off = label == "off"
-        rows.append({"kind": "net", "name": f"train step b{batch}", "model": which, "impl": label,
+        rows.append({"kind": "net", "name": f"train step b{batch}", "model": MODEL_NAME, "impl": label,
                      "rounds": len(ts), "min ms": t_min * 1e3, "median ms": t_med * 1e3,
                      "cpu ms (min)": c_min * 1e3, "img/s": batch / t_min,
                      "LRN share % (min)": 0.0 if off else 100 * (1 - t_off_min / t_min),
@@ -217,9 +184,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-net", action="store_true", help="skip the train-step rows")
     p.add_argument("--rounds", type=int, default=None,
                    help="interleaved rounds of train steps (default 12, --quick 4)")
-    p.add_argument("--standin", action="store_true",
-                   help="train-step rows on the stand-in net here (one LRN call with groups=2 "
-                        "per layer) instead of split_alexnet.model.AlexNet")
 
 
 def run(args) -> list[dict]:
@@ -237,8 +201,7 @@ def run(args) -> list[dict]:
     rows[0]["threads"] = threads
     rows += lrn_rows(batch, 3 if quick else 7, impls, rows[0]["GB/s"])
     if not getattr(args, "no_net", False):
-        rows += net_rows(batch, getattr(args, "rounds", None) or (4 if quick else 12), net_impls,
-                         getattr(args, "standin", False))
+        rows += net_rows(batch, getattr(args, "rounds", None) or (4 if quick else 12), net_impls)
     print_table(rows)
     return rows
 

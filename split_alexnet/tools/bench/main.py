@@ -26,7 +26,7 @@ from split_alexnet.utils.fileio import atomic_write
 def _write_json(path: str | None, rows: list[dict]) -> None:
     if path:
         text = json.dumps(rows, indent=2, default=str) + "\n"
-        atomic_write(Path(path), lambda f: f.write(text.encode()))
+        atomic_write(Path(path), lambda f: f.write(text.encode()), private=False)
 
 
 def _model(args: argparse.Namespace) -> list[dict]:

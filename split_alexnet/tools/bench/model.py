@@ -483,7 +483,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def _write_partial(path: str, rows: list[dict]) -> None:
     text = json.dumps(rows, indent=2, default=str) + "\n"
-    atomic_write(Path(path), lambda f: f.write(text.encode()))
+    atomic_write(Path(path), lambda f: f.write(text.encode()), private=False)
 
 
 def _device_name(d: torch.device) -> str:
