@@ -25,20 +25,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import paper_images as images
 from split_alexnet import (AlexNet, HalfAlexNet, ModelConfig, SplitAlexNet, build_model,
                            count_parameters)
 from split_alexnet.utils.cli import run
 from split_alexnet.training.config import parse_config
 from split_alexnet.tools.experiments import (EXPERIMENTS, chance_threshold, first_crossing,
                                        main as experiments_main, smooth)
-from split_alexnet.network.model import INPUT_SIZE, init_values
+from split_alexnet.network.model import init_values
 from split_alexnet.training.metrics import Watchdog
 from split_alexnet.training.trainer import main as train_main
 
 
-def images(n: int = 2, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, INPUT_SIZE, INPUT_SIZE, generator=g) * 60  # the paper's scale
 
 
 # ----------------------------------------------------------------------------- switches

@@ -288,7 +288,6 @@ def test_missing_source_falls_back_with_one_line(monkeypatch, capsys, tmp_path):
         _lrn_ext._state.update(saved)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.gpu
 def test_cuda_function_path_deterministic():
     x = _x((4, 48, 27, 27), torch.float32, scale=20.0).cuda().requires_grad_(True)
