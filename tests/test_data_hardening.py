@@ -27,7 +27,7 @@ from PIL import Image
 import split_alexnet.data.images as I
 from split_alexnet.data.demo import main as demo_main
 from split_alexnet.data.demo import make_demo_dataset
-from split_alexnet.data.prepare import TMP_MARK, prepare
+from split_alexnet.data.prepare import prepare
 from split_alexnet.data.prepare import main as prepare_main
 from split_alexnet.data.pool import WorkerPool
 from split_alexnet.data.prepare_tasks import write_jpeg

@@ -116,7 +116,8 @@ class CropFolder(Dataset):
     :data:`TENCROP_ORDER`). ``pca``: one of :data:`PCA_MODES` (see
     :func:`split_alexnet.data.augment.pca_noise`). The item's ``alpha`` is the raw draw
     alpha ~ N(0, 0.1) (zeros when off or in evaluation) and its ``pca`` says the reading;
-    :func:`split_alexnet.data.augment.finish_batch` applies the scale. Key: ``i`` or
+    :func:`split_alexnet.data.augment.finish_batch` applies the scale. ``skipped``: the
+    entries of the folder that are not regular files (never opened). Key: ``i`` or
     ``(epoch, i)``; the crop/flip/alpha are drawn from
     ``torch.Generator().manual_seed(item_seed(seed, epoch, i))``.
     """

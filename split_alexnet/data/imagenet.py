@@ -38,13 +38,13 @@ import numpy as np
 
 from split_alexnet.data.dataset import check_dataset_root, find_classes
 from split_alexnet.data.images import is_image_file, report_skipped
+from split_alexnet.data.members import member_rel, safe_rel
 from split_alexnet.utils.cli import UsageError
 from split_alexnet.utils.fileio import atomic_write
 
 __all__ = ["TRAIN_TAR", "VAL_TAR", "DEVKIT", "KAGGLE_SOLUTION", "KAGGLE_MAPPING", "CLASSES_FILE",
            "Source", "detect_layout", "parse_devkit", "read_kaggle_solution",
-           "read_synset_mapping", "safe_rel", "member_rel", "read_class_metadata",
-           "write_class_metadata", "write_json"]
+           "read_synset_mapping", "read_class_metadata", "write_class_metadata", "write_json"]
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -66,43 +66,6 @@ def write_json(path: Path, obj) -> None:
     content (sorted keys)."""
     text = json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
     atomic_write(path, lambda f: f.write(text.encode("utf-8")), fsync=False, private=False)
-
-
-def safe_rel(name: str) -> str | None:
-    """A tar member name as a safe relative posix path (no absolute, no '..'), else None."""
-    p = PurePosixPath(name)
-    if p.is_absolute() or any(part == ".." for part in p.parts):
-        return None
-    parts = [q for q in p.parts if q not in ("", ".")]
-    return "/".join(parts) if parts else None
-
-
-def _unsafe(m: tarfile.TarInfo) -> str | None:
-    """Why member ``m`` must be refused (None: a regular file or a folder with a safe name)."""
-    parts = PurePosixPath(m.name).parts
-    if m.name.startswith("/") or (parts and parts[0] == "/"):
-        return "an absolute path"
-    if ".." in parts:
-        return "a '..' component"
-    for test, what in ((m.issym, "a symbolic link"), (m.islnk, "a hard link"),
-                       (m.ischr, "a character device"), (m.isblk, "a block device"),
-                       (m.isfifo, "a FIFO")):
-        if test():
-            return what
-    return None if m.isfile() or m.isdir() else "not a regular file or folder"
-
-
-def member_rel(m: tarfile.TarInfo, archive: str | os.PathLike) -> str | None:
-    """The safe relative name of archive member ``m`` if it is a regular file, None for a
-    folder. UsageError (one line naming the member and ``archive``) for a member that no
-    ImageNet archive holds and that an extraction could turn against the disk: an absolute
-    name, a ``..`` component, a link, a device, a FIFO. Members are only ever read, never
-    extracted, so the refusal is a guard, not a repair."""
-    why = _unsafe(m)
-    if why:
-        raise UsageError(f"unsafe member {m.name!r} in {archive}: {why}; refused (nothing is "
-                         f"extracted from it)")
-    return safe_rel(m.name) if m.isfile() else None
 
 
 # ----------------------------------------------------------------------------- metadata files

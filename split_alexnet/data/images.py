@@ -136,11 +136,16 @@ def list_images(directory: Path, skipped: list[Path] | None = None) -> list[Path
         except OSError:  # an unreadable or vanished folder holds no images
             continue
         for e in entries:
-            if e.is_dir(follow_symlinks=False):
-                todo.append(Path(e.path))
-            elif e.is_dir() or not is_image_file(e.name) or e.name.startswith("."):
-                continue
-            elif e.is_file():
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    todo.append(Path(e.path))
+                    continue
+                if e.is_dir() or not is_image_file(e.name) or e.name.startswith("."):
+                    continue
+                regular = e.is_file()  # follows symlinks: False for a dangling one
+            except OSError:  # cannot even be looked at: not data either
+                regular = False
+            if regular:
                 out.append(Path(e.path))
             elif skipped is not None:
                 skipped.append(Path(e.path))

@@ -119,6 +119,16 @@ def _worker(conn: Connection) -> None:
             conn.send(("error", RuntimeError(f"{type(out[1]).__name__}: {out[1]} ({e})")))
 
 
+def _died(p: BaseProcess) -> None:
+    """Abort (one line, exit 1) for worker ``p``, which is gone."""
+    p.join(1)
+    code = p.exitcode
+    how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 \
+        else f"exit code {code}"
+    raise Abort(f"a data worker process died ({how}; out of memory?); rerun with --workers 0 "
+                f"to see the error")
+
+
 class WorkerPool:
     """``with WorkerPool(workers, stop) as pool: for res in pool.results(fn, tasks): ...``.
 
@@ -169,12 +179,7 @@ class WorkerPool:
             except EOFError:  # the worker's end closed: it is gone
                 pass
         if msg is None:
-            p.join(1)
-            code = p.exitcode
-            how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 \
-                else f"exit code {code}"
-            raise Abort(f"a data worker process died ({how}; out of memory?); rerun with "
-                        f"--workers 0 to see the error")
+            _died(p)
         kind, value = msg
         if kind == "error":
             raise value
@@ -202,12 +207,15 @@ class WorkerPool:
             while idle and todo:
                 p, conn = idle.pop()
                 i, task = todo.pop()
-                conn.send((fn, task))
+                try:
+                    conn.send((fn, task))
+                except OSError:  # its end of the pipe is closed: it is gone
+                    _died(p)
                 busy[conn] = (p, i)
             if self._stopped():
                 return
             waiting = list(busy) + [p.sentinel for p, _ in busy.values()]
-            ready = {r for r in connection.wait(waiting, POLL)}
+            ready = set(connection.wait(waiting, POLL))
             if self._stopped():
                 return
             for conn in [c for c in busy if c in ready or busy[c][0].sentinel in ready]:

@@ -23,7 +23,12 @@
   and ``DST/subset.json`` (the subset taken: :mod:`split_alexnet.data.subset`; a DST prepared
   with another subset is refused);
 * finally the training statistics are computed into ``DST/stats.npz``
-  (:func:`split_alexnet.data.stats.load_stats`), with the layout and subset added as metadata.
+  (:func:`split_alexnet.data.stats.load_stats`), with the layout and subset added as metadata;
+* guarded (docs/reliability.md, "Data, prepare and statistics"): bad flags, a DST that is not
+  a writable folder or lies inside SRC, and unsafe archive members are refused before any
+  work (one line, exit 2); a failed write (full disk) is one line and exit 1, what is written
+  kept; SIGTERM/SIGINT stop it within one task (:mod:`split_alexnet.data.pool`), one line,
+  exit 0, and a rerun continues.
 
 Run it once at a time per DST. The output for a given input is deterministic (same Pillow),
 so a resumed run gives a byte-identical tree.
@@ -82,29 +87,14 @@ def plan(src: Path, dst: Path) -> list[tuple[str, str]]:
 
 # ----------------------------------------------------------------------------- running the tasks
 
-class _Runner:
-    """Runs worker tasks in a :class:`split_alexnet.data.pool.WorkerPool` of ``workers``
-    processes (none for 0 workers or a single task; they stop with ``stop``) and sums their
+class _Runner(WorkerPool):
+    """The :class:`split_alexnet.data.pool.WorkerPool` of ``workers`` processes that runs the
+    worker tasks (none for 0 workers or a single task; they stop with ``stop``), summing their
     results into ``tally``."""
 
     def __init__(self, workers: int, stop: StopOnSignal) -> None:
-        self.workers, self.stop = workers, stop
-        self.pool = WorkerPool(workers, stop)
+        super().__init__(workers, stop)
         self.tally = {"images": 0, "existing": 0, "todo": 0, "failures": []}
-
-    def __enter__(self) -> "_Runner":
-        self.pool.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.pool.__exit__(*exc)
-
-    def start(self) -> None:
-        """Start the workers now (so that their start-up is not in a progress line's rate)."""
-        self.pool.start()
-
-    def results(self, fn, tasks: list):
-        return self.pool.results(fn, tasks)
 
     def add(self, res: dict) -> int:
         """Count one task's result (UsageError for a task that could not read its archive,
@@ -307,6 +297,44 @@ def _stopped(signame: str, what: str) -> None:
           f"command to continue", file=sys.stderr)
 
 
+def _convert(source: inet.Source, dst: Path, wnids: list[str], subset: Subset, record: dict,
+             workers: int, quality: int, progress: bool, stop: StopOnSignal) -> dict:
+    """Write the metadata and convert every selected image not yet in DST -> the summary."""
+    t0 = time.monotonic()
+    stray = _remove_stray_temps(dst)
+    inet.write_json(dst / SUBSET_FILE, record)
+    inet.write_class_metadata(dst, wnids, source.names, source.wnids)
+    with _Runner(workers, stop) as runner:
+        if source.layout == "archives":
+            _run_archives(runner, source, dst, wnids, subset, quality, progress, stray)
+        else:
+            jobs = _file_jobs(source, dst, wnids, subset)
+            _run_file_jobs(runner, jobs, source.root, quality, progress, stray)
+    elapsed = time.monotonic() - t0
+    tally = runner.tally
+    failures = sorted(tally["failures"])
+    n_todo = tally["todo"]
+    return {"images": tally["images"], "written": n_todo - len(failures),
+            "existing": tally["existing"], "unreadable": len(failures), "seconds": elapsed,
+            "rate": n_todo / elapsed if elapsed > 0 else 0.0, "layout": source.layout,
+            "classes": len(wnids), "failures": failures}
+
+
+def _statistics(dst: Path, layout: str, record: dict, summary: dict, progress: bool,
+                workers: int) -> dict:
+    """Compute DST/stats.npz (with the layout and subset as metadata) -> the summary."""
+    try:
+        s = load_stats(dst, progress=progress, workers=workers)
+    except Interrupted as e:
+        name = signal.Signals(e.signum).name
+        _stopped(name, "during the statistics (all images are prepared)")
+        return {**summary, "interrupted": name}
+    _annotate_stats(dst, {"layout": layout, "subset": json.dumps(record, sort_keys=True)})
+    print(f"prepare: statistics in {dst / 'stats.npz'} (eigval {s.eigval.tolist()})",
+          file=sys.stderr)
+    return {**summary, "fingerprint": s.fingerprint}
+
+
 def prepare(src: Path, dst: Path, *, workers: int | None = None, quality: int = 90,
             progress: bool = True, stats: bool = True, classes: int | str | None = None,
             per_class: int | None = None, val_per_class: int | None = None,
@@ -315,8 +343,10 @@ def prepare(src: Path, dst: Path, *, workers: int | None = None, quality: int = 
 
     ``classes``: None, N (the first N sorted wnids) or a path to a wnid list file;
     ``per_class`` / ``val_per_class``: keep M train / K val images per class (chosen by
-    ``seed``). SIGTERM/SIGINT stop it within one task (what is written is kept, a rerun
-    continues): the summary then has ``"interrupted"`` (the signal's name)."""
+    ``seed``). Bad arguments are refused before anything is written (UsageError); a failed
+    write is Abort (exit 1), what is written kept. SIGTERM/SIGINT stop it within one task
+    (what is written is kept, a rerun continues): the summary then has ``"interrupted"``
+    (the signal's name)."""
     src, dst = Path(src), Path(dst)
     workers = (os.cpu_count() or 1) if workers is None else workers
     _check_args(src, dst, quality, workers, per_class, val_per_class)
@@ -331,45 +361,20 @@ def prepare(src: Path, dst: Path, *, workers: int | None = None, quality: int = 
         if stop:
             _stopped(stop.name, "before converting any image")
             return {"interrupted": stop.name, "layout": source.layout}
-        t0 = time.monotonic()
         with _writes_kept_on_failure():
-            stray = _remove_stray_temps(dst)
-            inet.write_json(dst / SUBSET_FILE, record)
-            inet.write_class_metadata(dst, wnids, source.names, source.wnids)
-            with _Runner(workers, stop) as runner:
-                if source.layout == "archives":
-                    _run_archives(runner, source, dst, wnids, subset, quality, progress, stray)
-                else:
-                    jobs = _file_jobs(source, dst, wnids, subset)
-                    _run_file_jobs(runner, jobs, src, quality, progress, stray)
-            elapsed = time.monotonic() - t0
-            tally = runner.tally
-            failures = sorted(tally["failures"])
-            n_images, done_before, n_todo = tally["images"], tally["existing"], tally["todo"]
-            written = n_todo - len(failures)
-            summary = {"images": n_images, "written": written, "existing": done_before,
-                       "unreadable": len(failures), "seconds": elapsed,
-                       "rate": n_todo / elapsed if elapsed > 0 else 0.0,
-                       "layout": source.layout, "classes": len(wnids)}
+            summary = _convert(source, dst, wnids, subset, record, workers, quality, progress,
+                               stop)
+            failures = summary.pop("failures")
             if stop:
                 _stopped(stop.name, "while converting")
                 return {**summary, "interrupted": stop.name}
-            _write_report(dst, src, source.layout, n_images, failures)
-            print(f"prepare: wrote {written}, skipped {done_before} existing, {len(failures)} "
-                  f"unreadable (listed in {dst / REPORT}); {elapsed:.1f} s, "
-                  f"{summary['rate']:.1f} img/s with {workers} workers", file=sys.stderr)
+            _write_report(dst, src, source.layout, summary["images"], failures)
+            print(f"prepare: wrote {summary['written']}, skipped {summary['existing']} "
+                  f"existing, {len(failures)} unreadable (listed in {dst / REPORT}); "
+                  f"{summary['seconds']:.1f} s, {summary['rate']:.1f} img/s with {workers} "
+                  f"workers", file=sys.stderr)
             if stats:
-                try:
-                    s = load_stats(dst, progress=progress, workers=workers)
-                except Interrupted as e:
-                    name = signal.Signals(e.signum).name
-                    _stopped(name, "during the statistics (all images are prepared)")
-                    return {**summary, "interrupted": name}
-                _annotate_stats(dst, {"layout": source.layout,
-                                      "subset": json.dumps(record, sort_keys=True)})
-                summary["fingerprint"] = s.fingerprint
-                print(f"prepare: statistics in {dst / 'stats.npz'} (eigval "
-                      f"{s.eigval.tolist()})", file=sys.stderr)
+                summary = _statistics(dst, source.layout, record, summary, progress, workers)
     return summary
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from split_alexnet.data.images import UnreadableImage, is_image_file, load_rgb
-from split_alexnet.data.imagenet import member_rel
+from split_alexnet.data.members import member_rel
 from split_alexnet.data.subset import pick
 from split_alexnet.utils.cli import UsageError
 from split_alexnet.utils.fileio import atomic_write
@@ -156,7 +156,7 @@ def train_class_task(task: tuple) -> dict:
                         break
     except UsageError as e:  # a hostile member
         res["error"] = str(e)
-    except (tarfile.TarError, EOFError, zlib.error) as e:
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         res["error"] = (f"cannot read {where} in {tar_path}: {type(e).__name__}: {e} "
                         f"(truncated or corrupt archive?)")
     return res
@@ -167,14 +167,23 @@ def val_chunk_task(task: tuple) -> dict:
     ``task = (val_tar, [(name, wnid, offset, size), ...], dst, quality)``."""
     tar_path, items, dst, quality = task
     res = _result(len(items))
-    with open(tar_path, "rb") as f:
+    try:
+        f = open(tar_path, "rb")
+    except OSError as e:
+        res["error"] = f"cannot read archive {tar_path}: {e.strerror or e}"
+        return res
+    with f:
         for name, wnid, off, size in items:
             out = Path(dst) / "val" / wnid / out_name(PurePosixPath(name))
             if out.exists():
                 res["existing"] += 1
                 continue
-            f.seek(off)
-            data = f.read(size)
+            try:
+                f.seek(off)
+                data = f.read(size)
+            except OSError as e:
+                res["error"] = f"cannot read archive {tar_path} at {name}: {e.strerror or e}"
+                return res
             if len(data) != size:
                 res["error"] = (f"archive {tar_path} is truncated at {name} "
                                 f"(incomplete download?)")
