@@ -249,10 +249,14 @@ def test_build_key_covers_the_source(monkeypatch, tmp_path):
     copy.write_bytes(_lrn_ext.SOURCE.read_bytes())
     monkeypatch.setattr(_lrn_ext, "SOURCE", copy)
     same = _lrn_ext.build_key()
+    assert _lrn_ext.build_key() == same  # the same file, the same build
     copy.write_bytes(_lrn_ext.SOURCE.read_bytes() + b"// edited\n")
     assert _lrn_ext.build_key() != same
+    copy.write_bytes(_lrn_ext.SOURCE.read_bytes())
+    assert _lrn_ext.build_key() == same
     monkeypatch.undo()
-    assert _lrn_ext.build_key() == same  # the copy hashed like the shipped file
+    # the same text elsewhere (another checkout) builds apart: no rebuilds over each other
+    assert _lrn_ext.build_key() != same
 
 
 def test_cpu_description_reads_the_instruction_set():
