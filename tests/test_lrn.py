@@ -246,13 +246,14 @@ def test_build_key_covers_cpu_flags(monkeypatch):
 
 def test_build_key_covers_the_source(monkeypatch, tmp_path):
     copy = tmp_path / "lrn.cpp"
-    copy.write_bytes(_lrn_ext.SOURCE.read_bytes())
+    text = _lrn_ext.SOURCE.read_bytes()
+    copy.write_bytes(text)
     monkeypatch.setattr(_lrn_ext, "SOURCE", copy)
     same = _lrn_ext.build_key()
     assert _lrn_ext.build_key() == same  # the same file, the same build
-    copy.write_bytes(_lrn_ext.SOURCE.read_bytes() + b"// edited\n")
+    copy.write_bytes(text + b"// edited\n")
     assert _lrn_ext.build_key() != same
-    copy.write_bytes(_lrn_ext.SOURCE.read_bytes())
+    copy.write_bytes(text)
     assert _lrn_ext.build_key() == same
     monkeypatch.undo()
     # the same text elsewhere (another checkout) builds apart: no rebuilds over each other
