@@ -143,7 +143,7 @@ class Segment:
     def err(self) -> str:
         return self.err_path.read_text()
 
-    def wait_for(self, pred, timeout: float = 180.0, poll: float = 0.02) -> None:
+    def wait_for(self, pred, timeout: float = 600.0, poll: float = 0.02) -> None:
         deadline = time.monotonic() + timeout
         while not pred():
             if self.proc.poll() is not None:
@@ -209,9 +209,12 @@ def chaos(demo_root, tmp_path_factory):
     target = min(TOTAL_STEPS - 2, ckpt_step() + rng.randint(1, 2))
     seg = Segment(demo_root, out, "D", "--resume", "--workers", "2", session=True)
     seg.wait_for(lambda: seg.step() >= target)
+    seg.wait_for(lambda: len(_loader_workers(seg.proc.pid)) == 2)  # not between two loaders
+    workers = _loader_workers(seg.proc.pid)
     os.killpg(seg.proc.pid, signal.SIGINT)
     rep["events"].append({"name": "D", "how": "SIGINT", "target": target, "rc": seg.finish(),
-                          "logged": seg.step(), "ckpt": ckpt_step(), "err": seg.err})
+                          "logged": seg.step(), "ckpt": ckpt_step(), "err": seg.err,
+                          "workers": workers, "alive": [w for w in workers if _running(w)]})
 
     # E: SIGTERM (a scheduler's preemption).
     target = min(TOTAL_STEPS - 1, ckpt_step() + 1)
@@ -517,9 +520,12 @@ def test_resume_after_a_stopped_ten_crop_test_runs_it(signalled):
     assert fin["records"][1]["n"] == 40
 
 
-@pytest.mark.parametrize("phase", ["evaluation", "ten_crop"])
-def test_no_loader_worker_outlives_a_signalled_trainer(signalled, phase):
-    ev = signalled[phase]
+@pytest.mark.parametrize("phase", ["training", "evaluation", "ten_crop"])
+def test_no_loader_worker_outlives_a_signalled_trainer(request, phase):
+    if phase == "training":  # the chaos run's Ctrl-C
+        (ev,) = [e for e in request.getfixturevalue("chaos")["events"] if e["name"] == "D"]
+    else:
+        ev = request.getfixturevalue("signalled")[phase]
     assert len(ev["workers"]) == 2, ev["workers"]
     assert ev["alive"] == []
 
