@@ -340,7 +340,7 @@ def test_a_real_full_disk_at_checkpoint_time_keeps_the_previous_checkpoint(one_s
                                                                           tmp_path):
     out = copy_run(one_step, tmp_path / "run")
     before = load_checkpoint(out / "last.pt")["checksum"]
-    # A checkpoint is ~230 MB: the first save of the resumed run (step 2) fails.
+    # A checkpoint is ~450 MB: the first save of the resumed run (step 2) fails.
     p = with_file_size_limit(demo_root, out, 64 << 20, "--resume", "--max-steps", "3")
     assert p.returncode == 1, p.stderr[-3000:]
     assert error_lines(p.stderr) == [
