@@ -17,8 +17,10 @@ needs pickle's code execution), saved with ``torch.save``:
                  rebuild the model from it (:func:`model_config`)
     checksum     sha256 over every tensor's bytes and every value, recorded at save time
 
-Written as: temporary file in the same folder, flush, fsync, rename over the target, fsync
-the folder. A crash at any point leaves either the old or the new file, never half of one.
+Written as: temporary file in the same folder (``.last.pt.<random>.<pid>.tmp``), flush,
+fsync, rename over the target, fsync the folder. A crash at any point leaves either the old or
+the new file, never half of one; a failed write (a full disk) or a second signal leaves the
+old one and one line.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ from split_alexnet.network.model import ModelConfig, layout_state_dict
 from split_alexnet.training.config import PROG
 from split_alexnet.training.optim import (load_named_optimizer_state, named_optimizer_state,
                                           set_lr)
-from split_alexnet.training.state import Trainer
+from split_alexnet.training.runfolder import check_same_run, remove_stale_temps, temp_suffix
+from split_alexnet.training.state import Interrupted, Trainer
 from split_alexnet.utils.cli import Abort, UsageError
 from split_alexnet.utils.fileio import atomic_write
 
@@ -99,7 +102,7 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     touches the previous checkpoint."""
     payload = dict(payload, format=FORMAT)
     payload["checksum"] = checksum(payload)
-    atomic_write(Path(path), lambda f: torch.save(payload, f))
+    atomic_write(Path(path), lambda f: torch.save(payload, f), suffix=temp_suffix())
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -222,13 +225,31 @@ def save(t: Trainer, *, epoch_end: bool = False, best: bool = False) -> None:
         save_checkpoint(target, data)
         for name in extra:  # the same bytes: link (or copy) last.pt, then rename atomically
             copy_atomic(target, t.out / name)
-    except OSError as e:
-        raise Abort(f"could not write checkpoint in {t.out}: {e.strerror or e}; the "
+    except (OSError, RuntimeError, KeyboardInterrupt) as e:
+        if t.stop.forced:  # a second signal, wherever it landed (torch reports it in a write
+            # callback as a RuntimeError)
+            raise Interrupted(f"a second signal stopped the save of {target}: it was "
+                              "abandoned, and the folder holds the last complete checkpoint "
+                              f"({last_checkpoint_name(t.out)})") from None
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        raise Abort(f"could not write checkpoint in {t.out}: {write_failure(e)}; the "
                     "previous checkpoint is intact, stopping") from None
     if epoch_end and t.cfg.keep_last > 0:
         for old in sorted(t.out.glob("epoch_*.pt"))[:-t.cfg.keep_last]:
             old.unlink(missing_ok=True)
     t.pos.last_save = time.monotonic()
+
+
+def write_failure(e: BaseException) -> str:
+    """Why a write failed, in a few words: the OSError's text. torch.save reports a failed
+    write (a full disk: ENOSPC, EFBIG) as ``RuntimeError: [enforce fail at
+    inline_container.cc] ... unexpected pos``, with the OSError as its context."""
+    cause = e.__context__ if isinstance(e, RuntimeError) and \
+        isinstance(e.__context__, OSError) else e
+    if isinstance(cause, OSError):
+        return cause.strerror or str(cause)
+    return (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
 
 
 def last_checkpoint_name(out: Path) -> str:
@@ -238,11 +259,10 @@ def last_checkpoint_name(out: Path) -> str:
 
 def resume(t: Trainer, spec: str) -> None:
     """--resume: 'auto' loads OUT/last.pt, falling back to the newest good epoch checkpoint
-    (with a warning); a path loads that file. A file that cannot be used is one
-    :class:`UsageError` line."""
+    (with a warning); a path loads that file. A file that cannot be used, or one of another
+    run (``runfolder.check_same_run``), is one :class:`UsageError` line."""
     if t.is_main:  # half-written temporaries of a save that was killed (SIGKILL, OOM)
-        for tmp in t.out.glob(".*.pt.*.tmp"):
-            tmp.unlink(missing_ok=True)
+        remove_stale_temps(t.out)
     candidates = [Path(spec)] if spec != "auto" else \
         [t.out / "last.pt"] + sorted(t.out.glob("epoch_*.pt"), reverse=True)
     errors = []
@@ -255,6 +275,7 @@ def resume(t: Trainer, spec: str) -> None:
             if t.is_main and spec == "auto" and path.exists():
                 print(f"{PROG}: warning: {e}; trying the previous checkpoint", file=sys.stderr)
             continue
+        check_same_run(ckpt, t.cfg, t.classes, path)
         restore(t, ckpt, path)
         return
     if spec == "auto" and not any(p.exists() for p in candidates):
@@ -265,7 +286,7 @@ def resume(t: Trainer, spec: str) -> None:
 
 def restore(t: Trainer, ckpt: dict, path: Path) -> None:
     """Put a loaded checkpoint's state into the trainer: weights, optimizer, schedule,
-    position and this rank's RNG states."""
+    position and this rank's RNG states; then --resume-lr, recorded as an "lr_change"."""
     if ckpt.get("stats_fingerprint") != t.stats.fingerprint and t.is_main:
         print(f"{PROG}: warning: the dataset changed since {path} was written "
               "(statistics fingerprint differs)", file=sys.stderr)
@@ -282,3 +303,12 @@ def restore(t: Trainer, ckpt: dict, path: Path) -> None:
               f"(step {t.pos.epoch_step} of the epoch)", file=sys.stderr)
         t.metrics.log({"kind": "resume", "step": t.pos.step, "epoch": t.pos.epoch,
                        "from": str(path)})
+    new_lr, old_lr = t.cfg.resume_lr, t.schedule.lr
+    if new_lr is not None and new_lr != old_lr:
+        t.schedule.lr = new_lr
+        set_lr(t.optimizer, new_lr)
+        if t.is_main:
+            print(f"--resume-lr: the learning rate is now {new_lr:g} (the checkpoint's: "
+                  f"{old_lr:g})", file=sys.stderr)
+            t.metrics.log({"kind": "lr_change", "step": t.pos.step, "epoch": t.pos.epoch,
+                           "old": old_lr, "new": new_lr})

@@ -86,6 +86,13 @@ class TrainConfig:
                                            "(smoke runs); a checkpoint is saved.")
     resume: str | None = _setting(None, "'auto' (OUT/last.pt, falling back to the newest good "
                                         "epoch checkpoint) or a path.")
+    # run folder
+    overwrite: bool = _setting(False, "Start a new run in an --out that already holds one, "
+                                      "deleting its checkpoints, metrics.jsonl, curves.png and "
+                                      "config.json (without it such an --out is refused).")
+    resume_lr: float | None = _setting(None, "With --resume: continue at this learning rate "
+                                             "instead of the checkpoint's; recorded in "
+                                             "metrics.jsonl as an \"lr_change\" record.")
     checkpoint_minutes: float = _setting(30.0, "Also save OUT/last.pt every this many minutes "
                                                "inside an epoch.")
     keep_last: int = _setting(3, "Keep the last K epoch checkpoints (OUT/epoch_NNN.pt) besides "

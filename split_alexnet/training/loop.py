@@ -31,16 +31,25 @@ def topk_wrong(logits_or_probs: torch.Tensor, labels: torch.Tensor, k: int) -> t
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, stats, device: torch.device, *, ten_crop: bool = False,
-             progress: bool = False) -> dict[str, float]:
+             progress: bool = False, stop=None) -> dict[str, float]:
     """Top-1 and top-5 error and loss over ``loader``; with ``ten_crop`` the softmax outputs
     of the ten crops are averaged (the paper), and the loss is that average's NLL.
-    Under torch.distributed the sums are all-reduced, so each image counts exactly once."""
+    Under torch.distributed the sums are all-reduced, so each image counts exactly once.
+
+    ``stop`` (e.g. the trainer's :class:`~split_alexnet.training.state.StopRequested`): once
+    it is true the loop ends after the batch in progress, and the result, over the images
+    seen so far, has ``"stopped": True``. The all-reduce still runs, so under torchrun every
+    rank must then agree on the stop (``distributed.any_rank_flags``)."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # n, top1 wrong, top5 wrong, loss
     bar = Progress(len(loader), "eval (10 crops)" if ten_crop else "eval", unit="batch",
                    enabled=progress)
+    stopped = False
     for batch in loader:
+        if stop:
+            stopped = True
+            break
         if batch["label"].numel() == 0:
             continue
         x = finish_batch(batch, stats, device)
@@ -62,9 +71,10 @@ def evaluate(model: nn.Module, loader, stats, device: torch.device, *, ten_crop:
     dist_util.all_reduce_sum(sums)
     model.train(was_training)
     n, w1, w5, loss = sums.tolist()
-    if n == 0:
-        return {"n": 0, "top1_err": float("nan"), "top5_err": float("nan"), "loss": float("nan")}
-    return {"n": int(n), "top1_err": w1 / n, "top5_err": w5 / n, "loss": loss / n}
+    result = {"n": 0, "top1_err": float("nan"), "top5_err": float("nan"),
+              "loss": float("nan")} if n == 0 else \
+        {"n": int(n), "top1_err": w1 / n, "top5_err": w5 / n, "loss": loss / n}
+    return {**result, "stopped": True} if stopped else result
 
 
 class _Window:
