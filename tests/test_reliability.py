@@ -44,9 +44,7 @@ import torch
 from PIL import Image
 
 import split_alexnet.training.checkpoint as C
-import split_alexnet.data.augment as DA
 import split_alexnet.data.dataset as D
-import split_alexnet.data.stats as DS
 import split_alexnet.training.loop as L
 import split_alexnet.training.metrics as M
 import split_alexnet.training.trainer as T

@@ -20,7 +20,14 @@ needs pickle's code execution), saved with ``torch.save``:
 Written as: temporary file in the same folder (``.last.pt.<random>.<pid>.tmp``), flush,
 fsync, rename over the target, fsync the folder. A crash at any point leaves either the old or
 the new file, never half of one; a failed write (a full disk) or a second signal leaves the
-old one and one line.
+old one and one line. A checkpoint whose weights, optimizer buffers or statistics are not
+finite is never written.
+
+Loaded (:func:`load_checkpoint`) in an order that allocates nothing a file merely declares:
+the zip archive's directory first (every record stored, as ``torch.save`` writes them, and
+their sizes adding up to no more than the file), then ``torch.load(weights_only=True,
+mmap=True)`` (tensors stay in the mapped file), every tensor's shape against what the network
+the checkpoint declares needs, the checksum, and finally that every value is finite.
 """
 
 from __future__ import annotations
@@ -28,10 +35,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import pickle
+import re
 import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +49,10 @@ import torch
 
 import split_alexnet.training.distributed as dist_util
 from split_alexnet import __version__
+from split_alexnet.data.images import SIZE
 from split_alexnet.data.stats import Stats
-from split_alexnet.network.model import ModelConfig, layout_state_dict
+from split_alexnet.network.model import (ARCHS, AlexNet, HalfAlexNet, ModelConfig,
+                                         layout_state_dict)
 from split_alexnet.training.config import PROG
 from split_alexnet.training.optim import (load_named_optimizer_state, named_optimizer_state,
                                           set_lr)
@@ -50,6 +62,9 @@ from split_alexnet.utils.cli import Abort, UsageError
 from split_alexnet.utils.fileio import atomic_write
 
 FORMAT = "split_alexnet/checkpoint-v1"
+
+#: The shapes of a checkpoint's training-set statistics (``stats``).
+STATS_SHAPES = {"mean": (3, SIZE, SIZE), "eigval": (3,), "eigvec": (3, 3)}
 
 
 class CheckpointError(Exception):
@@ -100,28 +115,141 @@ def copy_atomic(src: Path, dst: Path) -> None:
 def save_checkpoint(path: Path, payload: dict) -> None:
     """Checksum, then stream into a temporary file and rename: a failure (disk full) never
     touches the previous checkpoint."""
+    bad = nonfinite(payload)
+    if bad:
+        raise Abort(f"not writing {path}: {bad} is not finite (NaN or infinity); the previous "
+                    "checkpoint is intact")
     payload = dict(payload, format=FORMAT)
     payload["checksum"] = checksum(payload)
     atomic_write(Path(path), lambda f: torch.save(payload, f), suffix=temp_suffix())
 
 
 def load_checkpoint(path: Path) -> dict:
-    """Load with ``weights_only=True`` (never runs code) and verify the checksum."""
+    """Load with ``weights_only=True`` (never runs code), allocating nothing the file merely
+    declares, and check it as the module docstring says: a :class:`CheckpointError` for a
+    file that is not a checkpoint of this project, is unsafe, corrupt, or not finite."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    check_archive(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle with code, plain garbage
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
-        why = next((ln for ln in lines if "WeightsUnpickler error" in ln), lines[0])
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # pickle with code, a foreign or corrupt file
         raise CheckpointError(f"checkpoint {path} cannot be loaded safely "
-                              f"(weights_only=True): {why[:200]}") from None
+                              f"(weights_only=True): {_refusal(e)}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a split_alexnet checkpoint")
+    check_shapes(payload, path)
     if payload.get("checksum") != checksum(payload):
         raise CheckpointError(f"checkpoint {path} is corrupt: checksum mismatch")
+    bad = nonfinite(payload)
+    if bad:
+        raise CheckpointError(f"checkpoint {path} holds non-finite values ({bad}): the weights "
+                              "of a diverged run, not usable")
     return payload
+
+
+def _refusal(e: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in words that never suggest
+    loading it another way."""
+    text = str(e)
+    if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in text:
+        named = re.search(r"GLOBAL ([\w.]+)", text)
+        what = (f"it names {named.group(1)}, which no checkpoint of this project holds"
+                if named else "it holds more than the tensors, numbers and strings of a "
+                              "checkpoint of this project")
+        return f"it is not a checkpoint of this project, or it is unsafe: {what}"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()] or [type(e).__name__]
+    return lines[0][:200]
+
+
+def check_archive(path: Path) -> None:
+    """The file is a zip archive as ``torch.save`` writes it: every record stored, none
+    compressed (a compressed record of a few MB can inflate to GBs), and the records' sizes
+    adding up to no more than the file. Loading then allocates at most the file's size."""
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as z:
+            records = z.infolist()
+    except Exception as e:  # not a zip archive, truncated, a broken directory
+        raise CheckpointError(f"checkpoint {path} cannot be loaded safely (weights_only=True): "
+                              f"it is truncated or not a checkpoint of this project (not a zip "
+                              f"archive: {e})") from None
+    for r in records:
+        if r.compress_type != zipfile.ZIP_STORED:
+            raise CheckpointError(
+                f"checkpoint {path} is not a checkpoint of this project: its record "
+                f"{r.filename} is compressed ({r.compress_size:,} bytes that would inflate to "
+                f"{r.file_size:,}); torch.save never compresses")
+    declared = sum(r.file_size for r in records)
+    if declared > size:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its records declare {declared:,} "
+                              f"bytes but the file holds {size:,}")
+
+
+def _tables(payload: dict) -> dict[str, Any]:
+    """The tables of tensors the tools use, by name: "model", "stats" and each optimizer
+    buffer ("optimizer velocity"); converted checkpoints have no optimizer."""
+    opt = payload.get("optimizer", {})
+    buffers = opt.get("buffers", {}) if isinstance(opt, dict) else None
+    if not isinstance(buffers, dict):
+        return {"model": payload.get("model"), "stats": payload.get("stats"), "optimizer": None}
+    return {"model": payload.get("model"), "stats": payload.get("stats"),
+            **{f"optimizer {k}": v for k, v in buffers.items()}}
+
+
+def _declared_network(payload: dict, path: Path | str) -> tuple[str, int]:
+    """(arch, classes) of the network a checkpoint declares, as :func:`model_config` reads
+    them (the shapes depend on nothing else), with one class name per output."""
+    saved = payload.get("model_config")
+    if not isinstance(saved, dict):  # written before model_config existed
+        flat = payload.get("config")
+        saved = {"arch": flat.get("arch", "alexnet") if isinstance(flat, dict) else None,
+                 "num_classes": len(payload.get("classes") or [])}
+    arch, n = saved.get("arch", "alexnet"), saved.get("num_classes")
+    classes = payload.get("classes")
+    if arch not in ARCHS or not isinstance(n, int) or isinstance(n, bool) or n < 1 or \
+            not isinstance(classes, (list, tuple)) or len(classes) != n:
+        raise CheckpointError(f"checkpoint {path} declares no usable network (arch={arch!r}, "
+                              f"{n!r} outputs, {len(classes or [])} class names)")
+    return arch, n
+
+
+def check_shapes(payload: dict, path: Path | str) -> None:
+    """Every tensor of the weights, the optimizer's buffers and the statistics has the shape
+    that the network the checkpoint declares needs, and nothing is missing or extra: a
+    :class:`CheckpointError` naming the first tensor that is not."""
+    arch, num_classes = _declared_network(payload, path)
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        net = (HalfAlexNet if arch == "half" else AlexNet)(num_classes, init=None)
+    params = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    what = f"arch={arch} with {num_classes} classes"
+    for table, tensors in _tables(payload).items():
+        want = STATS_SHAPES if table == "stats" else params
+        if not isinstance(tensors, dict):
+            raise CheckpointError(f"checkpoint {path} has no table of {table} tensors")
+        extra = sorted(set(tensors) - set(want)) if table != "stats" else []
+        if extra:
+            raise CheckpointError(f"checkpoint {path} holds {table} {extra[0]}, which {what} "
+                                  "does not have")
+        for name, shape in want.items():
+            t = tensors.get(name)
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+                got = "nothing" if t is None else \
+                    f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise CheckpointError(f"checkpoint {path}: {table} {name} is {got}, but {what} "
+                                      f"needs shape {shape}")
+
+
+def nonfinite(payload: dict) -> str | None:
+    """The first tensor of the weights, the optimizer's buffers or the statistics that holds
+    a NaN or an infinity ("model conv1.weight"), or None."""
+    for table, tensors in _tables(payload).items():
+        for name, t in (tensors or {}).items():
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and \
+                    not bool(torch.isfinite(t).all()):
+                return f"{table} {name}"
+    return None
 
 
 def model_config(payload: dict) -> ModelConfig:

@@ -77,6 +77,30 @@ def evaluate(model: nn.Module, loader, stats, device: torch.device, *, ten_crop:
     return {**result, "stopped": True} if stopped else result
 
 
+def weight_sum(net: nn.Module, device: torch.device) -> torch.Tensor:
+    """The sum of every parameter, a scalar on ``device``, without a host sync: finite exactly
+    when every parameter is (a NaN or an infinity anywhere carries into the sum; finite
+    float32 weights would need a sum beyond 3e38 to overflow). One read of the weights."""
+    return torch.stack([p.detach().sum().to(device) for p in net.parameters()]).sum()
+
+
+def check_finite_step(t: Trainer, loss: torch.Tensor) -> float:
+    """After an optimizer step: its loss, read together with the sum of the weights it left
+    in one host sync. A non-finite loss, or finite loss but non-finite weights, stops the run
+    (:class:`Abort`, exit 1) before anything is saved, naming the last good checkpoint."""
+    pos = t.pos
+    loss_value, weights = torch.stack([loss.detach().float(),
+                                       weight_sum(t.net, t.device).float()]).tolist()
+    where = f"at step {pos.step + 1} (epoch {pos.epoch + 1}); stopping without saving. Last " \
+            f"good checkpoint: {last_checkpoint_name(t.out)}"
+    if not math.isfinite(loss_value):
+        raise Abort(f"loss is {loss_value} {where}")
+    if not math.isfinite(weights):
+        raise Abort(f"the weights became non-finite (their sum is {weights}) in the update "
+                    f"{where}")
+    return loss_value
+
+
 class _Window:
     """Sums over the steps since the last "train" record."""
 
@@ -111,13 +135,9 @@ def train_one_epoch(t: Trainer, loader, stop) -> str:
             loss = F.cross_entropy(logits, y)
         t.optimizer.zero_grad(set_to_none=True)
         t.scaler.scale(loss).backward()
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise Abort(f"loss is {loss_value} at step {pos.step + 1} (epoch {pos.epoch + 1}); "
-                        f"stopping without saving. Last good checkpoint: "
-                        f"{last_checkpoint_name(t.out)}")
         t.scaler.step(t.optimizer)  # plain optimizer.step() unless fp16 on CUDA
         t.scaler.update()
+        loss_value = check_finite_step(t, loss)
         pos.step += 1
         pos.epoch_step += 1
         # What the step measured: a "train" record every --log-interval steps.
