@@ -153,8 +153,8 @@ def test_overwrite_deletes_the_previous_run_and_starts_a_new_one(one_step, demo_
     (["--resume", "--overwrite"], "give --resume (continue the run in --out) or --overwrite"),
     (["--resume-lr", "0.1"], "--resume-lr sets the learning rate of a resumed run: it needs "
                              "--resume"),
-    (["--resume", "--resume-lr", "nan"], "--resume-lr must be a finite number > 0, got nan"),
-    (["--resume", "--resume-lr", "0"], "--resume-lr must be a finite number > 0, got 0"),
+    (["--resume", "--resume-lr", "nan"], "--resume-lr must be a finite number, got nan"),
+    (["--resume", "--resume-lr", "0"], "--resume-lr must be greater than 0"),
 ])
 def test_run_folder_flags_that_cannot_go_together(one_step, demo_root, tmp_path, capsys,
                                                   extra, words):

@@ -105,7 +105,8 @@ class TrainConfig:
                                       "config.json (without it such an --out is refused).")
     resume_lr: float | None = _setting(None, "With --resume: continue at this learning rate "
                                              "instead of the checkpoint's; recorded in "
-                                             "metrics.jsonl as an \"lr_change\" record.")
+                                             "metrics.jsonl as an \"lr_change\" record.",
+                                  above=0, max=FLOAT32_MAX)
     checkpoint_minutes: float = _setting(30.0, "Also save OUT/last.pt every this many minutes "
                                                "inside an epoch (0: after every step).", min=0)
     keep_last: int = _setting(3, "Keep the last K epoch checkpoints (OUT/epoch_NNN.pt) besides "

@@ -21,7 +21,6 @@ the settings a resumed run must share with its checkpoint.
 from __future__ import annotations
 
 import fcntl
-import math
 import os
 import socket
 import sys
@@ -110,7 +109,7 @@ class RunLock:
 
 
 def check_run_flags(cfg: TrainConfig) -> None:
-    """--overwrite and --resume exclude each other; --resume-lr needs --resume and a rate."""
+    """--overwrite and --resume exclude each other; --resume-lr needs --resume (its range is the config's)."""
     if cfg.overwrite and cfg.resume:
         raise UsageError("give --resume (continue the run in --out) or --overwrite (delete it "
                          "and start over), not both")
@@ -118,8 +117,6 @@ def check_run_flags(cfg: TrainConfig) -> None:
         if not cfg.resume:
             raise UsageError("--resume-lr sets the learning rate of a resumed run: it needs "
                              "--resume")
-        if not (math.isfinite(cfg.resume_lr) and cfg.resume_lr > 0):
-            raise UsageError(f"--resume-lr must be a finite number > 0, got {cfg.resume_lr}")
 
 
 def run_files(out: Path) -> list[Path]:
