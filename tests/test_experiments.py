@@ -155,6 +155,17 @@ def test_lrn_off_is_identity_and_the_readings_differ():
     assert not torch.allclose(paper, over_n) and not torch.allclose(paper, x)
 
 
+def test_lrn_caffe_is_alpha_over_n_with_k_1_per_tower():
+    """b = a / (1 + (1e-4 / 5) * sum of squares over 5 channels) ** 0.75, each half alone."""
+    x = (torch.randn(2, 96, 5, 5) * 80).double()
+    got = AlexNet(10, lrn="caffe", init=None).lrn(x)
+    want = []
+    for half in x.split(48, dim=1):
+        sq = F.pad(half.pow(2), (0, 0, 0, 0, 2, 2)).unfold(1, 5, 1).sum(-1)  # (B, 48, 5, 5)
+        want.append(half / (1 + 1e-4 / 5 * sq).pow(0.75))
+    torch.testing.assert_close(got, torch.cat(want, dim=1), rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("scheme", ["paper", "cuda-convnet2", "caffe"])
 def test_half_net_init_follows_the_same_readings(scheme):
     torch.manual_seed(0)

@@ -34,7 +34,10 @@ TOWER_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7")
 ARCHS = ("alexnet", "half")
 ACTIVATIONS = ("relu", "tanh")
 POOLS = ("3/2", "2/2")
-LRN_CHOICES = ("paper", "alpha-over-n", "off")
+LRN_CHOICES = ("paper", "alpha-over-n", "caffe", "off")
+# Each LRN choice but "off": (how alpha is read, k). alpha 1e-4, n 5, beta 0.75 in all.
+LRN_CONSTANTS = {"paper": ("paper", 2.0), "alpha-over-n": ("alpha-over-n", 2.0),
+                 "caffe": ("alpha-over-n", 1.0)}
 INIT_SCHEMES = ("paper", "cuda-convnet2", "caffe")
 
 
@@ -58,8 +61,8 @@ class ModelConfig:
     lrn: str = field(default="paper", metadata={
         "choices": LRN_CHOICES,
         "help": "'paper': alpha=1e-4 multiplies the window's sum of squares (section 3.3, as "
-                "printed); 'alpha-over-n': Krizhevsky's code, alpha/n on the sum; 'off': no "
-                "LRN (an ablation)."})
+                "printed); 'alpha-over-n': Krizhevsky's code, alpha/n on the sum; 'caffe': "
+                "alpha/n with Caffe's k=1 (not 2); 'off': no LRN (an ablation)."})
     activation: str = field(default="relu", metadata={
         "choices": ACTIVATIONS, "help": "'relu' (the paper) or 'tanh' (Figure 1's comparison)."})
     pool: str = field(default="3/2", metadata={
@@ -98,7 +101,8 @@ def _make_lrn(cfg: ModelConfig, groups: int = 1) -> nn.Module:
     each tower's half on its own, never across the boundary)."""
     if cfg.lrn == "off":
         return nn.Identity()
-    return LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0, reading=cfg.lrn, groups=groups)
+    reading, k = LRN_CONSTANTS[cfg.lrn]
+    return LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=k, reading=reading, groups=groups)
 
 
 def _halves(fn, x: Tensor) -> Tensor:
