@@ -289,6 +289,23 @@ def test_init_end_to_end_mid_epoch(tiny_root, tmp_path):
     assert "--dropout 0" in " ".join(res["settings"]["common_flags"])
 
 
+def test_a_run_whose_update_makes_the_weights_non_finite_is_a_diverged_variant(tiny_root,
+                                                                            tmp_path):
+    """--lr 1e38: the first loss is finite, the update overflows the weights. That run is a
+    result ("diverged"), not the end of the experiment."""
+    out = tmp_path / "init"
+    rc = run(experiments_main, "experiments",
+             ["init", "--data", str(tiny_root), "--out", str(out), "--budget-steps", "2",
+              "--batch-size", "8", "--workers", "0", "--variants", "caffe", "--", "--lr", "1e38"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    (r,) = res["runs"]["caffe"]
+    assert r["diverged"].startswith("the weights became non-finite (their sum is nan) in the "
+                                    "update at step 1"), r["diverged"]
+    assert r["final_val"]["top1_err"] is None and res["summary"]["caffe"]["diverged"] == 1
+    assert "diverged (loss or weights NaN/inf) by step" in (out / "results.md").read_text()
+
+
 def test_bad_experiment_input_is_one_line(tmp_path, capsys):
     assert run(experiments_main, "experiments",
                ["lrn", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
@@ -407,7 +424,7 @@ def test_table_cells_and_the_relu_tanh_ratio():
     assert _target_cell({**base, "target_reached": 1, "diverged": 1}, "") == \
         "100 steps (50 s); reached by 1/2 seeds; 1/2 seeds diverged"
     assert _target_cell({**base, "target_reached": 0, "diverged": 2, "budget_steps": 14}, "") \
-        == "diverged (loss NaN/inf) by step 15"
+        == "diverged (loss or weights NaN/inf) by step 15"
     (line,) = comparisons(EXPERIMENTS["lrn"], {"lrn-paper": base,
                                                "lrn-off": {**base, "top1_err_mean": 0.314,
                                                            "top5_err_mean": 0.112}})

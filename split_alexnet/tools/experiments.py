@@ -47,9 +47,10 @@ from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.network.placement import DEVICE_HELP, resolve_devices
 from split_alexnet.tools.evaluate import evaluate_checkpoint, write_json
 from split_alexnet.training.config import TrainConfig, parse_config, to_flags
+from split_alexnet.training.loop import Diverged
 from split_alexnet.training.metrics import read_records
 from split_alexnet.training.trainer import train
-from split_alexnet.utils.cli import Abort, UsageError, run
+from split_alexnet.utils.cli import UsageError, run
 from split_alexnet.utils.fileio import atomic_write
 from split_alexnet.utils.flags import WORKERS, Number
 from split_alexnet.utils.plot import curves_png
@@ -259,7 +260,7 @@ def _pct(x: float | None, sd: float | None = None) -> str:
 
 def _target_cell(a: dict, target_name: str) -> str:
     if a["diverged"] == a["seeds"]:
-        return f"diverged (loss NaN/inf) by step {a['budget_steps'] + 1}"
+        return f"diverged (loss or weights NaN/inf) by step {a['budget_steps'] + 1}"
     if a["target_reached"] == 0:
         return f"not reached within {a['budget_steps']} steps"
     cell = f"{a['target_step_mean']:.0f} steps ({a['target_seconds_mean']:.0f} s)"
@@ -464,10 +465,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             diverged = None
             try:
                 train(cfg)
-            except Abort as e:
-                if isinstance(e, UsageError) or "loss is" not in str(e):
-                    raise
-                diverged = str(e)  # a NaN/inf loss: a result of this variant, not a crash
+            except Diverged as e:
+                diverged = str(e)  # NaN/inf loss or weights: a result of this variant
                 print(f"{PROG}: {name} seed {seed} diverged: {e}", file=sys.stderr)
             fv = final_val(cfg) if diverged is None \
                 else {"step": None, "top1_err": None, "top5_err": None, "loss": None, "n": None}

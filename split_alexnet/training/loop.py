@@ -84,19 +84,23 @@ def weight_sum(net: nn.Module, device: torch.device) -> torch.Tensor:
     return torch.stack([p.detach().sum().to(device) for p in net.parameters()]).sum()
 
 
+class Diverged(Abort):
+    """The run diverged: a non-finite loss, or weights an update made non-finite (exit 1)."""
+
+
 def check_finite_step(t: Trainer, loss: torch.Tensor) -> float:
     """After an optimizer step: its loss, read together with the sum of the weights it left
     in one host sync. A non-finite loss, or finite loss but non-finite weights, stops the run
-    (:class:`Abort`, exit 1) before anything is saved, naming the last good checkpoint."""
+    (:class:`Diverged`, exit 1) before anything is saved, naming the last good checkpoint."""
     pos = t.pos
     loss_value, weights = torch.stack([loss.detach().float(),
                                        weight_sum(t.net, t.device).float()]).tolist()
     where = f"at step {pos.step + 1} (epoch {pos.epoch + 1}); stopping without saving. Last " \
             f"good checkpoint: {last_checkpoint_name(t.out)}"
     if not math.isfinite(loss_value):
-        raise Abort(f"loss is {loss_value} {where}")
+        raise Diverged(f"loss is {loss_value} {where}")
     if not math.isfinite(weights):
-        raise Abort(f"the weights became non-finite (their sum is {weights}) in the update "
+        raise Diverged(f"the weights became non-finite (their sum is {weights}) in the update "
                     f"{where}")
     return loss_value
 
