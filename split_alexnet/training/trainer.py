@@ -36,7 +36,8 @@ from split_alexnet.data.stats import load_stats
 from split_alexnet.network.parallelize import grad_scaler, parallelize
 from split_alexnet.network.placement import build_model
 from split_alexnet.training.checkpoint import last_checkpoint_name, resume, save
-from split_alexnet.training.config import PROG, TrainConfig, describe_preset, parse_config
+from split_alexnet.training.config import (PROG, TrainConfig, describe_preset, describe_recipe,
+                                           parse_config)
 from split_alexnet.training.loader import train_loader, val_loader, worker_error
 from split_alexnet.training.loop import evaluate, train_one_epoch
 from split_alexnet.training.metrics import MetricsLog, Watchdog, write_curves
@@ -82,6 +83,9 @@ def build_trainer(cfg: TrainConfig, ctx: dist_util.Context, devices, lock: RunLo
     """:func:`setup` after the run folder: data, model, optimizer, resumed state."""
     is_main = ctx.rank == 0
     out = Path(cfg.out)
+    if cfg.recipe != "paper" and is_main:
+        print(f"recipe {cfg.recipe} (flags, TOML and --demo win):\n"
+              + describe_recipe(cfg.recipe, cfg), file=sys.stderr)
     if cfg.demo:
         if is_main:
             print("demo preset (flags given on the command line win):\n" + describe_preset(),
@@ -127,7 +131,8 @@ def build_trainer(cfg: TrainConfig, ctx: dist_util.Context, devices, lock: RunLo
                            strict=cfg.strict),
         batch=batch, steps_per_epoch=steps_per_epoch, model_cfg=model_cfg, net=net, model=model,
         optimizer=build_optimizer(net, kind=cfg.optimizer, lr=cfg.lr,
-                                  momentum=cfg.momentum, weight_decay=cfg.weight_decay),
+                                  momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                  bias_lr_mult=cfg.bias_lr_mult, bias_decay=cfg.bias_decay),
         scaler=grad_scaler(devices[0], cfg.amp),
         schedule=LRSchedule(cfg.lr_schedule, cfg.lr, patience=cfg.plateau_patience,
                             max_drops=cfg.lr_drops),
@@ -257,6 +262,9 @@ def train(cfg: TrainConfig) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_config(argv)
+    if cfg.print_recipe:
+        print(f"recipe {cfg.recipe}:\n{describe_recipe(cfg.recipe, cfg)}")
+        return 0
     result = train(cfg)
     if dist_util.env_context().rank == 0:
         print(json.dumps(result), file=sys.stdout)

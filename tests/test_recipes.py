@@ -1,0 +1,225 @@
+"""Named recipes and the switches they are made of: the optimizer's parameter groups (bias
+learning-rate multiplier, bias decay) against the update formula in both optimizers and both
+layouts, the recipes' resolution and precedence, --print-recipe, the step-iters schedule."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from split_alexnet.network.model import SplitAlexNet, collapse_state_dict
+from split_alexnet.training.config import (DEMO_PRESET, RECIPES, TrainConfig, parse_config,
+                                           recipe_settings)
+from split_alexnet.training.optim import (LAYERS, LRSchedule, build_optimizer,
+                                          load_named_optimizer_state, named_optimizer_state,
+                                          param_groups, set_lr)
+from split_alexnet.training.runfolder import MAY_CHANGE, RUN_SETTINGS
+from split_alexnet.utils.cli import UsageError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class TwoLayers(nn.Module):
+    """Parameters named like the network's: conv1.weight, conv1.bias, fc8.weight, fc8.bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Linear(3, 4).double()
+        self.fc8 = nn.Linear(4, 2).double()
+
+
+# ----------------------------------------------------------------------------- parameter groups
+
+
+def test_param_groups_one_per_layer_and_kind_in_network_order():
+    torch.manual_seed(0)
+    split = SplitAlexNet(num_classes=10)
+    split.towers[0].conv1.bias.requires_grad_(False)
+    split.towers[1].conv1.bias.requires_grad_(False)
+    groups = param_groups(split, bias_lr_mult=2.0, bias_decay=False, weight_decay=5e-4,
+                          layer_lr_mult={"fc8": 10.0})
+    keys = [(g["layer"], g["kind"]) for g in groups]
+    want = [(layer, kind) for layer in LAYERS for kind in ("weight", "bias")]
+    want.remove(("conv1", "bias"))  # no trainable parameters left: no group
+    assert keys == want
+    for g in groups:
+        assert set(g) == {"params", "layer", "kind", "lr_mult", "weight_decay"}
+        assert len(g["params"]) == (1 if g["layer"] == "fc8" else 2)  # both towers' halves
+        bias = g["kind"] == "bias"
+        assert g["lr_mult"] == (10.0 if g["layer"] == "fc8" else 1.0) * (2.0 if bias else 1.0)
+        assert g["weight_decay"] == (0.0 if bias else 5e-4)
+    with pytest.raises(ValueError, match="unknown layers"):
+        param_groups(split, layer_lr_mult={"conv9": 2.0}, weight_decay=5e-4)
+
+
+@pytest.mark.parametrize("kind", ["paper", "torch"])
+@pytest.mark.parametrize("bias_lr_mult,bias_decay", [(1.0, True), (2.0, False), (3.0, True)])
+def test_the_update_with_bias_multipliers_equals_the_formula(kind, bias_lr_mult, bias_decay):
+    """v <- 0.9 v - eps*mult*wd_or_0*w - eps*mult*grad; w <- w + v, per parameter. The torch
+    optimizer keeps the rate outside the velocity: the same update at a constant rate, so it
+    is checked before the drop only."""
+    torch.manual_seed(0)
+    net = TwoLayers()
+    opt = build_optimizer(net, kind=kind, lr=0.1, momentum=0.9, weight_decay=5e-4,
+                          bias_lr_mult=bias_lr_mult, bias_decay=bias_decay)
+    ref = {n: (p.detach().clone(), torch.zeros_like(p)) for n, p in net.named_parameters()}
+    lrs = [0.1, 0.1, 0.1, 0.01, 0.01] if kind == "paper" else [0.1, 0.1, 0.1]
+    for lr in lrs:
+        set_lr(opt, lr)
+        for n, p in net.named_parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        for n, p in net.named_parameters():
+            w, v = ref[n]
+            bias = n.endswith("bias")
+            mult = bias_lr_mult if bias else 1.0
+            wd = 0.0 if bias and not bias_decay else 5e-4
+            v = 0.9 * v - lr * mult * wd * w - lr * mult * p.grad
+            ref[n] = (w + v, v)
+            torch.testing.assert_close(p.detach(), w + v, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.slow
+def test_split_and_collapsed_agree_bitwise_with_bias_multipliers():
+    """Two steps of PaperSGD with biases x2 and no bias decay: the two layouts end with the
+    same weights and velocities, bit for bit; the named optimizer state moves between them."""
+    torch.manual_seed(0)
+    split = SplitAlexNet(num_classes=5)
+    single = split.collapse()
+    opts = [build_optimizer(m, lr=0.01, bias_lr_mult=2.0, bias_decay=False)
+            for m in (split, single)]
+    torch.manual_seed(1)
+    xs = [torch.randn(1, 3, 227, 227) for _ in range(2)]
+    for x in xs:
+        for m, o in zip((split, single), opts):
+            torch.manual_seed(2)  # the same dropout masks in both
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    a, b = collapse_state_dict(dict(split.state_dict())), dict(single.state_dict())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = named_optimizer_state(split, opts[0]), named_optimizer_state(single, opts[1])
+    for k in sa["buffers"]["velocity"]:
+        assert torch.equal(sa["buffers"]["velocity"][k], sb["buffers"]["velocity"][k]), k
+    assert [(g["layer"], g["kind"], g["lr_mult"], g["weight_decay"]) for g in sa["groups"]] == \
+        [(g["layer"], g["kind"], g["lr_mult"], g["weight_decay"]) for g in sb["groups"]]
+    # Into a fresh collapsed optimizer: the same velocities and groups.
+    fresh = build_optimizer(single, lr=0.01, bias_lr_mult=2.0, bias_decay=False)
+    load_named_optimizer_state(single, fresh, sa)
+    again = named_optimizer_state(single, fresh)
+    assert again["groups"] == sa["groups"]
+    for k, v in sa["buffers"]["velocity"].items():
+        assert torch.equal(again["buffers"]["velocity"][k], v), k
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+def test_each_recipe_resolves_to_exactly_its_settings():
+    assert list(RECIPES) == ["paper", "bvlc"]
+    default = TrainConfig().to_dict()
+    # paper: the defaults, every one of them.
+    assert parse_config([]).to_dict() == parse_config(["--recipe", "paper"]).to_dict()
+    assert all(default[k] == v for k, v in recipe_settings("paper").items())
+    got = parse_config(["--recipe", "bvlc"]).to_dict()
+    assert recipe_settings("bvlc") == {
+        "init": "caffe", "bias_lr_mult": 2.0, "bias_decay": False, "lrn": "caffe",
+        "batch_size": 256, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
+        "lr_schedule": "step-iters:100000", "lr_drops": 4, "max_steps": 450_000,
+        "epochs": 90, "pca": "off"}
+    changed = {k for k in got if got[k] != default[k]}
+    assert changed == {"recipe", "init", "bias_lr_mult", "bias_decay", "lrn", "batch_size",
+                       "lr_schedule", "lr_drops", "max_steps", "pca"}
+    for k, v in recipe_settings("bvlc").items():
+        assert got[k] == v, k
+    # Every setting cites its source.
+    for name, table in RECIPES.items():
+        for k, (_, why) in table.items():
+            assert ("section" in why) if name == "paper" else ("BVLC/caffe models/bvlc_alexnet/"
+                                                               in why), (name, k)
+
+
+def test_flags_toml_and_demo_win_over_the_recipe(tmp_path):
+    cfg = parse_config(["--recipe", "bvlc", "--batch-size", "64", "--bias-decay",
+                        "--bias-lr-mult", "1.5"])
+    assert (cfg.batch_size, cfg.bias_decay, cfg.bias_lr_mult, cfg.model.lrn) == \
+        (64, True, 1.5, "caffe")
+    toml = tmp_path / "c.toml"
+    toml.write_text('recipe = "bvlc"\nlr = 0.02\n')
+    cfg = parse_config(["--config", str(toml)])
+    assert (cfg.recipe, cfg.lr, cfg.batch_size) == ("bvlc", 0.02, 256)
+    cfg = parse_config(["--config", str(toml), "--recipe", "paper"])  # the command line's
+    assert (cfg.recipe, cfg.lr, cfg.batch_size) == ("paper", 0.02, 128)
+    cfg = parse_config(["--recipe", "bvlc", "--demo"])
+    assert cfg.batch_size == DEMO_PRESET["batch_size"][0] and cfg.bias_lr_mult == 2.0
+    assert parse_config(["--no-bias-decay"]).bias_decay is False
+    assert TrainConfig(bias_decay=False).to_argv() == ["--no-bias-decay"]
+
+
+def test_new_settings_are_classified():
+    for k in ("recipe", "bias_lr_mult", "bias_decay"):
+        assert k in RUN_SETTINGS and k not in MAY_CHANGE
+    assert "print_recipe" in MAY_CHANGE
+
+
+def _train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "split_alexnet.train", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+
+
+def test_print_recipe_lists_the_settings_and_does_nothing_else(tmp_path):
+    p = _train("--recipe", "bvlc", "--print-recipe", "--out", str(tmp_path / "run"),
+               "--batch-size", "64", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0] == "recipe bvlc:"
+    assert len(lines) == 1 + len(RECIPES["bvlc"])
+    assert lines[1].startswith("  --init caffe: BVLC/caffe models/bvlc_alexnet/")
+    assert any(x.startswith("  --no-bias-decay: ") for x in lines)
+    assert any(x.startswith("  --batch-size 256 (this run: 64): ") for x in lines)
+    assert any(x.startswith("  --lr-schedule step-iters:100000: ") for x in lines)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--recipe", "caffenet"], "--recipe must be one of paper, bvlc; got 'caffenet'"),
+    (["--bias-lr-mult", "-1"], "--bias-lr-mult must be at least 0"),
+    (["--lr-schedule", "step-iters:0"], "--lr-schedule must be"),
+])
+def test_bad_recipe_input_is_one_line_and_exit_2(tmp_path, args, words):
+    p = _train(*args, "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert p.returncode == 2
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and words in err[0] and "Traceback" not in p.stderr, p.stderr
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(UsageError):
+        recipe_settings("caffenet")
+
+
+# ----------------------------------------------------------------------------- step-iters
+
+
+def test_step_iters_schedule_is_caffes_step_policy_and_resumes():
+    """lr for the step with 0-based index i: 0.01 * 0.1 ** min(i // 3, 2)."""
+    s = LRSchedule("step-iters:3", 0.01, max_drops=2)
+    lrs, changes = [], []
+    for done in range(10):
+        changes.append(s.at_step(done))
+        lrs.append(s.lr)
+        if done == 4:
+            saved = json.loads(json.dumps(s.state_dict()))
+    want = [0.01 * 0.1 ** min(i // 3, 2) for i in range(10)]
+    assert lrs == pytest.approx(want, rel=1e-12)
+    assert [i for i, c in enumerate(changes) if c] == [3, 6]
+    assert s.step(0.5) == s.lr and s.drops == 2  # evaluations do not drop it
+    resumed = LRSchedule("step-iters:3", 0.01, max_drops=2)
+    resumed.load_state_dict(saved)
+    assert [(resumed.at_step(d), resumed.lr)[1] for d in range(5, 10)] == \
+        pytest.approx(want[5:], rel=1e-12)
