@@ -223,3 +223,83 @@ def test_step_iters_schedule_is_caffes_step_policy_and_resumes():
     resumed.load_state_dict(saved)
     assert [(resumed.at_step(d), resumed.lr)[1] for d in range(5, 10)] == \
         pytest.approx(want[5:], rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- plateau
+
+
+def test_plateau_patience_counts_epochs_with_eval_every_2():
+    """Patience 3 epochs, an evaluation every 2 epochs: the second evaluation without a new
+    best is 4 epochs without one, and drops the rate (counting evaluations would wait for a
+    third)."""
+    s = LRSchedule("plateau", 1.0, patience=3)
+    assert [s.step(e, epochs=2) for e in (0.5, 0.6, 0.6)] == [1.0, 1.0, pytest.approx(0.1)]
+    assert (s.epochs, s.drops, s.bad_epochs) == (6, 1, 0)
+    assert "for 4 epochs (patience 3)" in s.reason and s.reason.startswith("plateau: ")
+
+
+def test_plateau_min_epochs_holds_each_rate():
+    s = LRSchedule("plateau", 1.0, patience=1, min_epochs=3)
+    lrs = [s.step(e) for e in (0.5, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6)]
+    # epoch 2 is bad but only 2 epochs at 1.0; epoch 3: 3 epochs, drop; next rate from epoch 4
+    # to 6, drop at epoch 6.
+    assert lrs == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.1, 0.01, 0.01])
+    assert "3 epochs at this rate (minimum 3)" in s.reason
+
+
+def test_plateau_threshold_is_the_relative_improvement_that_counts():
+    s = LRSchedule("plateau", 1.0, patience=1, threshold=0.1)
+    assert s.step(0.5) == 1.0 and s.best == 0.5
+    assert s.step(0.46) == pytest.approx(0.1)  # 8% better: not enough, a bad epoch
+    assert s.best == 0.5
+    assert s.step(0.44) == pytest.approx(0.1) and s.best == 0.44  # 12% better: improves
+    plain = LRSchedule("plateau", 1.0, patience=1)
+    assert [plain.step(e) for e in (0.5, 0.46)] == [1.0, 1.0]  # the paper: any decrease
+
+
+def test_plateau_state_resumes_exactly():
+    errors = [0.5, 0.6, 0.4, 0.6, 0.6, 0.6, 0.6, 0.3, 0.6]
+    full = LRSchedule("plateau", 1.0, patience=2, min_epochs=3, threshold=0.05)
+    want = [full.step(e) for e in errors]
+    part = LRSchedule("plateau", 1.0, patience=2, min_epochs=3, threshold=0.05)
+    got = [part.step(e) for e in errors[:5]]
+    resumed = LRSchedule("plateau", 1.0, patience=2, min_epochs=3, threshold=0.05)
+    resumed.load_state_dict(json.loads(json.dumps(part.state_dict())))
+    got += [resumed.step(e) for e in errors[5:]]
+    assert got == want and resumed.state_dict() == full.state_dict()
+    assert "epochs_at_rate" in full.state_dict()
+
+
+def test_a_step_schedule_counts_epochs_with_eval_every():
+    s = LRSchedule("step:3", 1.0)
+    assert [s.step(0.5, epochs=2) for _ in range(3)] == pytest.approx([1.0, 0.1, 0.01])
+
+
+def test_bad_plateau_settings_are_usage_errors():
+    for flags in (["--plateau-threshold", "1"], ["--plateau-min-epochs", "-1"]):
+        with pytest.raises(UsageError, match=flags[0]):
+            parse_config(flags)
+
+
+@pytest.mark.slow
+def test_every_lr_drop_is_a_record_and_a_log_line(demo_root, tmp_path, capsys):
+    """Patience 0: every evaluation drops the rate (epochs 1 and 2), each drop a record
+    with its reason and a log line."""
+    from split_alexnet.training.trainer import main as train_main
+    from split_alexnet.utils.cli import run
+    out = tmp_path / "run"
+    rc = run(train_main, "train", [
+        "--data", str(demo_root), "--out", str(out), "--batch-size", "8", "--epochs", "2",
+        "--workers", "0", "--log-interval", "1", "--init", "caffe", "--no-ten-crop",
+        "--devices", "cpu,cpu", "--plateau-patience", "0"])
+    assert rc == 0
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    drops = [r for r in recs if r["kind"] == "lr_drop"]
+    assert [(r["step"], r["epoch"]) for r in drops] == [(4, 1), (8, 2)]
+    assert [r["old"] for r in drops] == pytest.approx([0.01, 0.001])
+    assert [r["new"] for r in drops] == pytest.approx([0.001, 0.0001])
+    assert all(r["reason"].startswith("plateau: ") for r in drops)
+    lrs = {r["step"]: r["lr"] for r in recs if r["kind"] == "train"}
+    assert lrs[4] == 0.01 and lrs[5] == pytest.approx(0.001)
+    err = capsys.readouterr().err
+    assert err.count("learning rate 0.01 -> 0.001 at step 4 (epoch 1): plateau: ") == 1

@@ -92,7 +92,8 @@ class TrainConfig:
     lr_schedule: str = _setting("plateau", "'plateau': divide by 10 when val error stops "
                                            "improving (the paper); 'step:N': every N epochs.")
     plateau_patience: int = _setting(1, "Epochs without a new best val top-1 error before the "
-                                        "plateau schedule divides the rate.", min=0)
+                                        "plateau schedule divides the rate (epochs, also with "
+                                        "--eval-every N: each evaluation counts N).", min=0)
     lr_drops: int = _setting(3, "At most this many divisions by 10 (the paper: three).", min=0)
     pca: str = _setting("paper", "PCA colour noise: 'paper' (alpha_i * lambda_i, lambda of "
                                  "[0,1]-scaled RGB), 'paper-255' (lambda of 0-255 RGB, "
@@ -148,6 +149,13 @@ class TrainConfig:
                                    max=FLOAT32_MAX)
     bias_decay: bool = _setting(True, "Weight decay on the biases too (the paper); "
                                       "--no-bias-decay: none (Caffe, cuda-convnet).")
+    # the plateau schedule's guards (docs/fidelity.md, "the plateau reading")
+    plateau_min_epochs: int = _setting(0, "The plateau schedule keeps each rate at least this "
+                                          "many epochs before it divides it (0: no minimum).",
+                                       min=0)
+    plateau_threshold: float = _setting(0.0, "The plateau schedule counts an error as an "
+                                             "improvement only below best * (1 - this) (0: any "
+                                             "decrease, the paper).", min=0, below=1)
     demo: bool = _setting(False, "Generate the demo dataset under OUT/demo_data and train on "
                                  "it with the demo preset.")
     config: str | None = _setting(None, "A TOML file with any of these settings (dashes or "

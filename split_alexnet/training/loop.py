@@ -149,7 +149,7 @@ def train_one_epoch(t: Trainer, loader, stop) -> str:
         old_lr = t.schedule.lr
         if t.schedule.at_step(pos.step):  # step-iters:N only (Caffe's step policy)
             set_lr(t.optimizer, t.schedule.lr)
-            log_lr_drop(t, old_lr, f"every {t.schedule.every_iters} steps")
+            log_lr_drop(t, old_lr, t.schedule.reason)
         t.scaler.scale(loss).backward()
         t.scaler.step(t.optimizer)  # plain optimizer.step() unless fp16 on CUDA
         t.scaler.update()

@@ -115,17 +115,25 @@ class LRSchedule:
     """Divide the learning rate by 10, at most ``max_drops`` times (the paper: three).
 
     ``plateau`` (the paper, section 5): drop when the validation error has not improved for
-    ``patience`` epochs in a row at the current rate. ``step:N``: drop every N epochs.
+    ``patience`` epochs in a row at the current rate. Patience counts epochs, not
+    evaluations (an evaluation every 2 epochs that does not improve counts 2); an error
+    improves only when it is below the best by more than ``threshold`` (relative: below
+    best * (1 - threshold)); and the rate stays at least ``min_epochs`` epochs before it
+    drops. ``step:N``: drop every N epochs.
     ``step-iters:N`` (Caffe's ``lr_policy: "step"``): the rate for the optimizer step with
     0-based index i is lr * factor ** (i // N), capped at ``max_drops`` divisions; call
-    :meth:`at_step` before each step. Call :meth:`step` once per epoch with that epoch's
-    validation top-1 error; it returns the learning rate for the next epoch.
+    :meth:`at_step` before each step. Call :meth:`step` after each evaluation with its
+    top-1 error and the epochs since the last call; it returns the learning rate for the
+    next epoch, and :attr:`reason` says why the last drop happened.
     """
 
     def __init__(self, spec: str, lr: float, *, patience: int = 1, max_drops: int = 3,
-                 factor: float = 0.1) -> None:
+                 factor: float = 0.1, min_epochs: int = 0, threshold: float = 0.0) -> None:
         self.spec, self.lr, self.patience, self.max_drops, self.factor = \
             spec, lr, patience, max_drops, factor
+        self.min_epochs, self.threshold = min_epochs, threshold
+        self.epochs_at_rate = 0
+        self.reason = ""
         self.every_iters = step_iters(spec)
         self.every = None if self.every_iters else parse_schedule(spec)
         self.best = float("inf")
@@ -133,17 +141,25 @@ class LRSchedule:
         self.drops = 0
         self.epochs = 0
 
-    def step(self, val_error: float) -> float:
-        self.epochs += 1
-        if val_error < self.best:
+    def step(self, val_error: float, epochs: int = 1) -> float:
+        """An evaluation's top-1 error, ``epochs`` epochs after the previous call."""
+        before = self.epochs
+        self.epochs += epochs
+        self.epochs_at_rate += epochs
+        if val_error < self.best * (1 - self.threshold):
             self.best, self.bad_epochs = val_error, 0
         else:
-            self.bad_epochs += 1
+            self.bad_epochs += epochs
         if self.drops < self.max_drops and not self.every_iters:
-            if self.every is None and self.bad_epochs >= self.patience:
-                self._drop()
-            elif self.every is not None and self.epochs % self.every == 0:
-                self._drop()
+            if self.every is None and self.bad_epochs >= self.patience \
+                    and self.epochs_at_rate >= self.min_epochs:
+                self._drop(f"plateau: val top-1 error {val_error:.4f} has not improved on "
+                           f"{self.best:.4f} (threshold {self.threshold:g}) for "
+                           f"{self.bad_epochs} epochs (patience {self.patience}), "
+                           f"{self.epochs_at_rate} epochs at this rate (minimum "
+                           f"{self.min_epochs})")
+            elif self.every is not None and self.epochs // self.every > before // self.every:
+                self._drop(f"every {self.every} epochs (epoch {self.epochs})")
         return self.lr
 
     def at_step(self, done: int) -> bool:
@@ -158,18 +174,22 @@ class LRSchedule:
             changed = True
         return changed
 
-    def _drop(self) -> None:
+    def _drop(self, reason: str = "") -> None:
         self.lr *= self.factor
         self.drops += 1
         self.bad_epochs = 0
+        self.epochs_at_rate = 0
+        self.reason = reason or f"every {self.every_iters} steps"
 
     def state_dict(self) -> dict:
         return dict(lr=self.lr, best=self.best, bad_epochs=self.bad_epochs, drops=self.drops,
-                    epochs=self.epochs)
+                    epochs=self.epochs, epochs_at_rate=self.epochs_at_rate)
 
     def load_state_dict(self, state: dict) -> None:
         for k in ("lr", "best", "bad_epochs", "drops", "epochs"):
             setattr(self, k, state[k])
+        # Checkpoints from before the minimum stay: count every epoch at the current rate.
+        self.epochs_at_rate = state.get("epochs_at_rate", state["epochs"])
 
 
 def step_iters(spec: str) -> int | None:

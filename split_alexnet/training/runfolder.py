@@ -41,7 +41,9 @@ RUN_SETTINGS = (*MODEL_FLAGS, "optimizer", "lr", "momentum", "weight_decay", "ba
                 "per_process_batch", "lr_schedule", "plateau_patience", "lr_drops", "pca",
                 "seed",
                 # recipes and bias handling
-                "recipe", "bias_lr_mult", "bias_decay")
+                "recipe", "bias_lr_mult", "bias_decay",
+                # the plateau schedule's guards
+                "plateau_min_epochs", "plateau_threshold")
 #: The settings a resume may change (docs/training.md, "Resume: the same run").
 MAY_CHANGE = ("data", "out", "gpus", "devices", "single_device", "backend", "epochs",
               "max_steps", "workers", "resume", "overwrite", "resume_lr",

@@ -39,7 +39,7 @@ from split_alexnet.training.checkpoint import last_checkpoint_name, resume, save
 from split_alexnet.training.config import (PROG, TrainConfig, describe_preset, describe_recipe,
                                            parse_config)
 from split_alexnet.training.loader import train_loader, val_loader, worker_error
-from split_alexnet.training.loop import evaluate, train_one_epoch
+from split_alexnet.training.loop import evaluate, log_lr_drop, train_one_epoch
 from split_alexnet.training.metrics import MetricsLog, Watchdog, write_curves
 from split_alexnet.training.optim import LRSchedule, build_optimizer, set_lr
 from split_alexnet.training.runfolder import (RunLock, check_run_flags, claim,
@@ -135,7 +135,8 @@ def build_trainer(cfg: TrainConfig, ctx: dist_util.Context, devices, lock: RunLo
                                   bias_lr_mult=cfg.bias_lr_mult, bias_decay=cfg.bias_decay),
         scaler=grad_scaler(devices[0], cfg.amp),
         schedule=LRSchedule(cfg.lr_schedule, cfg.lr, patience=cfg.plateau_patience,
-                            max_drops=cfg.lr_drops),
+                            max_drops=cfg.lr_drops, min_epochs=cfg.plateau_min_epochs,
+                            threshold=cfg.plateau_threshold),
         metrics=metrics,
         watchdog=Watchdog(cfg.watchdog_steps, len(classes), metrics.log, enabled=is_main),
         pos=Position(last_save=time.monotonic()), lock=lock)
@@ -177,7 +178,10 @@ def end_of_epoch(t: Trainer, why: str) -> dict:
                   file=sys.stderr)
         best = val["top1_err"] < pos.best_top1
         pos.best_top1 = min(pos.best_top1, val["top1_err"])
-        set_lr(t.optimizer, t.schedule.step(val["top1_err"]))
+        old_lr = t.schedule.lr
+        set_lr(t.optimizer, t.schedule.step(val["top1_err"], epochs=epoch - t.schedule.epochs))
+        if t.schedule.lr != old_lr:
+            log_lr_drop(t, old_lr, t.schedule.reason)
     pos.epoch, pos.epoch_step = epoch, 0
     save(t, epoch_end=True, best=best)
     if t.is_main:
