@@ -298,8 +298,66 @@ def test_every_lr_drop_is_a_record_and_a_log_line(demo_root, tmp_path, capsys):
     assert [(r["step"], r["epoch"]) for r in drops] == [(4, 1), (8, 2)]
     assert [r["old"] for r in drops] == pytest.approx([0.01, 0.001])
     assert [r["new"] for r in drops] == pytest.approx([0.001, 0.0001])
-    assert all(r["reason"].startswith("plateau: ") for r in drops)
+    assert all(r["reason"].startswith("plateau: ") and r["reason"].endswith("(on the val set)")
+               for r in drops)
     lrs = {r["step"]: r["lr"] for r in recs if r["kind"] == "train"}
     assert lrs[4] == 0.01 and lrs[5] == pytest.approx(0.001)
     err = capsys.readouterr().err
     assert err.count("learning rate 0.01 -> 0.001 at step 4 (epoch 1): plateau: ") == 1
+
+
+# ----------------------------------------------------------------------------- hold-out
+
+
+def test_holdout_is_deterministic_per_class_and_disjoint(demo_root):
+    from split_alexnet.data.dataset import CropFolder, holdout_indices
+    from split_alexnet.training.trainer import split_holdout
+    classes = sorted(p.name for p in (demo_root / "train").iterdir())
+    full = CropFolder(demo_root / "train", classes, mode="train", seed=3)
+    held = holdout_indices(full.targets, 2, seed=3)
+    assert held == holdout_indices(full.targets, 2, seed=3)  # the same on resume, every rank
+    assert held != holdout_indices(full.targets, 2, seed=4)
+    assert sorted(full.targets[i] for i in held) == [0, 0, 1, 1, 2, 2, 3, 3]
+    cfg = TrainConfig(data=str(demo_root), holdout=2, seed=3)
+    train_set, hold_set = split_holdout(full, cfg, False)
+    assert (len(full), len(train_set), len(hold_set)) == (32, 24, 8)
+    assert hold_set.mode == "center" and train_set.mode == "train"
+    assert {p for p, _ in hold_set.samples} == {full.samples[i][0] for i in held}
+    assert not {p for p, _ in hold_set.samples} & {p for p, _ in train_set.samples}
+    with pytest.raises(UsageError, match=r"--holdout 8: the smallest class, .* has 8 training"):
+        split_holdout(full, TrainConfig(holdout=8), False)
+    assert split_holdout(full, TrainConfig(), False) == (full, None)
+
+
+def test_holdout_as_large_as_a_class_is_one_line_and_exit_2(demo_root, tmp_path):
+    p = _train("--data", str(demo_root), "--out", str(tmp_path / "run"), "--holdout", "8",
+               "--workers", "0", "--devices", "cpu,cpu", cwd=tmp_path)
+    assert p.returncode == 2
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and "--holdout 8: the smallest class" in err[0], p.stderr
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_holdout_drives_the_schedule_and_val_is_still_reported(demo_root, tmp_path, capsys):
+    from split_alexnet.training.trainer import main as train_main
+    from split_alexnet.utils.cli import run
+    out = tmp_path / "run"
+    rc = run(train_main, "train", [
+        "--data", str(demo_root), "--out", str(out), "--batch-size", "8", "--epochs", "1",
+        "--workers", "0", "--log-interval", "1", "--init", "caffe", "--no-ten-crop",
+        "--devices", "cpu,cpu", "--holdout", "2", "--plateau-patience", "0"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "--holdout 2: 8 of 32 training images held out (2 per class); training on 24" in err
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in recs if r["kind"] == "train") == 3  # 24 images / 8
+    (val,) = [r for r in recs if r["kind"] == "val"]
+    (hold,) = [r for r in recs if r["kind"] == "holdout"]
+    assert (val["n"], hold["n"]) == (16, 8)
+    (drop,) = [r for r in recs if r["kind"] == "lr_drop"]
+    assert f"top-1 error {hold['top1_err']:.4f}" in drop["reason"]
+    assert drop["reason"].endswith("(on the hold-out set)")
+    from split_alexnet.training.checkpoint import load_checkpoint
+    assert load_checkpoint(out / "best.pt")["progress"]["best_top1"] == hold["top1_err"]
+    assert json.loads((out / "config.json").read_text())["holdout"] == 2

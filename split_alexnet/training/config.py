@@ -156,6 +156,11 @@ class TrainConfig:
     plateau_threshold: float = _setting(0.0, "The plateau schedule counts an error as an "
                                              "improvement only below best * (1 - this) (0: any "
                                              "decrease, the paper).", min=0, below=1)
+    # a hold-out set drives the schedule (docs/training.md, "Hold-out")
+    holdout: int = _setting(0, "Hold out this many training images per class (chosen from "
+                               "--seed); their centre-crop error drives the plateau schedule "
+                               "and best.pt, and val drives nothing (0: val drives them, the "
+                               "paper).", min=0)
     demo: bool = _setting(False, "Generate the demo dataset under OUT/demo_data and train on "
                                  "it with the demo preset.")
     config: str | None = _setting(None, "A TOML file with any of these settings (dashes or "

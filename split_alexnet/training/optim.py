@@ -153,7 +153,7 @@ class LRSchedule:
         if self.drops < self.max_drops and not self.every_iters:
             if self.every is None and self.bad_epochs >= self.patience \
                     and self.epochs_at_rate >= self.min_epochs:
-                self._drop(f"plateau: val top-1 error {val_error:.4f} has not improved on "
+                self._drop(f"plateau: top-1 error {val_error:.4f} has not improved on "
                            f"{self.best:.4f} (threshold {self.threshold:g}) for "
                            f"{self.bad_epochs} epochs (patience {self.patience}), "
                            f"{self.epochs_at_rate} epochs at this rate (minimum "

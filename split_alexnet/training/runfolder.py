@@ -43,7 +43,9 @@ RUN_SETTINGS = (*MODEL_FLAGS, "optimizer", "lr", "momentum", "weight_decay", "ba
                 # recipes and bias handling
                 "recipe", "bias_lr_mult", "bias_decay",
                 # the plateau schedule's guards
-                "plateau_min_epochs", "plateau_threshold")
+                "plateau_min_epochs", "plateau_threshold",
+                # the hold-out split
+                "holdout")
 #: The settings a resume may change (docs/training.md, "Resume: the same run").
 MAY_CHANGE = ("data", "out", "gpus", "devices", "single_device", "backend", "epochs",
               "max_steps", "workers", "resume", "overwrite", "resume_lr",
