@@ -168,9 +168,9 @@ def test_new_settings_are_classified():
     assert "print_recipe" in MAY_CHANGE
 
 
-def _train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def _train(*args: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "split_alexnet.train", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120,
+                          capture_output=True, text=True, timeout=timeout,
                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
 
 
@@ -361,3 +361,28 @@ def test_holdout_drives_the_schedule_and_val_is_still_reported(demo_root, tmp_pa
     from split_alexnet.training.checkpoint import load_checkpoint
     assert load_checkpoint(out / "best.pt")["progress"]["best_top1"] == hold["top1_err"]
     assert json.loads((out / "config.json").read_text())["holdout"] == 2
+
+
+# ----------------------------------------------------------------------------- --plan
+
+
+@pytest.mark.slow
+def test_plan_prints_the_run_and_writes_nothing_into_out(demo_root, tmp_path):
+    out = tmp_path / "run"
+    p = _train("--plan", "--data", str(demo_root), "--out", str(out), "--batch-size", "2",
+               "--epochs", "3", "--workers", "0", "--devices", "cpu,cpu", "--keep-last", "1",
+               "--lr-schedule", "step-iters:20", "--lr-drops", "3", "--init", "caffe",
+               cwd=tmp_path, timeout=400)
+    assert p.returncode == 0, p.stderr
+    assert not out.exists()  # not even the lock or config.json
+    text = p.stdout
+    assert "training images: 32; steps per epoch: 16; epochs: 3; total steps: 48" in text
+    assert "/ 10 every 20 steps, at most 3 times: drops before steps 21, 41" in text
+    assert "at most 3 files" in text and "(keeping 1)" in text
+    # 60,965,224 float32 parameters for 4 classes' fc8 = 60,965,224 - 4096*996 - 996
+    n = 60_965_224 - 4096 * 996 - 996
+    assert f"checkpoint size: {2 * n * 4 / 2**20:.0f} MiB ({n * 4 / 2**20:.0f} MiB parameters" \
+        in text
+    assert "CPU: growth of this process's peak resident set size" in text
+    assert "step time over 5 timed steps (after 1 warm-up)" in text and "median" in text
+    assert "projected training time for 48 steps" in text

@@ -156,6 +156,10 @@ class TrainConfig:
     plateau_threshold: float = _setting(0.0, "The plateau schedule counts an error as an "
                                              "improvement only below best * (1 - this) (0: any "
                                              "decrease, the paper).", min=0, below=1)
+    # a plan instead of a run (training/plan.py)
+    plan: bool = _setting(False, "Print what the run will do (steps, schedule, checkpoints and "
+                                 "their disk, memory per device and projected time from a few "
+                                 "real steps) and exit, writing nothing into --out.")
     # a hold-out set drives the schedule (docs/training.md, "Hold-out")
     holdout: int = _setting(0, "Hold out this many training images per class (chosen from "
                                "--seed); their centre-crop error drives the plateau schedule "

@@ -53,7 +53,7 @@ MAY_CHANGE = ("data", "out", "gpus", "devices", "single_device", "backend", "epo
               "eval_every", "strict", "channels_last", "amp", "compile", "cudnn_benchmark",
               "demo", "config",
               # never starts a run: it prints the recipe and exits
-              "print_recipe")
+              "print_recipe", "plan")
 
 _HELD: set[int] = set()  # descriptors of the run locks this process holds
 

@@ -43,6 +43,7 @@ from split_alexnet.training.loader import train_loader, val_loader, worker_error
 from split_alexnet.training.loop import evaluate, log_lr_drop, train_one_epoch
 from split_alexnet.training.metrics import MetricsLog, Watchdog, write_curves
 from split_alexnet.training.optim import LRSchedule, build_optimizer, set_lr
+from split_alexnet.training.plan import plan
 from split_alexnet.training.runfolder import (RunLock, check_run_flags, claim,
                                               delete_previous_run, temp_suffix)
 from split_alexnet.training.state import Position, Trainer
@@ -317,6 +318,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_config(argv)
     if cfg.print_recipe:
         print(f"recipe {cfg.recipe}:\n{describe_recipe(cfg.recipe, cfg)}")
+        return 0
+    if cfg.plan:
+        print(plan(cfg.validate(), setup))
         return 0
     result = train(cfg)
     if dist_util.env_context().rank == 0:
