@@ -394,7 +394,9 @@ def test_every_flag_works_in_a_toml_file(tmp_path):
               "max_steps": 5, "resume": "auto", "checkpoint_minutes": 5.0, "keep_last": 1,
               "log_interval": 3, "watchdog_steps": 0, "ten_crop": False, "eval_every": 2,
               "strict": True, "channels_last": True, "amp": "bf16", "compile": True,
-              "cudnn_benchmark": True, "demo": True, "overwrite": True, "resume_lr": 0.005}
+              "cudnn_benchmark": True, "demo": True, "overwrite": True, "resume_lr": 0.005,
+              "recipe": "bvlc", "print_recipe": True, "bias_lr_mult": 2.5, "bias_decay": False,
+              "plateau_min_epochs": 2, "plateau_threshold": 0.01, "plan": True, "holdout": 1}
     # Every setting but --gpus (it excludes --devices) and --config itself.
     assert set(values) == set(TrainConfig().to_dict()) - {"gpus", "config"}
     (tmp_path / "all.toml").write_text(_toml(values))
