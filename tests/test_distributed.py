@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.training.checkpoint import load_checkpoint
 from split_alexnet.utils.cli import run
 from split_alexnet.training.trainer import main as train_main
@@ -111,7 +112,6 @@ def records(out: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def dist_runs(tmp_path_factory):
-    from split_alexnet.data.demo import make_demo_dataset
     base = tmp_path_factory.mktemp("dist")
     data = make_demo_dataset(base / "data", classes=3, train_per_class=4, val_per_class=3,
                              seed=0)
@@ -400,7 +400,6 @@ def test_launch_scripts_pass_shellcheck():
 def test_holdout_under_torchrun_counts_each_image_once(tmp_path):
     """3 classes x 5 training images, --holdout 1: 3 held out (2 + 1 over the ranks), 12
     trained on; the hold-out's error equals one process's on the same split."""
-    from split_alexnet.data.demo import make_demo_dataset
     data = make_demo_dataset(tmp_path / "data", classes=3, train_per_class=5, val_per_class=3,
                              seed=0)
     driver = tmp_path / "driver.py"

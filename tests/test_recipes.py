@@ -13,14 +13,18 @@ import pytest
 import torch
 from torch import nn
 
+from split_alexnet.data.dataset import CropFolder, holdout_indices
 from split_alexnet.network.model import SplitAlexNet, collapse_state_dict
+from split_alexnet.training.checkpoint import load_checkpoint
 from split_alexnet.training.config import (DEMO_PRESET, RECIPES, TrainConfig, parse_config,
                                            recipe_settings)
 from split_alexnet.training.optim import (LAYERS, LRSchedule, build_optimizer,
                                           load_named_optimizer_state, named_optimizer_state,
                                           param_groups, set_lr)
 from split_alexnet.training.runfolder import MAY_CHANGE, RUN_SETTINGS
-from split_alexnet.utils.cli import UsageError
+from split_alexnet.training.trainer import main as train_main
+from split_alexnet.training.trainer import split_holdout
+from split_alexnet.utils.cli import UsageError, run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -285,8 +289,6 @@ def test_bad_plateau_settings_are_usage_errors():
 def test_every_lr_drop_is_a_record_and_a_log_line(demo_root, tmp_path, capsys):
     """Patience 0: every evaluation drops the rate (epochs 1 and 2), each drop a record
     with its reason and a log line."""
-    from split_alexnet.training.trainer import main as train_main
-    from split_alexnet.utils.cli import run
     out = tmp_path / "run"
     rc = run(train_main, "train", [
         "--data", str(demo_root), "--out", str(out), "--batch-size", "8", "--epochs", "2",
@@ -310,8 +312,6 @@ def test_every_lr_drop_is_a_record_and_a_log_line(demo_root, tmp_path, capsys):
 
 
 def test_holdout_is_deterministic_per_class_and_disjoint(demo_root):
-    from split_alexnet.data.dataset import CropFolder, holdout_indices
-    from split_alexnet.training.trainer import split_holdout
     classes = sorted(p.name for p in (demo_root / "train").iterdir())
     full = CropFolder(demo_root / "train", classes, mode="train", seed=3)
     held = holdout_indices(full.targets, 2, seed=3)
@@ -340,8 +340,6 @@ def test_holdout_as_large_as_a_class_is_one_line_and_exit_2(demo_root, tmp_path)
 
 @pytest.mark.slow
 def test_holdout_drives_the_schedule_and_val_is_still_reported(demo_root, tmp_path, capsys):
-    from split_alexnet.training.trainer import main as train_main
-    from split_alexnet.utils.cli import run
     out = tmp_path / "run"
     rc = run(train_main, "train", [
         "--data", str(demo_root), "--out", str(out), "--batch-size", "8", "--epochs", "1",
@@ -358,7 +356,6 @@ def test_holdout_drives_the_schedule_and_val_is_still_reported(demo_root, tmp_pa
     (drop,) = [r for r in recs if r["kind"] == "lr_drop"]
     assert f"top-1 error {hold['top1_err']:.4f}" in drop["reason"]
     assert drop["reason"].endswith("(on the hold-out set)")
-    from split_alexnet.training.checkpoint import load_checkpoint
     assert load_checkpoint(out / "best.pt")["progress"]["best_top1"] == hold["top1_err"]
     assert json.loads((out / "config.json").read_text())["holdout"] == 2
 

@@ -83,7 +83,7 @@ def plan(cfg: TrainConfig, setup: Callable[[TrainConfig], Trainer]) -> str:
                 grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0
                 memory = (f"{grown / 2**20:.2f} GiB (CPU: growth of this process's peak "
                           "resident set size over setup and the steps)")
-            per_epoch, world = t.steps_per_epoch, t.ctx.world_size
+            per_epoch = t.steps_per_epoch
             n_train, images = len(t.train_set), t.batch * t.ctx.world_size
         finally:
             if t.lock is not None:
