@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.training.checkpoint import load_checkpoint
 from split_alexnet.utils.cli import run
 from split_alexnet.training.trainer import main as train_main
@@ -111,7 +112,6 @@ def records(out: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def dist_runs(tmp_path_factory):
-    from split_alexnet.data.demo import make_demo_dataset
     base = tmp_path_factory.mktemp("dist")
     data = make_demo_dataset(base / "data", classes=3, train_per_class=4, val_per_class=3,
                              seed=0)
@@ -395,3 +395,28 @@ def test_launch_scripts_pass_shellcheck():
     p = subprocess.run(["shellcheck", "-s", "bash", *(str(f) for f in sorted(LAUNCH.iterdir()))],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stdout
+
+
+@pytest.mark.slow
+def test_holdout_under_torchrun_counts_each_image_once(tmp_path):
+    """3 classes x 5 training images, --holdout 1: 3 held out (2 + 1 over the ranks), 12
+    trained on; the hold-out's error equals one process's on the same split."""
+    data = make_demo_dataset(tmp_path / "data", classes=3, train_per_class=5, val_per_class=3,
+                             seed=0)
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    out = tmp_path / "ddp"
+    p, _ = torchrun(driver, tmp_path / "report", ["--data", str(data), "--out", str(out),
+                                                  *COMMON, "--holdout", "1"])
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert p.stderr.count("--holdout 1: 3 of 15 training images held out") == 1  # rank 0 only
+    single = tmp_path / "single"
+    assert run(train_main, "train", ["--data", str(data), "--out", str(single), *COMMON,
+                                     "--holdout", "1"]) == 0
+    (hold,) = [r for r in records(out) if r["kind"] == "holdout"]
+    (hold1,) = [r for r in records(single) if r["kind"] == "holdout"]
+    assert hold["n"] == hold1["n"] == 3 and hold["step"] == hold1["step"] == 2
+    assert hold["top1_err"] == hold1["top1_err"]
+    assert hold["loss"] == pytest.approx(hold1["loss"], rel=1e-4)
+    (val,) = [r for r in records(out) if r["kind"] == "val"]
+    assert val["n"] == N_VAL

@@ -337,6 +337,7 @@ def test_watchdog_decision(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "after 4 steps the training loss is still at chance" in err[0]
     assert "ln 2 = 0.693" in err[0] and "docs/experiments.md" in err[0]
+    assert "Try --recipe bvlc" in err[0]
     assert logged == [{"kind": "watchdog", "step": 4, "loss": pytest.approx(0.995 * ln2),
                        "chance_loss": pytest.approx(ln2), "window": 2}]
     wd, logged = _watchdog(4)

@@ -260,7 +260,8 @@ def test_resume_lr_changes_the_rate_and_records_it(resumed):
     assert resumed["records"][3]["step"] == 2 and resumed["records"][3]["lr"] == 0.005
     ckpt = load_checkpoint(resumed["out"] / "last.pt")
     assert ckpt["schedule"]["lr"] == 0.005
-    assert [g["lr"] for g in ckpt["optimizer"]["groups"]] == [0.005]
+    # One group per (layer, weights or biases), every multiplier 1: all at the new rate.
+    assert [g["lr"] for g in ckpt["optimizer"]["groups"]] == [0.005] * 16
     assert ckpt["config"]["lr"] == 0.01 and ckpt["config"]["resume_lr"] == 0.005
 
 

@@ -29,8 +29,8 @@ from split_alexnet.network.model import (ACTIVATIONS, ARCHS, INIT_SCHEMES, LRN_C
 from split_alexnet.network.parallelize import AMP_CHOICES
 from split_alexnet.tools.evaluate import main as evaluate_main
 from split_alexnet.training.checkpoint import load_checkpoint
-from split_alexnet.training.config import (TrainConfig, describe_preset, parse_config,
-                                           to_flags)
+from split_alexnet.training.config import (RECIPE_NAMES, TrainConfig, describe_preset,
+                                           parse_config, to_flags)
 from split_alexnet.training.distributed import BACKENDS
 from split_alexnet.training.optim import OPTIMIZERS, LRSchedule, PaperSGD
 from split_alexnet.training.trainer import main as train_main
@@ -329,7 +329,8 @@ def test_class_metadata_survives_into_the_checkpoint(tmp_path):
 
 CHOICE_FLAGS = {"--arch": ARCHS, "--init": INIT_SCHEMES, "--lrn": LRN_CHOICES,
                 "--activation": ACTIVATIONS, "--pool": POOLS, "--optimizer": OPTIMIZERS,
-                "--pca": PCA_MODES, "--backend": BACKENDS, "--amp": AMP_CHOICES}
+                "--pca": PCA_MODES, "--backend": BACKENDS, "--amp": AMP_CHOICES,
+                "--recipe": RECIPE_NAMES}
 
 
 def test_help_lists_the_choices_of_every_choice_flag_from_bytecode_alone(tmp_path):
@@ -349,7 +350,7 @@ def test_help_lists_the_choices_of_every_choice_flag_from_bytecode_alone(tmp_pat
     for flag, choices in CHOICE_FLAGS.items():
         assert f"{flag} {{{','.join(choices)}}}" in text, flag
         assert f"One of: {', '.join(choices)}." in text, flag
-    assert "--lr-schedule {plateau,step:N}" in text
+    assert "--lr-schedule {plateau,step:N,step-iters:N}" in text
 
 
 def test_validate_returns_a_resolved_copy_and_leaves_its_input_alone():
@@ -393,7 +394,9 @@ def test_every_flag_works_in_a_toml_file(tmp_path):
               "max_steps": 5, "resume": "auto", "checkpoint_minutes": 5.0, "keep_last": 1,
               "log_interval": 3, "watchdog_steps": 0, "ten_crop": False, "eval_every": 2,
               "strict": True, "channels_last": True, "amp": "bf16", "compile": True,
-              "cudnn_benchmark": True, "demo": True, "overwrite": True, "resume_lr": 0.005}
+              "cudnn_benchmark": True, "demo": True, "overwrite": True, "resume_lr": 0.005,
+              "recipe": "bvlc", "print_recipe": True, "bias_lr_mult": 2.5, "bias_decay": False,
+              "plateau_min_epochs": 2, "plateau_threshold": 0.01, "plan": True, "holdout": 1}
     # Every setting but --gpus (it excludes --devices) and --config itself.
     assert set(values) == set(TrainConfig().to_dict()) - {"gpus", "config"}
     (tmp_path / "all.toml").write_text(_toml(values))

@@ -4,6 +4,7 @@ of ``(seed, epoch, index)``, data-parallel sharding and mid-epoch resume. See do
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import struct
@@ -95,6 +96,20 @@ def check_dataset_root(root: Path) -> None:
 
 # ----------------------------------------------------------------------------- dataset
 
+def holdout_indices(targets: Sequence[int], per_class: int, seed: int) -> list[int]:
+    """``per_class`` sample indices of every class, drawn from ``seed`` alone (the same on
+    every rank and on resume), sorted: the held-out images of --holdout."""
+    by_class: dict[int, list[int]] = {}
+    for i, t in enumerate(targets):
+        by_class.setdefault(t, []).append(i)
+    held = []
+    for c in sorted(by_class):
+        g = torch.Generator().manual_seed(item_seed(seed, 0x401D, c))
+        order = torch.randperm(len(by_class[c]), generator=g)[:per_class].tolist()
+        held += [by_class[c][k] for k in order]
+    return sorted(held)
+
+
 def item_seed(*parts: int) -> int:
     """A 63-bit seed that is a pure function of the integers ``parts`` (blake2b)."""
     h = hashlib.blake2b(struct.pack(f"<{len(parts)}q", *parts), digest_size=8).digest()
@@ -137,6 +152,15 @@ class CropFolder(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def subset(self, indices: Sequence[int], *, mode: str | None = None) -> "CropFolder":
+        """A copy holding only the samples at ``indices`` (in that order), in ``mode`` (default:
+        this one's); its items are numbered from 0, so their draws are its own."""
+        out = copy.copy(self)
+        out.samples = [self.samples[i] for i in indices]
+        out.targets = [t for _, t in out.samples]
+        out.mode = mode or self.mode
+        return out
 
     def draw(self, epoch: int, i: int) -> tuple[int, int, bool, torch.Tensor]:
         """The train-mode (top, left, flip, alpha) of item ``i`` in ``epoch``."""

@@ -53,6 +53,12 @@ def _setting(default: Any, help: str, choices: Sequence[str] | None = None,
     return field(default=default, metadata={"help": help, "choices": choices, **bounds})
 
 
+#: The named recipes (:data:`RECIPES`), ``paper`` first: the default.
+RECIPE_NAMES = ("paper", "bvlc")
+#: The switches that are on by default: ``--no-NAME`` turns each off.
+NEGATABLE = ("ten_crop", "bias_decay")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Every setting of a training run. Build it with :func:`parse_config` (flags) or
@@ -86,7 +92,8 @@ class TrainConfig:
     lr_schedule: str = _setting("plateau", "'plateau': divide by 10 when val error stops "
                                            "improving (the paper); 'step:N': every N epochs.")
     plateau_patience: int = _setting(1, "Epochs without a new best val top-1 error before the "
-                                        "plateau schedule divides the rate.", min=0)
+                                        "plateau schedule divides the rate (epochs, also with "
+                                        "--eval-every N: each evaluation counts N).", min=0)
     lr_drops: int = _setting(3, "At most this many divisions by 10 (the paper: three).", min=0)
     pca: str = _setting("paper", "PCA colour noise: 'paper' (alpha_i * lambda_i, lambda of "
                                  "[0,1]-scaled RGB), 'paper-255' (lambda of 0-255 RGB, "
@@ -130,6 +137,34 @@ class TrainConfig:
                                     "eager under torchrun.")
     cudnn_benchmark: bool = _setting(False, "Fast path: let cuDNN time its algorithms per "
                                             "shape (CUDA; not bitwise reproducible).")
+    # recipes and bias handling (RECIPES; docs/training.md, "Choosing a recipe")
+    recipe: str = _setting("paper", "A named recipe, every setting with its source: 'paper' "
+                                    "(as printed, the defaults) or 'bvlc' (Caffe's "
+                                    "bvlc_alexnet); flags, TOML and --demo win over it.",
+                           RECIPE_NAMES)
+    print_recipe: bool = _setting(False, "Print the recipe's resolved settings with their "
+                                         "sources and exit, doing nothing else.")
+    bias_lr_mult: float = _setting(1.0, "The biases' learning rate is this times the weights' "
+                                        "(the paper: 1; Caffe and cuda-convnet: 2).", min=0,
+                                   max=FLOAT32_MAX)
+    bias_decay: bool = _setting(True, "Weight decay on the biases too (the paper); "
+                                      "--no-bias-decay: none (Caffe, cuda-convnet).")
+    # the plateau schedule's guards (docs/fidelity.md, "the plateau reading")
+    plateau_min_epochs: int = _setting(0, "The plateau schedule keeps each rate at least this "
+                                          "many epochs before it divides it (0: no minimum).",
+                                       min=0)
+    plateau_threshold: float = _setting(0.0, "The plateau schedule counts an error as an "
+                                             "improvement only below best * (1 - this) (0: any "
+                                             "decrease, the paper).", min=0, below=1)
+    # a plan instead of a run (training/plan.py)
+    plan: bool = _setting(False, "Print what the run will do (steps, schedule, checkpoints and "
+                                 "their disk, memory per device and projected time from a few "
+                                 "real steps) and exit, writing nothing into --out.")
+    # a hold-out set drives the schedule (docs/training.md, "Hold-out")
+    holdout: int = _setting(0, "Hold out this many training images per class (chosen from "
+                               "--seed); their centre-crop error drives the plateau schedule "
+                               "and best.pt, and val drives nothing (0: val drives them, the "
+                               "paper).", min=0)
     demo: bool = _setting(False, "Generate the demo dataset under OUT/demo_data and train on "
                                  "it with the demo preset.")
     config: str | None = _setting(None, "A TOML file with any of these settings (dashes or "
@@ -206,8 +241,8 @@ def to_flags(settings: dict[str, Any]) -> list[str]:
     tanh``; True switches become bare flags, ``ten_crop=False`` is ``--no-ten-crop``."""
     argv: list[str] = []
     for name, value in settings.items():
-        if name == "ten_crop":
-            argv.append("--ten-crop" if value else "--no-ten-crop")
+        if name in NEGATABLE:
+            argv.append(flag_name(name) if value else "--no-" + name.replace("_", "-"))
         elif isinstance(value, bool):
             argv += [flag_name(name)] if value else []
         elif name == "resume" and value == "auto":
@@ -294,6 +329,77 @@ DEMO_PRESET: dict[str, tuple[Any, str]] = {
 }
 
 
+# ------------------------------------------------------------------------ named recipes
+_TV = "BVLC/caffe models/bvlc_alexnet/train_val.prototxt"
+_SOLVER = "BVLC/caffe models/bvlc_alexnet/solver.prototxt"
+_README = "BVLC/caffe models/bvlc_alexnet/readme.md"
+
+#: Each recipe's settings, each with its source (a file by repository and path and the quoted
+#: line, or the paper's section). ``paper`` is the defaults, listed with their sources.
+RECIPES: dict[str, dict[str, tuple[Any, str]]] = {
+    "paper": {
+        "init": ("paper", "Krizhevsky et al. 2012, section 5: weights N(0, 0.01), biases 1 in "
+                          "conv2, conv4, conv5 and the fully connected layers, 0 elsewhere"),
+        "lrn": ("paper", "section 3.3: k = 2, n = 5, alpha = 1e-4, beta = 0.75, as printed"),
+        "bias_lr_mult": (1.0, "section 5: \"We used an equal learning rate for all layers\""),
+        "bias_decay": (True, "section 5: the update rule decays every weight w_i"),
+        "batch_size": (128, "section 5: \"a batch size of 128 examples\""),
+        "lr": (0.01, "section 5: \"The learning rate was initialized at 0.01\""),
+        "lr_schedule": ("plateau", "section 5: \"divide the learning rate by 10 when the "
+                                   "validation error rate stopped improving\""),
+        "lr_drops": (3, "section 5: \"reduced three times prior to termination\""),
+        "epochs": (90, "section 5: \"roughly 90 cycles through the training set\""),
+        "pca": ("paper", "section 4.1: PCA colour noise, alpha_i * lambda_i"),
+    },
+    "bvlc": {
+        "init": ("caffe", f"{_TV}: biases \"value: 0.1\" where the paper has 1, fc6/fc7 "
+                          f"\"std: 0.005\"; {_README}: \"initializing non-zero biases to 0.1 "
+                          "instead of 1 (found necessary for training, as initialization to 1 "
+                          "gave flat loss)\""),
+        "bias_lr_mult": (2.0, f"{_TV}: every bias \"lr_mult: 2\" (\"blobs_lr: 2\" at commit "
+                              "c2aaebd)"),
+        "bias_decay": (False, f"{_TV}: every bias \"decay_mult: 0\" (\"weight_decay: 0\" at "
+                              "commit c2aaebd)"),
+        "lrn": ("caffe", f"{_TV}: LRN \"local_size: 5 alpha: 0.0001 beta: 0.75\", Caffe's "
+                         "alpha/n with k = 1"),
+        "batch_size": (256, f"{_TV} at commit c2aaebd, the TRAIN data layer: \"batch_size: "
+                            "256\""),
+        "lr": (0.01, f"{_SOLVER}: \"base_lr: 0.01\""),
+        "momentum": (0.9, f"{_SOLVER}: \"momentum: 0.9\""),
+        "weight_decay": (5e-4, f"{_SOLVER}: \"weight_decay: 0.0005\""),
+        "lr_schedule": ("step-iters:100000", f"{_SOLVER}: \"lr_policy: \"step\"\", "
+                                             "\"gamma: 0.1\", \"stepsize: 100000\""),
+        "lr_drops": (4, f"{_SOLVER}: 450,000 iterations in steps of 100,000 divide the rate "
+                        "at 100k, 200k, 300k and 400k"),
+        "max_steps": (450_000, f"{_SOLVER}: \"max_iter: 450000\""),
+        "epochs": (90, f"an upper bound: {_SOLVER}'s \"max_iter\" (--max-steps) ends the run "
+                       "(on ILSVRC-2012, 1,281,167 images, 5,004 steps of 256 per epoch, "
+                       "450,000 steps are 89.9 epochs)"),
+        "pca": ("off", f"{_README}: \"not training with the relighting data-augmentation\"; "
+                       f"{_TV}: only \"mirror: true\", \"crop_size: 227\" and "
+                       "\"mean_file\" (random 227 crops, mirrors, the mean image: as here)"),
+    },
+}
+
+
+def recipe_settings(name: str) -> dict[str, Any]:
+    """The flat settings of recipe ``name`` (:data:`RECIPES`)."""
+    if name not in RECIPES:
+        raise UsageError(f"--recipe must be one of {', '.join(RECIPES)}; got {name!r}")
+    return {k: v for k, (v, _) in RECIPES[name].items()}
+
+
+def describe_recipe(name: str, cfg: "TrainConfig | None" = None) -> str:
+    """Recipe ``name``'s settings, one line each with its source; with ``cfg``, a setting that
+    something later (--demo, TOML, a flag) changed shows the value the run uses."""
+    now = cfg.to_dict() if cfg is not None else {}
+    lines = []
+    for k, (v, why) in RECIPES[name].items():
+        used = f" (this run: {_format(now[k])})" if k in now and now[k] != v else ""
+        lines.append(f"  {' '.join(to_flags({k: v}))}{used}: {why}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=f"python -m {PROG}",
@@ -309,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
             if f.name == "ten_crop":
                 p.add_argument("--no-ten-crop", dest="ten_crop", action="store_false",
                                help="skip the final ten-crop evaluation")
+            elif f.name in NEGATABLE:
+                p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name,
+                               action="store_false", help=f"the opposite of {flag_name(f.name)}")
         elif f.name == "resume":
             p.add_argument("--resume", nargs="?", const="auto", metavar="PATH", help=help_)
         elif _kind(f) in (int, float):
@@ -346,8 +455,9 @@ def load_toml(path: str) -> dict[str, Any]:
 
 def parse_config(argv: Sequence[str] | None = None, *,
                  base: dict[str, Any] | None = None) -> TrainConfig:
-    """defaults <- demo preset <- ``base`` (flat settings of a calling tool) <- TOML file <-
-    command line, validated. The preset applies when ``demo`` is set anywhere."""
+    """defaults <- recipe <- demo preset <- ``base`` (flat settings of a calling tool) <-
+    TOML file <- command line, validated. The recipe is the one named last in that order; the
+    preset applies when ``demo`` is set anywhere."""
     parser = build_parser()
     try:
         ns = vars(parser.parse_args(argv))
@@ -357,7 +467,8 @@ def parse_config(argv: Sequence[str] | None = None, *,
         raise
     base = dict(base or {})
     from_file = load_toml(ns["config"]) if ns.get("config") else {}
-    values: dict[str, Any] = {}
+    recipe = ns.get("recipe", from_file.get("recipe", base.get("recipe", "paper")))
+    values: dict[str, Any] = recipe_settings(_check_settings({"recipe": recipe})["recipe"])
     if ns.get("demo", from_file.get("demo", base.get("demo", False))):
         values.update({k: v for k, (v, _) in DEMO_PRESET.items()})
     values.update(base)

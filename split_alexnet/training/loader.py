@@ -64,10 +64,11 @@ def train_loader(t: Trainer) -> DataLoader:
     return _loader(t, ReadingLog(t.train_set, t.cfg.workers), t.batch, sampler)
 
 
-def val_loader(t: Trainer, ten_crop: bool) -> DataLoader:
+def val_loader(t: Trainer, ten_crop: bool, dataset: CropFolder | None = None) -> DataLoader:
     """This rank's share of the validation set (every image once over all ranks): centre
-    crops, or the paper's ten crops (a tenth of the batch size)."""
-    ds = t.val_set if not ten_crop else CropFolder(
+    crops, or the paper's ten crops (a tenth of the batch size); or of ``dataset`` (the
+    --holdout images), centre crops."""
+    ds = dataset if dataset is not None else t.val_set if not ten_crop else CropFolder(
         t.root / "val", t.classes, mode="tencrop", seed=t.cfg.seed, strict=t.cfg.strict)
     sampler = EpochSampler(len(ds), shuffle=False, rank=t.ctx.rank,
                            world_size=t.ctx.world_size, drop_last=False)

@@ -17,6 +17,7 @@ from split_alexnet.data.augment import finish_batch
 from split_alexnet.network.parallelize import autocast_context, to_input_format
 from split_alexnet.training.checkpoint import last_checkpoint_name, save
 from split_alexnet.training.config import PROG
+from split_alexnet.training.optim import set_lr
 from split_alexnet.training.state import Trainer
 from split_alexnet.utils.cli import Abort
 from split_alexnet.utils.progress import Progress
@@ -105,6 +106,17 @@ def check_finite_step(t: Trainer, loss: torch.Tensor) -> float:
     return loss_value
 
 
+def log_lr_drop(t: Trainer, old: float, reason: str) -> None:
+    """A division of the learning rate: an "lr_drop" record (step, epoch, old, new, reason)
+    and a log line with the reason."""
+    rec = {"kind": "lr_drop", "step": t.pos.step, "epoch": t.pos.epoch + 1, "old": old,
+           "new": t.schedule.lr, "reason": reason}
+    t.metrics.log(rec)
+    if t.is_main:
+        print(f"{PROG}: learning rate {old:g} -> {t.schedule.lr:g} at step {t.pos.step} "
+              f"(epoch {t.pos.epoch + 1}): {reason}", file=sys.stderr)
+
+
 class _Window:
     """Sums over the steps since the last "train" record."""
 
@@ -138,6 +150,10 @@ def train_one_epoch(t: Trainer, loader, stop) -> str:
             logits = t.model(x)                                              # (B, classes)
             loss = F.cross_entropy(logits, y)
         t.optimizer.zero_grad(set_to_none=True)
+        old_lr = t.schedule.lr
+        if t.schedule.at_step(pos.step):  # step-iters:N only (Caffe's step policy)
+            set_lr(t.optimizer, t.schedule.lr)
+            log_lr_drop(t, old_lr, t.schedule.reason)
         t.scaler.scale(loss).backward()
         t.scaler.step(t.optimizer)  # plain optimizer.step() unless fp16 on CUDA
         t.scaler.update()

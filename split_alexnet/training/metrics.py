@@ -168,8 +168,9 @@ class Watchdog:
         if step == w and self.enabled and mean > 0.98 * chance:
             print(f"{PROG}: warning: after {step} steps the training loss is still at chance "
                   f"(ln {self.num_classes} = {chance:.3f}): mean of the last {len(self.recent)} "
-                  f"steps {mean:.3f}; this run is not learning. Check --init (the paper's "
-                  "biases of 1 stall small runs), the input scale and --lr; see "
-                  "docs/experiments.md (init, input scale)", file=sys.stderr)
+                  f"steps {mean:.3f}; this run is not learning. Try --recipe bvlc (Caffe's "
+                  "bvlc_alexnet: biases 0.1, the recipe with a published result) or check "
+                  "--init (the paper's biases of 1 stall small runs), the input scale and "
+                  "--lr; see docs/experiments.md (init, input scale)", file=sys.stderr)
             self.log({"kind": "watchdog", "step": step, "loss": mean, "chance_loss": chance,
                       "window": len(self.recent)})

@@ -39,13 +39,21 @@ DERIVED_FILES = ("curves.png",)
 #: The settings that define a run: a resume must give the checkpoint's values.
 RUN_SETTINGS = (*MODEL_FLAGS, "optimizer", "lr", "momentum", "weight_decay", "batch_size",
                 "per_process_batch", "lr_schedule", "plateau_patience", "lr_drops", "pca",
-                "seed")
+                "seed",
+                # recipes and bias handling
+                "recipe", "bias_lr_mult", "bias_decay",
+                # the plateau schedule's guards
+                "plateau_min_epochs", "plateau_threshold",
+                # the hold-out split
+                "holdout")
 #: The settings a resume may change (docs/training.md, "Resume: the same run").
 MAY_CHANGE = ("data", "out", "gpus", "devices", "single_device", "backend", "epochs",
               "max_steps", "workers", "resume", "overwrite", "resume_lr",
               "checkpoint_minutes", "keep_last", "log_interval", "watchdog_steps", "ten_crop",
               "eval_every", "strict", "channels_last", "amp", "compile", "cudnn_benchmark",
-              "demo", "config")
+              "demo", "config",
+              # never starts a run: it prints the recipe and exits
+              "print_recipe", "plan")
 
 _HELD: set[int] = set()  # descriptors of the run locks this process holds
 

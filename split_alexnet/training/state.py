@@ -106,6 +106,7 @@ class Trainer:
     pos: Position = field(default_factory=Position)
     stop: StopRequested = field(default_factory=StopRequested)  # entered by trainer.train
     lock: RunLock | None = None     # OUT/train.lock, held on rank 0 for the whole run
+    holdout_set: CropFolder | None = None  # --holdout: training images held out, centre crops
 
     @property
     def device(self) -> torch.device:

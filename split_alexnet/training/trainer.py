@@ -29,18 +29,21 @@ from typing import Sequence
 import torch
 
 import split_alexnet.training.distributed as dist_util
-from split_alexnet.data.dataset import CropFolder, check_dataset_root
+from split_alexnet.data.dataset import (CropFolder, check_dataset_root, find_classes,
+                                        holdout_indices, list_samples)
 from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.data.imagenet import read_class_metadata
 from split_alexnet.data.stats import load_stats
 from split_alexnet.network.parallelize import grad_scaler, parallelize
 from split_alexnet.network.placement import build_model
 from split_alexnet.training.checkpoint import last_checkpoint_name, resume, save
-from split_alexnet.training.config import PROG, TrainConfig, describe_preset, parse_config
+from split_alexnet.training.config import (PROG, TrainConfig, describe_preset, describe_recipe,
+                                           parse_config)
 from split_alexnet.training.loader import train_loader, val_loader, worker_error
-from split_alexnet.training.loop import evaluate, train_one_epoch
+from split_alexnet.training.loop import evaluate, log_lr_drop, train_one_epoch
 from split_alexnet.training.metrics import MetricsLog, Watchdog, write_curves
 from split_alexnet.training.optim import LRSchedule, build_optimizer, set_lr
+from split_alexnet.training.plan import plan
 from split_alexnet.training.runfolder import (RunLock, check_run_flags, claim,
                                               delete_previous_run, temp_suffix)
 from split_alexnet.training.state import Position, Trainer
@@ -64,6 +67,10 @@ def setup(cfg: TrainConfig) -> Trainer:
     data and its statistics, the model (seeded, built, placed, parallelized), the optimizer
     after it, and the resumed state. On an error the lock is released."""
     check_run_flags(cfg)
+    if cfg.holdout and cfg.data and (Path(cfg.data) / "train").is_dir():  # before any work
+        classes = find_classes(Path(cfg.data) / "train")
+        check_holdout(cfg.holdout, [t for _, t in list_samples(Path(cfg.data) / "train",
+                                                               classes)], classes)
     ctx, devices = dist_util.setup(cfg)
     lock = None
     if ctx.rank == 0:
@@ -82,6 +89,9 @@ def build_trainer(cfg: TrainConfig, ctx: dist_util.Context, devices, lock: RunLo
     """:func:`setup` after the run folder: data, model, optimizer, resumed state."""
     is_main = ctx.rank == 0
     out = Path(cfg.out)
+    if cfg.recipe != "paper" and is_main:
+        print(f"recipe {cfg.recipe} (flags, TOML and --demo win):\n"
+              + describe_recipe(cfg.recipe, cfg), file=sys.stderr)
     if cfg.demo:
         if is_main:
             print("demo preset (flags given on the command line win):\n" + describe_preset(),
@@ -101,6 +111,7 @@ def build_trainer(cfg: TrainConfig, ctx: dist_util.Context, devices, lock: RunLo
     classes = list(stats.classes)
     train_set = CropFolder(root / "train", classes, mode="train", seed=cfg.seed, pca=cfg.pca,
                            strict=cfg.strict)
+    train_set, holdout_set = split_holdout(train_set, cfg, is_main)
     batch = dist_util.local_batch_size(cfg, ctx)
     steps_per_epoch = len(train_set) // (batch * ctx.world_size)
     if steps_per_epoch < 1:
@@ -127,13 +138,15 @@ def build_trainer(cfg: TrainConfig, ctx: dist_util.Context, devices, lock: RunLo
                            strict=cfg.strict),
         batch=batch, steps_per_epoch=steps_per_epoch, model_cfg=model_cfg, net=net, model=model,
         optimizer=build_optimizer(net, kind=cfg.optimizer, lr=cfg.lr,
-                                  momentum=cfg.momentum, weight_decay=cfg.weight_decay),
+                                  momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                  bias_lr_mult=cfg.bias_lr_mult, bias_decay=cfg.bias_decay),
         scaler=grad_scaler(devices[0], cfg.amp),
         schedule=LRSchedule(cfg.lr_schedule, cfg.lr, patience=cfg.plateau_patience,
-                            max_drops=cfg.lr_drops),
+                            max_drops=cfg.lr_drops, min_epochs=cfg.plateau_min_epochs,
+                            threshold=cfg.plateau_threshold),
         metrics=metrics,
         watchdog=Watchdog(cfg.watchdog_steps, len(classes), metrics.log, enabled=is_main),
-        pos=Position(last_save=time.monotonic()), lock=lock)
+        pos=Position(last_save=time.monotonic()), lock=lock, holdout_set=holdout_set)
     if cfg.resume:
         resume(t, cfg.resume)
     elif is_main:
@@ -146,6 +159,35 @@ def build_trainer(cfg: TrainConfig, ctx: dist_util.Context, devices, lock: RunLo
         except OSError as e:
             raise Abort(f"could not write {out / 'config.json'}: {e.strerror or e}") from None
     return t
+
+
+def check_holdout(per_class: int, targets: list[int], classes: list[str]) -> None:
+    """--holdout N must leave every class at least one training image: else a
+    :class:`UsageError` naming the smallest class."""
+    counts = [0] * len(classes)
+    for label in targets:
+        counts[label] += 1
+    small = min(range(len(counts)), key=counts.__getitem__)
+    if per_class >= counts[small]:
+        raise UsageError(f"--holdout {per_class}: the smallest class, {classes[small]!r}, has "
+                         f"{counts[small]} training images; hold out fewer")
+
+
+def split_holdout(train_set: CropFolder, cfg: TrainConfig, is_main: bool) \
+        -> tuple[CropFolder, CropFolder | None]:
+    """--holdout N: (the training set without N images of each class, those images as
+    centre crops); without it (the training set, None). N at least the smallest class's
+    count is a :class:`UsageError`."""
+    if not cfg.holdout:
+        return train_set, None
+    check_holdout(cfg.holdout, train_set.targets, train_set.classes)
+    held = set(holdout_indices(train_set.targets, cfg.holdout, cfg.seed))
+    keep = [i for i in range(len(train_set)) if i not in held]
+    if is_main:
+        print(f"--holdout {cfg.holdout}: {len(held)} of {len(train_set)} training images held "
+              f"out ({cfg.holdout} per class); training on {len(keep)}; the hold-out drives "
+              "the schedule and best.pt", file=sys.stderr)
+    return train_set.subset(keep), train_set.subset(sorted(held), mode="center")
 
 
 def end_of_epoch(t: Trainer, why: str) -> dict:
@@ -170,9 +212,26 @@ def end_of_epoch(t: Trainer, why: str) -> dict:
             print(f"epoch {epoch}: val top-1 {val['top1_err']:.4f} top-5 "
                   f"{val['top5_err']:.4f} loss {val['loss']:.4f} (lr {t.schedule.lr:g})",
                   file=sys.stderr)
-        best = val["top1_err"] < pos.best_top1
-        pos.best_top1 = min(pos.best_top1, val["top1_err"])
-        set_lr(t.optimizer, t.schedule.step(val["top1_err"]))
+        drive = val
+        if t.holdout_set is not None:  # the hold-out drives the schedule and best.pt
+            drive = evaluate(t.eval_model, val_loader(t, False, t.holdout_set), t.stats,
+                             t.device, progress=t.is_main, stop=t.stop)
+            if dist_util.any_rank_flags([bool(drive.pop("stopped", False))], t.ctx)[0]:
+                return {"stopped": "signal"}
+            t.metrics.log({"kind": "holdout", "epoch": epoch, "step": pos.step, **drive,
+                           "lr": t.schedule.lr})
+            result["holdout"] = drive
+            if t.is_main:
+                print(f"epoch {epoch}: hold-out top-1 {drive['top1_err']:.4f} top-5 "
+                      f"{drive['top5_err']:.4f} loss {drive['loss']:.4f}", file=sys.stderr)
+        best = drive["top1_err"] < pos.best_top1
+        pos.best_top1 = min(pos.best_top1, drive["top1_err"])
+        old_lr = t.schedule.lr
+        set_lr(t.optimizer, t.schedule.step(drive["top1_err"],
+                                            epochs=epoch - t.schedule.epochs))
+        if t.schedule.lr != old_lr:
+            on = "hold-out" if t.holdout_set is not None else "val"
+            log_lr_drop(t, old_lr, f"{t.schedule.reason} (on the {on} set)")
     pos.epoch, pos.epoch_step = epoch, 0
     save(t, epoch_end=True, best=best)
     if t.is_main:
@@ -257,6 +316,12 @@ def train(cfg: TrainConfig) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_config(argv)
+    if cfg.print_recipe:
+        print(f"recipe {cfg.recipe}:\n{describe_recipe(cfg.recipe, cfg)}")
+        return 0
+    if cfg.plan:
+        print(plan(cfg.validate(), setup))
+        return 0
     result = train(cfg)
     if dist_util.env_context().rank == 0:
         print(json.dumps(result), file=sys.stdout)
