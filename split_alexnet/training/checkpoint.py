@@ -39,7 +39,7 @@ import split_alexnet.training.distributed as dist_util
 from split_alexnet import __version__
 from split_alexnet.data.stats import Stats
 from split_alexnet.network.model import ModelConfig, layout_state_dict
-from split_alexnet.training.config import PROG
+from split_alexnet.training.config import FINE_TUNING_FLAGS, PROG, TrainConfig, flag_name
 from split_alexnet.training.optim import (load_named_optimizer_state, named_optimizer_state,
                                           set_lr)
 from split_alexnet.training.state import Trainer
@@ -249,6 +249,7 @@ def resume(t: Trainer, spec: str) -> None:
     for path in candidates:
         try:
             ckpt = load_checkpoint(path)
+            check_resumable(ckpt, t.cfg, path)
             check_compatible(ckpt, arch=t.model_cfg.arch, num_classes=len(t.classes), path=path)
         except CheckpointError as e:
             errors.append(str(e))
@@ -261,6 +262,26 @@ def resume(t: Trainer, spec: str) -> None:
         raise UsageError(f"--resume: no checkpoint in {t.out} (looked for last.pt and "
                          "epoch_*.pt)")
     raise UsageError(errors[-1] if errors else f"--resume: nothing usable at {spec}")
+
+
+def check_resumable(ckpt: dict, cfg: TrainConfig, path: Path) -> None:
+    """A checkpoint that --resume can continue: one with training state (not converted
+    weights), written with this run's fine-tuning settings. Else one :class:`UsageError`."""
+    if "optimizer" not in ckpt or "progress" not in ckpt:
+        what = "converted weights" if "source" in ckpt else "weights"
+        raise UsageError(f"--resume: {path} holds {what} without training state (no "
+                         f"optimizer, schedule or position); start a run from them with "
+                         f"--init-from {path}")
+    saved, default = ckpt.get("config", {}), TrainConfig().to_dict()
+    for name in FINE_TUNING_FLAGS:
+        was, now = saved.get(name, default[name]), getattr(cfg, name)
+        # --init-from is not read again: only whether the run had one must agree
+        same = (was is None) == (now is None) if name == "init_from" else was == now
+        if not same:
+            raise UsageError(f"--resume: {path} was written with {flag_name(name)} "
+                             f"{'unset' if was is None else was}, this run has "
+                             f"{'it unset' if now is None else now}: give the run's "
+                             "fine-tuning flags again")
 
 
 def restore(t: Trainer, ckpt: dict, path: Path) -> None:

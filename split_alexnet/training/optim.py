@@ -53,9 +53,13 @@ class PaperSGD(torch.optim.Optimizer):
 
 
 def build_optimizer(model: nn.Module, *, kind: str = "paper", lr: float = 0.01,
-                    momentum: float = 0.9, weight_decay: float = 5e-4) -> torch.optim.Optimizer:
-    """One learning rate for all parameters, as in the paper. Build it after placement."""
-    params = [p for p in model.parameters() if p.requires_grad]
+                    momentum: float = 0.9, weight_decay: float = 5e-4,
+                    groups: list[dict] | None = None) -> torch.optim.Optimizer:
+    """One learning rate for all parameters, as in the paper. Build it after placement.
+    Frozen parameters (``requires_grad`` False) are left out. ``groups``: parameter groups
+    instead (fine-tuning: one per layer, each with an ``lr_mult`` for :func:`set_lr`)."""
+    params = groups if groups is not None else [p for p in model.parameters()
+                                                if p.requires_grad]
     if kind == "paper":
         return PaperSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if kind == "torch":
@@ -122,8 +126,9 @@ def parse_schedule(spec: str) -> int | None:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """``lr`` for every group, times the group's ``lr_mult`` where it has one."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_mult", 1.0)
 
 
 def named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -144,9 +149,10 @@ def named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) ->
 
 def load_named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
                                state: dict) -> None:
-    """Inverse of :func:`named_optimizer_state`, into either layout."""
+    """Inverse of :func:`named_optimizer_state`, into either layout (frozen parameters hold
+    no state)."""
     model = unwrap(model)
-    params = dict(model.named_parameters())
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     for key, named in state["buffers"].items():
         named = dict(named)
         if isinstance(model, SplitAlexNet):

@@ -36,6 +36,8 @@ from split_alexnet.network.parallelize import grad_scaler, parallelize
 from split_alexnet.network.placement import build_model
 from split_alexnet.training.checkpoint import last_checkpoint_name, resume, save
 from split_alexnet.training.config import PROG, TrainConfig, describe_preset, parse_config
+from split_alexnet.training.finetune import prepare as prepare_fine_tuning
+from split_alexnet.training.finetune import read_source
 from split_alexnet.training.loader import train_loader, val_loader, worker_error
 from split_alexnet.training.loop import evaluate, train_one_epoch
 from split_alexnet.training.metrics import MetricsLog, Watchdog, write_curves
@@ -105,6 +107,7 @@ def setup(cfg: TrainConfig) -> Trainer:
         raise UsageError("--data DIR is required (a folder with train/ and val/), or --demo")
     root = Path(cfg.data)
     check_dataset_root(root)
+    source = read_source(cfg)  # the --init-from checkpoint of a fresh run, checked up front
     stats = load_stats(root, progress=is_main, workers=cfg.workers) if is_main else None
     dist_util.barrier()
     if stats is None:
@@ -123,6 +126,7 @@ def setup(cfg: TrainConfig) -> Trainer:
     model_cfg = replace(cfg.model, num_classes=len(classes))
     torch.manual_seed(cfg.seed)
     net = build_model(model_cfg, cfg.layout, devices)
+    tuning = prepare_fine_tuning(net, cfg, model_cfg, source, classes, is_main=is_main)
     # The dropout stream, independent of the layout; each rank draws its own masks.
     torch.manual_seed(cfg.seed + 1 + 1_000_003 * ctx.rank)
     model = parallelize(net, devices, channels_last=cfg.channels_last,
@@ -138,7 +142,8 @@ def setup(cfg: TrainConfig) -> Trainer:
                            strict=cfg.strict),
         batch=batch, steps_per_epoch=steps_per_epoch, model_cfg=model_cfg, net=net, model=model,
         optimizer=build_optimizer(net, kind=cfg.optimizer, lr=cfg.lr,
-                                  momentum=cfg.momentum, weight_decay=cfg.weight_decay),
+                                  momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                  groups=tuning.param_groups),
         scaler=grad_scaler(devices[0], cfg.amp),
         schedule=LRSchedule(cfg.lr_schedule, cfg.lr, patience=cfg.plateau_patience,
                             max_drops=cfg.lr_drops),
@@ -150,6 +155,8 @@ def setup(cfg: TrainConfig) -> Trainer:
     elif is_main:
         text = json.dumps(cfg.to_dict(), indent=2) + "\n"
         atomic_write(out / "config.json", lambda f: f.write(text.encode()), private=False)
+        if tuning.record:
+            metrics.log(tuning.record)
     return t
 
 
