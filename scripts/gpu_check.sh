@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check for a lent H100/H200 (torch preinstalled there, nothing else). A few minutes:
+# GPU check for one CUDA machine (an H100/H200 with torch preinstalled, nothing else). A few minutes:
 #   1. pip install -e . --no-deps --no-build-isolation   (offline there: the machine's own
 #                                         setuptools; later steps import this checkout through
 #                                         PYTHONPATH even if the install fails)

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import paper_images as images
 from split_alexnet.tools.bench.main import main as bench_main
 from split_alexnet.network.parallelize import (amp_dtype, autocast_context, grad_scaler,
                                                parallelize, to_input_format, unwrap)
@@ -23,12 +24,8 @@ from split_alexnet.network.model import AlexNet, HalfAlexNet, SplitAlexNet
 SLOW = pytest.mark.skipif(os.environ.get("SPLIT_ALEXNET_SLOW_TESTS") != "1",
                           reason="torch.compile of AlexNet takes ~1 min on 2 CPU cores; "
                                  "set SPLIT_ALEXNET_SLOW_TESTS=1 to run")
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def images(n: int, size: int = 227, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, size, size, generator=g) * 60
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -226,7 +223,6 @@ def test_compile_matches_eager_on_cpu(net):
 
 # ----------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
-@gpu
 def test_gpu_bench_and_fast_paths(tmp_path):
     out = tmp_path / "rows.json"
     assert bench_main(["model", "--quick", "--devices", "cuda:0,cuda:0", "--batch-size", "4",
@@ -238,7 +234,6 @@ def test_gpu_bench_and_fast_paths(tmp_path):
 
 
 @pytest.mark.gpu
-@gpu
 def test_gpu_fp16_grad_scaler_step():
     from split_alexnet.training.optim import build_optimizer
     torch.manual_seed(0)
@@ -256,7 +251,6 @@ def test_gpu_fp16_grad_scaler_step():
 
 
 @pytest.mark.gpu
-@gpu
 def test_gpu_channels_last_and_bf16_close():
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False

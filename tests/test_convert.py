@@ -470,8 +470,8 @@ def test_weights_that_do_not_fit_the_network_are_one_line(caffe_files, wnid_val,
         out, err = capsys.readouterr()
         lines = err.strip().splitlines()
         assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
-        assert "its network cannot be built from its model configuration (alexnet, 1000 " \
-               "classes)" in lines[0] and "fc8.bias" in lines[0], lines[0]
+        assert "bad.pt: model conv1.bias is nothing, but arch=alexnet with 1000 classes " \
+               "needs shape (96,)" in lines[0], lines[0]
 
 
 def test_bad_mean_missing_file_and_existing_output(caffe_files, tmp_path, capsys):

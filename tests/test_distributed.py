@@ -184,7 +184,8 @@ def test_only_rank_0_writes(dist_runs):
     kinds = [r["kind"] for r in records(out)]
     assert kinds == ["train", "train", "val"]  # one line per event, not one per rank
     assert sorted(p.name for p in out.iterdir()) == \
-        ["best.pt", "config.json", "curves.png", "epoch_001.pt", "last.pt", "metrics.jsonl"]
+        ["best.pt", "config.json", "curves.png", "epoch_001.pt", "last.pt", "metrics.jsonl",
+         "train.lock"]
 
 
 def test_evaluation_counts_every_image_once(dist_runs):

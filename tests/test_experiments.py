@@ -25,20 +25,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import paper_images as images
 from split_alexnet import (AlexNet, HalfAlexNet, ModelConfig, SplitAlexNet, build_model,
                            count_parameters)
 from split_alexnet.utils.cli import run
 from split_alexnet.training.config import parse_config
 from split_alexnet.tools.experiments import (EXPERIMENTS, chance_threshold, first_crossing,
                                        main as experiments_main, smooth)
-from split_alexnet.network.model import INPUT_SIZE, init_values
+from split_alexnet.network.model import init_values
 from split_alexnet.training.metrics import Watchdog
 from split_alexnet.training.trainer import main as train_main
 
 
-def images(n: int = 2, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, INPUT_SIZE, INPUT_SIZE, generator=g) * 60  # the paper's scale
 
 
 # ----------------------------------------------------------------------------- switches
@@ -155,6 +153,17 @@ def test_lrn_off_is_identity_and_the_readings_differ():
     paper = AlexNet(10, lrn="paper", init=None).lrn(x)
     over_n = AlexNet(10, lrn="alpha-over-n", init=None).lrn(x)
     assert not torch.allclose(paper, over_n) and not torch.allclose(paper, x)
+
+
+def test_lrn_caffe_is_alpha_over_n_with_k_1_per_tower():
+    """b = a / (1 + (1e-4 / 5) * sum of squares over 5 channels) ** 0.75, each half alone."""
+    x = (torch.randn(2, 96, 5, 5) * 80).double()
+    got = AlexNet(10, lrn="caffe", init=None).lrn(x)
+    want = []
+    for half in x.split(48, dim=1):
+        sq = F.pad(half.pow(2), (0, 0, 0, 0, 2, 2)).unfold(1, 5, 1).sum(-1)  # (B, 48, 5, 5)
+        want.append(half / (1 + 1e-4 / 5 * sq).pow(0.75))
+    torch.testing.assert_close(got, torch.cat(want, dim=1), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("scheme", ["paper", "cuda-convnet2", "caffe"])
@@ -280,6 +289,23 @@ def test_init_end_to_end_mid_epoch(tiny_root, tmp_path):
     assert "--dropout 0" in " ".join(res["settings"]["common_flags"])
 
 
+def test_a_run_whose_update_makes_the_weights_non_finite_is_a_diverged_variant(tiny_root,
+                                                                            tmp_path):
+    """--lr 1e38: the first loss is finite, the update overflows the weights. That run is a
+    result ("diverged"), not the end of the experiment."""
+    out = tmp_path / "init"
+    rc = run(experiments_main, "experiments",
+             ["init", "--data", str(tiny_root), "--out", str(out), "--budget-steps", "2",
+              "--batch-size", "8", "--workers", "0", "--variants", "caffe", "--", "--lr", "1e38"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    (r,) = res["runs"]["caffe"]
+    assert r["diverged"].startswith("the weights became non-finite (their sum is nan) in the "
+                                    "update at step 1"), r["diverged"]
+    assert r["final_val"]["top1_err"] is None and res["summary"]["caffe"]["diverged"] == 1
+    assert "diverged (loss or weights NaN/inf) by step" in (out / "results.md").read_text()
+
+
 def test_bad_experiment_input_is_one_line(tmp_path, capsys):
     assert run(experiments_main, "experiments",
                ["lrn", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
@@ -398,7 +424,7 @@ def test_table_cells_and_the_relu_tanh_ratio():
     assert _target_cell({**base, "target_reached": 1, "diverged": 1}, "") == \
         "100 steps (50 s); reached by 1/2 seeds; 1/2 seeds diverged"
     assert _target_cell({**base, "target_reached": 0, "diverged": 2, "budget_steps": 14}, "") \
-        == "diverged (loss NaN/inf) by step 15"
+        == "diverged (loss or weights NaN/inf) by step 15"
     (line,) = comparisons(EXPERIMENTS["lrn"], {"lrn-paper": base,
                                                "lrn-off": {**base, "top1_err_mean": 0.314,
                                                            "top5_err_mean": 0.112}})

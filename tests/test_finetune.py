@@ -278,7 +278,9 @@ BAD = {  # flags -> a piece of the one error line
     "unknown reinit layer": (["--init-from", "{ckpt}", "--reinit", "fc8,pool5"],
                              "--reinit takes layer names from conv1"),
     "negative multiplier": (["--init-from", "{ckpt}", "--lr-mult-new", "-1"],
-                            "--lr-mult-new must be >= 0, got -1.0"),
+                            "--lr-mult-new must be at least 0"),
+    "NaN multiplier": (["--init-from", "{ckpt}", "--lr-mult-new", "nan"],
+                       "--lr-mult-new must be a finite number, got nan"),
     "reinit without source": (["--reinit", "fc8"], "--reinit need(s) --init-from CKPT"),
     "preset without source": (["--finetune"], "--finetune need(s) --init-from CKPT"),
     "frozen and new": (["--init-from", "{ckpt}", "--reinit", "conv2", "--freeze-through",
@@ -307,10 +309,10 @@ def test_resume_refuses_converted_weights_and_changed_fine_tuning_flags(converte
     capsys.readouterr()
     line = one_line(capsys, train(src.data, out, "--devices", "cpu,cpu", "--resume",
                                   "--init-from", src.ckpt))
-    assert "was written with --freeze-through conv1, this run has it unset" in line
+    assert "holds another run: --freeze-through None (the run: conv1)" in line
     line = one_line(capsys, train(src.data, out, "--devices", "cpu,cpu", "--resume",
                                   "--freeze-through", "conv1"))
-    assert f"was written with --init-from {src.ckpt}, this run has it unset" in line
+    assert f"holds another run: --init-from None (the run: {src.ckpt})" in line
 
 
 # ----------------------------------------------------------------------------- DDP
@@ -335,6 +337,7 @@ DRIVER = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_frozen_layers_under_ddp(src, tmp_path):
     """Two ranks (gloo, towers on cpu,cpu) fine-tune with conv1-conv5 frozen: DDP needs no
     find_unused_parameters for them, the ranks end identical, the frozen layers unchanged."""

@@ -365,3 +365,130 @@ def test_read_class_metadata_checks_folders(demo_root, tmp_path):
     inet.write_class_metadata(root, WNIDS[:2], NAMES)
     with pytest.raises(UsageError, match="does not match"):
         inet.read_class_metadata(root)
+
+
+# ----------------------------------------------------------------------------- hostile archives
+
+def _member(name: str, kind: str = "file", data: bytes = b"payload\n",
+            link: str = "") -> tuple[tarfile.TarInfo, bytes | None]:
+    ti = tarfile.TarInfo(name)
+    ti.type = {"file": tarfile.REGTYPE, "symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE,
+               "chardev": tarfile.CHRTYPE, "fifo": tarfile.FIFOTYPE}[kind]
+    if kind == "file":
+        ti.size = len(data)
+        return ti, data
+    ti.linkname = link
+    ti.devmajor, ti.devminor = (1, 5) if kind == "chardev" else (0, 0)
+    return ti, None
+
+
+def _write_tar(path: Path, members, mode: str = "w") -> None:
+    with tarfile.open(path, mode) as t:
+        for ti, data in members:
+            t.addfile(ti, io.BytesIO(data) if data is not None else None)
+
+
+def _regular_members(path: Path) -> list:
+    with tarfile.open(path) as t:
+        return [(m, t.extractfile(m).read()) for m in t.getmembers()]
+
+
+def _snapshot(root: Path, skip: Path) -> set[str]:
+    """Every path under ``root`` (links not followed), except those under ``skip``."""
+    out = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if Path(dirpath, d) != skip]
+        out.update(os.path.join(dirpath, n) for n in dirnames + filenames)
+    return out
+
+
+def _hostile_cases(tmp_path: Path) -> dict[str, tuple]:
+    """name -> (member name, kind, link target): what no ImageNet archive holds."""
+    return {"dotdot": ("../../escaped.txt", "file", ""),
+            "absolute": (str(tmp_path / "outside" / "abs.txt"), "file", ""),
+            "symlink": ("ILSVRC2012_devkit_t12/data/link", "symlink", "/etc/passwd"),
+            "hardlink": ("ILSVRC2012_devkit_t12/data/hard", "hardlink",
+                         "ILSVRC2012_devkit_t12/data/meta.mat"),
+            "chardev": ("ILSVRC2012_devkit_t12/data/dev", "chardev", ""),
+            "fifo": ("ILSVRC2012_devkit_t12/data/fifo", "fifo", "")}
+
+
+def _check_refused(src: Path, dst: Path, name: str, archive: str, tmp_path: Path) -> None:
+    before = _snapshot(tmp_path, dst)
+    with pytest.raises(UsageError) as e:
+        prepare(src, dst, workers=0, progress=False, stats=False)
+    msg = str(e.value)
+    assert msg.startswith(f"unsafe member {name!r} in ") and archive in msg and "\n" not in msg
+    assert _snapshot(tmp_path, dst) == before  # nothing written outside DST
+    assert not (tmp_path / "outside").exists() and not (tmp_path / "escaped.txt").exists()
+
+
+@needs_scipy
+@pytest.mark.parametrize("case", ["dotdot", "absolute", "symlink", "hardlink", "chardev", "fifo"])
+def test_hostile_devkit_member_is_refused_and_nothing_escapes(images, tmp_path, case):
+    src = make_archives(tmp_path / "src", images)
+    name, kind, link = _hostile_cases(tmp_path)[case]
+    members = _regular_members(src / inet.DEVKIT)
+    _write_tar(src / inet.DEVKIT, [_member(name, kind, link=link)] + members, "w:gz")
+    dst = tmp_path / "dst"
+    _check_refused(src, dst, name, inet.DEVKIT, tmp_path)
+    assert not dst.exists()  # refused before anything is written
+
+
+@needs_scipy
+@pytest.mark.parametrize("case", ["dotdot", "symlink"])
+def test_hostile_val_member_is_refused(images, tmp_path, case):
+    src = make_archives(tmp_path / "src", images)
+    members = _regular_members(src / inet.VAL_TAR)
+    if case == "dotdot":  # a name that still says ILSVRC2012_val_00000001.JPEG at its end
+        members[0][0].name = "../../ILSVRC2012_val_00000001.JPEG"
+        name = members[0][0].name
+    else:
+        name = "ILSVRC2012_val_00000009.JPEG"
+        members.append(_member(name, "symlink", link="/etc/passwd"))
+    _write_tar(src / inet.VAL_TAR, members)
+    _check_refused(src, tmp_path / "dst", name, inet.VAL_TAR, tmp_path)
+
+
+@needs_scipy
+@pytest.mark.parametrize("case", ["inner-dotdot", "inner-absolute", "inner-symlink",
+                                  "outer-symlink"])
+def test_hostile_train_member_is_refused(images, tmp_path, case):
+    src = make_archives(tmp_path / "src", images)
+    inner = {w: [_member(n, data=d) for (s, ww, n), d in images.items()
+                 if s == "train" and ww == w] for w in WNIDS}
+    outer_extra = []
+    name = {"inner-dotdot": "../../../escaped.JPEG",
+            "inner-absolute": str(tmp_path / "outside" / "abs.JPEG"),
+            "inner-symlink": "x.JPEG", "outer-symlink": "n09999999.tar"}[case]
+    if case == "outer-symlink":
+        outer_extra.append(_member(name, "symlink", link="/etc/passwd"))
+    else:
+        inner[WNIDS[1]].append(_member(name, "symlink" if case == "inner-symlink" else "file",
+                                       link="/etc/passwd"))
+    outer = []
+    for w in WNIDS:
+        b = io.BytesIO()
+        with tarfile.open(fileobj=b, mode="w") as t:
+            for ti, data in inner[w]:
+                t.addfile(ti, io.BytesIO(data) if data is not None else None)
+        outer.append(_member(f"{w}.tar", data=b.getvalue()))
+    _write_tar(src / inet.TRAIN_TAR, outer + outer_extra)
+    where = inet.TRAIN_TAR if case == "outer-symlink" else f"{WNIDS[1]}.tar"
+    _check_refused(src, tmp_path / "dst", name, where, tmp_path)
+
+
+@needs_scipy
+def test_hostile_archive_cli_is_one_line_exit_2(images, tmp_path):
+    src = make_archives(tmp_path / "src", images)
+    members = _regular_members(src / inet.DEVKIT)
+    _write_tar(src / inet.DEVKIT, members + [_member("../../escaped.txt")], "w:gz")
+    r = subprocess.run([sys.executable, "-m", "split_alexnet.prepare", str(src),
+                        str(tmp_path / "dst"), "--quiet"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr
+    assert lines == [f"split_alexnet.prepare: error: unsafe member '../../escaped.txt' in "
+                     f"{src / inet.DEVKIT}: a '..' component; refused (nothing is extracted "
+                     f"from it)"]
+    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "dst").exists()

@@ -14,10 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import paper_images as images
 from split_alexnet import (AlexNet, HalfAlexNet, ModelConfig, SplitAlexNet, build_model,
                            collapse_state_dict, count_parameters, layout_state_dict, place,
                            split_state_dict)
-from split_alexnet.network.model import INPUT_SIZE, init_values
+from split_alexnet.network.model import init_values
 from split_alexnet.network.placement import resolve_devices
 from split_alexnet.utils.cli import UsageError
 from split_alexnet.training.optim import PaperSGD
@@ -25,10 +26,6 @@ from split_alexnet.training.optim import PaperSGD
 B = 3  # batch used by most tests: small, and odd so nothing divides by accident
 
 
-def images(n: int = B, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    # The paper's input scale: raw 0-255 RGB minus the mean image, pixel std about 60.
-    return (torch.randn(n, 3, INPUT_SIZE, INPUT_SIZE, generator=g) * 60).to(dtype)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +74,7 @@ def test_per_layer_output_shapes(pair):
                 lambda m, i, o, key=(name, t): seen.__setitem__(key, (i[0].shape, o.shape))))
     split.eval()
     with torch.no_grad():
-        out = split(images())
+        out = split(images(B))
     for h in hooks:
         h.remove()
     per_tower = {"conv1": (48, 55, 55), "conv2": (128, 27, 27), "conv3": (192, 13, 13),
@@ -166,7 +163,7 @@ def test_layouts_agree_exactly_in_eval(dtype):
     split = SplitAlexNet(10, dtype=dtype).eval()
     coll = split.collapse().eval()
     assert coll.fc8.weight.dtype == dtype
-    x = images(dtype=dtype)
+    x = images(B, dtype=dtype)
     with torch.no_grad():
         assert torch.equal(split(x), coll(x))
 
@@ -316,12 +313,10 @@ def test_wrong_input_size_names_the_expected_size(pair):
 
 # ----------------------------------------------------------------------------- GPU (skipped here)
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 GPU_TOL = dict(rtol=1e-4, atol=1e-4)  # TF32 off; cuDNN vs CPU kernels sum in other orders
 
 
 @pytest.mark.gpu
-@gpu
 @pytest.mark.parametrize("devices", [("cuda:0", "cpu"), ("cuda:0", "cuda:0"), ("cpu", "cuda:0")])
 def test_gpu_layouts_match_collapsed(devices):
     torch.backends.cuda.matmul.allow_tf32 = False

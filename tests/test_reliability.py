@@ -12,6 +12,11 @@ Two module fixtures hold the expensive runs:
   SIGTERM - each time continued with ``--resume``, then run to the end.
 
 On the CPU every comparison with the reference is exact (``torch.equal``).
+
+Further real processes: a one-step run (``one_step``) continued under ``RLIMIT_FSIZE`` (writes
+fail with EFBIG, as on a full disk), with a torn metrics record, and stopped by two signals
+during a save; and ``signalled``: SIGTERM during the last epoch's evaluation and during the
+ten-crop test, with 2 loader workers, each continued with ``--resume``.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import json
 import os
 import pickle
 import random
+import resource
 import shutil
 import signal
 import struct
@@ -38,13 +44,12 @@ import torch
 from PIL import Image
 
 import split_alexnet.training.checkpoint as C
-import split_alexnet.data.augment as DA
 import split_alexnet.data.dataset as D
-import split_alexnet.data.stats as DS
 import split_alexnet.training.loop as L
+import split_alexnet.training.metrics as M
 import split_alexnet.training.trainer as T
 from split_alexnet.training.checkpoint import CheckpointError, load_checkpoint
-from split_alexnet.utils.cli import run
+from split_alexnet.utils.cli import UsageError, run
 from split_alexnet.tools.evaluate import main as evaluate_main
 
 BASE = ["--batch-size", "8", "--epochs", "2", "--workers", "0", "--log-interval", "1",
@@ -136,7 +141,7 @@ class Segment:
     def err(self) -> str:
         return self.err_path.read_text()
 
-    def wait_for(self, pred, timeout: float = 180.0, poll: float = 0.02) -> None:
+    def wait_for(self, pred, timeout: float = 600.0, poll: float = 0.02) -> None:
         deadline = time.monotonic() + timeout
         while not pred():
             if self.proc.poll() is not None:
@@ -202,9 +207,12 @@ def chaos(demo_root, tmp_path_factory):
     target = min(TOTAL_STEPS - 2, ckpt_step() + rng.randint(1, 2))
     seg = Segment(demo_root, out, "D", "--resume", "--workers", "2", session=True)
     seg.wait_for(lambda: seg.step() >= target)
+    seg.wait_for(lambda: len(_loader_workers(seg.proc.pid)) == 2)  # not between two loaders
+    workers = _loader_workers(seg.proc.pid)
     os.killpg(seg.proc.pid, signal.SIGINT)
     rep["events"].append({"name": "D", "how": "SIGINT", "target": target, "rc": seg.finish(),
-                          "logged": seg.step(), "ckpt": ckpt_step(), "err": seg.err})
+                          "logged": seg.step(), "ckpt": ckpt_step(), "err": seg.err,
+                          "workers": workers, "alive": [w for w in workers if _running(w)]})
 
     # E: SIGTERM (a scheduler's preemption).
     target = min(TOTAL_STEPS - 1, ckpt_step() + 1)
@@ -297,6 +305,244 @@ def test_disk_full_at_checkpoint_time_keeps_the_previous_checkpoint(demo_root, t
     assert [s for s, _ in saved] == [1, 2]  # stopped at the failed save, no step 3
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["progress"]["step"] == 1 and ckpt["checksum"] == saved[0][1]
+    assert temp_files(out) == []
+
+
+@pytest.fixture(scope="module")
+def one_step(demo_root, tmp_path_factory):
+    """A real run stopped after its first step: last.pt at step 1 of 4 in epoch 1."""
+    out = tmp_path_factory.mktemp("one_step") / "run"
+    assert train(demo_root, out, "--max-steps", "1") == 0
+    return out
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    """A run folder to continue: checkpoints hard-linked (a save replaces, never edits, them),
+    the records copied."""
+    shutil.copytree(src, dst, copy_function=lambda a, b: (
+        os.link if a.endswith(".pt") else shutil.copyfile)(a, b))
+    return dst
+
+
+def with_file_size_limit(root, out, nbytes: int, *extra) -> subprocess.CompletedProcess:
+    """The trainer in a process whose writes past ``nbytes`` in any file fail with EFBIG
+    (RLIMIT_FSIZE, SIGXFSZ ignored), as on a full disk. stderr is a pipe: no file."""
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+    return subprocess.run(_cmd(root, out, *extra), capture_output=True, text=True, env=_env(),
+                          cwd=REPO, timeout=600, preexec_fn=limit)
+
+
+def test_a_real_full_disk_at_checkpoint_time_keeps_the_previous_checkpoint(one_step, demo_root,
+                                                                          tmp_path):
+    out = copy_run(one_step, tmp_path / "run")
+    before = load_checkpoint(out / "last.pt")["checksum"]
+    # A checkpoint is ~450 MB: the first save of the resumed run (step 2) fails.
+    p = with_file_size_limit(demo_root, out, 64 << 20, "--resume", "--max-steps", "3")
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert error_lines(p.stderr) == [
+        f"split_alexnet.train: error: could not write checkpoint in {out}: File too large; "
+        "the previous checkpoint is intact, stopping"], p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["checksum"] == before and ckpt["progress"]["step"] == 1
+    assert [r["step"] for r in records(out) if r["kind"] == "train"] == [1, 2]
+    assert temp_files(out) == []
+
+
+def test_a_real_full_disk_for_the_records_stops_with_one_line(one_step, demo_root, tmp_path):
+    out = copy_run(one_step, tmp_path / "run")
+    before = load_checkpoint(out / "last.pt")["checksum"]
+    size = (out / "metrics.jsonl").stat().st_size  # the next record (the resume's) fails
+    p = with_file_size_limit(demo_root, out, size, "--resume", "--max-steps", "3")
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert error_lines(p.stderr) == [
+        f"split_alexnet.train: error: could not write {out / 'metrics.jsonl'}: File too "
+        "large; the checkpoints are untouched, stopping"], p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
+    assert load_checkpoint(out / "last.pt")["checksum"] == before
+    assert (out / "metrics.jsonl").stat().st_size == size
+
+
+@pytest.fixture(scope="module")
+def short_root(tmp_path_factory):
+    """One step per epoch (2 classes x 4 training images, batch 8) and 40 validation images:
+    5 centre-crop batches, 40 ten-crop batches of one image."""
+    from split_alexnet.data.demo import make_demo_dataset
+    return make_demo_dataset(tmp_path_factory.mktemp("short"), classes=2, train_per_class=4,
+                             val_per_class=20, seed=0)
+
+
+def test_a_failed_curves_write_stops_with_one_line_after_the_checkpoint(short_root, tmp_path,
+                                                                       capsys):
+    out = tmp_path / "run"
+    (out / "curves.png").mkdir(parents=True)  # the plot's rename onto it fails
+    capsys.readouterr()
+    assert run(T.main, "train", ["--data", str(short_root), "--out", str(out), *BASE,
+                                 "--epochs", "1"]) == 1
+    err = capsys.readouterr().err
+    assert error_lines(err) == [f"train: error: could not write {out / 'curves.png'}: Is a "
+                                "directory; the checkpoints are untouched, stopping"], err
+    progress = load_checkpoint(out / "last.pt")["progress"]  # the epoch's own checkpoint
+    assert (progress["epoch"], progress["epoch_step"], progress["step"]) == (1, 0, 1)
+    assert temp_files(out) == []
+
+
+# ----------------------------------------------------------------------------- torn records
+
+
+def test_a_torn_record_is_skipped_and_a_resumed_run_starts_a_new_line(one_step, demo_root,
+                                                                      tmp_path, capsys):
+    out = copy_run(one_step, tmp_path / "run")
+    torn = '{"time": 1700000000.5, "kind": "train", "step": 2, "lo'  # power lost mid-write
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(torn)
+    capsys.readouterr()
+    # To the end of epoch 1: the evaluation, the epoch's checkpoint and curves.png.
+    assert train(demo_root, out, "--resume", "--max-steps", "4") == 0
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+    assert len(warned) == 1 and f"{out / 'metrics.jsonl'} ends in a torn record" in warned[0]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    n = lines.index(torn) + 1
+    assert json.loads(lines[n])["kind"] == "resume"
+    recs = M.read_records(out)
+    assert capsys.readouterr().err.strip() == (
+        f"warning: {out / 'metrics.jsonl'}: skipped 1 torn record(s) (line {n}), cut short "
+        "by a crash or a full disk")
+    assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in recs if r["kind"] == "val"] == [1]
+    assert Image.open(out / "curves.png").size == (800, 500)
+
+
+@pytest.mark.parametrize("lines, torn", [
+    (['{"kind": "train", "step": 1}', '{"kind": "tr'], [2]),
+    (['{"kind": "train", "step": 1}', '{"kind": "tr', '{"kind": "resume", "step": 1}',
+      '{"kind": "train", "step": 2}', "\0\0\0\0"], [2, 5]),
+    (['{"kind": "train", "step": 1}', '{"kind": "tr', '{"kind": "train", "step": 2}'], None),
+])
+def test_the_reader_skips_torn_records_and_nothing_else(tmp_path, capsys, lines, torn):
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
+    if torn is None:  # a damaged line inside the records: not a torn write
+        with pytest.raises(UsageError, match=r"metrics.jsonl:2 is not valid JSON"):
+            M.read_records(tmp_path)
+        return
+    recs = M.read_records(tmp_path)
+    assert len(recs) == len(lines) - len(torn)
+    assert f"skipped {len(torn)} torn record(s) (line {', '.join(map(str, torn))})" in \
+        capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+def _loader_workers(pid: int) -> list[int]:
+    """The forked children of ``pid`` (DataLoader workers: the same command line)."""
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == pid and (d / "cmdline").read_bytes() == cmdline:
+                found.append(int(d.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def signalled(short_root, tmp_path_factory):
+    """Real processes with 2 loader workers, each sent SIGTERM once its log shows the phase:
+    during the evaluation of epoch 1 (the last epoch), then resumed (the evaluation again,
+    then the ten-crop test) during the ten-crop test, then resumed to the end."""
+    out = tmp_path_factory.mktemp("signalled") / "run"
+    flags = ("--epochs", "1", "--ten-crop", "--workers", "2", "--checkpoint-minutes", "30")
+    rep: dict = {"out": out}
+
+    def stop_during(name: str, phase: str, *extra) -> None:
+        seg = Segment(short_root, out, name, *flags, *extra)
+        seg.wait_for(lambda: phase in seg.err, poll=0.01)
+        workers = _loader_workers(seg.proc.pid)
+        seg.proc.send_signal(signal.SIGTERM)
+        rc = seg.finish()
+        rep[name] = {"rc": rc, "err": seg.err, "workers": workers,
+                     "alive": [w for w in workers if _running(w)],
+                     "records": records(out)[seg.n0:],
+                     "progress": load_checkpoint(out / "last.pt")["progress"]}
+
+    stop_during("evaluation", "eval: ")
+    stop_during("ten_crop", "eval (10 crops): ", "--resume")
+    seg = Segment(short_root, out, "finish", *flags, "--resume")
+    rep["finish"] = {"rc": seg.finish(), "err": seg.err, "records": records(out)[seg.n0:]}
+    return rep
+
+
+def test_sigterm_during_the_last_epochs_evaluation_saves_before_it_and_exits_0(signalled):
+    ev = signalled["evaluation"]
+    assert ev["rc"] == 0, ev["err"][-3000:]
+    assert "signal received during the evaluation of epoch 1: saved " \
+           f"{signalled['out'] / 'last.pt'} at step 1; continue with --resume" in ev["err"]
+    assert "Traceback" not in ev["err"]
+    assert [r["kind"] for r in ev["records"]] == ["train"]  # the evaluation did not finish
+    # The epoch stays open at its last step: a resumed run evaluates it.
+    assert ev["progress"] == {"epoch": 0, "epoch_step": 1, "step": 1,
+                              "best_top1": float("inf")}
+
+
+def test_a_resumed_run_repeats_the_interrupted_evaluation(signalled):
+    recs = signalled["ten_crop"]["records"]
+    assert [r["kind"] for r in recs] == ["resume", "val"], recs
+    assert (recs[1]["epoch"], recs[1]["step"], recs[1]["n"]) == (1, 1, 40)
+
+
+def test_sigterm_during_the_ten_crop_test_exits_0(signalled):
+    ev = signalled["ten_crop"]
+    assert ev["rc"] == 0, ev["err"][-3000:]
+    assert "signal received during the ten-crop test: the training is complete in " \
+           f"{signalled['out'] / 'last.pt'} (step 1) and the test did not finish; --resume " \
+           "runs it" in ev["err"]
+    assert "Traceback" not in ev["err"] and ev["progress"]["epoch"] == 1
+
+
+def test_resume_after_a_stopped_ten_crop_test_runs_it(signalled):
+    fin = signalled["finish"]
+    assert fin["rc"] == 0, fin["err"][-3000:]
+    assert [r["kind"] for r in fin["records"]] == ["resume", "val_ten_crop"]
+    assert fin["records"][1]["n"] == 40
+
+
+@pytest.mark.parametrize("phase", ["training", "evaluation", "ten_crop"])
+def test_no_loader_worker_outlives_a_signalled_trainer(request, phase):
+    if phase == "training":  # the chaos run's Ctrl-C
+        (ev,) = [e for e in request.getfixturevalue("chaos")["events"] if e["name"] == "D"]
+    else:
+        ev = request.getfixturevalue("signalled")[phase]
+    assert len(ev["workers"]) == 2, ev["workers"]
+    assert ev["alive"] == []
+
+
+def test_a_second_signal_during_a_save_exits_130_keeping_the_previous_checkpoint(
+        one_step, demo_root, tmp_path):
+    out = copy_run(one_step, tmp_path / "run")
+    before = load_checkpoint(out / "last.pt")["checksum"]
+    seg = Segment(demo_root, out, "twice", "--resume", "--checkpoint-minutes", "30")
+    seg.wait_for(lambda: seg.step() >= 2)
+    seg.proc.send_signal(signal.SIGTERM)  # finish the step, save it, stop ...
+    seg.wait_for(lambda: any(out.glob(".last.pt.*.tmp")), poll=0.002)
+    seg.proc.send_signal(signal.SIGTERM)  # ... no: stop now
+    assert seg.finish() == 130, seg.err[-3000:]
+    (line,) = error_lines(seg.err)
+    assert f"error: a second signal stopped the save of {out / 'last.pt'}: it was abandoned" \
+        in line, line
+    assert "Traceback" not in seg.err
+    assert load_checkpoint(out / "last.pt")["checksum"] == before
     assert temp_files(out) == []
 
 

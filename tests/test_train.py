@@ -394,8 +394,9 @@ def test_every_flag_works_in_a_toml_file(tmp_path):
               "max_steps": 5, "resume": "auto", "checkpoint_minutes": 5.0, "keep_last": 1,
               "log_interval": 3, "watchdog_steps": 0, "ten_crop": False, "eval_every": 2,
               "strict": True, "channels_last": True, "amp": "bf16", "compile": True,
-              "cudnn_benchmark": True, "demo": True, "init_from": "c.pt",
-              "reinit": "fc8", "freeze_through": "conv2", "lr_mult_new": 5.0, "finetune": True}
+              "cudnn_benchmark": True, "demo": True, "overwrite": True, "resume_lr": 0.005,
+              "init_from": "c.pt", "reinit": "fc8", "freeze_through": "conv2", "lr_mult_new": 5.0,
+              "finetune": True}
     # Every setting but --gpus (it excludes --devices) and --config itself.
     assert set(values) == set(TrainConfig().to_dict()) - {"gpus", "config"}
     (tmp_path / "all.toml").write_text(_toml(values))

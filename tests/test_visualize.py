@@ -222,12 +222,13 @@ def test_curves(tmp_path, capsys):
 
 
 def test_one_metrics_reader_for_every_tool(tmp_path, capsys):
-    """visualize curves and compare read metrics.jsonl with the same reader: a line cut by a
-    crash is one error line naming the file and the line."""
+    """visualize curves and compare read metrics.jsonl with the same reader: a damaged line
+    inside the records (not a torn last one, which is skipped) is one error line naming the
+    file and the line."""
     from split_alexnet.tools.compare import main as compare_main
     a, b = write_run(tmp_path / "a"), write_run(tmp_path / "b")
-    with open(a / "metrics.jsonl", "a") as f:
-        f.write('{"kind": "train", "st')  # 13 good lines, then half of one
+    with open(a / "metrics.jsonl", "a") as f:  # 13 good lines, half of one, a good one
+        f.write('{"kind": "train", "st\n{"kind": "train", "step": 99, "top1_err": 0.5}\n')
     capsys.readouterr()
     for main, argv in ((viz_main, ["curves", str(a), "--out", str(tmp_path / "c.png")]),
                        (compare_main, [str(a), str(b)])):

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from split_alexnet.data.images import SIZE, UnreadableImage, list_images, load_rgb256
+from split_alexnet.data.images import (SIZE, UnreadableImage, list_images, load_rgb256,
+                                       report_skipped)
 from split_alexnet.utils.cli import UsageError
 
 CROP = 227                   # the network's input side (section 4.1; 55x55 after conv1)
@@ -42,10 +43,19 @@ def find_classes(split_dir: Path) -> list[str]:
     return classes
 
 
-def list_samples(split_dir: Path, classes: Sequence[str]) -> list[tuple[str, int]]:
+_reported: set[tuple[str, ...]] = set()
+
+
+def list_samples(split_dir: Path, classes: Sequence[str],
+                 skipped: list[Path] | None = None) -> list[tuple[str, int]]:
     """``[(path, label)]`` sorted by class then relative path; UsageError for a missing or
-    empty class folder, or a class folder that is not in ``classes``."""
+    empty class folder, or a class folder that is not in ``classes``.
+
+    Only regular files are samples (:func:`split_alexnet.data.images.list_images`): FIFOs,
+    devices, sockets and dangling links are left out, appended to ``skipped`` (when given)
+    and counted in one line on stderr (once per process for the same set)."""
     split_dir = Path(split_dir)
+    special: list[Path] = []
     present = set(find_classes(split_dir))
     extra = sorted(present - set(classes))
     if extra:
@@ -57,10 +67,19 @@ def list_samples(split_dir: Path, classes: Sequence[str]) -> list[tuple[str, int
         d = split_dir / c
         if not d.is_dir():
             raise UsageError(f"class folder missing: {d}")
-        files = list_images(d)
+        n_special = len(special)
+        files = list_images(d, special)
         if not files:
-            raise UsageError(f"empty class folder (no image files): {d}")
+            extra = len(special) - n_special
+            raise UsageError(f"empty class folder (no image files): {d}" + (
+                f" ({extra} entries that are not regular files)" if extra else ""))
         samples.extend((str(p), label) for p in files)
+    key = (str(split_dir), *map(str, special))
+    if special and key not in _reported:
+        _reported.add(key)
+        report_skipped(split_dir, special)
+    if skipped is not None:
+        skipped.extend(special)
     return samples
 
 
@@ -97,7 +116,8 @@ class CropFolder(Dataset):
     :data:`TENCROP_ORDER`). ``pca``: one of :data:`PCA_MODES` (see
     :func:`split_alexnet.data.augment.pca_noise`). The item's ``alpha`` is the raw draw
     alpha ~ N(0, 0.1) (zeros when off or in evaluation) and its ``pca`` says the reading;
-    :func:`split_alexnet.data.augment.finish_batch` applies the scale. Key: ``i`` or
+    :func:`split_alexnet.data.augment.finish_batch` applies the scale. ``skipped``: the
+    entries of the folder that are not regular files (never opened). Key: ``i`` or
     ``(epoch, i)``; the crop/flip/alpha are drawn from
     ``torch.Generator().manual_seed(item_seed(seed, epoch, i))``.
     """
@@ -111,7 +131,8 @@ class CropFolder(Dataset):
         self.split_dir = Path(split_dir)
         self.classes = list(classes)
         self.mode, self.seed, self.pca, self.strict = mode, int(seed), pca, strict
-        self.samples = list_samples(self.split_dir, self.classes)
+        self.skipped: list[Path] = []  # entries that are not regular files (never opened)
+        self.samples = list_samples(self.split_dir, self.classes, self.skipped)
         self.targets = [t for _, t in self.samples]
 
     def __len__(self) -> int:

@@ -12,6 +12,7 @@ and rotation, so colour alone does not give the label. Every image is a pure fun
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import sys
@@ -21,8 +22,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from split_alexnet.utils.cli import UsageError, run
-from split_alexnet.utils.fileio import atomic_write
+from split_alexnet.utils.cli import Abort, UsageError, run
+from split_alexnet.utils.fileio import atomic_write, check_output_dir
 
 __all__ = ["SHAPES", "make_demo_dataset", "draw_image", "main"]
 
@@ -131,11 +132,15 @@ def make_demo_dataset(root, *, classes: int = 10, train_per_class: int = 100,
     """Write the demo CropFolder under ``root`` and return ``root`` as a Path.
 
     If ``root/demo.json`` records the same parameters and all files exist, nothing is
-    rewritten (so ``train --demo`` can call this every time)."""
+    rewritten (so ``train --demo`` can call this every time). Bad arguments (a ``root`` that
+    is not a writable folder, a negative seed, ...) are UsageError; a failed write (full
+    disk) is Abort (one line, exit 1), the files written before it complete."""
     if not 1 <= classes <= len(SHAPES):
         raise UsageError(f"--classes must be between 1 and {len(SHAPES)}, got {classes}")
     if train_per_class < 1 or val_per_class < 1:
         raise UsageError("--train-per-class and --val-per-class must be >= 1")
+    if seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {seed}")
     root = Path(root)
     params = {"classes": classes, "train_per_class": train_per_class,
               "val_per_class": val_per_class, "seed": seed, "version": 1}
@@ -147,17 +152,23 @@ def make_demo_dataset(root, *, classes: int = 10, train_per_class: int = 100,
                 plan.append((split_idx, kind, j, root / split / kind / f"{kind}_{j:04d}.jpg"))
     marker = root / "demo.json"
     try:
-        if json.loads(marker.read_text()) == params and all(p.is_file() for *_, p in plan):
+        if marker.is_file() and json.loads(marker.read_text()) == params \
+                and all(p.is_file() for *_, p in plan):
             return root
     except (OSError, ValueError):
         pass
-    for split_idx, kind, j, path in plan:
-        rng = np.random.default_rng([seed, split_idx, SHAPES.index(kind), j])
-        img = draw_image(kind, rng)
-        atomic_write(path, lambda f: img.save(f, "JPEG", quality=QUALITY), fsync=False,
+    check_output_dir(root, "demo data folder")  # only now: a complete one may be read-only
+    try:
+        for split_idx, kind, j, path in plan:
+            rng = np.random.default_rng([seed, split_idx, SHAPES.index(kind), j])
+            buf = io.BytesIO()  # encoded in memory: Pillow ignores short writes to a file
+            draw_image(kind, rng).save(buf, "JPEG", quality=QUALITY)
+            atomic_write(path, lambda f: f.write(buf.getvalue()), fsync=False, private=False)
+        text = json.dumps(params, sort_keys=True) + "\n"
+        atomic_write(marker, lambda f: f.write(text.encode("utf-8")), fsync=False,
                      private=False)
-    text = json.dumps(params, sort_keys=True) + "\n"
-    atomic_write(marker, lambda f: f.write(text.encode("utf-8")), fsync=False, private=False)
+    except OSError as e:  # full disk, file too large: the files written so far are complete
+        raise Abort(f"could not write {e.filename or root}: {e.strerror or e}") from None
     return root
 
 

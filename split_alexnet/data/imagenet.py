@@ -37,14 +37,14 @@ from typing import Sequence
 import numpy as np
 
 from split_alexnet.data.dataset import check_dataset_root, find_classes
-from split_alexnet.data.images import is_image_file
+from split_alexnet.data.images import is_image_file, report_skipped
+from split_alexnet.data.members import member_rel, safe_rel
 from split_alexnet.utils.cli import UsageError
 from split_alexnet.utils.fileio import atomic_write
 
 __all__ = ["TRAIN_TAR", "VAL_TAR", "DEVKIT", "KAGGLE_SOLUTION", "KAGGLE_MAPPING", "CLASSES_FILE",
            "Source", "detect_layout", "parse_devkit", "read_kaggle_solution",
-           "read_synset_mapping", "safe_rel", "read_class_metadata", "write_class_metadata",
-           "write_json"]
+           "read_synset_mapping", "read_class_metadata", "write_class_metadata", "write_json"]
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -66,15 +66,6 @@ def write_json(path: Path, obj) -> None:
     content (sorted keys)."""
     text = json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
     atomic_write(path, lambda f: f.write(text.encode("utf-8")), fsync=False, private=False)
-
-
-def safe_rel(name: str) -> str | None:
-    """A tar member name as a safe relative posix path (no absolute, no '..'), else None."""
-    p = PurePosixPath(name)
-    if p.is_absolute() or any(part == ".." for part in p.parts):
-        return None
-    parts = [q for q in p.parts if q not in ("", ".")]
-    return "/".join(parts) if parts else None
 
 
 # ----------------------------------------------------------------------------- metadata files
@@ -144,7 +135,7 @@ def parse_devkit(path: Path) -> tuple[dict[str, str], list[str]]:
     try:
         with tarfile.open(path, "r:gz") as t:
             for m in t:
-                rel = safe_rel(m.name) if m.isfile() else None
+                rel = member_rel(m, path)
                 if rel in (DEVKIT_META, DEVKIT_TRUTH):
                     files[rel] = t.extractfile(m).read()
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
@@ -238,10 +229,16 @@ def _has_class_folders(d: Path) -> bool:
     return d.is_dir() and any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(d))
 
 
-def _flat_images(d: Path) -> list[Path]:
-    return sorted((Path(e.path) for e in os.scandir(d)
-                   if e.is_file() and is_image_file(e.name) and not e.name.startswith(".")),
-                  key=lambda p: p.name)
+def _flat_images(d: Path, report: bool = False) -> list[Path]:
+    """The image files directly in ``d``: regular files only (after resolving symlinks);
+    ``report``: count the others in one line (:func:`report_skipped`)."""
+    files, special = [], []
+    for e in os.scandir(d):
+        if is_image_file(e.name) and not e.name.startswith(".") and not e.is_dir():
+            (files if e.is_file() else special).append(Path(e.path))
+    if report:
+        report_skipped(d, special)
+    return sorted(files, key=lambda p: p.name)
 
 
 def detect_layout(src: Path) -> Source:
@@ -301,13 +298,13 @@ def _flat_val(src: Path, train: Path, val: Path, labels: Path, mapping: Path | N
         raise UsageError(f"validation folder not found: {val}")
     if labels.name == DEVKIT:
         names, val_wnids = parse_devkit(labels)
-        files = _flat_images(val)
+        files = _flat_images(val, report=True)
         by_idx = _val_index(files, lambda p: p.name, val_wnids, labels, val)
         val_files = [(p, by_idx[p.name]) for p in files]
     else:
         names = read_synset_mapping(mapping) if mapping is not None else {}
         sol = read_kaggle_solution(labels)
-        files = _flat_images(val)
+        files = _flat_images(val, report=True)
         have = {p.stem: p for p in files}
         unknown = sorted(set(sol) - set(have))
         if unknown:
@@ -352,8 +349,9 @@ def _val_index(items, name_of, val_wnids: list[str], devkit: Path, where) -> dic
 
 
 def _list_tar(path: Path) -> list[tarfile.TarInfo]:
-    """All members of an uncompressed tar (headers only; data is seeked over), checked to be
-    complete. UsageError naming ``path`` for a truncated or corrupt archive."""
+    """The regular-file members of an uncompressed tar (headers only; data is seeked over),
+    checked to be complete and safe (:func:`member_rel`). UsageError naming ``path`` for a
+    truncated, corrupt or hostile archive."""
     size = path.stat().st_size
     try:
         with tarfile.open(path, "r:") as t:
@@ -362,6 +360,7 @@ def _list_tar(path: Path) -> list[tarfile.TarInfo]:
         raise UsageError(f"cannot read archive {path}: {type(e).__name__}: {e} "
                          f"(truncated or corrupt download?)") from None
     for m in members:
+        member_rel(m, path)
         if m.isfile() and m.offset_data + m.size > size:
             raise UsageError(f"archive {path} is truncated: member {m.name} needs bytes up to "
                              f"{m.offset_data + m.size} but the file has {size} "

@@ -30,14 +30,23 @@ call), ``"auto"`` is Pillow for everything. That is decided once per process by 
 tiny JPEG with the warnings recorded (:func:`_tv_usable`), so no deprecation warning reaches
 the user.
 
-Any failure to read (not an image, empty, truncated, corrupt, a decompression bomb over
-Pillow's ``Image.MAX_IMAGE_PIXELS`` protection) raises :class:`UnreadableImage` naming the image.
+Only regular files are data: :func:`list_images` lists regular files (after resolving
+symlinks) and returns FIFOs, devices, sockets and dangling links apart, never opened; a path
+given to :func:`load_rgb` that is not a regular file is refused the same way. An image whose
+header declares more than :func:`pixel_limit` pixels (default :data:`MAX_PIXELS` =
+89,478,485, about 89.5 megapixels, a 268 MB RGB decode; the environment variable
+``SPLIT_ALEXNET_MAX_PIXELS`` changes it, up to Pillow's own hard limit of twice
+``PIL.Image.MAX_IMAGE_PIXELS``) is refused before any pixel is decoded. Any failure to read
+(not a regular file, not an image, empty, truncated, corrupt, over the pixel limit) raises
+:class:`UnreadableImage` naming the image.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import stat
+import sys
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -53,8 +62,9 @@ try:  # optional: the fast decoder of prepared JPEGs (see the module docstring)
 except Exception:  # noqa: BLE001 - not installed, or a build that does not load: Pillow only
     tvio = None
 
-__all__ = ["SIZE", "IMG_EXTENSIONS", "DECODERS", "UnreadableImage", "is_image_file", "load_rgb",
-           "load_rgb256", "to_rgb", "resize_center", "list_images"]
+__all__ = ["SIZE", "IMG_EXTENSIONS", "DECODERS", "MAX_PIXELS", "PIXELS_ENV", "UnreadableImage",
+           "is_image_file", "pixel_limit", "file_kind", "load_rgb", "load_rgb256", "to_rgb",
+           "resize_center", "list_images", "report_skipped"]
 
 SIZE = 256
 DRAFT_MIN = 2 * SIZE
@@ -63,6 +73,8 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 DECODERS = ("auto", "pillow")
 RESAMPLE = Image.Resampling.BICUBIC
 JPEG_MAGIC = b"\xff\xd8\xff"
+MAX_PIXELS = 89_478_485  # Pillow's default MAX_IMAGE_PIXELS: 2**30 bytes / 4 / 3 channels
+PIXELS_ENV = "SPLIT_ALEXNET_MAX_PIXELS"
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview
 
@@ -71,20 +83,83 @@ class UnreadableImage(UsageError):
     """An image file that cannot be decoded (its path is in the message)."""
 
 
+class _TooLarge(ValueError):
+    """A declared image size over the pixel limit."""
+
+
+class _NotRegular(ValueError):
+    """A path that is not a regular file (a FIFO, a device, a socket, a folder)."""
+
+
 def is_image_file(name: str | os.PathLike) -> bool:
     return str(name).lower().endswith(IMG_EXTENSIONS)
 
 
-def list_images(directory: Path) -> list[Path]:
-    """All image files under ``directory`` (recursive), sorted by relative path."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(directory):
-        dirnames.sort()
-        for f in filenames:
-            if is_image_file(f) and not f.startswith("."):
-                out.append(Path(dirpath) / f)
+def pixel_limit() -> int:
+    """The largest width x height decoded: ``$SPLIT_ALEXNET_MAX_PIXELS`` if set, else
+    :data:`MAX_PIXELS`. UsageError for a value that is not a positive integer."""
+    raw = os.environ.get(PIXELS_ENV, "").strip()
+    if not raw:
+        return MAX_PIXELS
+    try:
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UsageError(f"{PIXELS_ENV} must be a positive integer (pixels), got {raw!r}")
+    return value
+
+
+def file_kind(mode: int) -> str:
+    """What a ``st_mode`` is, in words (``"regular file"``, ``"FIFO"``, ...)."""
+    for test, kind in ((stat.S_ISREG, "regular file"), (stat.S_ISDIR, "folder"),
+                       (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return kind
+    return "special file"
+
+
+def list_images(directory: Path, skipped: list[Path] | None = None) -> list[Path]:
+    """All image files under ``directory`` (recursive), sorted by relative path.
+
+    Only regular files (after resolving symlinks) are listed; an entry with an image name that
+    is a FIFO, a device, a socket or a dangling symlink is appended to ``skipped`` (when
+    given) and never opened. Symlinked folders are not followed."""
+    directory = Path(directory)
+    out: list[Path] = []
+    todo = [directory]
+    while todo:
+        d = todo.pop()
+        try:
+            entries = list(os.scandir(d))
+        except OSError:  # an unreadable or vanished folder holds no images
+            continue
+        for e in entries:
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    todo.append(Path(e.path))
+                    continue
+                if e.is_dir() or not is_image_file(e.name) or e.name.startswith("."):
+                    continue
+                regular = e.is_file()  # follows symlinks: False for a dangling one
+            except OSError:  # cannot even be looked at: not data either
+                regular = False
+            if regular:
+                out.append(Path(e.path))
+            elif skipped is not None:
+                skipped.append(Path(e.path))
     out.sort(key=lambda p: p.relative_to(directory).as_posix())
     return out
+
+
+def report_skipped(where: Path, skipped: list[Path]) -> None:
+    """One line on stderr counting the non-regular entries :func:`list_images` set aside."""
+    if skipped:
+        names = ", ".join(Path(p).relative_to(where).as_posix() for p in sorted(skipped)[:3])
+        print(f"warning: skipped {len(skipped)} entries under {where} that are not regular files "
+              f"(FIFOs, devices, sockets or dangling links): {names}"
+              + (" ..." if len(skipped) > 3 else ""), file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- Pillow
@@ -127,8 +202,17 @@ def resize_center(img: Image.Image, size: int = SIZE) -> Image.Image:
     return img.resize((size, size), RESAMPLE, box=(x0, y0, x0 + s, y0 + s))
 
 
-def _decode_pillow(data: bytes, size: int, draft: bool) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
+def _check_pixels(im: Image.Image, limit: int) -> None:
+    """Refuse a declared size over ``limit`` pixels (only the header has been read)."""
+    w, h = im.size
+    if w * h > limit:
+        raise _TooLarge(f"{w}x{h} = {w * h:,} pixels is over the limit of {limit:,} pixels "
+                        f"(set {PIXELS_ENV} to allow more)")
+
+
+def _decode_pillow(data: bytes, size: int, draft: bool, limit: int = MAX_PIXELS) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:   # header only: nothing is decoded yet
+        _check_pixels(im, limit)
         if draft and im.format == "JPEG" and min(im.size) >= 2 * DRAFT_MIN:
             # Both requested sides >= DRAFT_MIN, so the shorter side stays >= DRAFT_MIN
             # whatever the EXIF rotation.
@@ -177,10 +261,12 @@ def _tv_decoder() -> Decode | None:
     return _tv_state["decode"]
 
 
-def _decode_tv(data: bytes, size: int, decode: Decode) -> np.ndarray | None:
+def _decode_tv(data: bytes, size: int, decode: Decode,
+               limit: int = MAX_PIXELS) -> np.ndarray | None:
     """Fast path for prepared (size x size) plain RGB/grayscale JPEGs (~2x Pillow, bit-identical
     output; docs/data.md). None -> use Pillow."""
     with Image.open(io.BytesIO(data)) as im:   # header only; runs Pillow's bomb check
+        _check_pixels(im, limit)
         if im.format != "JPEG" or im.mode not in ("RGB", "L"):
             return None
         if im.size != (size, size):
@@ -197,29 +283,46 @@ def _decode_tv(data: bytes, size: int, decode: Decode) -> np.ndarray | None:
 
 # ----------------------------------------------------------------------------- the decoder
 
+def _read_regular(path: str | os.PathLike) -> bytes:
+    """The bytes of a regular file (after resolving symlinks); :class:`_NotRegular` for
+    anything else, checked before opening and again on the opened file (non-blocking open,
+    so a FIFO that appears in between cannot block)."""
+    kind = file_kind(os.stat(path).st_mode)
+    if kind == "regular file":
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+        fd = os.open(path, flags)
+        with os.fdopen(fd, "rb") as f:
+            kind = file_kind(os.fstat(fd).st_mode)
+            if kind == "regular file":
+                return f.read()
+    raise _NotRegular(f"not a regular file (a {kind})")
+
+
 def load_rgb(source: ImageSource, *, name: str | None = None, size: int = SIZE,
-             draft: bool = True, decoder: str = "auto") -> np.ndarray:
+             draft: bool = True, decoder: str = "auto",
+             max_pixels: int | None = None) -> np.ndarray:
     """Decode ``source`` (a file path, or the encoded bytes of an image) -> (size, size, 3)
     uint8 RGB array, or raise :class:`UnreadableImage` naming ``name`` (default: the path).
 
     The bytes of a file decode to exactly what its path does. ``decoder``: ``"auto"`` or
-    ``"pillow"`` (see the module docstring); ``draft``: allow the reduced-scale JPEG decode."""
+    ``"pillow"`` (see the module docstring); ``draft``: allow the reduced-scale JPEG decode;
+    ``max_pixels``: the pixel limit (default :func:`pixel_limit`). A path that is not a
+    regular file is refused without reading it."""
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    limit = pixel_limit() if max_pixels is None else max_pixels
     is_bytes = isinstance(source, (bytes, bytearray, memoryview))
     label = name if name is not None else ("image bytes" if is_bytes else os.fspath(source))
     try:
-        if is_bytes:
-            data = bytes(source)
-        else:
-            with open(source, "rb") as f:
-                data = f.read()
+        data = bytes(source) if is_bytes else _read_regular(source)
         out = None
         decode = _tv_decoder() if decoder == "auto" and data[:3] == JPEG_MAGIC else None
         if decode is not None:
-            out = _decode_tv(data, size, decode)
+            out = _decode_tv(data, size, decode, limit)
         if out is None:
-            out = _decode_pillow(data, size, draft)
+            out = _decode_pillow(data, size, draft, limit)
+    except (_TooLarge, _NotRegular) as e:
+        raise UnreadableImage(f"cannot read image {label}: {e}") from None
     except Exception as e:  # noqa: BLE001 - any decode failure (incl. DecompressionBombError)
         msg = "not a recognised image file" if isinstance(e, UnidentifiedImageError) else str(e)
         raise UnreadableImage(f"cannot read image {label}: {type(e).__name__}: {msg}") from None

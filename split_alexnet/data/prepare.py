@@ -23,7 +23,12 @@
   and ``DST/subset.json`` (the subset taken: :mod:`split_alexnet.data.subset`; a DST prepared
   with another subset is refused);
 * finally the training statistics are computed into ``DST/stats.npz``
-  (:func:`split_alexnet.data.stats.load_stats`), with the layout and subset added as metadata.
+  (:func:`split_alexnet.data.stats.load_stats`), with the layout and subset added as metadata;
+* guarded (docs/reliability.md, "Data, prepare and statistics"): bad flags, a DST that is not
+  a writable folder or lies inside SRC, and unsafe archive members are refused before any
+  work (one line, exit 2); a failed write (full disk) is one line and exit 1, what is written
+  kept; SIGTERM/SIGINT stop it within one task (:mod:`split_alexnet.data.pool`), one line,
+  exit 0, and a rerun continues.
 
 Run it once at a time per DST. The output for a given input is deterministic (same Pillow),
 so a resumed run gives a byte-identical tree.
@@ -34,8 +39,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Sequence
 
@@ -43,20 +50,21 @@ import numpy as np
 
 import split_alexnet.data.imagenet as inet
 from split_alexnet.data.dataset import check_dataset_root, find_classes, list_samples
-from split_alexnet.data.images import list_images
-from split_alexnet.data.pool import mp_context
+from split_alexnet.data.images import list_images, pixel_limit, report_skipped
+from split_alexnet.data.pool import Interrupted, StopOnSignal, WorkerPool
 from split_alexnet.data.prepare_tasks import (TMP_MARK, files_task, out_name, train_class_task,
                                              val_chunk_task)
 from split_alexnet.data.stats import load_stats, save_stats
 from split_alexnet.data.subset import SUBSET_FILE, Subset, parse_classes_arg, pick, select_classes
-from split_alexnet.utils.cli import UsageError, run
-from split_alexnet.utils.fileio import atomic_write
+from split_alexnet.utils.cli import Abort, UsageError, run
+from split_alexnet.utils.fileio import atomic_write, check_output_dir, make_output_dir
 from split_alexnet.utils.progress import Progress
 
 __all__ = ["TMP_MARK", "REPORT", "plan", "prepare", "main", "cli"]
 
 REPORT = "prepare_report.txt"
 SPLITS = ("train", "val")
+KEPT = "what is prepared so far is kept: free some space and rerun the same command to continue"
 
 
 def plan(src: Path, dst: Path) -> list[tuple[str, str]]:
@@ -79,39 +87,23 @@ def plan(src: Path, dst: Path) -> list[tuple[str, str]]:
 
 # ----------------------------------------------------------------------------- running the tasks
 
-class _Runner:
-    """Runs worker tasks in a pool of ``workers`` processes (started on first need; none for
-    0 workers or a single task) and sums their results into ``tally``."""
+class _Runner(WorkerPool):
+    """The :class:`split_alexnet.data.pool.WorkerPool` of ``workers`` processes that runs the
+    worker tasks (none for 0 workers or a single task; they stop with ``stop``), summing their
+    results into ``tally``."""
 
-    def __init__(self, workers: int) -> None:
-        self.workers, self.pool = workers, None
+    def __init__(self, workers: int, stop: StopOnSignal) -> None:
+        super().__init__(workers, stop)
         self.tally = {"images": 0, "existing": 0, "todo": 0, "failures": []}
 
-    def __enter__(self) -> "_Runner":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
-
-    def start(self) -> None:
-        """Start the workers now (so that their start-up is not in a progress line's rate)."""
-        if self.workers > 0 and self.pool is None:
-            self.pool = mp_context().Pool(self.workers)
-            self.pool.map(abs, range(self.workers))
-
-    def results(self, fn, tasks: list):
-        if self.workers > 0 and len(tasks) > 1:
-            self.start()
-            return self.pool.imap_unordered(fn, tasks)
-        return map(fn, tasks)
-
     def add(self, res: dict) -> int:
-        """Count one task's result (UsageError for a task that could not read its archive);
-        returns the number of images it converted or found unreadable."""
+        """Count one task's result (UsageError for a task that could not read its archive,
+        Abort for one that could not write); returns the number of images it converted or
+        found unreadable."""
         if res["error"]:
             raise UsageError(res["error"])
+        if res["write_error"]:
+            raise Abort(f"{res['write_error']}; {KEPT}")
         self.tally["failures"].extend(res["failures"])
         done = res["written"] + len(res["failures"])
         self.tally["todo"] += done
@@ -147,12 +139,14 @@ def _file_jobs(source: inet.Source, dst: Path, wnids: list[str],
             split, w = rel_in.parts[0], rel_in.parts[1]
             groups.setdefault((split, w), []).append((Path(*rel_in.parts[2:]).as_posix(), p, o))
     else:
+        special: list[Path] = []
         for w in wnids:
             d = source.train_dir / w
-            for p in list_images(d) if d.is_dir() else []:
+            for p in list_images(d, special) if d.is_dir() else []:
                 rel = p.relative_to(d)
                 groups.setdefault(("train", w), []).append(
                     (rel.as_posix(), str(p), str(dst / "train" / w / out_name(rel))))
+        report_skipped(source.train_dir, special)
         for p, w in source.val_files:
             groups.setdefault(("val", w), []).append(
                 (p.name, str(p), str(dst / "val" / w / out_name(Path(p.name)))))
@@ -211,6 +205,8 @@ def _run_archives(runner: _Runner, source: inet.Source, dst: Path, wnids: list[s
     with Progress(len(val_todo), "prepare val", unit="img", enabled=progress) as bar:
         for res in runner.results(val_chunk_task, val_tasks):
             bar.update(runner.add(res))
+    if runner.stop:
+        return
     n_img = 0
     with Progress(len(train_tasks), "prepare train", unit="class", enabled=progress) as bar:
         for res in runner.results(train_class_task, train_tasks):
@@ -260,6 +256,85 @@ def _write_report(dst: Path, src: Path, layout: str, n_images: int, failures: li
                  private=False)
 
 
+def _check_args(src: Path, dst: Path, quality: int, workers: int,
+                per_class: int | None, val_per_class: int | None) -> None:
+    """UsageError (one line, exit 2) for a bad argument, before anything is read or written."""
+    if not src.is_dir():
+        raise UsageError(f"source folder not found: {src}")
+    s, d = src.resolve(), dst.resolve()
+    if s == d:
+        raise UsageError("SRC and DST must be different folders")
+    if s in d.parents:
+        raise UsageError(f"DST {dst} is inside SRC {src}: the prepared copies would become part "
+                         f"of the source; choose a DST outside SRC")
+    for split in SPLITS:
+        if s == d / split or d / split in s.parents:
+            raise UsageError(f"SRC {src} is inside {dst / split}, where prepare writes its "
+                             f"output; choose another DST")
+    check_output_dir(dst, "DST")
+    if not 1 <= quality <= 100:
+        raise UsageError(f"--quality must be in 1..100, got {quality}")
+    if workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {workers}")
+    for flag, v in (("--per-class", per_class), ("--val-per-class", val_per_class)):
+        if v is not None and v < 1:
+            raise UsageError(f"{flag} must be >= 1, got {v}")
+    pixel_limit()  # a bad SPLIT_ALEXNET_MAX_PIXELS is refused here, not once per image
+
+
+@contextmanager
+def _writes_kept_on_failure():
+    """A failed write in this process (full disk, file too large): Abort, one line, exit 1."""
+    try:
+        yield
+    except OSError as e:
+        raise Abort(f"could not write {e.filename or 'the output'}: {e.strerror or e}; "
+                    f"{KEPT}") from None
+
+
+def _stopped(signame: str, what: str) -> None:
+    print(f"prepare: stopped by {signame} {what}; what is prepared is kept: rerun the same "
+          f"command to continue", file=sys.stderr)
+
+
+def _convert(source: inet.Source, dst: Path, wnids: list[str], subset: Subset, record: dict,
+             workers: int, quality: int, progress: bool, stop: StopOnSignal) -> dict:
+    """Write the metadata and convert every selected image not yet in DST -> the summary."""
+    t0 = time.monotonic()
+    stray = _remove_stray_temps(dst)
+    inet.write_json(dst / SUBSET_FILE, record)
+    inet.write_class_metadata(dst, wnids, source.names, source.wnids)
+    with _Runner(workers, stop) as runner:
+        if source.layout == "archives":
+            _run_archives(runner, source, dst, wnids, subset, quality, progress, stray)
+        else:
+            jobs = _file_jobs(source, dst, wnids, subset)
+            _run_file_jobs(runner, jobs, source.root, quality, progress, stray)
+    elapsed = time.monotonic() - t0
+    tally = runner.tally
+    failures = sorted(tally["failures"])
+    n_todo = tally["todo"]
+    return {"images": tally["images"], "written": n_todo - len(failures),
+            "existing": tally["existing"], "unreadable": len(failures), "seconds": elapsed,
+            "rate": n_todo / elapsed if elapsed > 0 else 0.0, "layout": source.layout,
+            "classes": len(wnids), "failures": failures}
+
+
+def _statistics(dst: Path, layout: str, record: dict, summary: dict, progress: bool,
+                workers: int) -> dict:
+    """Compute DST/stats.npz (with the layout and subset as metadata) -> the summary."""
+    try:
+        s = load_stats(dst, progress=progress, workers=workers)
+    except Interrupted as e:
+        name = signal.Signals(e.signum).name
+        _stopped(name, "during the statistics (all images are prepared)")
+        return {**summary, "interrupted": name}
+    _annotate_stats(dst, {"layout": layout, "subset": json.dumps(record, sort_keys=True)})
+    print(f"prepare: statistics in {dst / 'stats.npz'} (eigval {s.eigval.tolist()})",
+          file=sys.stderr)
+    return {**summary, "fingerprint": s.fingerprint}
+
+
 def prepare(src: Path, dst: Path, *, workers: int | None = None, quality: int = 90,
             progress: bool = True, stats: bool = True, classes: int | str | None = None,
             per_class: int | None = None, val_per_class: int | None = None,
@@ -268,57 +343,38 @@ def prepare(src: Path, dst: Path, *, workers: int | None = None, quality: int = 
 
     ``classes``: None, N (the first N sorted wnids) or a path to a wnid list file;
     ``per_class`` / ``val_per_class``: keep M train / K val images per class (chosen by
-    ``seed``)."""
+    ``seed``). Bad arguments are refused before anything is written (UsageError); a failed
+    write is Abort (exit 1), what is written kept. SIGTERM/SIGINT stop it within one task
+    (what is written is kept, a rerun continues): the summary then has ``"interrupted"``
+    (the signal's name)."""
     src, dst = Path(src), Path(dst)
-    if not src.is_dir():
-        raise UsageError(f"source folder not found: {src}")
-    if src.resolve() == dst.resolve():
-        raise UsageError("SRC and DST must be different folders")
-    if not 1 <= quality <= 100:
-        raise UsageError(f"--quality must be in 1..100, got {quality}")
     workers = (os.cpu_count() or 1) if workers is None else workers
-    if workers < 0:
-        raise UsageError("--workers must be >= 0")
-    for flag, v in (("--per-class", per_class), ("--val-per-class", val_per_class)):
-        if v is not None and v < 1:
-            raise UsageError(f"{flag} must be >= 1, got {v}")
+    _check_args(src, dst, quality, workers, per_class, val_per_class)
     subset = Subset(classes, per_class, val_per_class, int(seed))
-    source = inet.detect_layout(src)
-    print(f"prepare: found {source.description}", file=sys.stderr)
-    wnids = select_classes(source.wnids, subset.classes)
-    record = subset.record(wnids)
-    dst.mkdir(parents=True, exist_ok=True)
-    _check_subset(dst, record)
-    stray = _remove_stray_temps(dst)
-    inet.write_json(dst / SUBSET_FILE, record)
-    inet.write_class_metadata(dst, wnids, source.names, source.wnids)
-    t0 = time.monotonic()
-    with _Runner(workers) as runner:
-        if source.layout == "archives":
-            _run_archives(runner, source, dst, wnids, subset, quality, progress, stray)
-        else:
-            jobs = _file_jobs(source, dst, wnids, subset)
-            _run_file_jobs(runner, jobs, src, quality, progress, stray)
-    elapsed = time.monotonic() - t0
-    tally = runner.tally
-    failures = sorted(tally["failures"])
-    n_images, done_before, n_todo = tally["images"], tally["existing"], tally["todo"]
-    written = n_todo - len(failures)
-    _write_report(dst, src, source.layout, n_images, failures)
-    rate = n_todo / elapsed if elapsed > 0 else 0.0
-    print(f"prepare: wrote {written}, skipped {done_before} existing, {len(failures)} unreadable "
-          f"(listed in {dst / REPORT}); {elapsed:.1f} s, {rate:.1f} img/s with {workers} workers",
-          file=sys.stderr)
-    summary = {"images": n_images, "written": written, "existing": done_before,
-               "unreadable": len(failures), "seconds": elapsed, "rate": rate,
-               "layout": source.layout, "classes": len(wnids)}
-    if stats:
-        s = load_stats(dst, progress=progress, workers=workers)
-        _annotate_stats(dst, {"layout": source.layout,
-                              "subset": json.dumps(record, sort_keys=True)})
-        summary["fingerprint"] = s.fingerprint
-        print(f"prepare: statistics in {dst / 'stats.npz'} (eigval {s.eigval.tolist()})",
-              file=sys.stderr)
+    with StopOnSignal() as stop:
+        source = inet.detect_layout(src)
+        wnids = select_classes(source.wnids, subset.classes)
+        record = subset.record(wnids)
+        _check_subset(dst, record)
+        print(f"prepare: found {source.description}", file=sys.stderr)
+        make_output_dir(dst, "DST")
+        if stop:
+            _stopped(stop.name, "before converting any image")
+            return {"interrupted": stop.name, "layout": source.layout}
+        with _writes_kept_on_failure():
+            summary = _convert(source, dst, wnids, subset, record, workers, quality, progress,
+                               stop)
+            failures = summary.pop("failures")
+            if stop:
+                _stopped(stop.name, "while converting")
+                return {**summary, "interrupted": stop.name}
+            _write_report(dst, src, source.layout, summary["images"], failures)
+            print(f"prepare: wrote {summary['written']}, skipped {summary['existing']} "
+                  f"existing, {len(failures)} unreadable (listed in {dst / REPORT}); "
+                  f"{summary['seconds']:.1f} s, {summary['rate']:.1f} img/s with {workers} "
+                  f"workers", file=sys.stderr)
+            if stats:
+                summary = _statistics(dst, source.layout, record, summary, progress, workers)
     return summary
 
 
@@ -345,6 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     s = prepare(a.src, a.dst, workers=a.workers, quality=a.quality, progress=not a.quiet,
                 stats=not a.no_stats, classes=parse_classes_arg(a.classes),
                 per_class=a.per_class, val_per_class=a.val_per_class, seed=a.seed)
+    if s.get("interrupted"):
+        return 0
     return 1 if s["images"] and s["unreadable"] == s["images"] else 0
 
 

@@ -1,11 +1,13 @@
 """The worker tasks of ``prepare``: decode images (files, or members streamed out of the
 ImageNet archives) to the paper's 256x256 patch and write them as JPEGs, atomically.
 
-Each task returns ``{"images", "written", "existing", "failures", "error"}``: ``failures``
-lists ``(label, message)`` of unreadable images (skipped, reported), ``error`` is a message
-for an archive that cannot be read (the run stops). Decoding is Pillow only
-(:func:`split_alexnet.data.images.load_rgb` with ``decoder="pillow"``), so the prepared bytes
-depend on Pillow alone and every layout gives the same tree.
+Each task returns ``{"images", "written", "existing", "failures", "error", "write_error"}``:
+``failures`` lists ``(label, message)`` of unreadable images (skipped, reported), ``error`` is
+a message for an archive that cannot be read or holds an unsafe member (the run stops, exit
+2), ``write_error`` one for an output that could not be written (the run stops, exit 1).
+Decoding is Pillow only (:func:`split_alexnet.data.images.load_rgb` with
+``decoder="pillow"``), so the prepared bytes depend on Pillow alone and every layout gives the
+same tree.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ import numpy as np
 from PIL import Image
 
 from split_alexnet.data.images import UnreadableImage, is_image_file, load_rgb
-from split_alexnet.data.imagenet import safe_rel
+from split_alexnet.data.members import member_rel
 from split_alexnet.data.subset import pick
+from split_alexnet.utils.cli import UsageError
 from split_alexnet.utils.fileio import atomic_write
 
-__all__ = ["TMP_MARK", "out_name", "write_jpeg", "files_task", "train_class_task",
+__all__ = ["TMP_MARK", "out_name", "jpeg_bytes", "write_jpeg", "files_task", "train_class_task",
            "val_chunk_task"]
 
 TMP_MARK = ".prepare-tmp"  # ends the name of every temporary output file
@@ -35,27 +38,45 @@ def out_name(rel: PurePath) -> PurePath:
     return rel if rel.suffix.lower() in (".jpg", ".jpeg") else rel.with_suffix(".jpg")
 
 
+def jpeg_bytes(img: Image.Image, quality: int) -> bytes:
+    """``img`` encoded as a JPEG, in memory.
+
+    Encoding into a file object that has a file descriptor lets Pillow write to the descriptor
+    itself, and it ignores short writes: at a full disk (or the file size limit) the file is
+    silently truncated. Python's own writes of the encoded bytes raise instead."""
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
 def write_jpeg(a: np.ndarray, out: str | os.PathLike, quality: int) -> None:
     """Write the (256, 256, 3) uint8 array ``a`` as a JPEG to ``out`` atomically (hidden temp
-    file ending in :data:`TMP_MARK` + rename), creating the folder."""
-    atomic_write(out, lambda f: Image.fromarray(a, "RGB").save(f, "JPEG", quality=quality),
-                 fsync=False, suffix=TMP_MARK, private=False)
+    file ending in :data:`TMP_MARK` + rename), creating the folder; a failed write is an
+    OSError and leaves nothing behind."""
+    data = jpeg_bytes(Image.fromarray(a, "RGB"), quality)
+    atomic_write(out, lambda f: f.write(data), fsync=False, suffix=TMP_MARK, private=False)
 
 
 def _result(images: int) -> dict:
-    return {"images": images, "written": 0, "existing": 0, "failures": [], "error": None}
+    return {"images": images, "written": 0, "existing": 0, "failures": [], "error": None,
+            "write_error": None}
 
 
 def _convert(source: str | bytes, label: str, out: Path, quality: int, res: dict,
              name: str | None = None) -> None:
     """Decode one image (a path, or an archive member's bytes named ``name`` in errors) to the
-    256x256 crop and write it; an unreadable image goes to ``res["failures"]`` as ``label``."""
+    256x256 crop and write it; an unreadable image goes to ``res["failures"]`` as ``label``,
+    a failed write to ``res["write_error"]`` (after which the task must stop)."""
     try:
         a = load_rgb(source, name=name, decoder="pillow")
     except UnreadableImage as e:
         res["failures"].append((label, str(e)))
         return
-    write_jpeg(a, out, quality)
+    try:
+        write_jpeg(a, out, quality)
+    except OSError as e:  # full disk, file too large, I/O error: the task stops here
+        res["write_error"] = f"could not write {e.filename or out}: {e.strerror or e}"
+        return
     res["written"] += 1
 
 
@@ -66,6 +87,8 @@ def files_task(task: tuple) -> dict:
     res = _result(len(items))
     for src, out, label in items:
         _convert(src, label, Path(out), quality, res)
+        if res["write_error"]:
+            break
     return res
 
 
@@ -112,11 +135,11 @@ def train_class_task(task: tuple) -> dict:
             with tarfile.open(fileobj=fobj, mode="r:") as inner:
                 keep = None
                 if per_class is not None:  # needs all names first (headers only)
-                    names = (safe_rel(m.name) for m in inner.getmembers() if m.isfile())
+                    names = (member_rel(m, where) for m in inner.getmembers())
                     keep = pick(sorted(r for r in names if r and is_image_file(r)),
                                 per_class, seed, wnid)
                 for m in inner:  # one sequential pass over the class tar
-                    rel = safe_rel(m.name) if m.isfile() else None
+                    rel = member_rel(m, where)
                     if not rel or not is_image_file(rel) or (keep is not None and rel not in keep):
                         continue
                     res["images"] += 1
@@ -129,7 +152,11 @@ def train_class_task(task: tuple) -> dict:
                         raise tarfile.ReadError("unexpected end of data")
                     label = f"{where}/{rel}"
                     _convert(data, label, out, quality, res, name=label)
-    except (tarfile.TarError, EOFError, zlib.error) as e:
+                    if res["write_error"]:
+                        break
+    except UsageError as e:  # a hostile member
+        res["error"] = str(e)
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         res["error"] = (f"cannot read {where} in {tar_path}: {type(e).__name__}: {e} "
                         f"(truncated or corrupt archive?)")
     return res
@@ -140,18 +167,29 @@ def val_chunk_task(task: tuple) -> dict:
     ``task = (val_tar, [(name, wnid, offset, size), ...], dst, quality)``."""
     tar_path, items, dst, quality = task
     res = _result(len(items))
-    with open(tar_path, "rb") as f:
+    try:
+        f = open(tar_path, "rb")
+    except OSError as e:
+        res["error"] = f"cannot read archive {tar_path}: {e.strerror or e}"
+        return res
+    with f:
         for name, wnid, off, size in items:
             out = Path(dst) / "val" / wnid / out_name(PurePosixPath(name))
             if out.exists():
                 res["existing"] += 1
                 continue
-            f.seek(off)
-            data = f.read(size)
+            try:
+                f.seek(off)
+                data = f.read(size)
+            except OSError as e:
+                res["error"] = f"cannot read archive {tar_path} at {name}: {e.strerror or e}"
+                return res
             if len(data) != size:
                 res["error"] = (f"archive {tar_path} is truncated at {name} "
                                 f"(incomplete download?)")
                 return res
             label = f"{Path(tar_path).name}/{name}"
             _convert(data, label, out, quality, res, name=label)
+            if res["write_error"]:
+                break
     return res

@@ -8,7 +8,6 @@ import hashlib
 import os
 import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -18,8 +17,8 @@ import torch
 
 from split_alexnet.data.dataset import check_dataset_root, find_classes, list_samples
 from split_alexnet.data.images import SIZE, UnreadableImage, load_rgb256
-from split_alexnet.data.pool import mp_context
-from split_alexnet.utils.cli import UsageError
+from split_alexnet.data.pool import Interrupted, StopOnSignal, WorkerPool
+from split_alexnet.utils.cli import Abort, UsageError
 from split_alexnet.utils.fileio import atomic_write
 from split_alexnet.utils.progress import Progress
 
@@ -72,7 +71,11 @@ def image_sums(paths: Sequence[str]):
 
 def compute_stats(root: Path, *, progress: bool = True, workers: int = 0,
                   chunk: int = 32) -> dict:
-    """Compute the statistics of ``root/train`` (all pixels, float64) -> dict for savez."""
+    """Compute the statistics of ``root/train`` (all pixels, float64) -> dict for savez.
+
+    SIGTERM/SIGINT stop it within one chunk of ``chunk`` images
+    (:class:`split_alexnet.data.pool.StopOnSignal`): the workers are killed and
+    :class:`split_alexnet.data.pool.Interrupted` is raised (exit code 128 + the signal)."""
     root = Path(root)
     check_dataset_root(root)
     classes = find_classes(root / "train")
@@ -84,23 +87,19 @@ def compute_stats(root: Path, *, progress: bool = True, workers: int = 0,
     rgb_sum = np.zeros(3, np.float64)
     outer = np.zeros((3, 3), np.float64)
     n, bad = 0, []
-    with Progress(len(files), "statistics", unit="img", enabled=progress) as bar:
-        def add(res, k):
-            nonlocal img_sum, rgb_sum, outer, n
-            s, r, o, m, b = res
+    with StopOnSignal() as stop, WorkerPool(max(workers or 0, 0), stop) as pool, \
+            Progress(len(files), "statistics", unit="img", enabled=progress) as bar:
+        for s, r, o, m, b in pool.results(image_sums, chunks, ordered=True):
             img_sum += s
             rgb_sum += r
             outer += o
             n += m
             bad.extend(b)
-            bar.update(k, extra=f"{len(bad)} unreadable" if bad else None)
-        if workers and workers > 0 and len(chunks) > 1:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=mp_context()) as ex:
-                for c, res in zip(chunks, ex.map(image_sums, chunks)):
-                    add(res, len(c))
-        else:
-            for c in chunks:
-                add(image_sums(c), len(c))
+            bar.update(m + len(b), extra=f"{len(bad)} unreadable" if bad else None)
+    if stop:
+        raise Interrupted(f"statistics stopped by {stop.name} after {bar.n} of {len(files)} "
+                          f"images of {root / 'train'}; nothing was saved (they are computed "
+                          f"again next time)", stop.signum)
     for p, msg in bad:
         print(f"warning: skipped unreadable image: {msg}", file=sys.stderr)
     if n == 0:
@@ -175,7 +174,8 @@ def load_stats(root: Path, *, progress: bool = True, workers: int = 0) -> Stats:
 
     Looked up in ``root/stats.npz`` then in the user cache (:func:`stats_cache_path`); used
     only if its fingerprint matches the current ``root/train`` file list, else recomputed and
-    written to ``root/stats.npz`` (or the user cache if ``root`` is not writable)."""
+    written to ``root/stats.npz`` (or the user cache if ``root`` is not writable). A failed
+    write (full disk) is :class:`split_alexnet.utils.cli.Abort` (one line, exit 1)."""
     root = Path(root)
     check_dataset_root(root)
     classes = find_classes(root / "train")
@@ -188,5 +188,8 @@ def load_stats(root: Path, *, progress: bool = True, workers: int = 0) -> Stats:
             return s
     arrays = compute_stats(root, progress=progress, workers=workers)
     target = local if _writable(root) else cached
-    save_stats(target, arrays)
+    try:
+        save_stats(target, arrays)
+    except OSError as e:
+        raise Abort(f"could not write the statistics {target}: {e.strerror or e}") from None
     return read_stats(target)

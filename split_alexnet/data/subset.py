@@ -64,8 +64,12 @@ def select_classes(wnids: Sequence[str], spec: int | str | None) -> list[str]:
     path = Path(spec)
     if not path.is_file():
         raise UsageError(f"--classes: not an integer and no such list file: {spec}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--classes: cannot read the list file {spec}: {e}") from None
     want = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         w = line.split("#", 1)[0].strip()
         if w:
             want.append(w.split()[0])

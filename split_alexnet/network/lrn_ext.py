@@ -103,11 +103,12 @@ def cpu_description() -> str:
 
 
 def build_key() -> str:
-    """16 hex digits naming the build: source, flags, torch, Python and :func:`cpu_description`."""
+    """16 hex digits naming the build: source (its text and where it lives, so two checkouts
+    never rebuild over each other's cache), flags, torch, Python and :func:`cpu_description`."""
     h = hashlib.sha256()
     h.update(SOURCE.read_bytes())
-    for part in (" ".join(_CFLAGS), " ".join(_LDFLAGS), torch.__version__, sys.version,
-                 cpu_description()):
+    for part in (str(SOURCE.resolve()), " ".join(_CFLAGS), " ".join(_LDFLAGS),
+                 torch.__version__, sys.version, cpu_description()):
         h.update(b"\0" + part.encode())
     return h.hexdigest()[:16]
 

@@ -25,7 +25,6 @@ Messages and field numbers, from BVLC/caffe ``src/caffe/proto/caffe.proto``:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 

@@ -3,21 +3,56 @@
     python -m split_alexnet.compare runs/split runs/single --out compare.png
 
 Prints both runs' train loss and validation errors side by side at the steps they share,
-the largest difference of each, and writes a PNG of the curves.
+the largest difference of each, and writes a PNG of the curves. A record it cannot read (not
+an object, a train or val record without an integer step or a finite value) stops it with
+one line naming the record.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from split_alexnet.training.metrics import by_step, read_records
+from split_alexnet.training.metrics import FILENAME, read_records
 from split_alexnet.utils.cli import UsageError, run
+from split_alexnet.utils.flags import Number, check_output
 from split_alexnet.utils.plot import curves_png
 
 PROG = "split_alexnet.compare"
+
+#: What is compared: (record kind, field).
+FIELDS = (("train", "loss"), ("val", "top1_err"), ("val", "top5_err"))
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def comparable(run_dir: Path | str) -> dict[tuple[str, str], dict[int, float]]:
+    """{(kind, field): {step: value}} of a run's records for each of :data:`FIELDS` (a step
+    logged again after a resume keeps its latest value). A train or val record that is not
+    an object with an integer step and finite values is a :class:`UsageError` naming it."""
+    out: dict[tuple[str, str], dict[int, float]] = {kf: {} for kf in FIELDS}
+    where = Path(run_dir) / FILENAME
+    for i, r in enumerate(read_records(run_dir), 1):
+        if not isinstance(r, dict):
+            raise UsageError(f"{where}: record {i} is not a JSON object: {str(r)[:60]}")
+        kind = r.get("kind")
+        wanted = [f for k, f in FIELDS if k == kind]
+        if not wanted:
+            continue
+        step = r.get("step")
+        bad = next((f for f in wanted if not _number(r.get(f))), None)
+        if not isinstance(step, int) or isinstance(step, bool) or bad:
+            what = f"{bad} = {r.get(bad)!r}" if bad else f"step = {step!r}"
+            raise UsageError(f"{where}: record {i} ({kind}) has {what}; compare needs an "
+                             "integer step and finite numbers")
+        for f in wanted:
+            out[(kind, f)][step] = float(r[f])
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -25,17 +60,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("run_a")
     p.add_argument("run_b")
     p.add_argument("--out", default=None, help="PNG of both runs' curves (default: none)")
-    p.add_argument("--rows", type=int, default=20, help="at most this many table rows")
+    p.add_argument("--rows", action=Number, min=1, default=20,
+                   help="at most this many table rows")
     args = p.parse_args(argv)
-    a, b = by_step(read_records(args.run_a)), by_step(read_records(args.run_b))
+    check_output("--out", args.out)
+    a, b = comparable(args.run_a), comparable(args.run_b)
     name_a, name_b = Path(args.run_a).name, Path(args.run_b).name
     report = {}
-    for kind, field in (("train", "loss"), ("val", "top1_err"), ("val", "top5_err")):
-        ra, rb = a.get(kind, {}), b.get(kind, {})
+    for kind, field in FIELDS:
+        ra, rb = a[(kind, field)], b[(kind, field)]
         common = sorted(set(ra) & set(rb))
         if not common:
             continue
-        diffs = [(abs(ra[s][field] - rb[s][field]), s) for s in common]
+        diffs = [(abs(ra[s] - rb[s]), s) for s in common]
         worst, at = max(diffs)
         report[f"{kind} {field}"] = (worst, at, len(common))
         print(f"{kind} {field}: {len(common)} shared steps, largest difference {worst:.3g} "
@@ -44,15 +81,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             stride = max(1, len(common) // args.rows)
             print(f"  {'step':>7} {name_a[:14]:>14} {name_b[:14]:>14} {'diff':>10}")
             for s in common[::stride]:
-                print(f"  {s:>7} {ra[s][field]:>14.6f} {rb[s][field]:>14.6f} "
-                      f"{ra[s][field] - rb[s][field]:>10.3g}")
+                print(f"  {s:>7} {ra[s]:>14.6f} {rb[s]:>14.6f} {ra[s] - rb[s]:>10.3g}")
     if not report:
         raise UsageError("the two runs share no logged steps")
     if args.out:
-        series = []
-        for name, m in ((name_a, a), (name_b, b)):
-            tr = m.get("train", {})
-            series.append((f"{name} train loss", list(tr), [r["loss"] for r in tr.values()]))
+        series = [(f"{name} train loss", list(m[("train", "loss")]),
+                   list(m[("train", "loss")].values())) for name, m in ((name_a, a), (name_b, b))]
         curves_png(args.out, series, title="train loss", xlabel="step", ylabel="loss")
         print(f"wrote {args.out}")
     return 0

@@ -36,6 +36,7 @@ from split_alexnet.tools.caffe import Blob, CaffeFormatError, Layer, Net, parse_
 from split_alexnet.tools.predict import ILSVRC2012_WNIDS, imagenet_names
 from split_alexnet.training.checkpoint import code_version, save_checkpoint
 from split_alexnet.utils.cli import Abort, UsageError, run
+from split_alexnet.utils.flags import check_input, check_output
 
 PROG = "split_alexnet.convert"
 
@@ -102,7 +103,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="Caffe's mean image, a 3x256x256 BGR BlobProto (default: Caffe's "
                         "per-channel BGR mean 104, 117, 123)")
     c.add_argument("--force", action="store_true", help="replace OUT.pt if it exists")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_input("MODEL.caffemodel", args.model)
+    check_input("--mean", args.mean)
+    check_output("OUT.pt", args.out)
+    return args
 
 
 # ----------------------------------------------------------------------------- checks

@@ -35,6 +35,7 @@ from split_alexnet.training.checkpoint import (CheckpointError, checkpoint_stats
 from split_alexnet.training.loop import evaluate
 from split_alexnet.utils.cli import UsageError, run
 from split_alexnet.utils.fileio import atomic_write
+from split_alexnet.utils.flags import WORKERS, Number, check_number, check_output
 
 PROG = "split_alexnet.evaluate"
 
@@ -47,10 +48,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--split", default="val", help="subfolder to evaluate (default: val)")
     p.add_argument("--ten-crop", action="store_true", help="also the paper's ten-crop test")
     add_device_flags(p, default="paper")
-    p.add_argument("--batch-size", type=int, default=128, help="images per forward (default 128)")
-    p.add_argument("--workers", type=int, default=4, help="DataLoader workers (default 4)")
+    p.add_argument("--batch-size", action=Number, min=1, default=128,
+                   help="images per forward (default 128)")
+    p.add_argument("--workers", action=Number, **WORKERS, default=4,
+                   help="DataLoader workers (default 4)")
     p.add_argument("--json", help="also write the results to this file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_output("--json", args.json)
+    return args
 
 
 def load_model(path: Path, *, gpus: str | None = None, devices: str | None = None,
@@ -112,8 +117,8 @@ def evaluate_checkpoint(path: Path, data: Path, *, split: str = "val", ten_crop:
                         progress: bool = True) -> dict:
     """The centre-crop (and with ``ten_crop`` the ten-crop) results of a checkpoint on
     ``data/split``, with the layout and devices used: what ``--json`` writes."""
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    check_number("--batch-size", batch_size, min=1)
+    check_number("--workers", workers, **WORKERS)
     model, ckpt, devs = load_model(Path(path), gpus=gpus, devices=devices,
                                    single_device=single_device)
     split_dir = Path(data) / split

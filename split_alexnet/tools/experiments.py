@@ -47,10 +47,12 @@ from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.network.placement import DEVICE_HELP, resolve_devices
 from split_alexnet.tools.evaluate import evaluate_checkpoint, write_json
 from split_alexnet.training.config import TrainConfig, parse_config, to_flags
+from split_alexnet.training.loop import Diverged
 from split_alexnet.training.metrics import read_records
 from split_alexnet.training.trainer import train
-from split_alexnet.utils.cli import Abort, UsageError, run
+from split_alexnet.utils.cli import UsageError, run
 from split_alexnet.utils.fileio import atomic_write
+from split_alexnet.utils.flags import WORKERS, Number
 from split_alexnet.utils.plot import curves_png
 
 PROG = "split_alexnet.experiments"
@@ -258,7 +260,7 @@ def _pct(x: float | None, sd: float | None = None) -> str:
 
 def _target_cell(a: dict, target_name: str) -> str:
     if a["diverged"] == a["seeds"]:
-        return f"diverged (loss NaN/inf) by step {a['budget_steps'] + 1}"
+        return f"diverged (loss or weights NaN/inf) by step {a['budget_steps'] + 1}"
     if a["target_reached"] == 0:
         return f"not reached within {a['budget_steps']} steps"
     cell = f"{a['target_step_mean']:.0f} steps ({a['target_seconds_mean']:.0f} s)"
@@ -365,18 +367,21 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     p.add_argument("--demo", action="store_true",
                    help="generate the demo set under OUT/demo_data and use the demo preset")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--budget-steps", type=int, help="optimizer steps per run (--max-steps)")
-    g.add_argument("--epochs", type=int, help="epochs per run instead of a step budget")
-    p.add_argument("--seeds", type=int, default=1, help="seeds 0..K-1 for every variant")
+    g.add_argument("--budget-steps", action=Number, min=1,
+                   help="optimizer steps per run (--max-steps)")
+    g.add_argument("--epochs", action=Number, min=1,
+                   help="epochs per run instead of a step budget")
+    p.add_argument("--seeds", action=Number, min=1, default=1,
+                   help="seeds 0..K-1 for every variant")
     p.add_argument("--out", help="output folder (default runs/experiments/NAME)")
     p.add_argument("--devices", help=f"{DEVICE_HELP['devices']} With neither flag: GPUs 0 "
                                      "and 1, or the CPU for the demo and when there is no GPU.")
     p.add_argument("--gpus", help=DEVICE_HELP["gpus"])
-    p.add_argument("--batch-size", type=int, help="images per step (default: the trainer's "
-                                                  "or the demo preset's)")
-    p.add_argument("--smooth", type=int, default=10,
+    p.add_argument("--batch-size", action=Number, min=1,
+                   help="images per step (default: the trainer's or the demo preset's)")
+    p.add_argument("--smooth", action=Number, min=1, default=10,
                    help="trailing window (steps) for the training error (default 10)")
-    p.add_argument("--workers", type=int, help="DataLoader workers per run")
+    p.add_argument("--workers", action=Number, **WORKERS, help="DataLoader workers per run")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep each run's .pt files (about 450 MB each); default: delete them "
                         "once the run's numbers are read")
@@ -387,14 +392,6 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
         if e.code not in (0, None):
             raise SystemExit(2) from None
         raise
-    if a.seeds < 1:
-        raise UsageError(f"--seeds must be at least 1, got {a.seeds}")
-    if a.budget_steps is not None and a.budget_steps < 1:
-        raise UsageError(f"--budget-steps must be at least 1, got {a.budget_steps}")
-    if a.epochs is not None and a.epochs < 1:
-        raise UsageError(f"--epochs must be at least 1, got {a.epochs}")
-    if a.smooth < 1:
-        raise UsageError(f"--smooth must be at least 1, got {a.smooth}")
     return a, extra
 
 
@@ -405,6 +402,7 @@ def _count_classes(root: Path) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a, extra = parse_args(argv)
+    parse_config(extra)  # the trainer's flags after --: checked before any work
     exp = EXPERIMENTS[a.name]
     out = Path(a.out or f"runs/experiments/{a.name}")
     out.mkdir(parents=True, exist_ok=True)
@@ -467,10 +465,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             diverged = None
             try:
                 train(cfg)
-            except Abort as e:
-                if isinstance(e, UsageError) or "loss is" not in str(e):
-                    raise
-                diverged = str(e)  # a NaN/inf loss: a result of this variant, not a crash
+            except Diverged as e:
+                diverged = str(e)  # NaN/inf loss or weights: a result of this variant
                 print(f"{PROG}: {name} seed {seed} diverged: {e}", file=sys.stderr)
             fv = final_val(cfg) if diverged is None \
                 else {"step": None, "top1_err": None, "top5_err": None, "loss": None, "n": None}

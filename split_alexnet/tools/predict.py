@@ -36,6 +36,7 @@ from split_alexnet.tools.evaluate import load_model
 from split_alexnet.tools.features import prepare_input
 from split_alexnet.training.checkpoint import checkpoint_stats
 from split_alexnet.utils.cli import UsageError, run
+from split_alexnet.utils.flags import Number
 
 PROG = "split_alexnet.predict"
 
@@ -51,11 +52,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="a .pt file written by train or by split_alexnet.convert")
     p.add_argument("--ten-crop", action="store_true",
                    help="average the softmax of the paper's ten crops (default: centre crop)")
-    p.add_argument("--top", type=int, default=5, help="classes to show per image (default 5)")
+    p.add_argument("--top", action=Number, min=1, default=5,
+                   help="classes to show per image (default 5)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--skip-unreadable", action="store_true",
                    help="warn about unreadable images and classify the rest (default: stop)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward (default 32)")
+    p.add_argument("--batch-size", action=Number, min=1, default=32,
+                   help="images per forward (default 32)")
     add_device_flags(p, default="collapse")
     return p.parse_args(argv)
 
@@ -130,10 +133,6 @@ def predict(model, ckpt: dict, arrays: Sequence[np.ndarray], device, *, ten_crop
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.top < 1:
-        raise UsageError(f"--top must be at least 1, got {args.top}")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     paths, arrays = load_images(args.images, skip_unreadable=args.skip_unreadable)
     if not arrays:
         raise UsageError("none of the images could be read")

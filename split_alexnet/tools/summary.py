@@ -14,9 +14,13 @@ import torch
 
 from split_alexnet.network.model import INPUT_SIZE, TOWER_LAYERS, SplitAlexNet, count_parameters
 from split_alexnet.network.placement import add_device_flags, place, resolve_devices
-from split_alexnet.utils.cli import UsageError, run
+from split_alexnet.utils.cli import run
+from split_alexnet.utils.flags import Number
 
 PROG = "split_alexnet.summary"
+
+#: The most --classes the summary builds: fc8 is then 410M parameters (1.6 GB in memory).
+MAX_CLASSES = 100_000
 
 
 def summarize(net: SplitAlexNet) -> str:
@@ -57,13 +61,11 @@ def summarize(net: SplitAlexNet) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0])
     add_device_flags(p, default="cpu", single_device=False)
-    p.add_argument("--classes", type=int, default=1000, help="units in fc8 (default 1000)")
+    p.add_argument("--classes", action=Number, min=1, max=MAX_CLASSES, default=1000,
+                   help="units in fc8 (default 1000)")
     args = p.parse_args(argv)
     devices = resolve_devices(args.gpus, args.devices, default="cpu")
-    try:
-        net = place(SplitAlexNet(args.classes, init=None), devices)
-    except ValueError as e:  # --classes
-        raise UsageError(str(e)) from None
+    net = place(SplitAlexNet(args.classes, init=None), devices)
     print(summarize(net))
     return 0
 

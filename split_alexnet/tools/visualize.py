@@ -11,7 +11,8 @@
   images whose fc7 features (4096-d, post-ReLU, eval mode) are nearest in Euclidean distance.
 * ``curves``: training and validation error against step for one or more run folders.
 
-Pillow only (a core dependency): no matplotlib needed. See docs/visualize.md.
+Pillow only (a core dependency): no matplotlib needed. Every image written is at most
+:data:`MAX_PIXELS`, checked from the flags before any work. See docs/visualize.md.
 """
 
 from __future__ import annotations
@@ -37,10 +38,14 @@ from split_alexnet.training.checkpoint import (CheckpointError, checkpoint_stats
 from split_alexnet.training.metrics import by_step, read_records
 from split_alexnet.utils.cli import UsageError, run
 from split_alexnet.utils.fileio import atomic_write
+from split_alexnet.utils.flags import WORKERS, Number, check_output
 from split_alexnet.utils.plot import curves_png
 from split_alexnet.utils.progress import Progress
 
 PROG = "split_alexnet.visualize"
+
+#: The largest image any command writes: 50 megapixels (150 MB of RGB while it is drawn).
+MAX_PIXELS = 50_000_000
 
 __all__ = ["KernelGrid", "normalise_kernels", "colourfulness", "tower_colourfulness",
            "kernel_image", "RetrievalLayout", "retrieve", "retrieval_image", "curve_series",
@@ -150,9 +155,20 @@ def _conv1_weight(ckpt: dict) -> torch.Tensor:
         raise UsageError("the checkpoint has no conv1.weight") from None
 
 
+def check_image_size(size: tuple[int, int], flags: str) -> None:
+    """An image of ``size`` (width, height) that ``flags`` ask for is at most
+    :data:`MAX_PIXELS`, or a :class:`UsageError`."""
+    w, h = size
+    if w * h > MAX_PIXELS:
+        raise UsageError(f"{flags} ask for a {w:,}x{h:,} px image; images are limited to "
+                         f"{MAX_PIXELS:,} pixels")
+
+
 def cmd_kernels(args: argparse.Namespace) -> int:
-    if args.scale < 1 or args.cols < 1:
-        raise UsageError("--scale and --cols must be at least 1")
+    _image_format(args.out)
+    # The largest grid the flags can give (the two-tower net's 96 kernels of 11x11).
+    check_image_size(KernelGrid(cols=min(args.cols, 48), scale=args.scale).size,
+                     f"--cols {args.cols} --scale {args.scale}")
     try:
         ckpt = load_checkpoint(Path(args.checkpoint))
         towers = 1 if model_config(ckpt).arch == "half" else 2
@@ -320,9 +336,10 @@ def retrieval_image(results: list[dict], neighbours: int, *, tile: int = 112
 
 
 def cmd_retrieval(args: argparse.Namespace) -> int:
-    if args.queries < 1 or args.neighbours < 1 or args.tile < 16 or args.batch_size < 1:
-        raise UsageError("--queries, --neighbours and --batch-size must be at least 1, "
-                         "--tile at least 16")
+    _image_format(args.out)
+    check_image_size(RetrievalLayout(args.queries, args.neighbours, tile=args.tile).size,
+                     f"--queries {args.queries} --neighbours {args.neighbours} --tile "
+                     f"{args.tile}")
     model, ckpt, devs = load_model(Path(args.checkpoint), gpus=args.gpus, devices=args.devices,
                                    single_device=args.single_device, default="collapse")
     results = retrieve(model, ckpt, Path(args.data), devs[0], queries=args.queries,
@@ -378,11 +395,13 @@ def _parse_size(text: str) -> tuple[int, int]:
         raise UsageError(f"--size takes WIDTHxHEIGHT, e.g. 800x500; got {text!r}") from None
     if w < 200 or h < 150:
         raise UsageError(f"--size must be at least 200x150, got {text}")
+    check_image_size((w, h), f"--size {text}")
     return w, h
 
 
 def cmd_curves(args: argparse.Namespace) -> int:
     size = _parse_size(args.size)
+    _image_format(args.out)
     series = curve_series(args.runs, args.metric)
     err = args.metric.endswith("_err")
     what = {"top1_err": "top-1 error", "top5_err": "top-5 error", "loss": "loss"}[args.metric]
@@ -397,12 +416,19 @@ def cmd_curves(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- CLI
 
-def _save(img: Image.Image, out: str | Path) -> None:
-    """Write ``img`` atomically, in the format of ``out``'s suffix (PNG without one)."""
+def _image_format(out: str | Path) -> str:
+    """The image format of ``--out`` (its suffix; PNG without one), after checking that the
+    file can be written: a :class:`UsageError` before any work otherwise."""
+    check_output("--out", out)
     out, formats = Path(out), Image.registered_extensions()
     if out.suffix and out.suffix.lower() not in formats:
         raise UsageError(f"cannot write {out}: unknown file extension: {out.suffix}")
-    fmt = formats.get(out.suffix.lower(), "PNG")
+    return formats.get(out.suffix.lower(), "PNG")
+
+
+def _save(img: Image.Image, out: str | Path) -> None:
+    """Write ``img`` atomically, in the format of ``out``'s suffix (PNG without one)."""
+    fmt = _image_format(out)
     try:
         atomic_write(out, lambda f: img.save(f, format=fmt), private=False)
     except (OSError, ValueError) as e:
@@ -417,9 +443,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     k.add_argument("--checkpoint", required=True,
                    help="a .pt file written by train or by split_alexnet.convert")
     k.add_argument("--out", required=True, help="PNG to write")
-    k.add_argument("--cols", type=int, default=16, help="kernels per row (default 16: "
-                   "two blocks of 3 rows x 16)")
-    k.add_argument("--scale", type=int, default=4, help="pixel repetition (default 4)")
+    k.add_argument("--cols", action=Number, min=1, default=16, help="kernels per row (default "
+                   "16: two blocks of 3 rows x 16)")
+    k.add_argument("--scale", action=Number, min=1, default=4,
+                   help="pixel repetition (default 4)")
     k.set_defaults(func=cmd_kernels)
 
     r = sub.add_parser("retrieval", help="Figure 4: nearest training images in fc7 space")
@@ -427,12 +454,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="a .pt file written by train or by split_alexnet.convert")
     r.add_argument("--data", required=True, help="dataset root with train/ and val/")
     r.add_argument("--out", required=True, help="PNG to write")
-    r.add_argument("--queries", type=int, default=5, help="val images to query (default 5)")
-    r.add_argument("--neighbours", type=int, default=6, help="neighbours each (default 6)")
-    r.add_argument("--max-train", type=int, help="search an evenly spread subset of train/")
-    r.add_argument("--tile", type=int, default=112, help="thumbnail size in px (default 112)")
-    r.add_argument("--batch-size", type=int, default=64, help="images per forward (default 64)")
-    r.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
+    r.add_argument("--queries", action=Number, min=1, default=5,
+                   help="val images to query (default 5)")
+    r.add_argument("--neighbours", action=Number, min=1, default=6,
+                   help="neighbours each (default 6)")
+    r.add_argument("--max-train", action=Number, min=1,
+                   help="search an evenly spread subset of train/")
+    r.add_argument("--tile", action=Number, min=16, default=112,
+                   help="thumbnail size in px (default 112)")
+    r.add_argument("--batch-size", action=Number, min=1, default=64,
+                   help="images per forward (default 64)")
+    r.add_argument("--workers", action=Number, **WORKERS, default=2,
+                   help="DataLoader workers (default 2)")
     add_device_flags(r, default="collapse")
     r.set_defaults(func=cmd_retrieval)
 

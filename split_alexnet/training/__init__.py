@@ -3,7 +3,9 @@
     config.py       TrainConfig: every flag, validated (parse_config)
     trainer.py      main -> train(cfg): setup, then the epochs, then the ten-crop test
     distributed.py  this process's rank and devices; DDP's collectives (torchrun)
-    state.py        Trainer: what one process holds, and its Position
+    state.py        Trainer: what one process holds, its Position, StopRequested (signals)
+    runfolder.py    the run folder: its lock, fresh start or --overwrite, stale temporaries,
+                    the settings a resume must share with its checkpoint
     loader.py       the epoch's batches (and the line naming a dead worker's files)
     loop.py         train_one_epoch: batch -> finish_batch -> model -> loss -> backward ->
                     optimizer step; evaluate

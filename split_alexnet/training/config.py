@@ -4,7 +4,10 @@ file and the command line, in that order (later wins). Saved inside every checkp
 Every field is a flag of the same name (``batch_size`` is ``--batch-size``), also in a TOML
 file given with ``--config``; the fields of :class:`ModelConfig` (``--arch``, ``--lrn``, ...)
 are flags of their own, flat like the rest. Each flag's help and allowed values are its
-field's metadata, so ``--help`` and the checks in :meth:`TrainConfig.validate` say the same.
+field's metadata, so ``--help`` and the checks in :meth:`TrainConfig.validate` say the same;
+so are the numeric ones' ranges (``min``, ``max``, ``above``, ``below``: ``utils.flags``), checked
+on the command line, in a TOML file (with each value's type) and in :meth:`TrainConfig.validate`
+alike. Every float must be finite.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from split_alexnet.network.placement import DEVICE_HELP
 from split_alexnet.training.distributed import BACKENDS
 from split_alexnet.training.optim import OPTIMIZERS, SCHEDULES, parse_schedule
 from split_alexnet.utils.cli import UsageError
+from split_alexnet.utils.flags import BOUNDS, WORKERS, Number, check_number
 
 try:  # Python 3.11+; on 3.10 the optional dependency tomli reads --config files
     import tomllib
@@ -35,9 +39,18 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 PROG = "split_alexnet.train"
 
 
-def _setting(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
-    """A field with its flag's help text (and allowed values) as metadata."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+#: The largest --seed: it and the seeds derived from it stay within 63 bits.
+MAX_SEED = 2 ** 62
+#: torch.finfo(torch.float32).max: the update rule's scalars (lr, lr * weight decay) are
+#: float32 inside the kernels, and a larger one cannot be converted.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _setting(default: Any, help: str, choices: Sequence[str] | None = None,
+             **bounds: Any) -> Any:
+    """A field with its flag's help text, allowed values and numeric range (``min``, ``max``,
+    ``above``, ``below``) as metadata."""
+    return field(default=default, metadata={"help": help, "choices": choices, **bounds})
 
 
 @dataclass(frozen=True)
@@ -55,49 +68,57 @@ class TrainConfig:
     single_device: bool = _setting(False, DEVICE_HELP["single_device"])
     model: ModelConfig = field(default_factory=ModelConfig)
     """The network (flags --arch, --init, --lrn, --activation, --pool, --dropout)."""
-    epochs: int = _setting(90, "Passes over the training set (the paper: about 90).")
+    epochs: int = _setting(90, "Passes over the training set (the paper: about 90).", min=1)
     batch_size: int = _setting(128, "Images per optimizer step (the paper: 128). Global under "
-                                    "torchrun unless --per-process-batch.")
+                                    "torchrun unless --per-process-batch.", min=1)
     per_process_batch: bool = _setting(False, "Under torchrun: --batch-size is per process "
                                               "instead of global.")
     backend: str = _setting("auto", "Under torchrun: the torch.distributed backend, 'auto' "
                                     "(nccl when every device is a GPU, gloo otherwise), 'nccl' "
                                     "or 'gloo'.", BACKENDS)
     lr: float = _setting(0.01, "Initial learning rate (the paper: 0.01, the same for every "
-                               "layer).")
-    momentum: float = _setting(0.9, "Momentum of the paper's update rule.")
+                               "layer).", above=0, max=FLOAT32_MAX)
+    momentum: float = _setting(0.9, "Momentum of the paper's update rule.", min=0, below=1)
     weight_decay: float = _setting(5e-4, "Weight decay of the paper's update rule (inside the "
-                                         "velocity, times lr).")
+                                         "velocity, times lr).", min=0, max=FLOAT32_MAX)
     optimizer: str = _setting("paper", "'paper' (lr inside the velocity, section 5) or 'torch' "
                                        "(torch.optim.SGD).", OPTIMIZERS)
     lr_schedule: str = _setting("plateau", "'plateau': divide by 10 when val error stops "
                                            "improving (the paper); 'step:N': every N epochs.")
     plateau_patience: int = _setting(1, "Epochs without a new best val top-1 error before the "
-                                        "plateau schedule divides the rate.")
-    lr_drops: int = _setting(3, "At most this many divisions by 10 (the paper: three).")
+                                        "plateau schedule divides the rate.", min=0)
+    lr_drops: int = _setting(3, "At most this many divisions by 10 (the paper: three).", min=0)
     pca: str = _setting("paper", "PCA colour noise: 'paper' (alpha_i * lambda_i, lambda of "
                                  "[0,1]-scaled RGB), 'paper-255' (lambda of 0-255 RGB, "
                                  "literally: drowns the image), 'sqrt' (Krizhevsky's code), "
                                  "'off'.", PCA_MODES)
-    workers: int = _setting(4, "DataLoader worker processes per training process.")
+    workers: int = _setting(4, "DataLoader worker processes per training process.", **WORKERS)
     seed: int = _setting(0, "Seeds the weights, the dropout masks, the data order and every "
-                            "augmentation.")
+                            "augmentation.", min=0, max=MAX_SEED)
     max_steps: int | None = _setting(None, "Stop after this many optimizer steps in total "
-                                           "(smoke runs); a checkpoint is saved.")
+                                           "(smoke runs); a checkpoint is saved.", min=1)
     resume: str | None = _setting(None, "'auto' (OUT/last.pt, falling back to the newest good "
                                         "epoch checkpoint) or a path.")
+    # run folder
+    overwrite: bool = _setting(False, "Start a new run in an --out that already holds one, "
+                                      "deleting its checkpoints, metrics.jsonl, curves.png and "
+                                      "config.json (without it such an --out is refused).")
+    resume_lr: float | None = _setting(None, "With --resume: continue at this learning rate "
+                                             "instead of the checkpoint's; recorded in "
+                                             "metrics.jsonl as an \"lr_change\" record.",
+                                  above=0, max=FLOAT32_MAX)
     checkpoint_minutes: float = _setting(30.0, "Also save OUT/last.pt every this many minutes "
-                                               "inside an epoch.")
+                                               "inside an epoch (0: after every step).", min=0)
     keep_last: int = _setting(3, "Keep the last K epoch checkpoints (OUT/epoch_NNN.pt) besides "
-                                 "last.pt and best.pt.")
+                                 "last.pt and best.pt (0: keep them all).", min=0)
     log_interval: int = _setting(20, "Steps between lines of progress and metrics.jsonl "
-                                     "records.")
+                                     "records.", min=1)
     watchdog_steps: int = _setting(500, "After this many steps, warn once if the training loss "
                                         "is still at chance, ln(classes) (docs/experiments.md); "
-                                        "0 disables.")
+                                        "0 disables.", min=0)
     ten_crop: bool = _setting(True, "At the end, evaluate with ten crops and averaged softmax "
                                     "(the paper).")
-    eval_every: int = _setting(1, "Evaluate the centre crop every this many epochs.")
+    eval_every: int = _setting(1, "Evaluate the centre crop every this many epochs.", min=1)
     strict: bool = _setting(False, "Unreadable images are fatal instead of skipped and counted.")
     channels_last: bool = _setting(False, "Fast path: NHWC weights and inputs (the same "
                                           "function; docs/benchmarks.md).")
@@ -127,7 +148,7 @@ class TrainConfig:
               "no gradient, no update, no weight decay, no momentum.")
     lr_mult_new: float = _setting(
         1.0, "With --init-from: learning-rate multiplier of the re-initialised layers, weights "
-             "and biases (Caffe's lr_mult).")
+             "and biases (Caffe's lr_mult).", min=0, max=FLOAT32_MAX)
     finetune: bool = _setting(
         False, "Caffe's fine-tuning recipe (models/finetune_flickr_style), printed with its "
                "sources; needs --init-from. Flags on the command line win.")
@@ -136,8 +157,9 @@ class TrainConfig:
     @classmethod
     def from_flat(cls, values: dict[str, Any]) -> "TrainConfig":
         """A config from flat settings (flag names with underscores, as in :meth:`to_dict`),
-        not yet validated. A value outside a flag's choices is a :class:`UsageError`."""
-        _check_choices(values)
+        not yet validated. A value of the wrong type, outside a flag's range or choices is a
+        :class:`UsageError`."""
+        values = _check_settings(values)
         model = {k: v for k, v in values.items() if k in MODEL_FLAGS}
         rest = {k: v for k, v in values.items() if k not in MODEL_FLAGS}
         try:
@@ -147,7 +169,7 @@ class TrainConfig:
 
     def with_settings(self, **settings: Any) -> "TrainConfig":
         """This config with some flat settings changed (``activation="tanh"``), validated."""
-        _check_choices(settings)
+        settings = _check_settings(settings)
         model = {k: v for k, v in settings.items() if k in MODEL_FLAGS}
         rest = {k: v for k, v in settings.items() if k not in MODEL_FLAGS}
         try:
@@ -159,19 +181,10 @@ class TrainConfig:
         """Check every setting (a :class:`UsageError` for the first bad one) and return the
         resolved copy: ``--arch half`` is always single-device, and ``--demo`` without
         ``--data`` trains on OUT/demo_data. ``self`` is left as it is."""
-        if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.epochs < 1:
-            raise UsageError(f"--epochs must be at least 1, got {self.epochs}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise UsageError(f"--max-steps must be at least 1, got {self.max_steps}")
-        if self.lr <= 0 or self.momentum < 0 or self.weight_decay < 0:
-            raise UsageError("--lr must be > 0, --momentum and --weight-decay >= 0")
-        if self.watchdog_steps < 0:
-            raise UsageError(f"--watchdog-steps must be >= 0, got {self.watchdog_steps}")
-        if self.workers < 0:
-            raise UsageError(f"--workers must be >= 0, got {self.workers}")
-        _check_choices(self.to_dict())
+        _check_settings(self.to_dict())
+        if self.lr * self.weight_decay > FLOAT32_MAX:
+            raise UsageError(f"--lr times --weight-decay is {self.lr * self.weight_decay:.3g}, "
+                             f"beyond float32 (at most {FLOAT32_MAX:.3g})")
         try:
             parse_schedule(self.lr_schedule)
         except ValueError as e:
@@ -249,12 +262,39 @@ def _flag_fields() -> list[dataclasses.Field]:
     return out
 
 
-def _check_choices(values: dict[str, Any]) -> None:
-    for f in _flag_fields():
-        allowed = f.metadata.get("choices")
-        if allowed and f.name in values and values[f.name] not in allowed:
-            raise UsageError(f"{flag_name(f.name)} must be one of {', '.join(allowed)}; got "
-                             f"{values[f.name]!r}")
+def _kind(f: dataclasses.Field) -> type:
+    """A flag's type: int, float, bool or str (its field's annotation without ``| None``)."""
+    return {"int": int, "float": float, "bool": bool}.get(str(f.type).split(" |")[0], str)
+
+
+def _bounds(f: dataclasses.Field) -> dict[str, Any]:
+    return {k: f.metadata[k] for k in BOUNDS if k in f.metadata}
+
+
+def _check_value(name: str, f: dataclasses.Field, value: Any) -> Any:
+    """``value`` for the flag of field ``f`` (an int becomes a float where a float is due), or
+    a :class:`UsageError` that starts with ``name``: the wrong type, not finite, out of the
+    field's range or not one of its choices. None passes where the field's default is None."""
+    kind, allowed = _kind(f), f.metadata.get("choices")
+    if value is None and f.default is None:
+        return value
+    if kind in (int, float):
+        return check_number(name, value, kind, **_bounds(f))
+    if not isinstance(value, kind):
+        raise UsageError(f"{name} must be {'true or false' if kind is bool else 'a string'}, "
+                         f"got {value!r}")
+    if allowed and value not in allowed:
+        raise UsageError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+    return value
+
+
+def _check_settings(values: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """Flat settings, each checked by :func:`_check_value` (messages name ``--flag``, or the
+    TOML key after ``where``); returned with floats where floats are due."""
+    by_name = {f.name: f for f in _flag_fields()}
+    return {k: _check_value(where + k.replace("_", "-") if where else flag_name(k),
+                            by_name[k], v) if k in by_name else v
+            for k, v in values.items()}
 
 
 #: Recipe changes for the tiny generated demo set, each with its reason (docs/training.md).
@@ -272,9 +312,6 @@ DEMO_PRESET: dict[str, tuple[Any, str]] = {
                             "still there at step 150 is not learning"),
 }
 
-
-#: The fine-tuning settings a --resume must repeat (the optimizer's groups depend on them).
-FINE_TUNING_FLAGS = ("init_from", "reinit", "freeze_through", "lr_mult_new")
 
 #: Caffe's fine-tuning recipe on this repository's flags (docs/training.md, "Fine-tuning"),
 #: each with its source in BVLC/caffe: models/finetune_flickr_style/{solver,train_val}.prototxt
@@ -312,7 +349,7 @@ def layer_names(spec: str | None, flag: str, allowed: Sequence[str]) -> tuple[st
 
 
 def check_fine_tuning(cfg: "TrainConfig") -> None:
-    """The fine-tuning flags: known layer names, a multiplier >= 0, and --init-from wherever
+    """The fine-tuning flags: known layer names, and --init-from wherever
     a flag needs a source checkpoint."""
     reinit = layer_names(cfg.reinit, "--reinit", WEIGHT_LAYERS)
     if cfg.freeze_through is not None:
@@ -325,8 +362,6 @@ def check_fine_tuning(cfg: "TrainConfig") -> None:
             raise UsageError(f"--reinit {','.join(both)} and --freeze-through "
                              f"{cfg.freeze_through}: a re-initialised layer that is frozen "
                              "never learns")
-    if not cfg.lr_mult_new >= 0:  # also NaN
-        raise UsageError(f"--lr-mult-new must be >= 0, got {cfg.lr_mult_new}")
     needs = [flag for flag, on in (("--reinit", cfg.reinit is not None),
                                    ("--lr-mult-new", cfg.lr_mult_new != 1.0),
                                    ("--finetune", cfg.finetune)) if on]
@@ -352,11 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
                                help="skip the final ten-crop evaluation")
         elif f.name == "resume":
             p.add_argument("--resume", nargs="?", const="auto", metavar="PATH", help=help_)
+        elif _kind(f) in (int, float):
+            p.add_argument(flag_name(f.name), action=Number, kind=_kind(f),
+                           metavar=f.name.upper(), help=help_, **_bounds(f))
         else:
-            kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
             metavar = "{" + ",".join(choices) + "}" if choices else \
                 "{" + ",".join(SCHEDULES) + "}" if f.name == "lr_schedule" else f.name.upper()
-            p.add_argument(flag_name(f.name), type=kind, metavar=metavar, help=help_)
+            p.add_argument(flag_name(f.name), metavar=metavar, help=help_)
     return p
 
 
@@ -368,6 +405,9 @@ def load_toml(path: str) -> dict[str, Any]:
             raw = tomllib.load(f)
     except FileNotFoundError:
         raise UsageError(f"config file {path} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"config file {path} is not UTF-8 text (byte {e.start}); TOML files "
+                         "are UTF-8") from None
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise UsageError(f"config file {path} is not valid TOML: {e}") from None
     known = {f.name for f in _flag_fields()}
@@ -377,7 +417,7 @@ def load_toml(path: str) -> dict[str, Any]:
         if name not in known:
             raise UsageError(f"config file {path}: unknown setting {key!r}")
         out[name] = value
-    return out
+    return _check_settings(out, where=f"config file {path}: ")
 
 
 def parse_config(argv: Sequence[str] | None = None, *,

@@ -30,9 +30,10 @@ from pathlib import Path
 
 from torch import nn
 
-from split_alexnet.network.model import (TOWER_LAYERS, WEIGHT_LAYERS, ModelConfig,
+from split_alexnet.network.model import (WEIGHT_LAYERS, ModelConfig,
                                          layout_state_dict)
-from split_alexnet.training.checkpoint import CheckpointError, load_checkpoint, model_config
+from split_alexnet.training.checkpoint import (CheckpointError, frozen_in, load_checkpoint,
+                                               model_config)
 from split_alexnet.training.config import (FINETUNE_PRESET, PROG, TrainConfig, describe_preset,
                                            layer_names)
 from split_alexnet.utils.cli import UsageError
@@ -60,9 +61,7 @@ def layer_of(param_name: str) -> str:
 
 def frozen_layers(cfg: TrainConfig) -> tuple[str, ...]:
     """--freeze-through LAYER: LAYER and every layer before it."""
-    if cfg.freeze_through is None:
-        return ()
-    return TOWER_LAYERS[:TOWER_LAYERS.index(cfg.freeze_through) + 1]
+    return frozen_in({"config": cfg.to_dict()})
 
 
 def freeze(net: nn.Module, layers: tuple[str, ...]) -> None:

@@ -31,16 +31,25 @@ def topk_wrong(logits_or_probs: torch.Tensor, labels: torch.Tensor, k: int) -> t
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, stats, device: torch.device, *, ten_crop: bool = False,
-             progress: bool = False) -> dict[str, float]:
+             progress: bool = False, stop=None) -> dict[str, float]:
     """Top-1 and top-5 error and loss over ``loader``; with ``ten_crop`` the softmax outputs
     of the ten crops are averaged (the paper), and the loss is that average's NLL.
-    Under torch.distributed the sums are all-reduced, so each image counts exactly once."""
+    Under torch.distributed the sums are all-reduced, so each image counts exactly once.
+
+    ``stop`` (e.g. the trainer's :class:`~split_alexnet.training.state.StopRequested`): once
+    it is true the loop ends after the batch in progress, and the result, over the images
+    seen so far, has ``"stopped": True``. The all-reduce still runs, so under torchrun every
+    rank must then agree on the stop (``distributed.any_rank_flags``)."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # n, top1 wrong, top5 wrong, loss
     bar = Progress(len(loader), "eval (10 crops)" if ten_crop else "eval", unit="batch",
                    enabled=progress)
+    stopped = False
     for batch in loader:
+        if stop:
+            stopped = True
+            break
         if batch["label"].numel() == 0:
             continue
         x = finish_batch(batch, stats, device)
@@ -62,9 +71,38 @@ def evaluate(model: nn.Module, loader, stats, device: torch.device, *, ten_crop:
     dist_util.all_reduce_sum(sums)
     model.train(was_training)
     n, w1, w5, loss = sums.tolist()
-    if n == 0:
-        return {"n": 0, "top1_err": float("nan"), "top5_err": float("nan"), "loss": float("nan")}
-    return {"n": int(n), "top1_err": w1 / n, "top5_err": w5 / n, "loss": loss / n}
+    result = {"n": 0, "top1_err": float("nan"), "top5_err": float("nan"),
+              "loss": float("nan")} if n == 0 else \
+        {"n": int(n), "top1_err": w1 / n, "top5_err": w5 / n, "loss": loss / n}
+    return {**result, "stopped": True} if stopped else result
+
+
+def weight_sum(net: nn.Module, device: torch.device) -> torch.Tensor:
+    """The sum of every parameter, a scalar on ``device``, without a host sync: finite exactly
+    when every parameter is (a NaN or an infinity anywhere carries into the sum; finite
+    float32 weights would need a sum beyond 3e38 to overflow). One read of the weights."""
+    return torch.stack([p.detach().sum().to(device) for p in net.parameters()]).sum()
+
+
+class Diverged(Abort):
+    """The run diverged: a non-finite loss, or weights an update made non-finite (exit 1)."""
+
+
+def check_finite_step(t: Trainer, loss: torch.Tensor) -> float:
+    """After an optimizer step: its loss, read together with the sum of the weights it left
+    in one host sync. A non-finite loss, or finite loss but non-finite weights, stops the run
+    (:class:`Diverged`, exit 1) before anything is saved, naming the last good checkpoint."""
+    pos = t.pos
+    loss_value, weights = torch.stack([loss.detach().float(),
+                                       weight_sum(t.net, t.device).float()]).tolist()
+    where = f"at step {pos.step + 1} (epoch {pos.epoch + 1}); stopping without saving. Last " \
+            f"good checkpoint: {last_checkpoint_name(t.out)}"
+    if not math.isfinite(loss_value):
+        raise Diverged(f"loss is {loss_value} {where}")
+    if not math.isfinite(weights):
+        raise Diverged(f"the weights became non-finite (their sum is {weights}) in the update "
+                    f"{where}")
+    return loss_value
 
 
 class _Window:
@@ -101,13 +139,9 @@ def train_one_epoch(t: Trainer, loader, stop) -> str:
             loss = F.cross_entropy(logits, y)
         t.optimizer.zero_grad(set_to_none=True)
         t.scaler.scale(loss).backward()
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise Abort(f"loss is {loss_value} at step {pos.step + 1} (epoch {pos.epoch + 1}); "
-                        f"stopping without saving. Last good checkpoint: "
-                        f"{last_checkpoint_name(t.out)}")
         t.scaler.step(t.optimizer)  # plain optimizer.step() unless fp16 on CUDA
         t.scaler.update()
+        loss_value = check_finite_step(t, loss)
         pos.step += 1
         pos.epoch_step += 1
         # What the step measured: a "train" record every --log-interval steps.

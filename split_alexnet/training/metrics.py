@@ -4,8 +4,14 @@ one reader (compare, experiments, visualize, and the trainer's own curves.png), 
 
 One JSON object per line, each with a ``kind``: ``train`` (per --log-interval: step, epoch,
 loss, top1_err, lr, images_per_s), ``val`` (per evaluation: step, epoch, n, top1_err,
-top5_err, loss, lr), ``val_ten_crop``, ``watchdog`` and ``resume``; the writer adds ``time``.
-A resumed run appends, so a step can appear more than once: :func:`by_step` keeps the latest.
+top5_err, loss, lr), ``val_ten_crop``, ``watchdog``, ``resume`` and ``lr_change`` (step, epoch,
+old, new: --resume-lr); the writer adds ``time``. A resumed run appends, so a step can appear
+more than once: :func:`by_step` keeps the latest.
+
+A crash or a full disk can cut the last record short (a torn line). The reader skips a torn
+line with one warning: the last line, or one that a resumed run's ``resume`` record follows
+(a resumed run starts its records on a new line). Any other line that is not JSON is an
+error. A failed write stops the run (:class:`Abort`, exit 1); the checkpoints are untouched.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from split_alexnet.training.config import PROG
-from split_alexnet.utils.cli import UsageError
+from split_alexnet.utils.cli import Abort, UsageError
 from split_alexnet.utils.plot import curves_png
 
 FILENAME = "metrics.jsonl"
@@ -26,35 +32,81 @@ FILENAME = "metrics.jsonl"
 
 class MetricsLog:
     """Appends records to ``run_dir/metrics.jsonl``, stamped with the time. Disabled (every
-    rank but 0 under torchrun) it writes nothing."""
+    rank but 0 under torchrun) it writes nothing. Its first record starts on a new line when
+    the file ends in a torn one (with a warning)."""
 
     def __init__(self, run_dir: Path | str, *, enabled: bool = True) -> None:
         self.path = Path(run_dir) / FILENAME
         self.enabled = enabled
+        self._tail_checked = False
+
+    def _line_start(self) -> str:
+        """'' if the file is missing, empty or ends a line; else a newline (and a warning)."""
+        self._tail_checked = True
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(0, 2)
+                if f.tell() == 0:
+                    return ""
+                f.seek(-1, 2)
+                if f.read(1) == b"\n":
+                    return ""
+        except FileNotFoundError:
+            return ""
+        print(f"{PROG}: warning: {self.path} ends in a torn record (cut short by a crash or a "
+              "full disk); readers skip it, and this run's records start on a new line",
+              file=sys.stderr)
+        return "\n"
 
     def log(self, record: dict) -> None:
-        if self.enabled:
-            line = json.dumps({"time": round(time.time(), 3), **record}) + "\n"
+        if not self.enabled:
+            return
+        line = json.dumps({"time": round(time.time(), 3), **record}) + "\n"
+        try:
+            if not self._tail_checked:
+                line = self._line_start() + line
             with open(self.path, "a") as f:
                 f.write(line)  # one write per record: a crash loses at most the last line
+        except OSError as e:
+            raise Abort(f"could not write {self.path}: {e.strerror or e}; the checkpoints are "
+                        "untouched, stopping") from None
 
 
-def read_records(run_dir: Path | str, *, missing_ok: bool = False) -> list[dict]:
+def read_records(run_dir: Path | str, *, missing_ok: bool = False,
+                 warn: bool = True) -> list[dict]:
     """Every record of ``run_dir/metrics.jsonl``, in order. A missing file is a
-    :class:`UsageError` (or ``[]`` with ``missing_ok``), and so is a line that is not JSON."""
+    :class:`UsageError` (or ``[]`` with ``missing_ok``). A torn line (the last line, or one a
+    ``resume`` record follows) is skipped, with one warning line on stderr unless ``warn`` is
+    false; any other line that is not JSON is a :class:`UsageError`."""
     path = Path(run_dir) / FILENAME
     if not path.is_file():
         if missing_ok:
             return []
         raise UsageError(f"{run_dir} is not a run folder (no {FILENAME})")
-    records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    records: list[dict] = []
+    torn: list[int] = []
+    pending = 0  # the number of a line that is not JSON, until the next record judges it
+    for n, line in enumerate(path.read_bytes().decode(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            raise UsageError(f"{path}:{n} is not valid JSON") from None
+            record = None
+        if pending and not (isinstance(record, dict) and record.get("kind") == "resume"):
+            raise UsageError(f"{path}:{pending} is not valid JSON")
+        if pending:
+            torn.append(pending)
+            pending = 0
+        if record is None:
+            pending = n
+        else:
+            records.append(record)
+    torn += [pending] if pending else []
+    if torn and warn:
+        print(f"warning: {path}: skipped {len(torn)} torn record(s) (line "
+              f"{', '.join(map(str, torn))}), cut short by a crash or a full disk",
+              file=sys.stderr)
     return records
 
 
@@ -70,17 +122,28 @@ def by_step(records: list[dict]) -> dict[str, dict[int, dict]]:
 
 def write_curves(run_dir: Path | str) -> None:
     """``run_dir/curves.png``: train (per log interval) and validation (per epoch) top-1 error
-    against step, from the run's own records."""
+    against step, from the run's own records (torn ones skipped silently: ``MetricsLog``
+    warned). Records it cannot read are a warning, never the end of the run; a failure to
+    write the file is an :class:`Abort` (exit 1)."""
     run_dir = Path(run_dir)
-    steps = by_step(read_records(run_dir))
+    try:
+        steps = by_step(read_records(run_dir, warn=False))
+    except UsageError as e:
+        print(f"{PROG}: warning: curves.png not drawn: {e}", file=sys.stderr)
+        return
     train = {s: r["top1_err"] for s, r in steps.get("train", {}).items()}
     val = {s: r["top1_err"] for s, r in steps.get("val", {}).items()}
-    if train or val:
+    if not (train or val):
+        return
+    try:
         curves_png(run_dir / "curves.png",
                    [("train top-1 error (batch)", list(train), list(train.values())),
                     ("val top-1 error (centre crop)", list(val), list(val.values()))],
                    title=f"{run_dir.name}: top-1 error", xlabel="step", ylabel="error",
                    ylim=(0.0, 1.0))
+    except OSError as e:
+        raise Abort(f"could not write {run_dir / 'curves.png'}: {e.strerror or e}; the "
+                    "checkpoints are untouched, stopping") from None
 
 
 class Watchdog:

@@ -9,8 +9,10 @@
     torchrun --nproc-per-node 4 -m split_alexnet.train --data DIR       # 2 pairs of GPUs, DDP
 
 ``main(argv)`` parses the flags and calls :func:`train`, which :func:`setup` s a
-:class:`~split_alexnet.training.state.Trainer` (data, model, optimizer) and runs the epochs:
-``loop.train_one_epoch``, ``loop.evaluate``, ``checkpoint.save``. Every flag:
+:class:`~split_alexnet.training.state.Trainer` (the run folder, data, model, optimizer) and
+runs the epochs: ``loop.train_one_epoch``, ``loop.evaluate``, ``checkpoint.save``. SIGTERM and
+SIGINT stop every phase within one batch (training, the per-epoch evaluation, the ten-crop
+test): the run saves where that is meaningful, says so and exits 0. Every flag:
 ``python -m split_alexnet.train --help`` and docs/training.md.
 """
 
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import time
 from dataclasses import replace
@@ -42,38 +43,11 @@ from split_alexnet.training.loader import train_loader, val_loader, worker_error
 from split_alexnet.training.loop import evaluate, train_one_epoch
 from split_alexnet.training.metrics import MetricsLog, Watchdog, write_curves
 from split_alexnet.training.optim import LRSchedule, build_optimizer, set_lr
+from split_alexnet.training.runfolder import (RunLock, check_run_flags, claim,
+                                              delete_previous_run, temp_suffix)
 from split_alexnet.training.state import Position, Trainer
-from split_alexnet.utils.cli import UsageError, run
+from split_alexnet.utils.cli import Abort, UsageError, run
 from split_alexnet.utils.fileio import atomic_write
-
-
-class StopRequested:
-    """SIGTERM/SIGINT set a flag; the loop saves at the end of the current step and exits 0.
-    A second signal exits at once (the last checkpoint stays as it was)."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._old: dict[int, object] = {}
-
-    def __enter__(self) -> "StopRequested":
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)  # type: ignore[arg-type]
-
-    def __bool__(self) -> bool:
-        return self.signal is not None
 
 
 def check_out_dir(out: Path) -> None:
@@ -88,13 +62,28 @@ def check_out_dir(out: Path) -> None:
 
 def setup(cfg: TrainConfig) -> Trainer:
     """Everything before the first step, in order: rank and devices (joining the process
-    group under torchrun), the run folder, the data and its statistics, the model (seeded,
-    built, placed, parallelized), the optimizer after it, and the resumed state."""
+    group under torchrun), the run folder (rank 0 takes its lock: ``runfolder.claim``), the
+    data and its statistics, the model (seeded, built, placed, parallelized), the optimizer
+    after it, and the resumed state. On an error the lock is released."""
+    check_run_flags(cfg)
     ctx, devices = dist_util.setup(cfg)
+    lock = None
+    if ctx.rank == 0:
+        check_out_dir(Path(cfg.out))
+        lock = claim(Path(cfg.out), cfg)
+    try:
+        return build_trainer(cfg, ctx, devices, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def build_trainer(cfg: TrainConfig, ctx: dist_util.Context, devices, lock: RunLock | None) \
+        -> Trainer:
+    """:func:`setup` after the run folder: data, model, optimizer, resumed state."""
     is_main = ctx.rank == 0
     out = Path(cfg.out)
-    if is_main:
-        check_out_dir(out)
     if cfg.demo:
         if is_main:
             print("demo preset (flags given on the command line win):\n" + describe_preset(),
@@ -149,43 +138,65 @@ def setup(cfg: TrainConfig) -> Trainer:
                             max_drops=cfg.lr_drops),
         metrics=metrics,
         watchdog=Watchdog(cfg.watchdog_steps, len(classes), metrics.log, enabled=is_main),
-        pos=Position(last_save=time.monotonic()))
+        pos=Position(last_save=time.monotonic()), lock=lock)
     if cfg.resume:
         resume(t, cfg.resume)
     elif is_main:
+        if cfg.overwrite:
+            delete_previous_run(out)
         text = json.dumps(cfg.to_dict(), indent=2) + "\n"
-        atomic_write(out / "config.json", lambda f: f.write(text.encode()), private=False)
+        try:
+            atomic_write(out / "config.json", lambda f: f.write(text.encode()), private=False,
+                         suffix=temp_suffix())
+        except OSError as e:
+            raise Abort(f"could not write {out / 'config.json'}: {e.strerror or e}") from None
         if tuning.record:
             metrics.log(tuning.record)
     return t
 
 
 def end_of_epoch(t: Trainer, why: str) -> dict:
-    """The epoch is done (``why``: 'epoch', or 'max_steps' at its last step): evaluate the
-    centre crop when due (every --eval-every epochs, the last epoch, and before a --max-steps
-    stop), let the schedule see the error, save the epoch's checkpoints and redraw
-    curves.png. Returns the evaluation ({} when there was none)."""
+    """The epoch's training is done (``why``: 'epoch', or 'max_steps' at its last step):
+    evaluate the centre crop when due (every --eval-every epochs, the last epoch, and before a
+    --max-steps stop), let the schedule see the error, save the epoch's checkpoints and redraw
+    curves.png. Returns the evaluation ({} when there was none), or ``{"stopped": "signal"}``
+    when a signal stopped the evaluation: the epoch then stays open at its last step, and the
+    caller saves that (a resumed run repeats the evaluation)."""
     pos, cfg = t.pos, t.cfg
-    pos.epoch += 1
-    pos.epoch_step = 0
+    epoch = pos.epoch + 1
     result: dict = {}
     best = False
-    if pos.epoch % cfg.eval_every == 0 or pos.epoch == cfg.epochs or why == "max_steps":
+    if epoch % cfg.eval_every == 0 or epoch == cfg.epochs or why == "max_steps":
         val = evaluate(t.eval_model, val_loader(t, False), t.stats, t.device,
-                       progress=t.is_main)
-        result = {"epoch": pos.epoch, "step": pos.step, **val}
+                       progress=t.is_main, stop=t.stop)
+        if dist_util.any_rank_flags([bool(val.pop("stopped", False))], t.ctx)[0]:
+            return {"stopped": "signal"}
+        result = {"epoch": epoch, "step": pos.step, **val}
         t.metrics.log({"kind": "val", **result, "lr": t.schedule.lr})
         if t.is_main:
-            print(f"epoch {pos.epoch}: val top-1 {val['top1_err']:.4f} top-5 "
+            print(f"epoch {epoch}: val top-1 {val['top1_err']:.4f} top-5 "
                   f"{val['top5_err']:.4f} loss {val['loss']:.4f} (lr {t.schedule.lr:g})",
                   file=sys.stderr)
         best = val["top1_err"] < pos.best_top1
         pos.best_top1 = min(pos.best_top1, val["top1_err"])
         set_lr(t.optimizer, t.schedule.step(val["top1_err"]))
+    pos.epoch, pos.epoch_step = epoch, 0
     save(t, epoch_end=True, best=best)
     if t.is_main:
         write_curves(t.out)
     return result
+
+
+def stopped(t: Trainer, where: str, *, save_now: bool) -> dict:
+    """A signal stopped the run (``where``: '' in training, or the phase): save when
+    ``save_now`` (otherwise last.pt already holds this state), say so in one line, and return
+    the result that ``main`` prints (exit 0)."""
+    if save_now:
+        save(t)
+    if t.is_main:
+        print(f"{PROG}: signal received{where}: saved {t.out / 'last.pt'} at step "
+              f"{t.pos.step}; continue with --resume", file=sys.stderr)
+    return {"stopped": "signal", "step": t.pos.step}
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -193,6 +204,7 @@ def train(cfg: TrainConfig) -> dict:
     ``main`` prints. The torchvision reference's shape: set up, then per epoch
     ``train_one_epoch``, evaluation and checkpoints, then the paper's ten-crop test."""
     cfg = cfg.validate()
+    t: Trainer | None = None
     try:
         t = setup(cfg)
         pos = t.pos
@@ -204,37 +216,49 @@ def train(cfg: TrainConfig) -> dict:
                   f"{t.batch}x{t.ctx.world_size}, {t.steps_per_epoch} steps/epoch, "
                   f"out {t.out}", file=sys.stderr)
         result: dict = {}
-        with StopRequested() as stop:
+        with t.stop:
             while pos.epoch < cfg.epochs:
                 loader = train_loader(t)
                 try:
-                    why = train_one_epoch(t, loader, stop)
+                    why = train_one_epoch(t, loader, t.stop)
                 except RuntimeError as e:  # a DataLoader worker died: one line, exit 1
                     raise worker_error(e, loader, step=pos.step + 1, epoch=pos.epoch + 1,
                                        last_checkpoint=last_checkpoint_name(t.out)) from None
                 if why == "signal":
-                    save(t)
-                    if t.is_main:
-                        print(f"{PROG}: signal received: saved {t.out / 'last.pt'} at step "
-                              f"{pos.step}; continue with --resume", file=sys.stderr)
-                    return {"stopped": "signal", "step": pos.step}
+                    return stopped(t, "", save_now=True)
                 if why == "max_steps" and pos.epoch_step < t.steps_per_epoch:
                     save(t)
                     return {"stopped": "max_steps", "step": pos.step}
                 result = end_of_epoch(t, why)
+                if result.get("stopped"):
+                    return stopped(t, f" during the evaluation of epoch {pos.epoch + 1}",
+                                   save_now=True)
                 if why == "max_steps":
                     return {"stopped": "max_steps", **result}
-        if cfg.ten_crop:
-            val10 = evaluate(t.eval_model, val_loader(t, True), t.stats, t.device,
-                             ten_crop=True, progress=t.is_main)
-            t.metrics.log({"kind": "val_ten_crop", "epoch": pos.epoch, "step": pos.step,
-                           **val10})
-            if t.is_main:
-                print(f"ten-crop: val top-1 {val10['top1_err']:.4f} top-5 "
-                      f"{val10['top5_err']:.4f} loss {val10['loss']:.4f}", file=sys.stderr)
-            result = {**result, "ten_crop": val10}
+                # A signal during the epoch's save: that save is the state to keep.
+                if dist_util.any_rank_flags([bool(t.stop)], t.ctx)[0]:
+                    return stopped(t, f" at the end of epoch {pos.epoch}", save_now=False)
+            if cfg.ten_crop:
+                val10 = evaluate(t.eval_model, val_loader(t, True), t.stats, t.device,
+                                 ten_crop=True, progress=t.is_main, stop=t.stop)
+                if dist_util.any_rank_flags([bool(val10.pop("stopped", False))], t.ctx)[0]:
+                    if t.is_main:
+                        print(f"{PROG}: signal received during the ten-crop test: the "
+                              f"training is complete in {t.out / 'last.pt'} (step {pos.step}) "
+                              "and the test did not finish; --resume runs it",
+                              file=sys.stderr)
+                    return {"stopped": "signal", "step": pos.step, **result}
+                t.metrics.log({"kind": "val_ten_crop", "epoch": pos.epoch, "step": pos.step,
+                               **val10})
+                if t.is_main:
+                    print(f"ten-crop: val top-1 {val10['top1_err']:.4f} top-5 "
+                          f"{val10['top5_err']:.4f} loss {val10['loss']:.4f}",
+                          file=sys.stderr)
+                result = {**result, "ten_crop": val10}
         return result
     finally:
+        if t is not None and t.lock is not None:
+            t.lock.release()
         dist_util.shutdown()
 
 

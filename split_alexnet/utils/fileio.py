@@ -1,6 +1,6 @@
 """One atomic file writer for everything the project writes (checkpoints, statistics,
-metadata, prepared images): standard library only, so worker processes can use it without
-importing torch."""
+metadata, prepared images), and the check that an output folder can be written: standard
+library only, so worker processes can use it without importing torch."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import secrets
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
+
+from split_alexnet.utils.cli import UsageError
 
 
 def _open_temp(path: Path, suffix: str, private: bool) -> tuple[int, str]:
@@ -34,7 +36,9 @@ def atomic_write(path: Path | str, write: Callable[[BinaryIO], None], *,
 
     ``suffix`` ends the temporary file's name (so a caller can recognise and remove the
     leftovers of a killed process); ``private=False`` gives the new file the permissions of a
-    plain ``open()`` (0o666 minus the umask) instead of owner-only 0o600."""
+    plain ``open()`` (0o666 minus the umask) instead of owner-only 0o600. An ``OSError``
+    that names no file (a failed ``write``: full disk, file too large) gets ``path`` as its
+    ``filename``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _open_temp(path, suffix, private)
@@ -45,11 +49,13 @@ def atomic_write(path: Path | str, write: Callable[[BinaryIO], None], *,
             if fsync:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)  # a failed write() names no file: name the target
         raise
     if fsync:
         try:
@@ -60,3 +66,40 @@ def atomic_write(path: Path | str, write: Callable[[BinaryIO], None], *,
                 os.close(dfd)
         except OSError:  # some filesystems cannot fsync a folder; the rename is still atomic
             pass
+
+
+def check_output_dir(path: Path | str, what: str) -> None:
+    """UsageError (one line, exit 2) unless ``path`` is a writable folder or can be created as
+    one. Nothing is created: an existing folder is probed with a temporary file (removed), a
+    missing one by its nearest existing parent (a folder, writable and searchable).
+    ``what`` names it in the message (e.g. ``"DST"``)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{what} {path} is not a folder")
+    parent = path
+    while not parent.exists():
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{what} {path} cannot be created: {parent} is not a folder")
+    if parent != path:
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise UsageError(f"{what} {path} cannot be created: {parent} is not writable")
+        return
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise UsageError(f"{what} {path} is not writable: {e.strerror or e}") from None
+
+
+def make_output_dir(path: Path | str, what: str) -> Path:
+    """Create the folder ``path`` (and its parents); UsageError (one line) if that fails."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{what} {path} cannot be created: {e.strerror or e}") from None
+    return path

@@ -4,6 +4,7 @@ without matplotlib. ``curves_png(path, series, ...)`` draws several named (x, y)
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -73,4 +74,7 @@ def curves_png(path: Path | str, series: Sequence[tuple[str, Sequence[float], Se
         ly = top + 10 + 14 * i
         d.line([left + pw - 150, ly + 6, left + pw - 130, ly + 6], fill=color, width=3)
         d.text((left + pw - 125, ly), label, fill="black", font=font)
-    atomic_write(Path(path), lambda f: img.save(f, format="PNG"), private=False)
+    # The temporary's name ends in the writer's pid (as the trainer's do), so a clean-up can
+    # tell a live writer's file from a dead one's.
+    atomic_write(Path(path), lambda f: img.save(f, format="PNG"), private=False,
+                 suffix=f".{os.getpid()}.tmp")

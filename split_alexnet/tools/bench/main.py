@@ -19,8 +19,14 @@ from typing import Sequence
 import split_alexnet.tools.bench.data as data
 import split_alexnet.tools.bench.lrn as lrn
 import split_alexnet.tools.bench.model as model
-from split_alexnet.utils.cli import UsageError, run as cli_run
+from split_alexnet.utils.cli import run as cli_run
 from split_alexnet.utils.fileio import atomic_write
+from split_alexnet.utils.flags import WORKERS, Number, check_number, check_output
+
+#: The integer flags that bench/data.py, bench/model.py and bench/lrn.py add, and their
+#: ranges: checked here, before any benchmark runs.
+NUMBERS = {"images": {"min": 1}, "threads": {"min": 1}, "batch_size": {"min": 1},
+           "batch": {"min": 1}, "rounds": {"min": 1}}
 
 
 def _write_json(path: str | None, rows: list[dict]) -> None:
@@ -83,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quick", action="store_true", help="small sizes, short timings")
         p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
         if name in ("data", "all"):
-            p.add_argument("--workers", type=int, default=None, help="DataLoader workers")
+            p.add_argument("--workers", action=Number, **WORKERS, default=None,
+                           help="DataLoader workers")
             data.add_arguments(p)
         if name in ("model", "all"):
             model.add_arguments(p)
@@ -94,8 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    if getattr(a, "workers", None) is not None and a.workers < 0:
-        raise UsageError("--workers must be >= 0")
+    for name, bounds in NUMBERS.items():
+        if getattr(a, name, None) is not None:
+            check_number("--" + name.replace("_", "-"), getattr(a, name), **bounds)
+    check_output("--json", a.json)
     COMMANDS[a.command](a)
     return 0
 

@@ -143,6 +143,19 @@ def matmul_ceiling(device: torch.device, dtype: torch.dtype, n: int, reps: int) 
 
 
 # ----------------------------------------------------------------------------- one config
+def _built_step(layout: str, devices, fp: dict, mode: str, batch: int, size: int):
+    """(network, one timed step) of ``layout`` with the fast paths ``fp``, on random inputs at
+    the paper's scale, placed and wrapped by :func:`parallelize`."""
+    devs = layout_devices(layout, devices)
+    net = parallelize(build(layout, devices), placement(layout, devices),
+                      channels_last=fp["channels_last"], compile=fp["compile"],
+                      cudnn_benchmark=True if fp["cudnn_benchmark"] else None)
+    x = to_input_format(torch.randn(batch, 3, size, size, device=devs[0]) * 60,
+                        fp["channels_last"])
+    y = torch.randint(0, 1000, (batch,), device=devs[0])
+    return net, _step_fn(net, mode, fp, x, y, devs)
+
+
 def _step_fn(net, mode: str, fp: dict, x, y, devices) -> Callable[[], None]:
     dtype = amp_dtype(fp["amp"])
     if mode == "infer":
@@ -180,13 +193,7 @@ def measure(layout: str, mode: str, fast_path: str, devices, batch: int, warmup:
     old_bench = torch.backends.cudnn.benchmark
     torch.manual_seed(0)
     with _RssPeak() as rss:
-        net = parallelize(build(layout, devices), placement(layout, devices),
-                          channels_last=fp["channels_last"], compile=fp["compile"],
-                          cudnn_benchmark=True if fp["cudnn_benchmark"] else None)
-        x = to_input_format(torch.randn(batch, 3, size, size, device=devs[0]) * 60,
-                            fp["channels_last"])
-        y = torch.randint(0, 1000, (batch,), device=devs[0])
-        step = _step_fn(net, mode, fp, x, y, devs)
+        net, step = _built_step(layout, devices, fp, mode, batch, size)
         t_compile = time.perf_counter()
         for _ in range(warmup):
             step()
@@ -225,7 +232,7 @@ def measure(layout: str, mode: str, fast_path: str, devices, batch: int, warmup:
     if any(d.type == "cuda" for d in devs):  # fp32 convs use TF32 tensor cores if this is on
         row["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
         row["matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
-    del net, step, x, y
+    del net, step
     gc.collect()
     for d in devs:
         if d.type == "cuda":
@@ -246,13 +253,7 @@ def interleaved(layout: str, mode: str, fast_paths: list[str], devices, batch: i
     for f in fast_paths:
         fp = parse_fast_path(f)
         torch.manual_seed(0)
-        net = parallelize(build(layout, devices), placement(layout, devices),
-                          channels_last=fp["channels_last"], compile=fp["compile"],
-                          cudnn_benchmark=True if fp["cudnn_benchmark"] else None)
-        x = to_input_format(torch.randn(batch, 3, size, size, device=devs[0]) * 60,
-                            fp["channels_last"])
-        y = torch.randint(0, 1000, (batch,), device=devs[0])
-        fns[f] = _step_fn(net, mode, fp, x, y, devs)
+        net, fns[f] = _built_step(layout, devices, fp, mode, batch, size)
         keep.append((f, net))
         for _ in range(warmup):
             fns[f]()

@@ -1,0 +1,241 @@
+"""The run folder (--out) holds one run and belongs to one trainer: its lock, the guard
+against starting a run over another, the clean-up of temporaries whose writer is gone, and
+the settings a resumed run must share with its checkpoint.
+
+* Lock: rank 0 holds an advisory ``fcntl.flock`` on ``OUT/train.lock`` for the whole run; the
+  file names the holder (pid and host). A second trainer on the folder, with or without
+  --resume, is refused naming that pid. The kernel drops the lock when the holder exits,
+  however it exits (SIGKILL included). A forked child (a DataLoader worker) closes its copy
+  of the descriptor at fork, so a worker that outlives a killed trainer for a few seconds
+  does not keep the folder locked.
+* Fresh start: without --resume, an --out that holds a run (``config.json``,
+  ``metrics.jsonl`` or a checkpoint) is refused before any work; with ``--overwrite`` that run
+  is deleted once the new one is set up, before its first write.
+* Temporaries: every temporary file the trainer writes ends in ``.<pid>.tmp``
+  (:func:`temp_suffix`). A --resume deletes those whose writer is no longer alive, and the
+  pid-less ``.*.pt.*.tmp`` of older versions (it holds the lock: no trainer writes them).
+* Same run: :data:`RUN_SETTINGS` and the class list must equal the checkpoint's
+  (:func:`check_same_run`); the settings in :data:`MAY_CHANGE` may differ on resume.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from split_alexnet.training.config import MODEL_FLAGS, PROG, TrainConfig, flag_name
+from split_alexnet.utils.cli import UsageError
+
+LOCK_NAME = "train.lock"
+#: The files that mean an --out holds a run (with ``epoch_NNN.pt``).
+RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "best.pt")
+#: Drawn from a run's files; ``--overwrite`` deletes it with them.
+DERIVED_FILES = ("curves.png",)
+
+#: The settings that define a run: a resume must give the checkpoint's values.
+RUN_SETTINGS = (*MODEL_FLAGS, "optimizer", "lr", "momentum", "weight_decay", "batch_size",
+                "per_process_batch", "lr_schedule", "plateau_patience", "lr_drops", "pca",
+                "seed",
+                # fine-tuning: which layers learn and at what rate (the --init-from file
+                # itself is read only when the run starts)
+                "init_from", "reinit", "freeze_through", "lr_mult_new")
+#: The settings a resume may change (docs/training.md, "Resume: the same run").
+MAY_CHANGE = ("data", "out", "gpus", "devices", "single_device", "backend", "epochs",
+              "max_steps", "workers", "resume", "overwrite", "resume_lr",
+              "checkpoint_minutes", "keep_last", "log_interval", "watchdog_steps", "ten_crop",
+              "eval_every", "strict", "channels_last", "amp", "compile", "cudnn_benchmark",
+              "demo", "config",
+              "finetune")  # a preset: the settings it sets are compared themselves
+
+_HELD: set[int] = set()  # descriptors of the run locks this process holds
+
+
+def _close_in_child() -> None:
+    """After a fork: close the child's copies of the lock descriptors, without unlocking (an
+    flock belongs to the open file, which the parent still holds)."""
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
+
+
+class RunLock:
+    """The advisory lock on ``OUT/train.lock``: :meth:`acquire` or a one-line
+    :class:`UsageError` naming the holder; :meth:`release` (or the process's exit) drops it."""
+
+    def __init__(self, out: Path | str) -> None:
+        self.path = Path(out) / LOCK_NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        out = self.path.parent
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UsageError(f"--out {out}: cannot open {self.path}: {e.strerror or e}") \
+                from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "pid unknown"
+            os.close(fd)
+            raise UsageError(f"--out {out} is in use by another trainer ({holder}, which "
+                             f"holds {self.path}); wait for it to end, or give another "
+                             "--out") from None
+        except OSError as e:  # a file system without locks
+            os.close(fd)
+            print(f"{PROG}: warning: cannot lock {self.path} ({e.strerror or e}); nothing "
+                  "stops a second trainer from using this --out", file=sys.stderr)
+            return self
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        except OSError:  # a full disk: the lock holds all the same, unnamed
+            pass
+        self.fd = fd
+        _HELD.add(fd)
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            _HELD.discard(self.fd)
+            os.close(self.fd)  # closing the only descriptor drops the lock
+            self.fd = None
+
+
+def check_run_flags(cfg: TrainConfig) -> None:
+    """--overwrite and --resume exclude each other; --resume-lr needs --resume (its range is the config's)."""
+    if cfg.overwrite and cfg.resume:
+        raise UsageError("give --resume (continue the run in --out) or --overwrite (delete it "
+                         "and start over), not both")
+    if cfg.resume_lr is not None:
+        if not cfg.resume:
+            raise UsageError("--resume-lr sets the learning rate of a resumed run: it needs "
+                             "--resume")
+
+
+def run_files(out: Path) -> list[Path]:
+    """The files of a run that ``out`` holds, if any."""
+    return [out / n for n in RUN_FILES if (out / n).exists()] + sorted(out.glob("epoch_*.pt"))
+
+
+def claim(out: Path, cfg: TrainConfig) -> RunLock:
+    """Rank 0, before any work: take the lock; then, unless resuming or overwriting, refuse
+    an ``out`` that holds a run. Returns the held lock."""
+    lock = RunLock(out).acquire()
+    found = [] if cfg.resume or cfg.overwrite else run_files(out)
+    if found:
+        lock.release()
+        how = "continue it with --resume, or start over with --overwrite (deletes it)" \
+            if any(p.suffix == ".pt" for p in found) else \
+            "it has no checkpoint to continue from: start over with --overwrite (deletes it)"
+        raise UsageError(f"--out {out} already holds a run "
+                         f"({', '.join(p.name for p in found)}); {how}, or give another --out")
+    return lock
+
+
+def delete_previous_run(out: Path) -> None:
+    """--overwrite, once the new run is set up (so that a typo in another flag deletes
+    nothing): delete the run files and curves.png that ``out`` holds, and say so."""
+    found = run_files(out)
+    for p in found + [out / n for n in DERIVED_FILES]:
+        try:
+            p.unlink(missing_ok=True)
+        except OSError as e:
+            raise UsageError(f"--overwrite: cannot delete {p}: {e.strerror or e}") from None
+    if found:
+        print(f"{PROG}: --overwrite: deleted the previous run in {out} "
+              f"({', '.join(p.name for p in found)})", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- temporaries
+
+
+def temp_suffix() -> str:
+    """How every temporary file the trainer writes ends: with its pid, so that a later run
+    can tell whether the writer is gone."""
+    return f".{os.getpid()}.tmp"
+
+
+def writer_pid(name: str) -> int | None:
+    """The pid in a temporary file's name ``.<target>.<random>.<pid>.tmp``, if it has one."""
+    parts = name.split(".")
+    if len(parts) >= 3 and parts[-1] == "tmp" and parts[-2].isdigit() and int(parts[-2]) > 0:
+        return int(parts[-2])
+    return None
+
+
+def alive(pid: int) -> bool:
+    """Whether a process with this pid exists (on this host)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def remove_stale_temps(out: Path) -> list[Path]:
+    """Delete the temporaries in ``out`` whose writer is gone: ``.*.<pid>.tmp`` of a pid
+    that is not alive, and the pid-less ``.*.pt.*.tmp`` of older versions. Call it holding
+    the lock. Returns the deleted files."""
+    gone = []
+    for p in sorted(Path(out).glob(".*.tmp")):
+        pid = writer_pid(p.name)
+        if (".pt." in p.name if pid is None else pid != os.getpid() and not alive(pid)):
+            p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
+
+
+# ----------------------------------------------------------------------------- the same run
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def run_differences(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """Each of :data:`RUN_SETTINGS` in which ``cfg`` differs from a checkpoint's flat
+    ``config`` (a setting the checkpoint predates is skipped): ``--lr 0.02 (the run: 0.01)``."""
+    now = cfg.to_dict()
+    return [f"{flag_name(k)} {_show(now[k])} (the run: {_show(saved[k])})"
+            for k in RUN_SETTINGS if k in saved and saved[k] != now[k]]
+
+
+def class_difference(saved: list[str], classes: list[str]) -> str | None:
+    """How the data's class list (names in label order) differs from the run's, if it does."""
+    if saved == classes:
+        return None
+    i = next((i for i, (a, b) in enumerate(zip(saved, classes)) if a != b),
+             min(len(saved), len(classes)))
+    have = repr(classes[i]) if i < len(classes) else "missing"
+    had = repr(saved[i]) if i < len(saved) else "missing"
+    return f"the classes (label {i} is {have} in the data, {had} in the run)"
+
+
+def check_same_run(ckpt: dict, cfg: TrainConfig, classes: list[str], path: Path) -> None:
+    """A resume continues the checkpoint's run: every setting that defines the run, and the
+    classes in their order, must be the checkpoint's. Otherwise one :class:`UsageError`
+    listing each difference."""
+    diffs = run_differences(ckpt.get("config", {}), cfg)
+    classes_differ = class_difference(list(ckpt.get("classes", [])), classes)
+    if classes_differ:
+        diffs.append(classes_differ)
+    if diffs:
+        lr_hint = "; to change the learning rate give --resume-lr LR" \
+            if any(d.startswith("--lr ") for d in diffs) else ""
+        raise UsageError(f"--resume: {path} holds another run: {', '.join(diffs)}; give the "
+                         f"run's settings (its config.json lists them){lr_hint}")

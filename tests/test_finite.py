@@ -1,0 +1,289 @@
+"""Finite or refused, and checkpoints that cannot cost more than they hold.
+
+* Training stops, one line and exit 1, when an update leaves non-finite weights although its
+  loss was finite (the check shares the loss's host sync), before anything is saved, naming
+  the last good checkpoint; ``save_checkpoint`` never writes non-finite values.
+* A checkpoint with non-finite values (as the code before this check could write) is refused
+  by ``load_checkpoint``, by evaluate and predict (one line, exit 2), and ``--resume`` falls
+  back to the previous good one.
+* Loading allocates nothing a file merely declares: a compressed record that would inflate
+  to hundreds of MB is refused from the zip directory, and every tensor's shape is checked
+  against the network the checkpoint declares before it is used.
+* The weights-only refusal says the file is not a checkpoint of this project or is unsafe,
+  and never suggests turning the protection off.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zipfile
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import split_alexnet.training.checkpoint as C
+from split_alexnet.tools.evaluate import main as evaluate_main
+from split_alexnet.tools.predict import main as predict_main
+from split_alexnet.training.config import parse_config
+from split_alexnet.training.loader import train_loader
+from split_alexnet.training.loop import train_one_epoch
+from split_alexnet.training.optim import set_lr
+from split_alexnet.training.trainer import main as train_main
+from split_alexnet.training.trainer import setup
+from split_alexnet.utils.cli import Abort, run
+
+BASE = ["--batch-size", "8", "--epochs", "2", "--workers", "0", "--log-interval", "1",
+        "--init", "caffe", "--no-ten-crop", "--seed", "3", "--devices", "cpu,cpu",
+        "--checkpoint-minutes", "0"]
+
+
+def error_lines(err: str) -> list[str]:
+    return [ln for ln in err.splitlines() if "error:" in ln]
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_weights_made_non_finite_by_an_update_stop_before_any_save(demo_root, tmp_path,
+                                                                   capsys):
+    """--lr 1e38 is finite, and so is the first loss; the first update overflows float32.
+    Before the check, that step's NaN weights were saved as last.pt and called the last good
+    checkpoint one step later."""
+    out = tmp_path / "run"
+    rc = run(train_main, "train", ["--data", str(demo_root), "--out", str(out), *BASE,
+                                   "--lr", "1e38", "--max-steps", "3"])
+    (line,) = error_lines(capsys.readouterr().err)
+    assert rc == 1
+    assert "the weights became non-finite" in line and "at step 1 (epoch 1)" in line, line
+    assert line.endswith("Last good checkpoint: none yet"), line
+    assert sorted(p.name for p in out.glob("*.pt")) == []
+    assert sorted(out.glob(".*.tmp")) == []
+
+
+@pytest.fixture(scope="module")
+def diverged(demo_root, tmp_path_factory):
+    """Two good steps saved as last.pt, then the learning rate raised to 1e38 in the same
+    trainer: the next update overflows. Returns (run folder, the Abort, last.pt's checksum
+    after the good steps)."""
+    out = tmp_path_factory.mktemp("diverged") / "run"
+    cfg = parse_config(["--data", str(demo_root), "--out", str(out), *BASE, "--max-steps", "2"])
+    t = setup(cfg)
+    assert train_one_epoch(t, train_loader(t), stop=False) == "max_steps"
+    C.save(t)
+    good = C.load_checkpoint(out / "last.pt")["checksum"]
+    set_lr(t.optimizer, 1e38)
+    t.cfg = replace(t.cfg, max_steps=4)
+    with pytest.raises(Abort) as e:
+        train_one_epoch(t, train_loader(t), stop=False)
+    return out, e.value, good
+
+
+def test_divergence_after_good_steps_names_the_last_good_checkpoint_and_keeps_it(diverged):
+    out, abort, good = diverged
+    msg = str(abort)
+    assert abort.code == 1
+    assert "the weights became non-finite" in msg and "at step 3 (epoch 1)" in msg, msg
+    assert msg.endswith(f"Last good checkpoint: {out / 'last.pt'}"), msg
+    ckpt = C.load_checkpoint(out / "last.pt")
+    assert ckpt["checksum"] == good and ckpt["progress"]["step"] == 2
+    assert all(bool(torch.isfinite(v).all()) for v in ckpt["model"].values())
+
+
+def test_a_checkpoint_with_non_finite_values_is_never_written(tmp_path):
+    path = tmp_path / "last.pt"
+    good = {"model": {"w": torch.ones(3)}, "stats": {"mean": torch.zeros(2)}}
+    C.save_checkpoint(path, good)
+    before = path.read_bytes()
+    for table, name in (("model", "w"), ("stats", "mean")):
+        bad = {k: dict(v) for k, v in good.items()}
+        bad[table][name] = torch.tensor([1.0, float("nan"), float("inf")])
+        with pytest.raises(Abort, match=f"not writing {path}: {table} {name} is not finite"):
+            C.save_checkpoint(path, bad)
+        assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def _rewrite(src: Path, dst: Path, change) -> None:
+    """dst: src's payload after ``change(payload)``, with a valid checksum, saved as a plain
+    torch.save (as the code before the finite check could write it)."""
+    payload = torch.load(src, map_location="cpu", weights_only=True)
+    change(payload)
+    payload["checksum"] = C.checksum(payload)
+    torch.save(payload, dst)
+
+
+def _nan_fc8_bias(payload: dict) -> None:
+    payload["model"]["fc8.bias"][1] = float("nan")
+
+
+def test_evaluate_and_predict_refuse_non_finite_weights_in_one_line(diverged, demo_root,
+                                                                    tmp_path, capsys):
+    out, _, _ = diverged
+    nan = tmp_path / "nan.pt"
+    _rewrite(out / "last.pt", nan, _nan_fc8_bias)
+    with pytest.raises(C.CheckpointError, match=r"non-finite values \(model fc8.bias\)"):
+        C.load_checkpoint(nan)
+    image = next((demo_root / "val").rglob("*.jpg"))
+    capsys.readouterr()
+    for main, prog, argv in (
+            (evaluate_main, "evaluate", ["--checkpoint", str(nan), "--data", str(demo_root),
+                                         "--workers", "0", "--devices", "cpu,cpu"]),
+            (predict_main, "predict", [str(image), "--checkpoint", str(nan)])):
+        assert run(main, prog, argv) == 2
+        cap = capsys.readouterr()
+        err = cap.err.strip().splitlines()
+        assert len(err) == 1 and "non-finite values (model fc8.bias)" in err[0], err
+        assert cap.out == ""
+
+
+def test_resume_passes_over_a_non_finite_last_checkpoint(diverged, demo_root, tmp_path,
+                                                         capsys):
+    out, _, _ = diverged
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copyfile(out / "last.pt", run_dir / "epoch_001.pt")
+    _rewrite(out / "last.pt", run_dir / "last.pt", _nan_fc8_bias)
+    capsys.readouterr()
+    t = setup(parse_config(["--data", str(demo_root), "--out", str(run_dir), *BASE,
+                            "--resume"]))
+    err = capsys.readouterr().err
+    assert "non-finite values (model fc8.bias)" in err and "trying the previous" in err, err
+    assert f"resumed from {run_dir / 'epoch_001.pt'}" in err, err
+    assert t.pos.step == 2
+
+
+# ----------------------------------------------------------------------------- checkpoint sizes
+
+
+def _bomb(path: Path, nbytes: int) -> None:
+    """A checkpoint-shaped zip (torch.save's layout) whose only tensor's record is DEFLATE
+    compressed zeros that inflate to ``nbytes``, and whose pickle declares that tensor:
+    a file of a few hundred KB that a plain torch.load inflates in full."""
+    buf = io.BytesIO()
+    torch.save({"format": C.FORMAT, "model": {"w": torch.zeros(10)}}, buf)
+    src = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+    n = nbytes // 4
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("/data.pkl"):  # 10 floats -> n floats (storage, size)
+                assert data.count(b"K\nt") == 1 and data.count(b"K\n\x85") == 1
+                data = data.replace(b"K\nt", b"J" + struct.pack("<i", n) + b"t")
+                data = data.replace(b"K\n\x85", b"J" + struct.pack("<i", n) + b"\x85")
+            if info.filename.endswith("/data/0"):
+                record = zipfile.ZipInfo(info.filename)
+                record.compress_type = zipfile.ZIP_DEFLATED
+                with dst.open(record, "w", force_zip64=True) as f:
+                    for _ in range(nbytes >> 20):
+                        f.write(bytes(1 << 20))
+                continue
+            dst.writestr(info, data)
+
+
+def test_a_small_file_declaring_a_huge_tensor_is_refused_before_allocating(tmp_path):
+    bomb = tmp_path / "bomb.pt"
+    _bomb(bomb, 256 << 20)
+    assert bomb.stat().st_size < 1 << 20
+    with zipfile.ZipFile(bomb) as z:  # the file really declares 256 MB...
+        assert max(i.file_size for i in z.infolist()) == 256 << 20
+    probe = ("import resource, sys\n"
+             "from split_alexnet.training.checkpoint import CheckpointError, load_checkpoint\n"
+             "peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024\n"
+             "before = peak()\n"
+             "try:\n    load_checkpoint(sys.argv[1])\n"
+             "except CheckpointError as e:\n    print(e)\n"
+             "print(peak() - before)\n")
+    p = subprocess.run([sys.executable, "-c", probe, str(bomb)], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    message, grown_mb = p.stdout.strip().splitlines()
+    assert f"checkpoint {bomb} is not a checkpoint of this project" in message, message
+    assert "is compressed" in message and "268,435,456" in message, message
+    assert int(grown_mb) < 64, grown_mb  # ...and loading it allocated none of them
+
+
+def test_a_tensor_of_the_wrong_shape_is_one_line_naming_it(diverged, demo_root, tmp_path,
+                                                          capsys):
+    out, _, _ = diverged
+    wide = tmp_path / "wide.pt"
+    _rewrite(out / "last.pt", wide,
+             lambda p: p["model"].__setitem__("fc8.bias", torch.zeros(5000)))
+    capsys.readouterr()
+    assert run(evaluate_main, "evaluate", ["--checkpoint", str(wide), "--data", str(demo_root),
+                                           "--workers", "0", "--devices", "cpu,cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "model fc8.bias is shape (5000,), but arch=alexnet with 4 classes needs shape (4,)" \
+        in err[0], err
+    missing = tmp_path / "missing.pt"
+    _rewrite(out / "last.pt", missing,
+             lambda p: p["optimizer"]["buffers"]["velocity"].pop("conv1.weight"))
+    with pytest.raises(C.CheckpointError, match="optimizer velocity conv1.weight is nothing"):
+        C.load_checkpoint(missing)
+
+
+# ----------------------------------------------------------------------------- weights-only refusal
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _Foreign:
+    """A class no checkpoint of this project holds."""
+
+
+def _garbage_pickle(path: Path) -> None:
+    buf = io.BytesIO()
+    torch.save({"model": {}}, buf)
+    src = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            dst.writestr(info, b"\x80\x02?garbage" if info.filename.endswith("data.pkl")
+                         else data)
+
+
+@pytest.mark.parametrize("kind", ["runs-code", "foreign-class", "garbage-pickle"])
+def test_the_weights_only_refusal_never_suggests_turning_it_off(tmp_path, kind):
+    path, marker = tmp_path / "x.pt", tmp_path / "MARKER"
+    if kind == "runs-code":
+        torch.save({"format": C.FORMAT, "x": _RunsCode(marker)}, path)
+    elif kind == "foreign-class":
+        torch.save({"format": C.FORMAT, "x": _Foreign()}, path)
+    else:
+        _garbage_pickle(path)
+    with pytest.raises(C.CheckpointError) as e:
+        C.load_checkpoint(path)
+    msg = str(e.value)
+    assert msg.startswith(f"checkpoint {path} cannot be loaded safely (weights_only=True): it "
+                          "is not a checkpoint of this project, or it is unsafe"), msg
+    if kind == "runs-code":
+        assert "names posix.system" in msg or "names nt.system" in msg, msg
+    for advice in ("weights_only=False", "`weights_only` set to `False`", "safe_globals",
+                   "trust", "Re-running"):
+        assert advice not in msg, msg
+    assert "\n" not in msg and not marker.exists()
+
+
+def test_the_records_of_a_real_checkpoint_pass_the_archive_check(diverged):
+    """What the archive check asks of a file holds for every file torch.save writes here."""
+    out, _, _ = diverged
+    with zipfile.ZipFile(out / "last.pt") as z:
+        records = z.infolist()
+    assert {r.compress_type for r in records} == {zipfile.ZIP_STORED}
+    assert sum(r.file_size for r in records) <= (out / "last.pt").stat().st_size
+    C.check_archive(out / "last.pt")
+    assert json.loads((out / "config.json").read_text())["lr"] == 0.01

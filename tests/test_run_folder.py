@@ -1,0 +1,271 @@
+"""The run folder belongs to one run and one trainer (docs/reliability.md, "The run folder"):
+the lock, the refused fresh start, --overwrite, the clean-up of temporaries, and a resume that
+must be the same run (docs/training.md, "Resume: the same run"), with --resume-lr.
+
+Most cases are refused before any work; the others share ``one_step``, a real run of one
+step of the full-size network on the ``demo_root`` set (last.pt at step 1 of 4 in epoch 1),
+cloned per test (checkpoints hard-linked, the rest copied).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import split_alexnet.training.trainer as T
+from split_alexnet.training.checkpoint import load_checkpoint
+from split_alexnet.training.config import TrainConfig
+from split_alexnet.training.runfolder import MAY_CHANGE, RUN_SETTINGS, RunLock
+from split_alexnet.utils.cli import run
+
+BASE = ["--batch-size", "8", "--epochs", "2", "--workers", "0", "--log-interval", "1",
+        "--init", "caffe", "--no-ten-crop", "--seed", "3", "--devices", "cpu,cpu"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def train(root, out, *extra) -> int:
+    return run(T.main, "train", ["--data", str(root), "--out", str(out), *BASE, *extra])
+
+
+def one_error(capsys) -> str:
+    """The one line the last run printed on stderr (asserting it was one line)."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+def clone(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    for p in (p for p in src.iterdir() if p.is_file()):
+        (os.link if p.suffix == ".pt" else shutil.copyfile)(p, dst / p.name)
+    return dst
+
+
+def fingerprint(out: Path) -> tuple:
+    """What must not change when a trainer is refused: the checkpoint's file (a save
+    replaces it with a new inode) and the bytes of the records."""
+    st = (out / "last.pt").stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns, (out / "metrics.jsonl").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def one_step(demo_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one_step") / "run"
+    assert train(demo_root, out, "--max-steps", "1") == 0
+    return out
+
+
+# ----------------------------------------------------------------------------- one trainer
+
+
+def test_a_second_trainer_is_refused_naming_the_live_ones_pid(demo_root, tmp_path, capsys):
+    out = tmp_path / "live"
+    log = tmp_path / "live.stderr"
+    cmd = [sys.executable, "-m", "split_alexnet.train", "--data", str(demo_root), "--out",
+           str(out), *BASE, "--epochs", "50", "--workers", "2"]
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "metrics.jsonl").exists():  # training, with its 2 loader workers
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        # A --resume beside it (which would delete its half-written temporaries), a fresh
+        # start and --overwrite: each refused before any work, naming the holder.
+        for extra in (["--resume"], [], ["--overwrite"]):
+            capsys.readouterr()
+            assert train(demo_root, out, *extra, "--max-steps", "1") == 2, extra
+            line = one_error(capsys)
+            assert f"--out {out} is in use by another trainer (pid {proc.pid} on " in line, line
+            assert str(out / "train.lock") in line
+        assert proc.poll() is None  # the live trainer never noticed
+        # SIGKILL: the kernel drops the lock at once, although the forked loader workers
+        # (which inherited the descriptor) may live on for a few seconds.
+        proc.kill()
+        proc.wait(timeout=60)
+        RunLock(out).acquire().release()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("held", ["config.json", "metrics.jsonl", "epoch_001.pt", "the run"])
+def test_a_fresh_start_in_a_folder_that_holds_a_run_is_refused(one_step, demo_root, tmp_path,
+                                                                capsys, held):
+    if held == "the run":
+        out = clone(one_step, tmp_path / "run")
+    else:
+        out = tmp_path / "run"
+        out.mkdir()
+        if held.endswith(".pt"):
+            os.link(one_step / "last.pt", out / held)
+        else:
+            shutil.copyfile(one_step / held, out / held)
+    before = sorted(p.name for p in out.iterdir() if p.name != "train.lock")
+    sums = fingerprint(out) if held == "the run" else None
+    capsys.readouterr()
+    assert train(demo_root, out, "--max-steps", "1") == 2
+    line = one_error(capsys)
+    assert f"--out {out} already holds a run (" in line and "--overwrite (deletes it)" in line
+    if held in ("config.json", "metrics.jsonl"):
+        assert "it has no checkpoint to continue from" in line, line
+    else:
+        assert "continue it with --resume" in line, line
+    assert sorted(p.name for p in out.iterdir() if p.name != "train.lock") == before
+    if sums is not None:
+        assert fingerprint(out) == sums
+
+
+def test_overwrite_deletes_the_previous_run_and_starts_a_new_one(one_step, demo_root,
+                                                                tmp_path, capsys):
+    out = clone(one_step, tmp_path / "run")
+    for name in ("best.pt", "epoch_001.pt"):
+        os.link(one_step / "last.pt", out / name)
+    (out / "curves.png").write_bytes(b"an old plot")
+    old = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    # A mistake in another flag: refused before the old run is deleted.
+    sums = fingerprint(out)
+    assert run(T.main, "train", ["--data", str(tmp_path / "typo"), "--out", str(out), *BASE,
+                                 "--overwrite"]) == 2
+    assert fingerprint(out) == sums and (out / "best.pt").exists()
+    capsys.readouterr()
+    assert train(demo_root, out, "--overwrite", "--max-steps", "1", "--seed", "4") == 0
+    err = capsys.readouterr().err
+    assert f"--overwrite: deleted the previous run in {out} (config.json, metrics.jsonl, " \
+           "last.pt, best.pt, epoch_001.pt)" in err
+    assert not any((out / n).exists() for n in ("best.pt", "epoch_001.pt", "curves.png"))
+    (rec,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rec["kind"] == "train" and rec["step"] == 1 and rec["time"] > old["time"]
+    assert rec["loss"] != old["loss"]  # the new run (seed 4), not the old one
+    assert json.loads((out / "config.json").read_text())["seed"] == 4
+    assert load_checkpoint(out / "last.pt")["config"]["seed"] == 4
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--resume", "--overwrite"], "give --resume (continue the run in --out) or --overwrite"),
+    (["--resume-lr", "0.1"], "--resume-lr sets the learning rate of a resumed run: it needs "
+                             "--resume"),
+    (["--resume", "--resume-lr", "nan"], "--resume-lr must be a finite number, got nan"),
+    (["--resume", "--resume-lr", "0"], "--resume-lr must be greater than 0"),
+])
+def test_run_folder_flags_that_cannot_go_together(one_step, demo_root, tmp_path, capsys,
+                                                  extra, words):
+    out = clone(one_step, tmp_path / "run")
+    sums = fingerprint(out)
+    capsys.readouterr()
+    assert train(demo_root, out, *extra, "--max-steps", "2") == 2
+    assert words in one_error(capsys)
+    assert fingerprint(out) == sums
+
+
+# ----------------------------------------------------------------------------- the same run
+
+
+def test_every_setting_either_defines_the_run_or_may_change_on_resume():
+    assert not set(RUN_SETTINGS) & set(MAY_CHANGE)
+    assert set(RUN_SETTINGS) | set(MAY_CHANGE) == set(TrainConfig().to_dict())
+    text = (REPO / "docs" / "training.md").read_text()
+    section = text[text.index("### Resume: the same run"):]
+    section = section[:section.index("\n## ")]
+    for name in RUN_SETTINGS + MAY_CHANGE:
+        assert f"`--{name.replace('_', '-')}" in section, name
+
+
+def test_a_resume_with_other_settings_is_refused_listing_each(one_step, demo_root, tmp_path,
+                                                               capsys):
+    out = clone(one_step, tmp_path / "run")
+    sums = fingerprint(out)
+    changed = {"--lr": ("0.02", "0.01"), "--batch-size": ("4", "8"),
+               "--pool": ("2/2", "3/2"), "--dropout": ("0.3", "0.5"),
+               "--activation": ("tanh", "relu"), "--optimizer": ("torch", "paper"),
+               "--pca": ("off", "paper"), "--seed": ("4", "3"),
+               "--lr-schedule": ("step:2", "plateau"), "--weight-decay": ("0.001", "0.0005")}
+    argv = [x for flag, (new, _) in changed.items() for x in (flag, new)]
+    capsys.readouterr()
+    assert train(demo_root, out, "--resume", *argv, "--max-steps", "2") == 2
+    line = one_error(capsys)
+    assert f"--resume: {out / 'last.pt'} holds another run: " in line, line
+    for flag, (new, old) in changed.items():
+        assert f"{flag} {new} (the run: {old})" in line, (flag, line)
+    assert "to change the learning rate give --resume-lr LR" in line
+    assert fingerprint(out) == sums  # refused before anything was written
+
+
+def test_a_resume_on_renamed_classes_is_refused(one_step, demo_root, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(demo_root, root, copy_function=os.link,
+                    ignore=shutil.ignore_patterns("stats.npz"))
+    first = sorted(p.name for p in (root / "train").iterdir())[0]
+    for split in ("train", "val"):  # the same count, but label 0 is now another class
+        (root / split / first).rename(root / split / "zz_renamed")
+    out = clone(one_step, tmp_path / "run")
+    sums = fingerprint(out)
+    capsys.readouterr()
+    assert run(T.main, "train", ["--data", str(root), "--out", str(out), *BASE, "--resume",
+                                 "--max-steps", "2"]) == 2
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    second = sorted(p.name for p in (demo_root / "train").iterdir())[1]
+    assert f"the classes (label 0 is '{second}' in the data, '{first}' in the run)" in line, line
+    assert fingerprint(out) == sums
+
+
+@pytest.fixture(scope="module")
+def resumed(one_step, demo_root, tmp_path_factory):
+    """one_step continued for one step with --resume-lr and every kind of setting that may
+    change, in a folder with leftover temporaries of a dead writer, of a live one, and of an
+    older version (no pid)."""
+    out = clone(one_step, tmp_path_factory.mktemp("resumed") / "run")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live = subprocess.Popen(["sleep", "300"])
+    temps = {"dead": out / f".last.pt.ab12cd34.{dead.pid}.tmp",
+             "live": out / f".last.pt.ef56ab78.{live.pid}.tmp",
+             "legacy": out / ".epoch_001.pt.deadbeef.tmp",
+             "other": out / ".notes.txt.tmp"}
+    for p in temps.values():
+        p.write_bytes(b"half a checkpoint")
+    try:
+        rc = train(demo_root, out, "--resume", "--resume-lr", "0.005", "--max-steps", "2",
+                   "--epochs", "3", "--single-device", "--workers", "1", "--log-interval", "2",
+                   "--checkpoint-minutes", "5", "--keep-last", "1", "--eval-every", "2",
+                   "--watchdog-steps", "0", "--ten-crop")
+    finally:
+        live.kill()
+        live.wait()
+    return {"rc": rc, "out": out, "temps": temps,
+            "records": [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]}
+
+
+def test_resume_may_change_the_listed_settings(resumed):
+    assert resumed["rc"] == 0
+    ckpt = load_checkpoint(resumed["out"] / "last.pt")
+    assert ckpt["progress"]["step"] == 2 and ckpt["layout"] == "collapsed"
+
+
+def test_resume_lr_changes_the_rate_and_records_it(resumed):
+    assert resumed["rc"] == 0
+    kinds = [r["kind"] for r in resumed["records"]]
+    assert kinds == ["train", "resume", "lr_change", "train"], kinds
+    change = resumed["records"][2]
+    assert {k: change[k] for k in ("step", "epoch", "old", "new")} == \
+        {"step": 1, "epoch": 0, "old": 0.01, "new": 0.005}
+    assert resumed["records"][3]["step"] == 2 and resumed["records"][3]["lr"] == 0.005
+    ckpt = load_checkpoint(resumed["out"] / "last.pt")
+    assert ckpt["schedule"]["lr"] == 0.005
+    assert [g["lr"] for g in ckpt["optimizer"]["groups"]] == [0.005]
+    assert ckpt["config"]["lr"] == 0.01 and ckpt["config"]["resume_lr"] == 0.005
+
+
+def test_resume_removes_only_temporaries_whose_writer_is_gone(resumed):
+    temps = resumed["temps"]
+    assert not temps["dead"].exists() and not temps["legacy"].exists()
+    assert temps["live"].exists()   # its writer is alive: not ours to delete
+    assert temps["other"].exists()  # not a checkpoint's, and no pid: someone else's file
