@@ -6,6 +6,7 @@ random weights, checked against an independent float64 implementation of Caffe's
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,14 +15,21 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import caffe_reference as ref
+from split_alexnet.data.demo import make_demo_dataset
+from split_alexnet.data.images import load_rgb256
 from split_alexnet.network.lrn import LocalResponseNorm
-from split_alexnet.network.model import LRN_CHOICES, AlexNet
-from split_alexnet.tools import convert
+from split_alexnet.network.model import LRN_CHOICES, AlexNet, SplitAlexNet, collapse_state_dict
+from split_alexnet.tools import convert, predict
 from split_alexnet.tools.caffe import parse_net
+from split_alexnet.tools.evaluate import load_model
+from split_alexnet.tools.evaluate import main as evaluate_main
 from split_alexnet.tools.predict import ILSVRC2012_WNIDS
-from split_alexnet.training.checkpoint import load_checkpoint
+from split_alexnet.tools.visualize import KernelGrid
+from split_alexnet.tools.visualize import main as visualize_main
+from split_alexnet.training.checkpoint import load_checkpoint, save_checkpoint
 from split_alexnet.utils.cli import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +112,8 @@ def test_both_formats_convert_to_a_checkpoint_with_caffes_weights(caffe_files):
     for key in ("optimizer", "schedule", "progress", "rng"):
         assert key not in new  # no training state: a converted checkpoint
     assert new["config"] == {"arch": "alexnet", "num_classes": 1000, "lrn": "caffe",
-                             "activation": "relu", "pool": "3/2", "dropout": 0.5}
+                             "lrn_span": "all", "activation": "relu", "pool": "3/2",
+                             "dropout": 0.5}
     assert new["layout"] == "collapsed"
     assert new["classes"] == list(ILSVRC2012_WNIDS) == sorted(new["classes"])
     assert len(new["classes"]) == 1000 and new["class_names"][0] == "tench"
@@ -157,14 +166,26 @@ def test_converted_network_computes_caffes_function(caffe_files, images, caffe_l
     assert boundary > 100 * TOL * scale, (boundary, scale)
 
 
-@pytest.mark.skipif("caffe" not in LRN_CHOICES,
-                    reason="network.model has no lrn='caffe' (Caffe's across-channel LRN)")
 def test_evaluate_loads_the_converted_checkpoint_with_caffes_lrn(caffe_files, images,
                                                                  caffe_logits):
-    from split_alexnet.tools.evaluate import load_model
+    """Both layouts, as the tools build them from the checkpoint's own config (lrn 'caffe',
+    lrn_span 'all'), compute Caffe's function; the split layout sends the LRN halo."""
+    assert "caffe" in LRN_CHOICES
+    scale = np.abs(caffe_logits).max()
     model, ckpt, _ = load_model(caffe_files.dir / "new.pt", single_device=True)
-    err = np.abs(logits(model.cpu(), ckpt, images) - caffe_logits).max()
-    assert err <= TOL * np.abs(caffe_logits).max()
+    assert isinstance(model, AlexNet) and model.lrn.groups == 1 and model.lrn.k == 1.0
+    collapsed = logits(model.cpu(), ckpt, images)
+    assert np.abs(collapsed - caffe_logits).max() <= TOL * scale
+    split, _, _ = load_model(caffe_files.dir / "new.pt", devices="cpu,cpu")
+    assert isinstance(split, SplitAlexNet)
+    assert np.array_equal(logits(split, ckpt, images), collapsed)  # bitwise, on the CPU
+    halo = [(t.layer, t.src, t.dst, t.shape, t.bytes) for t in split.traffic[:4]]
+    assert halo == [("norm1", 1, 0, (2, 2, 55, 55), 2 * 2 * 55 * 55 * 4),
+                    ("norm1", 0, 1, (2, 2, 55, 55), 2 * 2 * 55 * 55 * 4),
+                    ("norm2", 1, 0, (2, 2, 27, 27), 2 * 2 * 27 * 27 * 4),
+                    ("norm2", 0, 1, (2, 2, 27, 27), 2 * 2 * 27 * 27 * 4)]
+    assert [t.layer for t in split.traffic[4:]] == ["conv3"] * 2 + ["fc6"] * 2 + ["fc7"] * 2 \
+        + ["fc8"]
 
 
 def test_conv1_reads_rgb_after_conversion(caffe_files):
@@ -183,6 +204,154 @@ def test_conv1_reads_rgb_after_conversion(caffe_files):
     for c in range(3):  # our RGB channel c is Caffe's BGR channel 2 - c
         assert torch.equal(ckpt["model"]["conv1.weight"][:, c],
                            torch.from_numpy(np.ascontiguousarray(caffe_w[:, 2 - c])))
+
+
+# ----------------------------------------------------------------------------- the tools
+
+WNIDS = ("n01440764", "n01443537", "n15075141")  # tench, goldfish, toilet tissue: 0, 1, 999
+
+
+@pytest.fixture(scope="module")
+def wnid_val(tmp_path_factory):
+    """Real JPEGs (the demo's drawings, 256x256) in val/<wnid>/ folders, 2 per class, and the
+    float64 reference's fc8 for each: Caffe's protocol on the decoded 256x256 image (the
+    centre 227 crop, BGR, minus the BGR mean image's crop)."""
+    root = make_demo_dataset(tmp_path_factory.mktemp("wnid"), classes=3, train_per_class=1,
+                             val_per_class=2, seed=4)
+    for shape, wnid in zip(sorted(p.name for p in (root / "val").iterdir()), WNIDS):
+        (root / "val" / shape).rename(root / "val" / wnid)
+    files = sorted((root / "val").rglob("*.jpg"))
+    return SimpleNamespace(root=root, files=files, labels=[ILSVRC2012_WNIDS.index(f.parent.name)
+                                                           for f in files],
+                           images=np.stack([load_rgb256(f).transpose(2, 0, 1)
+                                            for f in files]).astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def wnid_logits(caffe_files, wnid_val):
+    bgr = wnid_val.images[:, ::-1, CROP, CROP] - caffe_files.mean[None, :, CROP, CROP]
+    return ref.bvlc_alexnet(caffe_files.blobs, bgr)
+
+
+def _json_of(capsys, main, prog, argv):
+    assert run(main, prog, [str(a) for a in argv]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("layout", [["--single-device"], ["--devices", "cpu,cpu"]])
+def test_evaluate_reproduces_caffes_centre_crop_protocol(caffe_files, wnid_val, wnid_logits,
+                                                         layout, tmp_path, capsys):
+    """evaluate's centre-crop loss and errors on real JPEGs equal those of the float64
+    reference of Caffe's layers on the same decoded images (Caffe's protocol); --ten-crop
+    runs and agrees between the layouts (checked against predict's own ten-crop path)."""
+    out = tmp_path / "r.json"
+    assert run(evaluate_main, "evaluate", [
+        "--checkpoint", str(caffe_files.dir / "new.pt"), "--data", str(wnid_val.root),
+        "--ten-crop", "--workers", "0", "--batch-size", "4", "--json", str(out), *layout]) == 0
+    res = json.loads(out.read_text())
+    z = torch.from_numpy(wnid_logits)
+    y = torch.tensor(wnid_val.labels)
+    want = torch.nn.functional.cross_entropy(z, y).item()
+    top5 = z.topk(5, dim=1).indices
+    c = res["center"]
+    assert res["classes"] == 3  # 3 of the checkpoint's 1000, scored over all 1000
+    assert c["n"] == len(wnid_val.files) == 6
+    assert c["loss"] == pytest.approx(want, rel=1e-5)
+    assert c["top1_err"] == (z.argmax(1) != y).double().mean().item()
+    assert c["top5_err"] == (top5 != y[:, None]).all(1).double().mean().item()
+    model, ckpt, devs = load_model(caffe_files.dir / "new.pt", single_device=True)
+    arrays = [im.transpose(1, 2, 0).astype(np.uint8) for im in wnid_val.images]
+    probs = predict.predict(model, ckpt, arrays, devs[0], ten_crop=True)
+    nll = -probs[torch.arange(6), y].clamp_min(1e-12).log().mean().item()
+    assert res["ten_crop"]["n"] == 6
+    assert res["ten_crop"]["loss"] == pytest.approx(nll, rel=1e-5)
+
+
+def test_predict_names_imagenet_classes_in_both_layouts(caffe_files, wnid_val, wnid_logits,
+                                                        capsys):
+    ckpt = caffe_files.dir / "new.pt"
+    argv = [*wnid_val.files[:2], "--checkpoint", ckpt, "--json", "--top", "3"]
+    one = _json_of(capsys, predict.main, predict.PROG, argv + ["--single-device"])
+    two = _json_of(capsys, predict.main, predict.PROG, argv + ["--devices", "cpu,cpu"])
+    names = predict.imagenet_names()
+    want = torch.from_numpy(wnid_logits[:2]).softmax(1)
+    for a, b, p in zip(one, two, want):
+        assert [q["class"] for q in a["predictions"]] == [q["class"] for q in b["predictions"]]
+        for q, r in zip(a["predictions"], b["predictions"]):
+            assert q["name"] == names[q["class"]]
+            assert q["class"] == ILSVRC2012_WNIDS[q["index"]]
+            assert q["probability"] == pytest.approx(p[q["index"]].item(), rel=1e-4, abs=1e-7)
+            assert q["probability"] == pytest.approx(r["probability"], rel=1e-6, abs=1e-9)
+        assert a["predictions"][0]["index"] == int(p.argmax())
+
+
+def test_visualize_kernels_shows_the_two_towers_in_rgb(caffe_files, tmp_path, capsys):
+    """Kernels 0-47 (tower 0, Caffe's group 1 from conv2 on) in the top block, 48-95 below;
+    Caffe's filter 0 (blue only) is drawn blue and filter 1 (red only) red."""
+    out = tmp_path / "k.png"
+    assert run(visualize_main, "visualize", ["kernels", "--checkpoint",
+                                             str(caffe_files.dir / "new.pt"),
+                                             "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "tower 0 (kernels 0-47)" in text and "tower 1 (kernels 48-95)" in text
+    img = np.asarray(Image.open(out).convert("RGB"))
+    grid = KernelGrid()
+    assert img.shape == (grid.size[1], grid.size[0], 3)
+    for i, rgb in ((0, (0, 0, 255)), (1, (255, 0, 0))):
+        x0, y0, x1, y1 = grid.box(i)
+        assert (img[y0:y1, x0:x1] == rgb).all(), i
+    x0, y0, _, _ = grid.box(48)  # the first kernel of tower 1 opens the lower block
+    assert y0 > grid.block[1] and x0 == grid.gap
+
+
+def test_caffes_lrn_span_on_real_images(caffe_files, demo_root, capsys):
+    """On the 48 JPEGs of the demo fixture (decoded to 256x256 as evaluation does): the split
+    layout with the halo equals the collapsed layout bit for bit; the towers' window (Caffe's
+    constants, each tower on its own) is another function. Prints the numbers
+    docs/pretrained.md quotes (``-s`` shows them)."""
+    files = sorted(demo_root.rglob("*.jpg"))
+    images = np.stack([load_rgb256(f).transpose(2, 0, 1) for f in files]).astype(np.float32)
+    ckpt = load_checkpoint(caffe_files.dir / "new.pt")
+    collapsed = AlexNet(init=None, lrn="caffe", lrn_span="all")
+    collapsed.load_state_dict(ckpt["model"])
+    tower = AlexNet(init=None, lrn="caffe", lrn_span="tower")
+    tower.load_state_dict(ckpt["model"])
+    split = collapsed.split()
+    z = {name: logits(net.eval(), ckpt, images)
+         for name, net in (("all", collapsed), ("split", split), ("tower", tower))}
+    assert np.array_equal(z["split"], z["all"])
+    diff = np.abs(z["tower"] - z["all"])
+    rel = diff.max() / np.abs(z["all"]).max()
+    agree = int((z["tower"].argmax(1) == z["all"].argmax(1)).sum())
+    with capsys.disabled():
+        print(f"\nsplit vs collapsed (Caffe's span): max |diff| {np.abs(z['split'] - z['all']).max()}"
+              f"; towers' span vs Caffe's: max |diff| {diff.max():.4g}, relative to the largest "
+              f"|logit| ({np.abs(z['all']).max():.4g}) {rel:.3g}, top-1 agreement "
+              f"{agree}/{len(diff)}")
+    assert rel > 1e-3 and len(files) == 48
+
+
+def test_split_layout_trains_caffes_function_within_rounding():
+    """lrn_span 'all' in training: the same loss in both layouts, bit for bit, and gradients
+    within float rounding (the halo's gradient reaches its tower as a second sum)."""
+    torch.manual_seed(0)
+    net = AlexNet(10, lrn="caffe", lrn_span="all", init="caffe")
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            p.mul_(8.0 if name.endswith("weight") else 1.0)  # activations where LRN bends
+    split = net.split()
+    x = torch.randn(2, 3, 227, 227) * 60
+    losses = []
+    for model in (net, split):
+        torch.manual_seed(1)  # the same dropout masks
+        loss = model(x).square().mean()
+        loss.backward()
+        losses.append(loss)
+    assert torch.equal(losses[0], losses[1])
+    grads = collapse_state_dict({k: p.grad for k, p in split.named_parameters()})
+    for name, p in net.named_parameters():
+        err = (p.grad - grads[name]).abs().max() / p.grad.abs().max()
+        assert err <= 1e-6, (name, err.item())
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -284,6 +453,25 @@ def test_bad_models_give_one_line_and_exit_2(case, caffe_files, tmp_path, capsys
     line = one_error_line(capsys, ["caffe", str(tmp_path / "x"), str(tmp_path / "out.pt")])
     assert f"{tmp_path / 'x'}: " in line and expected in line, line
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_weights_that_do_not_fit_the_network_are_one_line(caffe_files, wnid_val, tmp_path,
+                                                          capsys):
+    """A checkpoint whose tensors do not fit the network of its own config: evaluate and
+    predict stop with one line (exit 2), no traceback."""
+    good = load_checkpoint(caffe_files.dir / "v1.pt")
+    save_checkpoint(tmp_path / "bad.pt", {
+        **{k: good[k] for k in ("config", "classes", "class_names", "stats", "source")},
+        "model": {"conv1.weight": torch.zeros(96, 3, 11, 11), "fc8.bias": torch.zeros(7)}})
+    for main, prog, argv in ((evaluate_main, "evaluate", ["--data", str(wnid_val.root),
+                                                         "--single-device"]),
+                             (predict.main, predict.PROG, [str(wnid_val.files[0])])):
+        rc = run(main, prog, ["--checkpoint", str(tmp_path / "bad.pt"), *argv])
+        out, err = capsys.readouterr()
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+        assert "bad.pt: model conv1.bias is nothing, but arch=alexnet with 1000 classes " \
+               "needs shape (96,)" in lines[0], lines[0]
 
 
 def test_bad_mean_missing_file_and_existing_output(caffe_files, tmp_path, capsys):

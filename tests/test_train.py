@@ -24,8 +24,8 @@ import torch
 
 import split_alexnet
 from split_alexnet.data.dataset import PCA_MODES
-from split_alexnet.network.model import (ACTIVATIONS, ARCHS, INIT_SCHEMES, LRN_CHOICES, POOLS,
-                                         ModelConfig)
+from split_alexnet.network.model import (ACTIVATIONS, ARCHS, INIT_SCHEMES, LRN_CHOICES,
+                                         LRN_SPANS, POOLS, ModelConfig)
 from split_alexnet.network.parallelize import AMP_CHOICES
 from split_alexnet.tools.evaluate import main as evaluate_main
 from split_alexnet.training.checkpoint import load_checkpoint
@@ -328,9 +328,9 @@ def test_class_metadata_survives_into_the_checkpoint(tmp_path):
 
 
 CHOICE_FLAGS = {"--arch": ARCHS, "--init": INIT_SCHEMES, "--lrn": LRN_CHOICES,
-                "--activation": ACTIVATIONS, "--pool": POOLS, "--optimizer": OPTIMIZERS,
-                "--pca": PCA_MODES, "--backend": BACKENDS, "--amp": AMP_CHOICES,
-                "--recipe": RECIPE_NAMES}
+                "--lrn-span": LRN_SPANS, "--activation": ACTIVATIONS, "--pool": POOLS,
+                "--optimizer": OPTIMIZERS, "--pca": PCA_MODES, "--backend": BACKENDS,
+                "--amp": AMP_CHOICES, "--recipe": RECIPE_NAMES}
 
 
 def test_help_lists_the_choices_of_every_choice_flag_from_bytecode_alone(tmp_path):
@@ -386,7 +386,8 @@ def test_demo_in_a_toml_file_is_the_demo(tmp_path):
 
 def test_every_flag_works_in_a_toml_file(tmp_path):
     values = {"data": "d", "out": "o", "devices": "cpu,cpu", "single_device": True,
-              "arch": "half", "init": "cuda-convnet2", "lrn": "off", "activation": "tanh",
+              "arch": "half", "init": "cuda-convnet2", "lrn": "off", "lrn_span": "all",
+              "activation": "tanh",
               "pool": "2/2", "dropout": 0.25, "epochs": 3, "batch_size": 16,
               "per_process_batch": True, "backend": "gloo", "lr": 0.02, "momentum": 0.8,
               "weight_decay": 0.001, "optimizer": "torch", "lr_schedule": "step:2",
@@ -396,7 +397,9 @@ def test_every_flag_works_in_a_toml_file(tmp_path):
               "strict": True, "channels_last": True, "amp": "bf16", "compile": True,
               "cudnn_benchmark": True, "demo": True, "overwrite": True, "resume_lr": 0.005,
               "recipe": "bvlc", "print_recipe": True, "bias_lr_mult": 2.5, "bias_decay": False,
-              "plateau_min_epochs": 2, "plateau_threshold": 0.01, "plan": True, "holdout": 1}
+              "plateau_min_epochs": 2, "plateau_threshold": 0.01, "plan": True, "holdout": 1,
+              "init_from": "c.pt", "reinit": "fc8", "freeze_through": "conv2", "lr_mult_new": 5.0,
+              "finetune": True}
     # Every setting but --gpus (it excludes --devices) and --config itself.
     assert set(values) == set(TrainConfig().to_dict()) - {"gpus", "config"}
     (tmp_path / "all.toml").write_text(_toml(values))

@@ -9,7 +9,9 @@ also divides by n; that reading is ``reading="alpha-over-n"`` (see docs/fidelity
 
 The window runs over channels only and is clipped at the first and last channel (no wrap).
 On two towers each tower normalises its own maps, so the collapsed layout calls this once per
-half, or once on both halves with ``groups=2`` (see ``model.py``).
+half, or once on both halves with ``groups=2`` (see ``model.py``). Caffe's LRN layer is
+``reading="alpha-over-n"`` with ``k=1`` and one window over all channels (``groups=1``):
+``ModelConfig(lrn="caffe", lrn_span="all")`` in ``model.py``.
 
 Implementations (``impl=`` on :class:`LocalResponseNorm` and :func:`lrn`; docs/lrn.md has the
 derivation of the backward and the measurements):

@@ -5,10 +5,16 @@ Three networks, one set of rules:
 * ``SplitAlexNet``: the paper's two columns ("towers"), each on its own device. The towers
   talk at exactly four places, all through ``SplitAlexNet._send``: into conv3 (each tower gets
   the other's pooled conv2 maps), into fc6, into fc7, and into fc8 (tower 1's fc7 output goes
-  to the first device, where fc8 lives, as in cuda-convnet2).
+  to the first device, where fc8 lives, as in cuda-convnet2); with ``lrn_span="all"`` also
+  into norm1 and norm2 (below).
 * ``AlexNet``: the same function on one device, with grouped convolutions (groups=2 in conv2,
   conv4, conv5) like Caffe's bvlc_alexnet, but with LRN and dropout applied to each half
   separately, so that it computes exactly what the towers compute.
+
+``lrn_span="all"`` is Caffe's reading of LRN (its window runs across all channels, over the
+tower boundary): the collapsed layout then normalises all 96 (256) channels at once, and the
+towers exchange the two channels on each side of the boundary before they normalise (a "halo",
+two more transfers into norm1 and norm2, sent through ``_send`` like the others).
 * ``HalfAlexNet``: the paper's one-device ablation (section 3.2): half the kernels in
   conv1-conv4, conv5 and the FC layers at full size.
 
@@ -31,10 +37,12 @@ from split_alexnet.network.lrn import LocalResponseNorm
 
 INPUT_SIZE = 227  # the paper's "224" cannot give 55x55 after an 11x11 stride-4 conv; see docs
 TOWER_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7")
+WEIGHT_LAYERS = TOWER_LAYERS + ("fc8",)  # every layer with parameters, in order
 ARCHS = ("alexnet", "half")
 ACTIVATIONS = ("relu", "tanh")
 POOLS = ("3/2", "2/2")
 LRN_CHOICES = ("paper", "alpha-over-n", "caffe", "off")
+LRN_SPANS = ("tower", "all")
 # Each LRN choice but "off": (how alpha is read, k). alpha 1e-4, n 5, beta 0.75 in all.
 LRN_CONSTANTS = {"paper": ("paper", 2.0), "alpha-over-n": ("alpha-over-n", 2.0),
                  "caffe": ("alpha-over-n", 1.0)}
@@ -63,6 +71,12 @@ class ModelConfig:
         "help": "'paper': alpha=1e-4 multiplies the window's sum of squares (section 3.3, as "
                 "printed); 'alpha-over-n': Krizhevsky's code, alpha/n on the sum; 'caffe': "
                 "alpha/n with Caffe's k=1 (not 2); 'off': no LRN (an ablation)."})
+    lrn_span: str = field(default="tower", metadata={
+        "choices": LRN_SPANS,
+        "help": "Where the LRN window reaches: 'tower' (the paper: each tower normalises its "
+                "own maps) or 'all' (Caffe's bvlc_alexnet: one window across both towers' "
+                "channels; the split layout then exchanges the two border channels of each "
+                "tower, counted in net.traffic)."})
     activation: str = field(default="relu", metadata={
         "choices": ACTIVATIONS, "help": "'relu' (the paper) or 'tanh' (Figure 1's comparison)."})
     pool: str = field(default="3/2", metadata={
@@ -97,8 +111,8 @@ def _pool(x: Tensor, cfg: ModelConfig) -> Tensor:
 
 
 def _make_lrn(cfg: ModelConfig, groups: int = 1) -> nn.Module:
-    """The paper's LRN over ``groups`` separate blocks of channels (2 in the collapsed layout:
-    each tower's half on its own, never across the boundary)."""
+    """The LRN of ``cfg.lrn`` over ``groups`` separate blocks of channels (2 in the collapsed
+    layout with span 'tower': each tower's half on its own, never across the boundary)."""
     if cfg.lrn == "off":
         return nn.Identity()
     reading, k = LRN_CONSTANTS[cfg.lrn]
@@ -241,13 +255,15 @@ def _accept_collapsed_keys(state_dict, prefix, *args) -> None:  # load_state_dic
 
 
 class AlexNet(nn.Module):
-    """The two-column network on one device: grouped convolutions, per-half LRN and dropout."""
+    """The two-column network on one device: grouped convolutions, per-half LRN (one window
+    over all channels with ``lrn_span="all"``) and per-half dropout."""
 
-    def __init__(self, num_classes: int = 1000, *, lrn: str = "paper", activation: str = "relu",
-                 pool: str = "3/2", dropout: float = 0.5, init: str | None = "paper") -> None:
+    def __init__(self, num_classes: int = 1000, *, lrn: str = "paper", lrn_span: str = "tower",
+                 activation: str = "relu", pool: str = "3/2", dropout: float = 0.5,
+                 init: str | None = "paper") -> None:
         super().__init__()
-        self.cfg = ModelConfig(num_classes=num_classes, init=init, lrn=lrn, activation=activation,
-                               pool=pool, dropout=dropout)
+        self.cfg = ModelConfig(num_classes=num_classes, init=init, lrn=lrn, lrn_span=lrn_span,
+                               activation=activation, pool=pool, dropout=dropout)
         self.conv1 = nn.Conv2d(3, 96, 11, stride=4)                 # both halves see the image
         self.conv2 = nn.Conv2d(96, 256, 5, padding=2, groups=2)     # half-local
         self.conv3 = nn.Conv2d(256, 384, 3, padding=1)              # crosses the halves
@@ -256,7 +272,8 @@ class AlexNet(nn.Module):
         self.fc6 = nn.Linear(9216, 4096)                            # crosses the halves
         self.fc7 = nn.Linear(4096, 4096)                            # crosses the halves
         self.fc8 = nn.Linear(4096, num_classes)
-        self.lrn = _make_lrn(self.cfg, groups=2)  # per half, as the towers normalise
+        # per half, as the towers normalise; span "all": one window over both halves
+        self.lrn = _make_lrn(self.cfg, groups=2 if lrn_span == "tower" else 1)
         self._register_load_state_dict_pre_hook(_accept_split_keys)
         if init is not None:
             init_weights_(self, init)
@@ -307,11 +324,16 @@ class Tower(nn.Module):
         self.fc7 = nn.Linear(4096, 2048)                # input: both towers' fc6
         self.lrn = _make_lrn(cfg)
 
-    def layer1(self, x: Tensor) -> Tensor:  # (B, 3, 227, 227) -> (B, 48, 27, 27)
-        return _pool(self.lrn(_act(self.conv1(x), self.cfg)), self.cfg)
+    # layer1 and layer2 stop before their LRN and pooling (norm_pool), where the towers may
+    # exchange a halo of channels (SplitAlexNet._norm_pool).
+    def layer1(self, x: Tensor) -> Tensor:  # (B, 3, 227, 227) -> (B, 48, 55, 55)
+        return _act(self.conv1(x), self.cfg)
 
-    def layer2(self, x: Tensor) -> Tensor:  # (B, 48, 27, 27) -> (B, 128, 13, 13)
-        return _pool(self.lrn(_act(self.conv2(x), self.cfg)), self.cfg)
+    def layer2(self, x: Tensor) -> Tensor:  # (B, 48, 27, 27) -> (B, 128, 27, 27)
+        return _act(self.conv2(x), self.cfg)
+
+    def norm_pool(self, x: Tensor) -> Tensor:  # (B, C, 55, 55) -> (B, C, 27, 27), or 27 -> 13
+        return _pool(self.lrn(x), self.cfg)
 
     def layer3(self, x: Tensor) -> Tensor:  # (B, 256, 13, 13) -> (B, 192, 13, 13)
         return _act(self.conv3(x), self.cfg)
@@ -333,7 +355,8 @@ class Tower(nn.Module):
 class Transfer:
     """One tensor crossing between the towers in a forward pass."""
 
-    layer: str               # the layer that consumes it: conv3, fc6, fc7 or fc8
+    layer: str               # the layer that consumes it: conv3, fc6, fc7 or fc8 (and
+                             # norm1, norm2 with lrn_span "all")
     src: int                 # sending tower
     dst: int                 # receiving tower
     src_device: str
@@ -355,12 +378,12 @@ class SplitAlexNet(nn.Module):
     """The paper's network as two towers (tower 0 first in every concat). It is built on the
     CPU, as every module is; ``placement.place(net, devices)`` puts tower i on devices[i]."""
 
-    def __init__(self, num_classes: int = 1000, *, lrn: str = "paper", activation: str = "relu",
-                 pool: str = "3/2", dropout: float = 0.5, init: str | None = "paper",
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(self, num_classes: int = 1000, *, lrn: str = "paper", lrn_span: str = "tower",
+                 activation: str = "relu", pool: str = "3/2", dropout: float = 0.5,
+                 init: str | None = "paper", dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.cfg = ModelConfig(num_classes=num_classes, init=init, lrn=lrn, activation=activation,
-                               pool=pool, dropout=dropout)
+        self.cfg = ModelConfig(num_classes=num_classes, init=init, lrn=lrn, lrn_span=lrn_span,
+                               activation=activation, pool=pool, dropout=dropout)
         self.towers = nn.ModuleList([Tower(self.cfg), Tower(self.cfg)])
         self.fc8 = nn.Linear(4096, num_classes)  # lives with tower 0, as in cuda-convnet2
         self._register_load_state_dict_pre_hook(_accept_collapsed_keys)
@@ -390,6 +413,23 @@ class SplitAlexNet(nn.Module):
         from0 = self._send(h[0], 0, 1, layer)
         return [torch.cat([h[0], from1], dim=1), torch.cat([from0, h[1]], dim=1)]
 
+    def _norm_pool(self, h: list[Tensor], layer: str) -> list[Tensor]:
+        """Each tower's LRN and max-pooling. With lrn_span 'all' the LRN window crosses the
+        boundary, as one window over the collapsed layout's channels does: tower 0 receives
+        tower 1's first ``hi`` channels and tower 1 tower 0's last ``lo`` (the 2 + 2 channels
+        of the halo, for Caffe's window of 5), each tower normalises its maps with the halo
+        beside them and drops the halo's outputs."""
+        t = self.towers
+        if self.cfg.lrn_span == "tower" or self.cfg.lrn == "off":
+            return [t[i].norm_pool(h[i]) for i in (0, 1)]
+        lo = t[0].lrn.size // 2
+        hi = t[0].lrn.size - 1 - lo
+        from1 = self._send(h[1][:, :hi], 1, 0, layer)                # (B, hi, H, W)
+        from0 = self._send(h[0][:, -lo:], 0, 1, layer)               # (B, lo, H, W)
+        n0 = t[0].lrn(torch.cat([h[0], from1], dim=1))[:, :-hi]      # (B, C, H, W)
+        n1 = t[1].lrn(torch.cat([from0, h[1]], dim=1))[:, lo:]       # (B, C, H, W)
+        return [_pool(n0, self.cfg), _pool(n1, self.cfg)]
+
     def forward(self, x: Tensor) -> Tensor:
         check_input(x)
         self.traffic = []
@@ -397,8 +437,10 @@ class SplitAlexNet(nn.Module):
         # Each tower gets its own copy of the batch (not traffic between towers).
         h = [transfer(x, d) for d in self.devices]       # (B, 3, 227, 227) on each device
         # Layer by layer, tower 0 then tower 1: no host sync, so two GPUs run concurrently.
-        h = [t[i].layer1(h[i]) for i in (0, 1)]           # (B, 48, 27, 27)
-        h = [t[i].layer2(h[i]) for i in (0, 1)]           # (B, 128, 13, 13)
+        h = [t[i].layer1(h[i]) for i in (0, 1)]           # (B, 48, 55, 55)
+        h = self._norm_pool(h, "norm1")                   # (B, 48, 27, 27)
+        h = [t[i].layer2(h[i]) for i in (0, 1)]           # (B, 128, 27, 27)
+        h = self._norm_pool(h, "norm2")                   # (B, 128, 13, 13)
         h = self._exchange(h, "conv3")                    # (B, 256, 13, 13)
         h = [t[i].layer3(h[i]) for i in (0, 1)]           # (B, 192, 13, 13)
         h = [t[i].layer4(h[i]) for i in (0, 1)]           # (B, 192, 13, 13)
@@ -428,11 +470,14 @@ class HalfAlexNet(nn.Module):
     """One column with half the kernels in conv1-conv4 (48, 128, 192, 192), conv5 at 256 and
     full-size FC layers: the "one GPU" net the paper compares the two towers against."""
 
-    def __init__(self, num_classes: int = 1000, *, lrn: str = "paper", activation: str = "relu",
-                 pool: str = "3/2", dropout: float = 0.5, init: str | None = "paper") -> None:
+    def __init__(self, num_classes: int = 1000, *, lrn: str = "paper", lrn_span: str = "tower",
+                 activation: str = "relu", pool: str = "3/2", dropout: float = 0.5,
+                 init: str | None = "paper") -> None:
         super().__init__()
+        # One column: its LRN window spans its own channels, whatever lrn_span says.
         self.cfg = ModelConfig(arch="half", num_classes=num_classes, init=init, lrn=lrn,
-                               activation=activation, pool=pool, dropout=dropout)
+                               lrn_span=lrn_span, activation=activation, pool=pool,
+                               dropout=dropout)
         self.conv1 = nn.Conv2d(3, 48, 11, stride=4)
         self.conv2 = nn.Conv2d(48, 128, 5, padding=2)
         self.conv3 = nn.Conv2d(128, 192, 3, padding=1)
@@ -459,8 +504,8 @@ class HalfAlexNet(nn.Module):
 
 
 def _cfg_kwargs(cfg: ModelConfig) -> dict:
-    return dict(num_classes=cfg.num_classes, lrn=cfg.lrn, activation=cfg.activation,
-                pool=cfg.pool, dropout=cfg.dropout)
+    return dict(num_classes=cfg.num_classes, lrn=cfg.lrn, lrn_span=cfg.lrn_span,
+                activation=cfg.activation, pool=cfg.pool, dropout=cfg.dropout)
 
 
 def layout_state_dict(model: nn.Module) -> dict[str, Tensor]:

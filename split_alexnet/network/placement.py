@@ -225,7 +225,7 @@ def build_model(cfg: ModelConfig, layout: str,
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
     split = cfg.arch == "alexnet" and layout == "split"
     devs = parse_devices(devices) if split else (first_device(devices),)  # before building
-    kw = dict(num_classes=cfg.num_classes, lrn=cfg.lrn, activation=cfg.activation,
-              pool=cfg.pool, dropout=cfg.dropout, init=cfg.init)
+    kw = dict(num_classes=cfg.num_classes, lrn=cfg.lrn, lrn_span=cfg.lrn_span,
+              activation=cfg.activation, pool=cfg.pool, dropout=cfg.dropout, init=cfg.init)
     net = SplitAlexNet(**kw) if split else (AlexNet if cfg.arch == "alexnet" else HalfAlexNet)(**kw)
     return place(net, devs)

@@ -12,8 +12,9 @@ changes the function, every blob shape, finite values), reverses conv1's input c
 (Caffe reads BGR, this repository RGB), takes the mean image from ``--mean`` (Caffe's BGR
 BlobProto) or Caffe's per-channel BGR mean (104, 117, 123), and writes a normal checkpoint
 (atomic, checksummed, ``weights_only=True``) with the 1000 ILSVRC-2012 classes in Caffe's
-order and ``config["lrn"] = "caffe"``: Caffe's LRN (k=1, alpha/n, one window across all
-channels) differs from the towers' (docs/pretrained.md). Anything else: one line, exit code 2.
+order and ``config["lrn"] = "caffe"``, ``config["lrn_span"] = "all"``: Caffe's LRN (k=1,
+alpha/n, one window across all channels), which the network computes exactly in both layouts
+(docs/pretrained.md). Anything else: one line, exit code 2.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ import numpy as np
 import torch
 
 from split_alexnet.data.images import SIZE
-from split_alexnet.network.model import (AlexNet, collapsed_shapes, count_parameters,
-                                         layout_state_dict)
+from split_alexnet.network.model import (AlexNet, ModelConfig, collapsed_shapes,
+                                         count_parameters, layout_state_dict)
 from split_alexnet.tools.caffe import Blob, CaffeFormatError, Layer, Net, parse_blob, parse_net
 from split_alexnet.tools.predict import ILSVRC2012_WNIDS, imagenet_names
 from split_alexnet.training.checkpoint import code_version, save_checkpoint
@@ -43,8 +44,12 @@ ZOO_FILE = "bvlc_alexnet.caffemodel"
 ZOO_SHA1 = "9116a64c0fbe4459d18f4bb6b56d647b63920377"  # BVLC/caffe models/bvlc_alexnet/readme.md
 # Caffe's per-channel BGR mean: mean_value in BVLC/caffe models/bvlc_googlenet/train_val.prototxt
 CAFFE_BGR_MEAN = (104.0, 117.0, 123.0)
-CAFFE_LRN = "caffe"  # config["lrn"] of a converted checkpoint: k=1, alpha/n, across all channels
 NUM_CLASSES = 1000
+# The network of a converted checkpoint: Caffe's LRN (k=1, alpha/n) with one window across all
+# channels, dropout 0.5 as in train_val.prototxt.
+CAFFE_MODEL = ModelConfig(arch="alexnet", num_classes=NUM_CLASSES, init=None, lrn="caffe",
+                          lrn_span="all", activation="relu", pool="3/2", dropout=0.5)
+CAFFE_LRN = CAFFE_MODEL.lrn
 
 WEIGHT_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 # Layers that do not change the function from image to fc8 (inputs, losses, plumbing).
@@ -210,8 +215,9 @@ def converted_payload(model: dict[str, torch.Tensor], mean: torch.Tensor, *, fin
     classes = list(ILSVRC2012_WNIDS)  # Caffe's labels: the sorted wnids
     return {
         "model": model,
-        "config": {"arch": "alexnet", "num_classes": len(classes), "lrn": CAFFE_LRN,
-                   "activation": "relu", "pool": "3/2", "dropout": 0.5},
+        "config": {f: getattr(CAFFE_MODEL, f) for f in ("arch", "num_classes", "lrn",
+                                                         "lrn_span", "activation", "pool",
+                                                         "dropout")},
         "layout": "collapsed",
         "classes": classes,
         "class_names": [names[w] for w in classes],
@@ -266,7 +272,7 @@ def convert_caffe(model_path: Path | str, out: Path | str, mean_path: Path | str
               "zoo_file": sha1 == ZOO_SHA1, "net_name": net.name, "proto": net.format,
               "mean": mean_source, "converter": f"{PROG} caffe"}
     del buf, net
-    model = AlexNet(NUM_CLASSES, init=None)
+    model = AlexNet(NUM_CLASSES, lrn=CAFFE_MODEL.lrn, lrn_span=CAFFE_MODEL.lrn_span, init=None)
     model.load_state_dict(state)  # strict: exactly the keys and shapes the tools will load
     payload = converted_payload(layout_state_dict(model), mean, fingerprint=fingerprint,
                                 source=source)
@@ -289,8 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("mean image: " + (f"{m['file']} (3x256x256, BGR reordered to RGB)" if "file" in m
                             else "Caffe's per-channel BGR mean 104, 117, 123"))
     print(f"wrote {args.out}: the collapsed AlexNet, {src['parameters']:,} parameters, "
-          f"{NUM_CLASSES} ILSVRC-2012 classes, lrn '{CAFFE_LRN}' (Caffe's LRN: one window "
-          "across all channels, k=1, alpha/n)")
+          f"{NUM_CLASSES} ILSVRC-2012 classes, lrn '{CAFFE_LRN}', lrn span "
+          f"'{CAFFE_MODEL.lrn_span}' (Caffe's LRN: one window across all channels, k=1, "
+          "alpha/n)")
     return 0
 
 

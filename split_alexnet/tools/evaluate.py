@@ -7,13 +7,18 @@ paper's ten crops with averaged softmax. A checkpoint of either layout runs in e
 
 The network is rebuilt from the checkpoint's model config; the mean image and colour
 statistics come from the checkpoint too (the training set's), so ``--data`` needs only
-``val/<class>/``; class folders are matched to the checkpoint by name.
+``val/<class>/``; class folders are matched to the checkpoint by name, and may be a subset of
+its classes (each image is still scored over all of them). A checkpoint converted
+from Caffe's bvlc_alexnet (``split_alexnet.convert``) evaluates the same way: its published
+protocol is the centre 227 crop of the 256x256 image minus the mean image, as here, and its
+1000 classes are the ILSVRC-2012 wnids, which name the class folders of a prepared ImageNet.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +26,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from split_alexnet.data.dataset import CropFolder, EpochSampler, find_classes, make_loader
 from split_alexnet.network.placement import add_device_flags, build_model, resolve_devices
@@ -36,7 +42,8 @@ PROG = "split_alexnet.evaluate"
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="a .pt file written by train")
+    p.add_argument("--checkpoint", required=True,
+                   help="a .pt file written by train or by split_alexnet.convert")
     p.add_argument("--data", required=True, help="dataset root with val/<class>/")
     p.add_argument("--split", default="val", help="subfolder to evaluate (default: val)")
     p.add_argument("--ten-crop", action="store_true", help="also the paper's ten-crop test")
@@ -63,9 +70,45 @@ def load_model(path: Path, *, gpus: str | None = None, devices: str | None = Non
         raise UsageError(str(e)) from None
     devs = resolve_devices(gpus, devices, single_device or cfg.arch == "half", default=default)
     layout = "collapsed" if len(devs) == 1 else "split"
-    model = build_model(replace(cfg, init=None), layout, devs)  # weights: the checkpoint's
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = build_model(replace(cfg, init=None), layout, devs)  # weights: the checkpoint's
+        model.load_state_dict(ckpt["model"])
+    except (ValueError, RuntimeError) as e:  # a build error; keys or shapes that do not fit
+        raise UsageError(f"checkpoint {path}: its network cannot be built from its model "
+                         f"configuration ({cfg.arch}, {cfg.num_classes} classes): "
+                         f"{_one_line(e)}") from None
     return model.eval(), ckpt, devs
+
+
+def _one_line(e: Exception) -> str:
+    """An error of ``load_state_dict`` (a line per kind of problem, each listing every key) as
+    one line naming the first keys of each kind."""
+    parts = []
+    for line in str(e).splitlines():
+        line = line.strip().rstrip(".")
+        if line.startswith("Error(s) in loading state_dict"):
+            continue
+        keys = re.findall(r'"([^"]+)"', line)
+        if len(keys) > 3:
+            line = f"{line.split(':')[0]}: {', '.join(keys[:3])} and {len(keys) - 3} more"
+        if line:
+            parts.append(line.replace('"', ""))
+    return "; ".join(parts) or type(e).__name__
+
+
+class Relabelled(Dataset):
+    """``dataset`` with each item's label replaced by ``labels[label]``: the checkpoint's
+    index of the class, when only some of its classes have folders."""
+
+    def __init__(self, dataset: CropFolder, labels: Sequence[int]) -> None:
+        self.dataset, self.labels = dataset, list(labels)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key) -> dict:
+        item = self.dataset[key]
+        return {**item, "label": self.labels[item["label"]]}
 
 
 def evaluate_checkpoint(path: Path, data: Path, *, split: str = "val", ten_crop: bool = False,
@@ -80,15 +123,18 @@ def evaluate_checkpoint(path: Path, data: Path, *, split: str = "val", ten_crop:
                                    single_device=single_device)
     split_dir = Path(data) / split
     classes = list(ckpt["classes"])
-    unknown = sorted(set(find_classes(split_dir)) - set(classes))
+    found = set(find_classes(split_dir))
+    unknown = sorted(found - set(classes))
     if unknown:
         raise UsageError(f"{split_dir} has class folders the checkpoint does not know: "
                          f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+    present = [c for c in classes if c in found]  # all of them, or a subset (of ImageNet's)
     stats = checkpoint_stats(ckpt)
     results = {"checkpoint": str(path), "layout": "collapsed" if len(devs) == 1 else "split",
-               "devices": [str(d) for d in devs]}
+               "devices": [str(d) for d in devs], "classes": len(present)}
     for mode in ["center"] + (["tencrop"] if ten_crop else []):
-        ds = CropFolder(split_dir, classes, mode=mode)
+        ds = Relabelled(CropFolder(split_dir, present, mode=mode),
+                        [classes.index(c) for c in present])
         bs = max(1, batch_size // 10) if mode == "tencrop" else batch_size
         loader = make_loader(ds, batch_size=bs, workers=workers,
                              sampler=EpochSampler(len(ds), shuffle=False, drop_last=False),

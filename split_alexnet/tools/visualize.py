@@ -440,7 +440,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     k = sub.add_parser("kernels", help="Figure 3: the conv1 kernels of both towers")
-    k.add_argument("--checkpoint", required=True, help="a .pt file written by train")
+    k.add_argument("--checkpoint", required=True,
+                   help="a .pt file written by train or by split_alexnet.convert")
     k.add_argument("--out", required=True, help="PNG to write")
     k.add_argument("--cols", action=Number, min=1, default=16, help="kernels per row (default "
                    "16: two blocks of 3 rows x 16)")
@@ -449,7 +450,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     k.set_defaults(func=cmd_kernels)
 
     r = sub.add_parser("retrieval", help="Figure 4: nearest training images in fc7 space")
-    r.add_argument("--checkpoint", required=True, help="a .pt file written by train")
+    r.add_argument("--checkpoint", required=True,
+                   help="a .pt file written by train or by split_alexnet.convert")
     r.add_argument("--data", required=True, help="dataset root with train/ and val/")
     r.add_argument("--out", required=True, help="PNG to write")
     r.add_argument("--queries", action=Number, min=1, default=5,

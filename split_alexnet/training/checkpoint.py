@@ -51,8 +51,8 @@ import split_alexnet.training.distributed as dist_util
 from split_alexnet import __version__
 from split_alexnet.data.images import SIZE
 from split_alexnet.data.stats import Stats
-from split_alexnet.network.model import (ARCHS, AlexNet, HalfAlexNet, ModelConfig,
-                                         layout_state_dict)
+from split_alexnet.network.model import (ARCHS, TOWER_LAYERS, AlexNet, HalfAlexNet,
+                                         ModelConfig, layout_state_dict)
 from split_alexnet.training.config import PROG
 from split_alexnet.training.optim import (load_named_optimizer_state, named_optimizer_state,
                                           set_lr)
@@ -215,6 +215,14 @@ def _declared_network(payload: dict, path: Path | str) -> tuple[str, int]:
     return arch, n
 
 
+def frozen_in(payload: dict) -> tuple[str, ...]:
+    """The layers a checkpoint's run kept fixed (its --freeze-through layer and those before
+    it): they have no optimizer buffers."""
+    flat = payload.get("config")
+    last = flat.get("freeze_through") if isinstance(flat, dict) else None
+    return TOWER_LAYERS[:TOWER_LAYERS.index(last) + 1] if last in TOWER_LAYERS else ()
+
+
 def check_shapes(payload: dict, path: Path | str) -> None:
     """Every tensor of the weights, the optimizer's buffers and the statistics has the shape
     that the network the checkpoint declares needs, and nothing is missing or extra: a
@@ -224,6 +232,7 @@ def check_shapes(payload: dict, path: Path | str) -> None:
         net = (HalfAlexNet if arch == "half" else AlexNet)(num_classes, init=None)
     params = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     what = f"arch={arch} with {num_classes} classes"
+    frozen = frozen_in(payload)
     for table, tensors in _tables(payload).items():
         want = STATS_SHAPES if table == "stats" else params
         if not isinstance(tensors, dict):
@@ -234,6 +243,8 @@ def check_shapes(payload: dict, path: Path | str) -> None:
                                   "does not have")
         for name, shape in want.items():
             t = tensors.get(name)
+            if t is None and table.startswith("optimizer") and name.split(".")[0] in frozen:
+                continue  # a frozen parameter has no optimizer state
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
                 got = "nothing" if t is None else \
                     f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
@@ -397,6 +408,7 @@ def resume(t: Trainer, spec: str) -> None:
     for path in candidates:
         try:
             ckpt = load_checkpoint(path)
+            check_resumable(ckpt, path)
             check_compatible(ckpt, arch=t.model_cfg.arch, num_classes=len(t.classes), path=path)
         except CheckpointError as e:
             errors.append(str(e))
@@ -410,6 +422,16 @@ def resume(t: Trainer, spec: str) -> None:
         raise UsageError(f"--resume: no checkpoint in {t.out} (looked for last.pt and "
                          "epoch_*.pt)")
     raise UsageError(errors[-1] if errors else f"--resume: nothing usable at {spec}")
+
+
+def check_resumable(ckpt: dict, path: Path) -> None:
+    """A checkpoint that --resume can continue: one with training state, not converted
+    weights. Else one :class:`UsageError`."""
+    if "optimizer" not in ckpt or "progress" not in ckpt:
+        what = "converted weights" if "source" in ckpt else "weights"
+        raise UsageError(f"--resume: {path} holds {what} without training state (no "
+                         f"optimizer, schedule or position); start a run from them with "
+                         f"--init-from {path}")
 
 
 def restore(t: Trainer, ckpt: dict, path: Path) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from split_alexnet.data.dataset import PCA_MODES
-from split_alexnet.network.model import ModelConfig
+from split_alexnet.network.model import TOWER_LAYERS, WEIGHT_LAYERS, ModelConfig
 from split_alexnet.network.parallelize import AMP_CHOICES
 from split_alexnet.network.placement import DEVICE_HELP
 from split_alexnet.training.distributed import BACKENDS
@@ -169,6 +169,24 @@ class TrainConfig:
                                  "it with the demo preset.")
     config: str | None = _setting(None, "A TOML file with any of these settings (dashes or "
                                         "underscores); flags on the command line win.")
+    # fine-tuning (training/finetune.py, docs/pretrained.md)
+    init_from: str | None = _setting(
+        None, "Start from this checkpoint's weights (one written by train, of either layout, "
+              "or by split_alexnet.convert): every layer is loaded, fc8 is re-initialised "
+              "unless the classes are the same. Read only when a run starts, not on "
+              "--resume.")
+    reinit: str | None = _setting(
+        None, f"With --init-from: layers to re-initialise by --init instead of loading them, a "
+              f"comma list of {', '.join(WEIGHT_LAYERS)}.")
+    freeze_through: str | None = _setting(
+        None, f"Keep this layer and every earlier one fixed (one of {', '.join(TOWER_LAYERS)}): "
+              "no gradient, no update, no weight decay, no momentum.")
+    lr_mult_new: float = _setting(
+        1.0, "With --init-from: learning-rate multiplier of the re-initialised layers, weights "
+             "and biases (Caffe's lr_mult).", min=0, max=FLOAT32_MAX)
+    finetune: bool = _setting(
+        False, "Caffe's fine-tuning recipe (models/finetune_flickr_style), printed with its "
+               "sources; needs --init-from. Flags on the command line win.")
 
     # --------------------------------------------------------------------------------
     @classmethod
@@ -208,6 +226,7 @@ class TrainConfig:
             raise UsageError(str(e)) from None
         if self.gpus is not None and self.devices is not None:
             raise UsageError("give --gpus or --devices, not both")
+        check_fine_tuning(self)
         data = self.data
         if data is None and self.demo:
             data = str(Path(self.out) / "demo_data")
@@ -400,6 +419,63 @@ def describe_recipe(name: str, cfg: "TrainConfig | None" = None) -> str:
     return "\n".join(lines)
 
 
+#: Caffe's fine-tuning recipe on this repository's flags (docs/training.md, "Fine-tuning"),
+#: each with its source in BVLC/caffe: models/finetune_flickr_style/{solver,train_val}.prototxt
+#: and examples/finetune_flickr_style/readme.md.
+FINETUNE_PRESET: dict[str, tuple[Any, str]] = {
+    "lr": (0.001, "base_lr: 0.001, \"lr for fine-tuning should be lower than when starting "
+                  "from scratch\" (models/finetune_flickr_style/solver.prototxt)"),
+    "lr_mult_new": (10.0, "lr_mult 10 on the new fc8_flickr's weights (20 on its biases, 1 and "
+                          "2 on the loaded layers) (models/finetune_flickr_style/"
+                          "train_val.prototxt)"),
+    "momentum": (0.9, "momentum: 0.9 (solver.prototxt), the paper's too"),
+    "weight_decay": (5e-4, "weight_decay: 0.0005 (solver.prototxt), the paper's too"),
+    "batch_size": (50, "batch_size: 50 (train_val.prototxt)"),
+    "lr_schedule": ("step:12", "lr_policy \"step\", gamma 0.1, stepsize 20000 (solver.prototxt):"
+                               " 20,000 iterations of 50 images over the 80,000 Flickr Style "
+                               "images (examples/finetune_flickr_style/readme.md) are 12.5 "
+                               "epochs"),
+    "lr_drops": (4, "max_iter 100000 with stepsize 20000 (solver.prototxt): the rate drops "
+                    "4 times"),
+    "epochs": (60, "max_iter 100000 iterations of 50 images over 80,000 images are 62.5 "
+                   "epochs; 60 keeps the 5 equal stages of step:12"),
+}
+
+PRESETS = {"demo": DEMO_PRESET, "finetune": FINETUNE_PRESET}
+
+
+def layer_names(spec: str | None, flag: str, allowed: Sequence[str]) -> tuple[str, ...]:
+    """A comma list of layer names (``"fc7,fc8"``), in network order; a name not in
+    ``allowed`` is a :class:`UsageError`."""
+    names = [n.strip() for n in (spec or "").split(",") if n.strip()]
+    unknown = [n for n in names if n not in allowed]
+    if unknown or (spec is not None and not names):
+        raise UsageError(f"{flag} takes layer names from {', '.join(allowed)}; got {spec!r}")
+    return tuple(n for n in allowed if n in names)
+
+
+def check_fine_tuning(cfg: "TrainConfig") -> None:
+    """The fine-tuning flags: known layer names, and --init-from wherever
+    a flag needs a source checkpoint."""
+    reinit = layer_names(cfg.reinit, "--reinit", WEIGHT_LAYERS)
+    if cfg.freeze_through is not None:
+        layer_names(cfg.freeze_through, "--freeze-through", TOWER_LAYERS)
+        if "," in cfg.freeze_through:
+            raise UsageError(f"--freeze-through takes one layer name, got {cfg.freeze_through!r}")
+        frozen = TOWER_LAYERS[:TOWER_LAYERS.index(cfg.freeze_through.strip()) + 1]
+        both = [n for n in reinit if n in frozen]
+        if both:
+            raise UsageError(f"--reinit {','.join(both)} and --freeze-through "
+                             f"{cfg.freeze_through}: a re-initialised layer that is frozen "
+                             "never learns")
+    needs = [flag for flag, on in (("--reinit", cfg.reinit is not None),
+                                   ("--lr-mult-new", cfg.lr_mult_new != 1.0),
+                                   ("--finetune", cfg.finetune)) if on]
+    if needs and cfg.init_from is None:
+        raise UsageError(f"{' and '.join(needs)} need(s) --init-from CKPT, the checkpoint to "
+                         "start from")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=f"python -m {PROG}",
@@ -455,9 +531,9 @@ def load_toml(path: str) -> dict[str, Any]:
 
 def parse_config(argv: Sequence[str] | None = None, *,
                  base: dict[str, Any] | None = None) -> TrainConfig:
-    """defaults <- recipe <- demo preset <- ``base`` (flat settings of a calling tool) <-
-    TOML file <- command line, validated. The recipe is the one named last in that order; the
-    preset applies when ``demo`` is set anywhere."""
+    """defaults <- recipe <- demo preset <- fine-tuning preset <- ``base`` (flat settings of a
+    calling tool) <- TOML file <- command line, validated. The recipe is the one named last in
+    that order; a preset applies when its switch (``demo``, ``finetune``) is set anywhere."""
     parser = build_parser()
     try:
         ns = vars(parser.parse_args(argv))
@@ -469,16 +545,25 @@ def parse_config(argv: Sequence[str] | None = None, *,
     from_file = load_toml(ns["config"]) if ns.get("config") else {}
     recipe = ns.get("recipe", from_file.get("recipe", base.get("recipe", "paper")))
     values: dict[str, Any] = recipe_settings(_check_settings({"recipe": recipe})["recipe"])
-    if ns.get("demo", from_file.get("demo", base.get("demo", False))):
-        values.update({k: v for k, (v, _) in DEMO_PRESET.items()})
+    for name, preset in PRESETS.items():  # --demo, then --finetune
+        if ns.get(name, from_file.get(name, base.get(name, False))):
+            values.update({k: v for k, (v, _) in preset.items()})
     values.update(base)
     values.update(from_file)
     values.update(ns)
     return TrainConfig.from_flat(values).validate()
 
 
-def describe_preset() -> str:
-    return "\n".join(f"  {flag_name(k)} {v}: {why}" for k, (v, why) in DEMO_PRESET.items())
+def describe_preset(preset: dict[str, tuple[Any, str]] | None = None,
+                    cfg: "TrainConfig | None" = None) -> str:
+    """One line per setting of ``preset`` (default: the demo's) with its reason; with ``cfg``,
+    a setting that the command line (or a file) overrode says so."""
+    lines = []
+    for k, (v, why) in (DEMO_PRESET if preset is None else preset).items():
+        used = None if cfg is None else cfg.to_dict()[k]
+        note = f" [overridden: {_format(used)}]" if cfg is not None and used != v else ""
+        lines.append(f"  {flag_name(k)} {_format(v)}: {why}{note}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -233,9 +233,10 @@ def named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) ->
 
 def load_named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
                                state: dict) -> None:
-    """Inverse of :func:`named_optimizer_state`, into either layout."""
+    """Inverse of :func:`named_optimizer_state`, into either layout (frozen parameters hold
+    no state)."""
     model = unwrap(model)
-    params = dict(model.named_parameters())
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     for key, named in state["buffers"].items():
         named = dict(named)
         if isinstance(model, SplitAlexNet):

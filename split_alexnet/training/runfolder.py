@@ -45,7 +45,10 @@ RUN_SETTINGS = (*MODEL_FLAGS, "optimizer", "lr", "momentum", "weight_decay", "ba
                 # the plateau schedule's guards
                 "plateau_min_epochs", "plateau_threshold",
                 # the hold-out split
-                "holdout")
+                "holdout",
+                # fine-tuning: which layers learn and at what rate (the --init-from file
+                # itself is read only when the run starts)
+                "init_from", "reinit", "freeze_through", "lr_mult_new")
 #: The settings a resume may change (docs/training.md, "Resume: the same run").
 MAY_CHANGE = ("data", "out", "gpus", "devices", "single_device", "backend", "epochs",
               "max_steps", "workers", "resume", "overwrite", "resume_lr",
@@ -53,7 +56,8 @@ MAY_CHANGE = ("data", "out", "gpus", "devices", "single_device", "backend", "epo
               "eval_every", "strict", "channels_last", "amp", "compile", "cudnn_benchmark",
               "demo", "config",
               # never starts a run: it prints the recipe and exits
-              "print_recipe", "plan")
+              "print_recipe", "plan",
+              "finetune")  # a preset: the settings it sets are compared themselves
 
 _HELD: set[int] = set()  # descriptors of the run locks this process holds
 

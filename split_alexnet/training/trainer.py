@@ -39,6 +39,8 @@ from split_alexnet.network.placement import build_model
 from split_alexnet.training.checkpoint import last_checkpoint_name, resume, save
 from split_alexnet.training.config import (PROG, TrainConfig, describe_preset, describe_recipe,
                                            parse_config)
+from split_alexnet.training.finetune import prepare as prepare_fine_tuning
+from split_alexnet.training.finetune import read_source
 from split_alexnet.training.loader import train_loader, val_loader, worker_error
 from split_alexnet.training.loop import evaluate, log_lr_drop, train_one_epoch
 from split_alexnet.training.metrics import MetricsLog, Watchdog, write_curves
@@ -104,6 +106,7 @@ def build_trainer(cfg: TrainConfig, ctx: dist_util.Context, devices, lock: RunLo
         raise UsageError("--data DIR is required (a folder with train/ and val/), or --demo")
     root = Path(cfg.data)
     check_dataset_root(root)
+    source = read_source(cfg)  # the --init-from checkpoint of a fresh run, checked up front
     stats = load_stats(root, progress=is_main, workers=cfg.workers) if is_main else None
     dist_util.barrier()
     if stats is None:
@@ -123,6 +126,7 @@ def build_trainer(cfg: TrainConfig, ctx: dist_util.Context, devices, lock: RunLo
     model_cfg = replace(cfg.model, num_classes=len(classes))
     torch.manual_seed(cfg.seed)
     net = build_model(model_cfg, cfg.layout, devices)
+    tuning = prepare_fine_tuning(net, cfg, model_cfg, source, classes, is_main=is_main)
     # The dropout stream, independent of the layout; each rank draws its own masks.
     torch.manual_seed(cfg.seed + 1 + 1_000_003 * ctx.rank)
     model = parallelize(net, devices, channels_last=cfg.channels_last,
@@ -139,7 +143,8 @@ def build_trainer(cfg: TrainConfig, ctx: dist_util.Context, devices, lock: RunLo
         batch=batch, steps_per_epoch=steps_per_epoch, model_cfg=model_cfg, net=net, model=model,
         optimizer=build_optimizer(net, kind=cfg.optimizer, lr=cfg.lr,
                                   momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                                  bias_lr_mult=cfg.bias_lr_mult, bias_decay=cfg.bias_decay),
+                                  bias_lr_mult=cfg.bias_lr_mult, bias_decay=cfg.bias_decay,
+                                  layer_lr_mult=tuning.layer_lr_mult),
         scaler=grad_scaler(devices[0], cfg.amp),
         schedule=LRSchedule(cfg.lr_schedule, cfg.lr, patience=cfg.plateau_patience,
                             max_drops=cfg.lr_drops, min_epochs=cfg.plateau_min_epochs,
@@ -158,6 +163,8 @@ def build_trainer(cfg: TrainConfig, ctx: dist_util.Context, devices, lock: RunLo
                          suffix=temp_suffix())
         except OSError as e:
             raise Abort(f"could not write {out / 'config.json'}: {e.strerror or e}") from None
+        if tuning.record:
+            metrics.log(tuning.record)
     return t
 
 
