@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from split_alexnet.data.dataset import CropFolder, holdout_indices
-from split_alexnet.network.model import SplitAlexNet, collapse_state_dict
+from split_alexnet.network.model import WEIGHT_LAYERS, SplitAlexNet, collapse_state_dict
 from split_alexnet.training.checkpoint import load_checkpoint
 from split_alexnet.training.config import (DEMO_PRESET, RECIPES, TrainConfig, parse_config,
                                            recipe_settings)
-from split_alexnet.training.optim import (LAYERS, LRSchedule, build_optimizer,
+from split_alexnet.training.optim import (LRSchedule, build_optimizer,
                                           load_named_optimizer_state, named_optimizer_state,
                                           param_groups, set_lr)
 from split_alexnet.training.runfolder import MAY_CHANGE, RUN_SETTINGS
@@ -49,7 +49,7 @@ def test_param_groups_one_per_layer_and_kind_in_network_order():
     groups = param_groups(split, bias_lr_mult=2.0, bias_decay=False, weight_decay=5e-4,
                           layer_lr_mult={"fc8": 10.0})
     keys = [(g["layer"], g["kind"]) for g in groups]
-    want = [(layer, kind) for layer in LAYERS for kind in ("weight", "bias")]
+    want = [(layer, kind) for layer in WEIGHT_LAYERS for kind in ("weight", "bias")]
     want.remove(("conv1", "bias"))  # no trainable parameters left: no group
     assert keys == want
     for g in groups:

@@ -38,6 +38,11 @@ from split_alexnet.network.lrn import LocalResponseNorm
 INPUT_SIZE = 227  # the paper's "224" cannot give 55x55 after an 11x11 stride-4 conv; see docs
 TOWER_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7")
 WEIGHT_LAYERS = TOWER_LAYERS + ("fc8",)  # every layer with parameters, in order
+
+
+def layers_through(last: str) -> tuple[str, ...]:
+    """``last`` and every tower layer before it ('conv2' -> conv1, conv2)."""
+    return TOWER_LAYERS[:TOWER_LAYERS.index(last) + 1]
 ARCHS = ("alexnet", "half")
 ACTIVATIONS = ("relu", "tanh")
 POOLS = ("3/2", "2/2")

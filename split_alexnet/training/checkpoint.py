@@ -51,7 +51,7 @@ import split_alexnet.training.distributed as dist_util
 from split_alexnet import __version__
 from split_alexnet.data.images import SIZE
 from split_alexnet.data.stats import Stats
-from split_alexnet.network.model import (ARCHS, TOWER_LAYERS, AlexNet, HalfAlexNet,
+from split_alexnet.network.model import (ARCHS, TOWER_LAYERS, AlexNet, HalfAlexNet, layers_through,
                                          ModelConfig, layout_state_dict)
 from split_alexnet.training.config import PROG
 from split_alexnet.training.optim import (load_named_optimizer_state, named_optimizer_state,
@@ -220,7 +220,7 @@ def frozen_in(payload: dict) -> tuple[str, ...]:
     it): they have no optimizer buffers."""
     flat = payload.get("config")
     last = flat.get("freeze_through") if isinstance(flat, dict) else None
-    return TOWER_LAYERS[:TOWER_LAYERS.index(last) + 1] if last in TOWER_LAYERS else ()
+    return layers_through(last) if last in TOWER_LAYERS else ()
 
 
 def check_shapes(payload: dict, path: Path | str) -> None:

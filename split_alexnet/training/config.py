@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from split_alexnet.data.dataset import PCA_MODES
-from split_alexnet.network.model import TOWER_LAYERS, WEIGHT_LAYERS, ModelConfig
+from split_alexnet.network.model import (TOWER_LAYERS, WEIGHT_LAYERS, ModelConfig,
+                                         layers_through)
 from split_alexnet.network.parallelize import AMP_CHOICES
 from split_alexnet.network.placement import DEVICE_HELP
 from split_alexnet.training.distributed import BACKENDS
@@ -462,7 +463,7 @@ def check_fine_tuning(cfg: "TrainConfig") -> None:
         layer_names(cfg.freeze_through, "--freeze-through", TOWER_LAYERS)
         if "," in cfg.freeze_through:
             raise UsageError(f"--freeze-through takes one layer name, got {cfg.freeze_through!r}")
-        frozen = TOWER_LAYERS[:TOWER_LAYERS.index(cfg.freeze_through.strip()) + 1]
+        frozen = layers_through(cfg.freeze_through.strip())
         both = [n for n in reinit if n in frozen]
         if both:
             raise UsageError(f"--reinit {','.join(both)} and --freeze-through "

@@ -17,7 +17,7 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from split_alexnet.network.model import (TOWER_LAYERS, SplitAlexNet, collapse_state_dict,
+from split_alexnet.network.model import (WEIGHT_LAYERS, SplitAlexNet, collapse_state_dict,
                                          split_state_dict)
 from split_alexnet.network.parallelize import unwrap
 
@@ -53,10 +53,6 @@ class PaperSGD(torch.optim.Optimizer):
         return loss
 
 
-#: The layers in network order (both layouts name their parameters ``...<layer>.<kind>``).
-LAYERS = (*TOWER_LAYERS, "fc8")
-
-
 def param_groups(net: nn.Module, *, layer_lr_mult: dict[str, float] | None = None,
                  bias_lr_mult: float = 1.0, bias_decay: bool = True,
                  weight_decay: float) -> list[dict]:
@@ -67,16 +63,16 @@ def param_groups(net: nn.Module, *, layer_lr_mult: dict[str, float] | None = Non
     ``weight_decay`` (0 for biases without ``bias_decay``). The paper: every multiplier 1 and
     decay on everything; Caffe's bvlc_alexnet: biases ``lr_mult 2, decay_mult 0``."""
     layer_lr_mult = dict(layer_lr_mult or {})
-    unknown = set(layer_lr_mult) - set(LAYERS)
+    unknown = set(layer_lr_mult) - set(WEIGHT_LAYERS)
     if unknown:
-        raise ValueError(f"unknown layers {sorted(unknown)}; the layers are {', '.join(LAYERS)}")
+        raise ValueError(f"unknown layers {sorted(unknown)}; the layers are {', '.join(WEIGHT_LAYERS)}")
     found: dict[tuple[str, str], list[Tensor]] = {}
     for name, p in unwrap(net).named_parameters():
         if p.requires_grad:
             layer, kind = name.split(".")[-2:]  # "towers.0.conv1.weight" -> conv1, weight
             found.setdefault((layer, kind), []).append(p)
     groups = []
-    for layer in LAYERS:
+    for layer in WEIGHT_LAYERS:
         for kind in ("weight", "bias"):
             if (layer, kind) not in found:
                 continue
