@@ -111,6 +111,21 @@ def test_a_checkpoint_with_non_finite_values_is_never_written(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_the_finite_check_finds_one_bad_value_and_passes_huge_finite_ones(dtype):
+    big = torch.finfo(dtype).max
+    huge = torch.full((4096,), big, dtype=dtype)  # its float32 sum overflows; all finite
+    assert C.nonfinite({"model": {"w": huge, "v": -huge}}) is None
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for at in (0, 2047, 4095):
+            w = huge.clone()
+            w[at] = bad
+            assert C.nonfinite({"model": {"ok": huge, "w": w}}) == "model w", (bad, at)
+    both = huge.clone()
+    both[0], both[1] = float("inf"), -float("inf")  # the sum is NaN, not a cancelling 0
+    assert C.nonfinite({"stats": {"m": both}}) == "stats m"
+
 def _rewrite(src: Path, dst: Path, change) -> None:
     """dst: src's payload after ``change(payload)``, with a valid checksum, saved as a plain
     torch.save (as the code before the finite check could write it)."""
