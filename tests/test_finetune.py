@@ -310,10 +310,10 @@ def test_resume_refuses_converted_weights_and_changed_fine_tuning_flags(converte
     capsys.readouterr()
     line = one_line(capsys, train(src.data, out, "--devices", "cpu,cpu", "--resume",
                                   "--init-from", src.ckpt))
-    assert "holds another run: --freeze-through None (the run: conv1)" in line
+    assert "holds another run: --freeze-through not set (the run: conv1)" in line
     line = one_line(capsys, train(src.data, out, "--devices", "cpu,cpu", "--resume",
                                   "--freeze-through", "conv1"))
-    assert f"holds another run: --init-from None (the run: {src.ckpt})" in line
+    assert f"holds another run: --init-from not set (the run: {src.ckpt})" in line
 
 
 # ----------------------------------------------------------------------------- DDP

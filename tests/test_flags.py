@@ -48,6 +48,8 @@ CASES = [
     ("train", ["--log-interval", "0"], "--log-interval must be at least 1, got 0"),
     ("train", ["--log-interval", "-3"], "--log-interval must be at least 1, got -3"),
     ("train", ["--eval-every", "0"], "--eval-every must be at least 1, got 0"),
+    ("train", ["--plan", "--plan-steps", "0"],
+     "--plan-steps must be at least 1 and at most 10000, got 0"),
     ("train", ["--seed", "12345678901234567890"],
      "--seed must be at least 0 and at most 4611686018427387904, got 12345678901234567890"),
     ("train", ["--seed", "-1"], "--seed must be at least 0"),

@@ -369,7 +369,7 @@ def test_plan_prints_the_run_and_writes_nothing_into_out(demo_root, tmp_path):
     p = _train("--plan", "--data", str(demo_root), "--out", str(out), "--batch-size", "2",
                "--epochs", "3", "--workers", "0", "--devices", "cpu,cpu", "--keep-last", "1",
                "--lr-schedule", "step-iters:20", "--lr-drops", "3", "--init", "caffe",
-               cwd=tmp_path, timeout=400)
+               "--plan-steps", "3", cwd=tmp_path, timeout=400)
     assert p.returncode == 0, p.stderr
     assert not out.exists()  # not even the lock or config.json
     text = p.stdout
@@ -381,5 +381,5 @@ def test_plan_prints_the_run_and_writes_nothing_into_out(demo_root, tmp_path):
     assert f"checkpoint size: {2 * n * 4 / 2**20:.0f} MiB ({n * 4 / 2**20:.0f} MiB parameters" \
         in text
     assert "CPU: growth of this process's peak resident set size" in text
-    assert "step time over 5 timed steps (after 1 warm-up)" in text and "median" in text
+    assert "step time over 3 timed steps (after 1 warm-up)" in text and "median" in text
     assert "projected training time for 48 steps" in text

@@ -161,6 +161,8 @@ class TrainConfig:
     plan: bool = _setting(False, "Print what the run will do (steps, schedule, checkpoints and "
                                  "their disk, memory per device and projected time from a few "
                                  "real steps) and exit, writing nothing into --out.")
+    plan_steps: int = _setting(5, "With --plan: time this many training steps (after one "
+                                  "warm-up step) for the projected time.", min=1, max=10_000)
     # a hold-out set drives the schedule (docs/training.md, "Hold-out")
     holdout: int = _setting(0, "Hold out this many training images per class (chosen from "
                                "--seed); their centre-crop error drives the plateau schedule "

@@ -20,8 +20,8 @@ from split_alexnet.training.optim import parse_schedule, step_iters
 from split_alexnet.training.state import Trainer
 from split_alexnet.utils.cli import UsageError
 
-#: Untimed steps first (allocation, autotuning), then the timed ones.
-WARMUP_STEPS, TIMED_STEPS = 1, 5
+#: Untimed steps first (allocation, autotuning), then --plan-steps timed ones.
+WARMUP_STEPS = 1
 
 
 def schedule_text(cfg: TrainConfig, steps_per_epoch: int, total: int) -> str:
@@ -54,14 +54,14 @@ def state_bytes(t) -> tuple[int, int]:
 
 def plan(cfg: TrainConfig, setup: Callable[[TrainConfig], Trainer]) -> str:
     """The plan of ``cfg``'s run, from a real trainer built by ``setup`` (the trainer's) in a
-    scratch folder, that trains ``WARMUP_STEPS + TIMED_STEPS`` steps. Nothing is written into
+    scratch folder, that trains ``WARMUP_STEPS + cfg.plan_steps`` steps. Nothing is written into
     ``cfg.out``."""
     if cfg.resume:
         raise UsageError("--plan plans a new run; leave out --resume")
     if cfg.data is None or not (Path(cfg.data) / "train").is_dir():
         raise UsageError("--plan needs an existing dataset: give --data DIR (with --demo, run "
                          "--demo once first: it generates OUT/demo_data)")
-    steps = WARMUP_STEPS + TIMED_STEPS
+    steps = WARMUP_STEPS + cfg.plan_steps
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     with tempfile.TemporaryDirectory(prefix="split_alexnet_plan_") as scratch:
         probe = replace(cfg, out=scratch, overwrite=False, max_steps=steps, log_interval=1,

@@ -56,7 +56,7 @@ MAY_CHANGE = ("data", "out", "gpus", "devices", "single_device", "backend", "epo
               "eval_every", "strict", "channels_last", "amp", "compile", "cudnn_benchmark",
               "demo", "config",
               # never starts a run: it prints the recipe and exits
-              "print_recipe", "plan",
+              "print_recipe", "plan", "plan_steps",
               "finetune")  # a preset: the settings it sets are compared themselves
 
 _HELD: set[int] = set()  # descriptors of the run locks this process holds
@@ -210,6 +210,8 @@ def remove_stale_temps(out: Path) -> list[Path]:
 
 
 def _show(value: Any) -> str:
+    if value is None:  # an optional setting left out (--freeze-through, --init-from)
+        return "not set"
     if isinstance(value, bool):
         return "on" if value else "off"
     return f"{value:g}" if isinstance(value, float) else str(value)
