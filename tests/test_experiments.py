@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import paper_images as images
+from conftest import repeated_tiny_set
 from split_alexnet import (AlexNet, HalfAlexNet, ModelConfig, SplitAlexNet, build_model,
                            count_parameters)
 from split_alexnet.utils.cli import run
@@ -381,22 +382,20 @@ def test_watchdog_fires_on_a_run_that_cannot_learn(same_images_root, tmp_path, c
 
 
 def test_watchdog_stays_silent_on_a_run_that_learns(tmp_path, capsys):
-    """tests/test_train.py::test_loss_falls_on_a_tiny_set's configuration (it learns: 2 x 4
-    images, one step per epoch), judged at step 10 over steps 6-10."""
-    from split_alexnet.data.demo import make_demo_dataset
-    root = make_demo_dataset(tmp_path / "d", classes=2, train_per_class=4, val_per_class=2,
-                             seed=1)
+    """tests/test_train.py::test_loss_falls_on_a_tiny_set's configuration (it learns: 8
+    images, each in 8 files: 8 steps per epoch), judged at step 16 over steps 12-16."""
+    root = repeated_tiny_set(tmp_path / "d", copies=8)
     out = tmp_path / "learns"
     rc = run(train_main, "train", ["--data", str(root), "--out", str(out), *TINY,
-                                   "--epochs", "10", "--init", "caffe", "--lr", "0.02",
-                                   "--lr-schedule", "step:100", "--watchdog-steps", "10"])
+                                   "--epochs", "2", "--init", "caffe", "--lr", "0.02",
+                                   "--lr-schedule", "step:100", "--watchdog-steps", "16"])
     assert rc == 0
     assert "warning" not in capsys.readouterr().err
     assert _watchdog_records(out) == []
     losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
               if r["kind"] == "train"]
-    assert len(losses) == 10
-    assert sum(losses[5:10]) / 5 < 0.98 * math.log(2)  # the window the watchdog judged
+    assert len(losses) == 16
+    assert sum(losses[11:16]) / 5 < 0.98 * math.log(2)  # the window the watchdog judged
 
 
 def test_watchdog_flag_and_preset():
