@@ -37,7 +37,7 @@ from split_alexnet.training.optim import OPTIMIZERS, LRSchedule, PaperSGD
 from split_alexnet.training.trainer import main as train_main
 from split_alexnet.utils.cli import run
 
-BASE = ["--batch-size", "8", "--epochs", "3", "--workers", "0", "--log-interval", "1",
+BASE = ["--batch-size", "8", "--epochs", "2", "--workers", "0", "--log-interval", "1",
         "--init", "caffe", "--no-ten-crop", "--seed", "3"]
 
 
