@@ -214,13 +214,17 @@ def chaos(demo_root, tmp_path_factory):
                           "logged": seg.step(), "ckpt": ckpt_step(), "err": seg.err,
                           "workers": workers, "alive": [w for w in workers if _running(w)]})
 
-    # E: SIGTERM (a scheduler's preemption).
+    # E: SIGTERM to the whole process group with 2 loader workers (a scheduler's preemption,
+    # scancel, pkill -f: the workers get it too).
     target = min(TOTAL_STEPS - 1, ckpt_step() + 1)
-    seg = Segment(demo_root, out, "E", "--resume")
+    seg = Segment(demo_root, out, "E", "--resume", "--workers", "2", session=True)
     seg.wait_for(lambda: seg.step() >= target)
-    seg.proc.send_signal(signal.SIGTERM)
+    seg.wait_for(lambda: len(_loader_workers(seg.proc.pid)) == 2)
+    workers = _loader_workers(seg.proc.pid)
+    os.killpg(seg.proc.pid, signal.SIGTERM)
     rep["events"].append({"name": "E", "how": "SIGTERM", "target": target, "rc": seg.finish(),
-                          "logged": seg.step(), "ckpt": ckpt_step(), "err": seg.err})
+                          "logged": seg.step(), "ckpt": ckpt_step(), "err": seg.err,
+                          "workers": workers, "alive": [w for w in workers if _running(w)]})
 
     # F: to the end.
     seg = Segment(demo_root, out, "F", "--resume")
@@ -518,10 +522,11 @@ def test_resume_after_a_stopped_ten_crop_test_runs_it(signalled):
     assert fin["records"][1]["n"] == 40
 
 
-@pytest.mark.parametrize("phase", ["training", "evaluation", "ten_crop"])
+@pytest.mark.parametrize("phase", ["training", "training-sigterm", "evaluation", "ten_crop"])
 def test_no_loader_worker_outlives_a_signalled_trainer(request, phase):
-    if phase == "training":  # the chaos run's Ctrl-C
-        (ev,) = [e for e in request.getfixturevalue("chaos")["events"] if e["name"] == "D"]
+    if phase.startswith("training"):  # the chaos run's Ctrl-C, and its SIGTERM to the group
+        name = "E" if phase == "training-sigterm" else "D"
+        (ev,) = [e for e in request.getfixturevalue("chaos")["events"] if e["name"] == name]
     else:
         ev = request.getfixturevalue("signalled")[phase]
     assert len(ev["workers"]) == 2, ev["workers"]

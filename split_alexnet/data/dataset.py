@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import signal
 import struct
 import warnings
 from pathlib import Path
@@ -284,6 +285,11 @@ class EpochSampler(Sampler):
 
 def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)
+    # A SIGTERM to the whole process group (scancel, a preemption, pkill -f) reaches the
+    # workers too. They leave it to the main process, which stops at the batch's end, saves
+    # and shuts them down; a worker killed by it would end the run in an error mid-step. (A
+    # worker whose main process is gone exits by itself: torch's watchdog.)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_loader(dataset, *, batch_size: int, sampler, workers: int,
