@@ -264,12 +264,11 @@ def nonfinite(payload: dict) -> str | None:
 
 
 def _finite(t: torch.Tensor) -> bool:
-    """Whether every value of ``t`` is finite, from one float64 sum for narrower dtypes: a NaN
-    or an infinity anywhere makes the sum non-finite, and float64 cannot overflow summing
-    float32 values (a 20th of the time of an element-wise test, without its bool copy)."""
-    if t.dtype == torch.float64:
-        return bool(torch.isfinite(t).all())
-    return math.isfinite(t.sum(dtype=torch.float64).item())
+    """Whether every value of ``t`` is finite. A NaN or an infinity anywhere makes the sum
+    non-finite, so a finite sum settles it in one pass without a bool copy (the 61 M
+    parameters: 0.014 s against 0.37 s element-wise, one CPU thread); only a non-finite sum,
+    which finite values can also give by overflow, is decided element by element."""
+    return math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())
 
 
 def model_config(payload: dict) -> ModelConfig:
