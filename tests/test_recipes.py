@@ -13,6 +13,8 @@ import pytest
 import torch
 from torch import nn
 
+import split_alexnet.data.dataset as D
+import split_alexnet.training.trainer as T
 from split_alexnet.data.dataset import CropFolder, holdout_indices
 from split_alexnet.network.model import WEIGHT_LAYERS, SplitAlexNet, collapse_state_dict
 from split_alexnet.training.checkpoint import load_checkpoint
@@ -339,8 +341,18 @@ def test_holdout_as_large_as_a_class_is_one_line_and_exit_2(demo_root, tmp_path)
 
 
 @pytest.mark.slow
-def test_holdout_drives_the_schedule_and_val_is_still_reported(demo_root, tmp_path, capsys):
+def test_holdout_drives_the_schedule_and_val_is_still_reported(demo_root, tmp_path, capsys,
+                                                               monkeypatch):
     out = tmp_path / "run"
+    listings = []  # the trainer's listings of the training folder (the up-front check's and
+    real = D.list_samples  # CropFolder's), through the real function
+
+    def counted(split_dir, *args, **kwargs):
+        if Path(split_dir) == demo_root / "train":
+            listings.append(split_dir)
+        return real(split_dir, *args, **kwargs)
+    monkeypatch.setattr(D, "list_samples", counted)
+    monkeypatch.setattr(T, "list_samples", counted)
     rc = run(train_main, "train", [
         "--data", str(demo_root), "--out", str(out), "--batch-size", "8", "--epochs", "1",
         "--workers", "0", "--log-interval", "1", "--init", "caffe", "--no-ten-crop",
@@ -348,6 +360,7 @@ def test_holdout_drives_the_schedule_and_val_is_still_reported(demo_root, tmp_pa
     assert rc == 0
     err = capsys.readouterr().err
     assert "--holdout 2: 8 of 32 training images held out (2 per class); training on 24" in err
+    assert len(listings) == 1  # the up-front --holdout check's listing is the training set's
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in recs if r["kind"] == "train") == 3  # 24 images / 8
     (val,) = [r for r in recs if r["kind"] == "val"]

@@ -139,7 +139,8 @@ class CropFolder(Dataset):
     """
 
     def __init__(self, split_dir: Path, classes: list[str], *, mode: str = "train",
-                 seed: int = 0, pca: str = "paper", strict: bool = False) -> None:
+                 seed: int = 0, pca: str = "paper", strict: bool = False,
+                 samples: list[tuple[str, int]] | None = None) -> None:
         if mode not in MODES:
             raise UsageError(f"mode must be one of {MODES}, got {mode!r}")
         if pca not in PCA_MODES:
@@ -148,7 +149,10 @@ class CropFolder(Dataset):
         self.classes = list(classes)
         self.mode, self.seed, self.pca, self.strict = mode, int(seed), pca, strict
         self.skipped: list[Path] = []  # entries that are not regular files (never opened)
-        self.samples = list_samples(self.split_dir, self.classes, self.skipped)
+        # ``samples``: list_samples(split_dir, classes) made already (the trainer's up-front
+        # --holdout check), so that a folder of a million images is not listed twice
+        self.samples = list(samples) if samples is not None else \
+            list_samples(self.split_dir, self.classes, self.skipped)
         self.targets = [t for _, t in self.samples]
 
     def __len__(self) -> int:

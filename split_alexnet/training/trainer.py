@@ -69,26 +69,28 @@ def setup(cfg: TrainConfig) -> Trainer:
     data and its statistics, the model (seeded, built, placed, parallelized), the optimizer
     after it, and the resumed state. On an error the lock is released."""
     check_run_flags(cfg)
+    listed = None  # (classes, samples) of the training folder, listed once for both uses
     if cfg.holdout and cfg.data and (Path(cfg.data) / "train").is_dir():  # before any work
         classes = find_classes(Path(cfg.data) / "train")
-        check_holdout(cfg.holdout, [t for _, t in list_samples(Path(cfg.data) / "train",
-                                                               classes)], classes)
+        listed = classes, list_samples(Path(cfg.data) / "train", classes)
+        check_holdout(cfg.holdout, [t for _, t in listed[1]], classes)
     ctx, devices = dist_util.setup(cfg)
     lock = None
     if ctx.rank == 0:
         check_out_dir(Path(cfg.out))
         lock = claim(Path(cfg.out), cfg)
     try:
-        return build_trainer(cfg, ctx, devices, lock)
+        return build_trainer(cfg, ctx, devices, lock, listed)
     except BaseException:
         if lock is not None:
             lock.release()
         raise
 
 
-def build_trainer(cfg: TrainConfig, ctx: dist_util.Context, devices, lock: RunLock | None) \
-        -> Trainer:
-    """:func:`setup` after the run folder: data, model, optimizer, resumed state."""
+def build_trainer(cfg: TrainConfig, ctx: dist_util.Context, devices, lock: RunLock | None,
+                  listed: tuple[list[str], list[tuple[str, int]]] | None = None) -> Trainer:
+    """:func:`setup` after the run folder: data, model, optimizer, resumed state. ``listed``:
+    (classes, samples) of the training folder, if setup has listed it already."""
     is_main = ctx.rank == 0
     out = Path(cfg.out)
     if cfg.recipe != "paper" and is_main:
@@ -113,7 +115,8 @@ def build_trainer(cfg: TrainConfig, ctx: dist_util.Context, devices, lock: RunLo
         stats = load_stats(root, progress=False)
     classes = list(stats.classes)
     train_set = CropFolder(root / "train", classes, mode="train", seed=cfg.seed, pca=cfg.pca,
-                           strict=cfg.strict)
+                           strict=cfg.strict,
+                           samples=listed[1] if listed and listed[0] == classes else None)
     train_set, holdout_set = split_holdout(train_set, cfg, is_main)
     batch = dist_util.local_batch_size(cfg, ctx)
     steps_per_epoch = len(train_set) // (batch * ctx.world_size)
