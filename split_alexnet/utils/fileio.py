@@ -4,11 +4,12 @@ library only, so worker processes can use it without importing torch."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
 
 from split_alexnet.utils.cli import UsageError
 
@@ -66,6 +67,17 @@ def atomic_write(path: Path | str, write: Callable[[BinaryIO], None], *,
                 os.close(dfd)
         except OSError:  # some filesystems cannot fsync a folder; the rename is still atomic
             pass
+
+
+def write_json(path: Path | str, obj: Any, *, indent: int | None = 2, sort_keys: bool = False,
+               fsync: bool = True, suffix: str = ".tmp") -> None:
+    """``obj`` as UTF-8 JSON text (``indent``, ``sort_keys``; values JSON cannot hold are
+    written with ``str``) ending in a newline, by :func:`atomic_write` with the permissions of
+    a plain ``open()``: the one JSON writer of the project."""
+    text = json.dumps(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=False,
+                      default=str) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")), fsync=fsync, suffix=suffix,
+                 private=False)
 
 
 def check_output_dir(path: Path | str, what: str) -> None:
