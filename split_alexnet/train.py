@@ -1,5 +1,5 @@
-"""``python -m split_alexnet.train``: the command of :mod:`split_alexnet.training.trainer`."""
-from split_alexnet.training.trainer import cli
+"""``python -m split_alexnet.train``: the command of :mod:`split_alexnet.training.command`."""
+from split_alexnet.training.command import cli
 
 if __name__ == "__main__":
     cli()

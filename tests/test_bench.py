@@ -183,12 +183,13 @@ def test_bf16_train_step_runs_with_paper_optimizer():
 
 def test_train_config_fast_path_flags():
     from split_alexnet.utils.cli import UsageError
-    from split_alexnet.training.config import parse_config
+    from split_alexnet.training.options import parse_config
     cfg = parse_config(["--data", "x", "--amp", "bf16", "--channels-last", "--compile",
                         "--cudnn-benchmark"])
-    assert (cfg.amp, cfg.channels_last, cfg.compile, cfg.cudnn_benchmark) == \
+    rt = cfg.runtime
+    assert (rt.amp, rt.channels_last, rt.compile, rt.cudnn_benchmark) == \
         ("bf16", True, True, True)
-    d = parse_config(["--data", "x"])
+    d = parse_config(["--data", "x"]).runtime
     assert (d.amp, d.channels_last, d.compile, d.cudnn_benchmark) == ("off", False, False, False)
     with pytest.raises(UsageError, match="amp"):
         parse_config(["--data", "x", "--amp", "fp8"])
@@ -197,7 +198,7 @@ def test_train_config_fast_path_flags():
 def test_trainer_runs_with_fast_paths(demo_root, tmp_path):
     """One step of the real trainer with channels_last + bf16 autocast (CPU)."""
     from split_alexnet.utils.cli import run
-    from split_alexnet.training.trainer import main as train_main
+    from split_alexnet.training.command import main as train_main
     rc = run(train_main, "train", ["--data", str(demo_root), "--out", str(tmp_path / "r"),
                                    "--devices", "cpu,cpu", "--batch-size", "4", "--epochs", "1",
                                    "--workers", "0", "--max-steps", "1", "--no-ten-crop",

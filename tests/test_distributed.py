@@ -29,7 +29,7 @@ import torch
 from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.training.checkpoint import load_checkpoint
 from split_alexnet.utils.cli import run
-from split_alexnet.training.trainer import main as train_main
+from split_alexnet.training.command import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -259,10 +259,11 @@ def test_bad_settings_fail_up_front(monkeypatch, capsys, tmp_path, argv, words):
 def test_per_process_batch_allows_any_size(monkeypatch):
     import split_alexnet.training.distributed as d
     from split_alexnet.network.placement import resolve_devices
-    from split_alexnet.training.config import parse_config
+    from split_alexnet.training.options import parse_config
 
     def devices_for_rank(cfg, ctx):  # what distributed.setup asks placement for
-        return resolve_devices(cfg.gpus, cfg.devices, cfg.single_device,
+        rt = cfg.runtime
+        return resolve_devices(rt.gpus, rt.devices, rt.single_device,
                                torchrun=(ctx.local_rank, ctx.local_world_size))
 
     ctx = d.Context(rank=1, world_size=4, local_rank=1, local_world_size=4)
@@ -277,8 +278,8 @@ def test_per_process_batch_allows_any_size(monkeypatch):
     assert devices_for_rank(cfg, ctx) == (torch.device("cuda", 2), torch.device("cuda", 3))
     cfg = parse_config([])  # default: every visible GPU, a pair per local rank
     assert devices_for_rank(cfg, ctx) == (torch.device("cuda", 2), torch.device("cuda", 3))
-    assert d.resolve_backend(cfg.backend, devices_for_rank(cfg, ctx)) == "nccl"
-    assert d.resolve_backend(parse_config(["--devices", "cpu,cpu"]).backend,
+    assert d.resolve_backend(cfg.runtime.backend, devices_for_rank(cfg, ctx)) == "nccl"
+    assert d.resolve_backend(parse_config(["--devices", "cpu,cpu"]).runtime.backend,
                              (torch.device("cpu"),) * 2) == "gloo"
 
 

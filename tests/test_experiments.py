@@ -30,12 +30,13 @@ from conftest import repeated_tiny_set
 from split_alexnet import (AlexNet, HalfAlexNet, ModelConfig, SplitAlexNet, build_model,
                            count_parameters)
 from split_alexnet.utils.cli import run
-from split_alexnet.training.config import parse_config
+from split_alexnet.network.placement import layout_of
+from split_alexnet.training.options import parse_config
 from split_alexnet.tools.experiments import (EXPERIMENTS, chance_threshold, first_crossing,
                                        main as experiments_main, smooth)
 from split_alexnet.network.model import init_values
 from split_alexnet.training.metrics import Watchdog
-from split_alexnet.training.trainer import main as train_main
+from split_alexnet.training.command import main as train_main
 
 
 
@@ -191,14 +192,16 @@ def test_each_experiment_changes_exactly_one_switch(name):
     assert changed == {switch}, changed
     assert len({c[switch] for c in cfgs}) == len(cfgs)
     if name == "towers-vs-half":  # the half net is always one device
-        assert [c["single_device"] for c in cfgs] == [False, True]
+        assert [layout_of(c["arch"], c["single_device"]) for c in cfgs] == \
+            ["split", "collapsed"]
 
 
 def test_trainer_flags_reach_the_run_config():
     cfg = parse_config(["--devices", "cpu,cpu", "--activation", "tanh", "--lrn", "off",
                         "--pool", "2/2", "--pca", "off", "--init", "caffe", "--arch", "half"])
     m = cfg.model
-    assert (m.activation, m.lrn, m.pool, cfg.pca, m.init, m.arch, cfg.layout) == \
+    layout = layout_of(m.arch, cfg.runtime.single_device)
+    assert (m.activation, m.lrn, m.pool, cfg.data.pca, m.init, m.arch, layout) == \
         ("tanh", "off", "2/2", "off", "caffe", "half", "collapsed")
 
 
@@ -399,12 +402,14 @@ def test_watchdog_stays_silent_on_a_run_that_learns(tmp_path, capsys):
 
 
 def test_watchdog_flag_and_preset():
-    from split_alexnet.training.config import DEMO_PRESET, TrainConfig
-    assert TrainConfig().watchdog_steps == 500
-    assert parse_config(["--watchdog-steps", "0", "--devices", "cpu,cpu"]).watchdog_steps == 0
+    from split_alexnet.training.config import TrainConfig
+    from split_alexnet.training.recipes import DEMO_PRESET
+    assert TrainConfig().logging.watchdog_steps == 500
+    assert parse_config(["--watchdog-steps", "0", "--devices", "cpu,cpu"]) \
+        .logging.watchdog_steps == 0
     # The demo's run leaves chance within ~100 steps (docs/training.md); the watchdog waits longer.
     assert DEMO_PRESET["watchdog_steps"][0] == 150
-    assert parse_config(["--demo"]).watchdog_steps == 150
+    assert parse_config(["--demo"]).logging.watchdog_steps == 150
     with pytest.raises(Exception, match="--watchdog-steps"):
         parse_config(["--watchdog-steps", "-1"])
 

@@ -26,11 +26,12 @@ from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.network.model import TOWER_LAYERS, layout_state_dict
 from split_alexnet.tools.convert import main as convert_main
 from split_alexnet.training.checkpoint import load_checkpoint
-from split_alexnet.training.config import FINETUNE_PRESET, parse_config
+from split_alexnet.training.options import parse_command, parse_config
+from split_alexnet.training.recipes import FINETUNE_PRESET
 from split_alexnet.training.loader import train_loader
 from split_alexnet.training.optim import set_lr
-from split_alexnet.training import trainer
-from split_alexnet.training.trainer import main as train_main
+from split_alexnet.training.trainer import Trainer
+from split_alexnet.training.command import main as train_main
 from split_alexnet.utils.cli import run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +76,7 @@ def converted(tmp_path_factory):
 
 def fresh(argv: list[str]):
     """The trainer of ``argv`` set up (data, model, optimizer), before its first step."""
-    return trainer.setup(parse_config(argv))
+    return Trainer.setup(*parse_command(argv))
 
 
 # ----------------------------------------------------------------------------- loading
@@ -226,14 +227,15 @@ def test_scratch_and_fine_tuned_runs_share_data_order_and_seeds(src, tmp_path):
     assert torch.equal(rng_a, rng_b)
     assert torch.equal(a.net.fc8.weight, b.net.fc8.weight)
     for batch_a, batch_b in zip(train_loader(a), train_loader(b)):
-        files_a = [a.train_set.samples[i][0] for i in batch_a["index"]]
-        assert files_a == [b.train_set.samples[i][0] for i in batch_b["index"]]
+        files_a = [a.data.train_set.samples[i][0] for i in batch_a["index"]]
+        assert files_a == [b.data.train_set.samples[i][0] for i in batch_b["index"]]
         for key in ("image", "label", "top", "left", "flip", "alpha"):
             assert torch.equal(batch_a[key], batch_b[key]), key
     # The preset changed the rate, the schedule and the multiplier; the flags kept the rest.
-    assert (b.cfg.lr, b.cfg.lr_schedule, b.cfg.lr_drops, b.cfg.lr_mult_new) == \
+    assert (b.cfg.optim.lr, b.cfg.schedule.lr_schedule, b.cfg.schedule.lr_drops,
+            b.cfg.finetune.lr_mult_new) == \
         tuple(FINETUNE_PRESET[k][0] for k in ("lr", "lr_schedule", "lr_drops", "lr_mult_new"))
-    assert (b.cfg.batch_size, b.cfg.epochs) == (8, 2)
+    assert (b.cfg.optim.batch_size, b.cfg.schedule.epochs) == (8, 2)
     set_lr(b.optimizer, b.schedule.lr)
     assert {g["layer"]: g["lr"] for g in b.optimizer.param_groups}["fc8"] == \
         pytest.approx(0.001 * 10)
@@ -247,10 +249,11 @@ def test_finetune_preset_is_printed_and_recorded(src, tmp_path, capsys):
     assert "fine-tuning preset (flags given on the command line win):" in err
     for k, (v, why) in FINETUNE_PRESET.items():
         assert f"  --{k.replace('_', '-')} " in err and why in err, k
-    assert "--epochs 60: " in err and "[overridden: 3]" in err
+    assert "--epochs 60 (this run: 3): " in err
     saved = json.loads((out / "config.json").read_text())
-    assert saved["finetune"] is True and saved["lr"] == 0.001 and saved["epochs"] == 3
-    assert load_checkpoint(out / "last.pt")["config"] == saved
+    assert "finetune" not in saved and saved["lr"] == 0.001 and saved["epochs"] == 3
+    ckpt = load_checkpoint(out / "last.pt")
+    assert {**ckpt["config"], **ckpt["model_config"]} == {**saved, "num_classes": 4}
     (rec,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()
               if '"init_from"' in x]
     assert rec["loaded"] == list(TOWER_LAYERS) and rec["reinit"] == ["fc8"]
@@ -322,13 +325,14 @@ DRIVER = textwrap.dedent('''
     """split_alexnet.train under torchrun; each rank writes a digest of its parameters."""
     import hashlib, os, sys
     from pathlib import Path
-    import split_alexnet.training.trainer as trainer
+    from split_alexnet.training.command import main
+    from split_alexnet.training.trainer import Trainer
     from split_alexnet.utils.cli import run
 
     trainers = []
-    _setup = trainer.setup
-    trainer.setup = lambda cfg: trainers.append(_setup(cfg)) or trainers[-1]
-    rc = run(trainer.main, "split_alexnet.train")
+    _setup = Trainer.setup
+    Trainer.setup = classmethod(lambda cls, *a: trainers.append(_setup(*a)) or trainers[-1])
+    rc = run(main, "split_alexnet.train")
     if rc == 0:
         h = hashlib.sha256()
         for k, v in sorted(trainers[-1].net.state_dict().items()):

@@ -32,12 +32,12 @@ import torch
 import split_alexnet.training.checkpoint as C
 from split_alexnet.tools.evaluate import main as evaluate_main
 from split_alexnet.tools.predict import main as predict_main
-from split_alexnet.training.config import parse_config
+from split_alexnet.training.options import parse_command, parse_config
 from split_alexnet.training.loader import train_loader
-from split_alexnet.training.loop import train_one_epoch
 from split_alexnet.training.optim import set_lr
-from split_alexnet.training.trainer import main as train_main
-from split_alexnet.training.trainer import setup
+from split_alexnet.training.command import main as train_main
+from split_alexnet.training.state import StopReason
+from split_alexnet.training.trainer import Trainer
 from split_alexnet.utils.cli import Abort, run
 
 BASE = ["--batch-size", "8", "--epochs", "2", "--workers", "0", "--log-interval", "1",
@@ -75,14 +75,14 @@ def diverged(demo_root, tmp_path_factory):
     after the good steps)."""
     out = tmp_path_factory.mktemp("diverged") / "run"
     cfg = parse_config(["--data", str(demo_root), "--out", str(out), *BASE, "--max-steps", "2"])
-    t = setup(cfg)
-    assert train_one_epoch(t, train_loader(t), stop=False) == "max_steps"
-    C.save(t)
+    t = Trainer.setup(cfg)
+    assert t.train_epoch() is StopReason.MAX_STEPS
+    t.save()
     good = C.load_checkpoint(out / "last.pt")["checksum"]
     set_lr(t.optimizer, 1e38)
-    t.cfg = replace(t.cfg, max_steps=4)
+    t.cfg = t.cfg.with_settings(max_steps=4)
     with pytest.raises(Abort) as e:
-        train_one_epoch(t, train_loader(t), stop=False)
+        t.train_epoch()
     return out, e.value, good
 
 
@@ -167,8 +167,8 @@ def test_resume_passes_over_a_non_finite_last_checkpoint(diverged, demo_root, tm
     shutil.copyfile(out / "last.pt", run_dir / "epoch_001.pt")
     _rewrite(out / "last.pt", run_dir / "last.pt", _nan_fc8_bias)
     capsys.readouterr()
-    t = setup(parse_config(["--data", str(demo_root), "--out", str(run_dir), *BASE,
-                            "--resume"]))
+    t = Trainer.setup(*parse_command(["--data", str(demo_root), "--out", str(run_dir), *BASE,
+                                      "--resume"]))
     err = capsys.readouterr().err
     assert "non-finite values (model fc8.bias)" in err and "trying the previous" in err, err
     assert f"resumed from {run_dir / 'epoch_001.pt'}" in err, err

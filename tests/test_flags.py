@@ -25,8 +25,9 @@ from split_alexnet.tools.experiments import main as experiments_main
 from split_alexnet.tools.predict import main as predict_main
 from split_alexnet.tools.summary import main as summary_main
 from split_alexnet.tools.visualize import main as visualize_main
-from split_alexnet.training.config import TrainConfig, parse_config
-from split_alexnet.training.trainer import main as train_main
+from split_alexnet.training.config import TrainConfig
+from split_alexnet.training.options import parse_config
+from split_alexnet.training.command import main as train_main
 from split_alexnet.utils.cli import UsageError, run
 
 MAINS = {"train": train_main, "evaluate": evaluate_main, "predict": predict_main,
@@ -253,10 +254,11 @@ def test_toml_integers_are_accepted_where_floats_are_due(tmp_path):
     cfg = tmp_path / "run.toml"
     cfg.write_text("lr = 1\ncheckpoint-minutes = 0\nmomentum = 0\n")
     from_file = parse_config(["--config", str(cfg)])
-    assert (from_file.lr, from_file.checkpoint_minutes, from_file.momentum) == (1.0, 0.0, 0.0)
-    assert all(isinstance(v, float) for v in
-               (from_file.lr, from_file.checkpoint_minutes, from_file.momentum))
-    assert from_file.lr == parse_config(["--lr", "1"]).lr
+    got = (from_file.optim.lr, from_file.checkpoint.checkpoint_minutes,
+           from_file.optim.momentum)
+    assert got == (1.0, 0.0, 0.0)
+    assert all(isinstance(v, float) for v in got)
+    assert from_file.optim.lr == parse_config(["--lr", "1"]).optim.lr
 
 
 def test_configs_built_in_code_are_checked_alike():
@@ -266,7 +268,7 @@ def test_configs_built_in_code_are_checked_alike():
                       ({"single_device": "false"}, "--single-device must be true or false"),
                       ({"keep_last": -1}, "--keep-last must be at least 0, got -1")):
         with pytest.raises(UsageError, match=words):
-            TrainConfig(**kw).validate()
+            TrainConfig.from_flat(kw)
     with pytest.raises(UsageError, match="--log-interval must be at least 1, got 0"):
         TrainConfig().with_settings(log_interval=0)
     with pytest.raises(UsageError, match="--dropout must be a finite number"):

@@ -18,14 +18,14 @@ import split_alexnet.training.trainer as T
 from split_alexnet.data.dataset import CropFolder, holdout_indices
 from split_alexnet.network.model import WEIGHT_LAYERS, SplitAlexNet, collapse_state_dict
 from split_alexnet.training.checkpoint import load_checkpoint
-from split_alexnet.training.config import (DEMO_PRESET, RECIPES, TrainConfig, parse_config,
-                                           recipe_settings)
+from split_alexnet.training.config import FLAGS, TrainConfig
+from split_alexnet.training.options import parse_config
+from split_alexnet.training.recipes import DEMO_PRESET, RECIPES, recipe_settings
 from split_alexnet.training.optim import (LRSchedule, build_optimizer,
                                           load_named_optimizer_state, named_optimizer_state,
                                           param_groups, set_lr)
-from split_alexnet.training.runfolder import MAY_CHANGE, RUN_SETTINGS
-from split_alexnet.training.trainer import main as train_main
-from split_alexnet.training.trainer import split_holdout
+from split_alexnet.training.command import main as train_main
+from split_alexnet.training.setup import split_holdout
 from split_alexnet.utils.cli import UsageError, run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,24 +154,25 @@ def test_each_recipe_resolves_to_exactly_its_settings():
 def test_flags_toml_and_demo_win_over_the_recipe(tmp_path):
     cfg = parse_config(["--recipe", "bvlc", "--batch-size", "64", "--bias-decay",
                         "--bias-lr-mult", "1.5"])
-    assert (cfg.batch_size, cfg.bias_decay, cfg.bias_lr_mult, cfg.model.lrn) == \
-        (64, True, 1.5, "caffe")
+    assert (cfg.optim.batch_size, cfg.optim.bias_decay, cfg.optim.bias_lr_mult,
+            cfg.model.lrn) == (64, True, 1.5, "caffe")
     toml = tmp_path / "c.toml"
     toml.write_text('recipe = "bvlc"\nlr = 0.02\n')
     cfg = parse_config(["--config", str(toml)])
-    assert (cfg.recipe, cfg.lr, cfg.batch_size) == ("bvlc", 0.02, 256)
+    assert (cfg.recipe, cfg.optim.lr, cfg.optim.batch_size) == ("bvlc", 0.02, 256)
     cfg = parse_config(["--config", str(toml), "--recipe", "paper"])  # the command line's
-    assert (cfg.recipe, cfg.lr, cfg.batch_size) == ("paper", 0.02, 128)
+    assert (cfg.recipe, cfg.optim.lr, cfg.optim.batch_size) == ("paper", 0.02, 128)
     cfg = parse_config(["--recipe", "bvlc", "--demo"])
-    assert cfg.batch_size == DEMO_PRESET["batch_size"][0] and cfg.bias_lr_mult == 2.0
-    assert parse_config(["--no-bias-decay"]).bias_decay is False
-    assert TrainConfig(bias_decay=False).to_argv() == ["--no-bias-decay"]
+    assert cfg.optim.batch_size == DEMO_PRESET["batch_size"][0] and \
+        cfg.optim.bias_lr_mult == 2.0
+    assert parse_config(["--no-bias-decay"]).optim.bias_decay is False
+    assert TrainConfig().with_settings(bias_decay=False).to_argv() == ["--no-bias-decay"]
 
 
 def test_new_settings_are_classified():
     for k in ("recipe", "bias_lr_mult", "bias_decay"):
-        assert k in RUN_SETTINGS and k not in MAY_CHANGE
-    assert "print_recipe" in MAY_CHANGE
+        assert FLAGS[k][1].metadata["run"] is True
+    assert "print_recipe" not in TrainConfig().to_dict()  # a switch of the command
 
 
 def _train(*args: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -320,14 +321,14 @@ def test_holdout_is_deterministic_per_class_and_disjoint(demo_root):
     assert held == holdout_indices(full.targets, 2, seed=3)  # the same on resume, every rank
     assert held != holdout_indices(full.targets, 2, seed=4)
     assert sorted(full.targets[i] for i in held) == [0, 0, 1, 1, 2, 2, 3, 3]
-    cfg = TrainConfig(data=str(demo_root), holdout=2, seed=3)
+    cfg = TrainConfig.from_flat({"data": str(demo_root), "holdout": 2, "seed": 3})
     train_set, hold_set = split_holdout(full, cfg, False)
     assert (len(full), len(train_set), len(hold_set)) == (32, 24, 8)
     assert hold_set.mode == "center" and train_set.mode == "train"
     assert {p for p, _ in hold_set.samples} == {full.samples[i][0] for i in held}
     assert not {p for p, _ in hold_set.samples} & {p for p, _ in train_set.samples}
     with pytest.raises(UsageError, match=r"--holdout 8: the smallest class, .* has 8 training"):
-        split_holdout(full, TrainConfig(holdout=8), False)
+        split_holdout(full, TrainConfig.from_flat({"holdout": 8}), False)
     assert split_holdout(full, TrainConfig(), False) == (full, None)
 
 

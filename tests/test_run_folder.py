@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 
-import split_alexnet.training.trainer as T
+import split_alexnet.training.command as T
 from split_alexnet.training.checkpoint import load_checkpoint
-from split_alexnet.training.config import TrainConfig
-from split_alexnet.training.runfolder import MAY_CHANGE, RUN_SETTINGS, RunLock
+from split_alexnet.training.config import FLAGS, TrainConfig
+from split_alexnet.training.options import COMMAND_FLAGS
+from split_alexnet.training.runfolder import RunLock
 from split_alexnet.utils.cli import run
 
 BASE = ["--batch-size", "8", "--epochs", "2", "--workers", "0", "--log-interval", "1",
@@ -170,13 +171,19 @@ def test_run_folder_flags_that_cannot_go_together(one_step, demo_root, tmp_path,
 
 
 def test_every_setting_either_defines_the_run_or_may_change_on_resume():
-    assert not set(RUN_SETTINGS) & set(MAY_CHANGE)
-    assert set(RUN_SETTINGS) | set(MAY_CHANGE) == set(TrainConfig().to_dict())
+    run_settings = TrainConfig().run_settings()
+    assert set(run_settings) == {k for k, (_, f) in FLAGS.items() if f.metadata.get("run", True)}
+    assert set(FLAGS) == set(TrainConfig().to_dict())
     text = (REPO / "docs" / "training.md").read_text()
     section = text[text.index("### Resume: the same run"):]
     section = section[:section.index("\n## ")]
-    for name in RUN_SETTINGS + MAY_CHANGE:
-        assert f"`--{name.replace('_', '-')}" in section, name
+    table = section[section.index("| must match"):section.index("Everything else may change")]
+    rest = section[section.index("Everything else may change"):]
+    for name in FLAGS:
+        where = table if name in run_settings else rest
+        assert f"`--{name.replace('_', '-')}" in where, name
+    for name in COMMAND_FLAGS:
+        assert f"`--{name.replace('_', '-')}" in rest, name
 
 
 def test_a_resume_with_other_settings_is_refused_listing_each(one_step, demo_root, tmp_path,
@@ -262,7 +269,7 @@ def test_resume_lr_changes_the_rate_and_records_it(resumed):
     assert ckpt["schedule"]["lr"] == 0.005
     # One group per (layer, weights or biases), every multiplier 1: all at the new rate.
     assert [g["lr"] for g in ckpt["optimizer"]["groups"]] == [0.005] * 16
-    assert ckpt["config"]["lr"] == 0.01 and ckpt["config"]["resume_lr"] == 0.005
+    assert ckpt["config"]["lr"] == 0.01 and "resume_lr" not in ckpt["config"]
 
 
 def test_resume_removes_only_temporaries_whose_writer_is_gone(resumed):

@@ -30,12 +30,14 @@ from split_alexnet.network.model import (ACTIVATIONS, ARCHS, INIT_SCHEMES, LRN_C
 from split_alexnet.network.parallelize import AMP_CHOICES
 from split_alexnet.tools.evaluate import main as evaluate_main
 from split_alexnet.training.checkpoint import load_checkpoint
-from split_alexnet.training.config import (RECIPE_NAMES, TrainConfig, describe_preset,
-                                           parse_config, to_flags)
+from split_alexnet.network.placement import layout_of
+from split_alexnet.training.config import RECIPE_NAMES, SECTIONS, FLAGS, TrainConfig, to_flags
+from split_alexnet.training.options import COMMAND_FLAGS, parse_command, parse_config
+from split_alexnet.training.recipes import DEMO_PRESET, describe
 from split_alexnet.training.distributed import BACKENDS
 from split_alexnet.training.optim import OPTIMIZERS, LRSchedule, PaperSGD
-from split_alexnet.training.trainer import main as train_main
-from split_alexnet.utils.cli import run
+from split_alexnet.training.command import main as train_main
+from split_alexnet.utils.cli import UsageError, run
 
 BASE = ["--batch-size", "8", "--epochs", "2", "--workers", "0", "--log-interval", "1",
         "--init", "caffe", "--no-ten-crop", "--seed", "3"]
@@ -353,17 +355,28 @@ def test_help_lists_the_choices_of_every_choice_flag_from_bytecode_alone(tmp_pat
     assert "--lr-schedule {plateau,step:N,step-iters:N}" in text
 
 
-def test_validate_returns_a_resolved_copy_and_leaves_its_input_alone():
-    cfg = TrainConfig(out="runs/x", demo=True, model=ModelConfig(arch="half"))
-    resolved = cfg.validate()
-    assert (cfg.data, cfg.single_device, cfg.layout) == (None, False, "split")
-    assert (resolved.data, resolved.single_device, resolved.layout) == \
-        (str(Path("runs/x") / "demo_data"), True, "collapsed")
-    assert resolved.validate() == resolved
+def test_a_config_is_checked_when_made_and_never_changed():
+    cfg = TrainConfig(model=ModelConfig(arch="half"))
+    # The layout follows from the settings in one place; the config itself is as given.
+    assert (cfg.runtime.single_device, layout_of(cfg.model.arch, cfg.runtime.single_device)) \
+        == (False, "collapsed")
+    assert layout_of("alexnet", False) == "split" and layout_of("alexnet", True) == "collapsed"
     with pytest.raises(dataclasses.FrozenInstanceError):
-        resolved.data = "elsewhere"  # type: ignore[misc]
-    # A data folder given with --demo stays (the demo set is generated there if missing).
-    assert TrainConfig(data="d", demo=True).validate().data == "d"
+        cfg.recipe = "bvlc"  # type: ignore[misc]
+    with pytest.raises(UsageError, match="--lr must be greater than 0, got 0"):
+        TrainConfig().with_settings(lr=0)
+    assert cfg.with_settings(lr=0.02) is not cfg and cfg.optim.lr == 0.01
+    # --demo trains on OUT/demo_data unless --data is given (generated there if missing).
+    demo, cmd = parse_command(["--demo", "--out", "runs/x"])
+    assert cmd.demo and demo.data.data == str(Path("runs/x") / "demo_data")
+    assert parse_config(["--demo", "--data", "d"]).data.data == "d"
+
+
+def test_command_switches_are_not_settings_of_the_run():
+    saved = TrainConfig().to_dict()
+    assert not set(COMMAND_FLAGS) & set(saved)
+    assert {"resume", "overwrite", "plan", "print_recipe", "demo", "config"} <= \
+        set(COMMAND_FLAGS)
 
 
 def _toml(values: dict) -> str:
@@ -376,12 +389,12 @@ def test_demo_in_a_toml_file_is_the_demo(tmp_path):
     (tmp_path / "demo.toml").write_text(_toml({"demo": True, "out": str(tmp_path / "o")}))
     from_file = parse_config(["--config", str(tmp_path / "demo.toml")])
     from_flags = parse_config(["--demo", "--out", str(tmp_path / "o")])
-    assert replace(from_file, config=None) == from_flags
-    assert from_file.model.init == "caffe" and from_file.batch_size == 32  # the preset
-    assert from_file.data == str(tmp_path / "o" / "demo_data")
+    assert from_file == from_flags
+    assert from_file.model.init == "caffe" and from_file.optim.batch_size == 32  # the preset
+    assert from_file.data.data == str(tmp_path / "o" / "demo_data")
     # The command line still wins over the file and the preset.
     assert parse_config(["--config", str(tmp_path / "demo.toml"),
-                         "--batch-size", "8"]).batch_size == 8
+                         "--batch-size", "8"]).optim.batch_size == 8
 
 
 def test_every_flag_works_in_a_toml_file(tmp_path):
@@ -392,25 +405,46 @@ def test_every_flag_works_in_a_toml_file(tmp_path):
               "per_process_batch": True, "backend": "gloo", "lr": 0.02, "momentum": 0.8,
               "weight_decay": 0.001, "optimizer": "torch", "lr_schedule": "step:2",
               "plateau_patience": 2, "lr_drops": 1, "pca": "sqrt", "workers": 1, "seed": 7,
-              "max_steps": 5, "resume": "auto", "checkpoint_minutes": 5.0, "keep_last": 1,
+              "max_steps": 5, "checkpoint_minutes": 5.0, "keep_last": 1,
               "log_interval": 3, "watchdog_steps": 0, "ten_crop": False, "eval_every": 2,
               "strict": True, "channels_last": True, "amp": "bf16", "compile": True,
-              "cudnn_benchmark": True, "demo": True, "overwrite": True, "resume_lr": 0.005,
-              "recipe": "bvlc", "print_recipe": True, "bias_lr_mult": 2.5, "bias_decay": False,
-              "plateau_min_epochs": 2, "plateau_threshold": 0.01, "plan": True, "plan_steps": 2,
+              "cudnn_benchmark": True,
+              "recipe": "bvlc", "bias_lr_mult": 2.5, "bias_decay": False,
+              "plateau_min_epochs": 2, "plateau_threshold": 0.01,
               "holdout": 1,
-              "init_from": "c.pt", "reinit": "fc8", "freeze_through": "conv2", "lr_mult_new": 5.0,
-              "finetune": True}
-    # Every setting but --gpus (it excludes --devices) and --config itself.
-    assert set(values) == set(TrainConfig().to_dict()) - {"gpus", "config"}
+              "init_from": "c.pt", "reinit": "fc8", "freeze_through": "conv2", "lr_mult_new": 5.0}
+    # Every setting but --gpus (it excludes --devices).
+    assert set(values) == set(TrainConfig().to_dict()) - {"gpus"}
     (tmp_path / "all.toml").write_text(_toml(values))
     from_file = parse_config(["--config", str(tmp_path / "all.toml")])
-    assert {k: v for k, v in from_file.to_dict().items() if k in values} == values
-    assert replace(from_file, config=None) == parse_config(to_flags(values))
+    assert from_file.to_dict() == {**TrainConfig().to_dict(), **values}
+    assert from_file == parse_config(to_flags(values))
     (tmp_path / "gpus.toml").write_text(_toml({"gpus": "0,1"}))
-    assert parse_config(["--config", str(tmp_path / "gpus.toml")]).gpus == "0,1"
+    assert parse_config(["--config", str(tmp_path / "gpus.toml")]).runtime.gpus == "0,1"
+
+
+def test_a_toml_file_may_put_settings_under_their_sections(tmp_path):
+    (tmp_path / "s.toml").write_text("recipe = 'bvlc'\n[optim]\nlr = 0.02\nbatch-size = 64\n"
+                                     "[model]\nlrn = 'caffe'\n[schedule]\nepochs = 3\n")
+    cfg = parse_config(["--config", str(tmp_path / "s.toml")])
+    assert (cfg.recipe, cfg.optim.lr, cfg.optim.batch_size, cfg.model.lrn, cfg.schedule.epochs) \
+        == ("bvlc", 0.02, 64, "caffe", 3)
+    (tmp_path / "bad.toml").write_text("[optim]\nepochs = 3\n")  # epochs is not [optim]'s
+    with pytest.raises(UsageError, match=r"unknown setting 'epochs' in \[optim\]"):
+        parse_config(["--config", str(tmp_path / "bad.toml")])
+
+
+def test_every_setting_states_its_section_help_and_whether_it_defines_the_run():
+    for name, (section, f) in FLAGS.items():
+        assert f.metadata["help"], name
+        if section != "model":  # the network's fields all define the run
+            assert isinstance(f.metadata["run"], bool), name
+        assert section is None or section in SECTIONS
+    # bool switches on by default get --no-NAME from their default, not from a list
+    assert to_flags({"ten_crop": False, "bias_decay": False, "strict": False}) == \
+        ["--no-ten-crop", "--no-bias-decay"]
 
 
 def test_demo_reasons_cite_the_repository():
-    text = describe_preset()
+    text = describe(DEMO_PRESET)
     assert "docs/experiments.md" in text and "shared" not in text

@@ -27,7 +27,7 @@ Nothing in this file names a device: every network is built on the CPU, and
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +100,22 @@ class ModelConfig:
                 raise ValueError(f"{f.name} must be one of {', '.join(allowed)}; got {value!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
+
+def model_config(cfg: ModelConfig | int | None = None, *, arch: str = "alexnet",
+                 **fields) -> ModelConfig:
+    """A network's config: ``cfg`` (with ``fields`` changed), or the defaults with ``fields``;
+    an int is the class count (``AlexNet(10)``). Every network is built from one, and it
+    must be of the network's ``arch``."""
+    if isinstance(cfg, ModelConfig):
+        cfg = replace(cfg, **fields) if fields else cfg
+    else:
+        cfg = ModelConfig(**({"num_classes": cfg} if cfg is not None else {}), arch=arch,
+                          **fields)
+    if cfg.arch != arch:
+        raise ValueError(f"a ModelConfig of arch {cfg.arch!r} builds "
+                         f"{'HalfAlexNet' if cfg.arch == 'half' else 'AlexNet or SplitAlexNet'}")
+    return cfg
 
 
 # --------------------------------------------------------------------------------------
@@ -263,12 +279,9 @@ class AlexNet(nn.Module):
     """The two-column network on one device: grouped convolutions, per-half LRN (one window
     over all channels with ``lrn_span="all"``) and per-half dropout."""
 
-    def __init__(self, num_classes: int = 1000, *, lrn: str = "paper", lrn_span: str = "tower",
-                 activation: str = "relu", pool: str = "3/2", dropout: float = 0.5,
-                 init: str | None = "paper") -> None:
+    def __init__(self, cfg: ModelConfig | int | None = None, **fields) -> None:
         super().__init__()
-        self.cfg = ModelConfig(num_classes=num_classes, init=init, lrn=lrn, lrn_span=lrn_span,
-                               activation=activation, pool=pool, dropout=dropout)
+        self.cfg = cfg = model_config(cfg, **fields)
         self.conv1 = nn.Conv2d(3, 96, 11, stride=4)                 # both halves see the image
         self.conv2 = nn.Conv2d(96, 256, 5, padding=2, groups=2)     # half-local
         self.conv3 = nn.Conv2d(256, 384, 3, padding=1)              # crosses the halves
@@ -276,12 +289,12 @@ class AlexNet(nn.Module):
         self.conv5 = nn.Conv2d(384, 256, 3, padding=1, groups=2)    # half-local
         self.fc6 = nn.Linear(9216, 4096)                            # crosses the halves
         self.fc7 = nn.Linear(4096, 4096)                            # crosses the halves
-        self.fc8 = nn.Linear(4096, num_classes)
+        self.fc8 = nn.Linear(4096, cfg.num_classes)
         # per half, as the towers normalise; span "all": one window over both halves
-        self.lrn = _make_lrn(self.cfg, groups=2 if lrn_span == "tower" else 1)
+        self.lrn = _make_lrn(cfg, groups=2 if cfg.lrn_span == "tower" else 1)
         self._register_load_state_dict_pre_hook(_accept_split_keys)
-        if init is not None:
-            init_weights_(self, init)
+        if cfg.init is not None:
+            init_weights_(self, cfg.init)
 
     def _dropout(self, x: Tensor) -> Tensor:
         # One mask per half, drawn in tower order: the towers draw the same masks.
@@ -304,7 +317,7 @@ class AlexNet(nn.Module):
     def split(self) -> "SplitAlexNet":
         """The same weights as two towers, both on this network's device (dtype kept);
         ``placement.place(net, devices)`` moves them apart."""
-        net = SplitAlexNet(**_cfg_kwargs(self.cfg), init=None, dtype=self.fc8.weight.dtype)
+        net = SplitAlexNet(replace(self.cfg, init=None), dtype=self.fc8.weight.dtype)
         net.to(self.fc8.weight.device)
         net.load_state_dict(self.state_dict())
         return net.train(self.training)
@@ -383,14 +396,12 @@ class SplitAlexNet(nn.Module):
     """The paper's network as two towers (tower 0 first in every concat). It is built on the
     CPU, as every module is; ``placement.place(net, devices)`` puts tower i on devices[i]."""
 
-    def __init__(self, num_classes: int = 1000, *, lrn: str = "paper", lrn_span: str = "tower",
-                 activation: str = "relu", pool: str = "3/2", dropout: float = 0.5,
-                 init: str | None = "paper", dtype: torch.dtype | None = None) -> None:
+    def __init__(self, cfg: ModelConfig | int | None = None, *,
+                 dtype: torch.dtype | None = None, **fields) -> None:
         super().__init__()
-        self.cfg = ModelConfig(num_classes=num_classes, init=init, lrn=lrn, lrn_span=lrn_span,
-                               activation=activation, pool=pool, dropout=dropout)
-        self.towers = nn.ModuleList([Tower(self.cfg), Tower(self.cfg)])
-        self.fc8 = nn.Linear(4096, num_classes)  # lives with tower 0, as in cuda-convnet2
+        self.cfg = cfg = model_config(cfg, **fields)
+        self.towers = nn.ModuleList([Tower(cfg), Tower(cfg)])
+        self.fc8 = nn.Linear(4096, cfg.num_classes)  # lives with tower 0, as in cuda-convnet2
         self._register_load_state_dict_pre_hook(_accept_collapsed_keys)
         # net.traffic: the tensors that crossed between the towers in the last forward pass
         # (reset by every forward). Forward transfers only: the backward pass sends the
@@ -398,8 +409,8 @@ class SplitAlexNet(nn.Module):
         self.traffic: list[Transfer] = []
         if dtype is not None:
             self.to(dtype)
-        if init is not None:
-            init_weights_(self, init)
+        if cfg.init is not None:
+            init_weights_(self, cfg.init)
 
     @property
     def devices(self) -> tuple[torch.device, torch.device]:
@@ -461,7 +472,7 @@ class SplitAlexNet(nn.Module):
         """The same weights as the single-device ``AlexNet`` on ``device`` (default: tower
         0's device), dtype kept."""
         device = self.devices[0] if device is None else torch.device(device)
-        net = AlexNet(**_cfg_kwargs(self.cfg), init=None)
+        net = AlexNet(replace(self.cfg, init=None))
         net.to(device=device, dtype=self.fc8.weight.dtype)
         net.load_state_dict(self.state_dict())
         return net.train(self.training)
@@ -475,14 +486,9 @@ class HalfAlexNet(nn.Module):
     """One column with half the kernels in conv1-conv4 (48, 128, 192, 192), conv5 at 256 and
     full-size FC layers: the "one GPU" net the paper compares the two towers against."""
 
-    def __init__(self, num_classes: int = 1000, *, lrn: str = "paper", lrn_span: str = "tower",
-                 activation: str = "relu", pool: str = "3/2", dropout: float = 0.5,
-                 init: str | None = "paper") -> None:
+    def __init__(self, cfg: ModelConfig | int | None = None, **fields) -> None:
         super().__init__()
-        # One column: its LRN window spans its own channels, whatever lrn_span says.
-        self.cfg = ModelConfig(arch="half", num_classes=num_classes, init=init, lrn=lrn,
-                               lrn_span=lrn_span, activation=activation, pool=pool,
-                               dropout=dropout)
+        self.cfg = cfg = model_config(cfg, arch="half", **fields)
         self.conv1 = nn.Conv2d(3, 48, 11, stride=4)
         self.conv2 = nn.Conv2d(48, 128, 5, padding=2)
         self.conv3 = nn.Conv2d(128, 192, 3, padding=1)
@@ -490,10 +496,10 @@ class HalfAlexNet(nn.Module):
         self.conv5 = nn.Conv2d(192, 256, 3, padding=1)
         self.fc6 = nn.Linear(9216, 4096)
         self.fc7 = nn.Linear(4096, 4096)
-        self.fc8 = nn.Linear(4096, num_classes)
-        self.lrn = _make_lrn(self.cfg)
-        if init is not None:
-            init_weights_(self, init)
+        self.fc8 = nn.Linear(4096, cfg.num_classes)
+        self.lrn = _make_lrn(cfg)  # one column: its window spans all its channels
+        if cfg.init is not None:
+            init_weights_(self, cfg.init)
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x)
@@ -506,11 +512,6 @@ class HalfAlexNet(nn.Module):
         x = F.dropout(_act(self.fc6(x), cfg), p, self.training)      # (B, 4096)
         x = F.dropout(_act(self.fc7(x), cfg), p, self.training)      # (B, 4096)
         return self.fc8(x)                                           # (B, num_classes)
-
-
-def _cfg_kwargs(cfg: ModelConfig) -> dict:
-    return dict(num_classes=cfg.num_classes, lrn=cfg.lrn, lrn_span=cfg.lrn_span,
-                activation=cfg.activation, pool=cfg.pool, dropout=cfg.dropout)
 
 
 def layout_state_dict(model: nn.Module) -> dict[str, Tensor]:

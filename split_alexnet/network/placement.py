@@ -214,18 +214,29 @@ def place(model: nn.Module, devices: Sequence[str | torch.device] | str) -> nn.M
     return model.to(first_device(devices))
 
 
+def layout_of(arch: str, single_device: bool) -> str:
+    """The layout a network runs in: 'split' (two towers on two devices) for the paper's
+    net, 'collapsed' (one device) with ``single_device``; ``arch`` 'half' is one column, so
+    always one device. The one place this rule lives."""
+    return "collapsed" if single_device or arch == "half" else "split"
+
+
+def network_class(arch: str, layout: str) -> type[nn.Module]:
+    """The class that computes ``arch`` in ``layout``: SplitAlexNet, AlexNet or HalfAlexNet."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
+    if arch == "half":
+        return HalfAlexNet
+    return SplitAlexNet if layout == "split" else AlexNet
+
+
 def build_model(cfg: ModelConfig, layout: str,
                 devices: Sequence[str | torch.device] | str) -> nn.Module:
     """The network ``cfg`` describes, initialised by ``cfg.init`` (None: not initialised), on
-    ``devices``. arch 'alexnet' with layout 'split' -> SplitAlexNet, one tower per device;
-    'collapsed' -> AlexNet on the first device. arch 'half' is always HalfAlexNet on the first
-    device. Initial values are drawn on the CPU in the collapsed layout's order, so a seed
-    gives the same weights in every layout and on every device."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
-    split = cfg.arch == "alexnet" and layout == "split"
-    devs = parse_devices(devices) if split else (first_device(devices),)  # before building
-    kw = dict(num_classes=cfg.num_classes, lrn=cfg.lrn, lrn_span=cfg.lrn_span,
-              activation=cfg.activation, pool=cfg.pool, dropout=cfg.dropout, init=cfg.init)
-    net = SplitAlexNet(**kw) if split else (AlexNet if cfg.arch == "alexnet" else HalfAlexNet)(**kw)
-    return place(net, devs)
+    ``devices``: :func:`network_class` of its arch and ``layout`` (a SplitAlexNet has one
+    tower per device; the others live on the first device). Initial values are drawn on the
+    CPU in the collapsed layout's order, so a seed gives the same weights in every layout and
+    on every device."""
+    cls = network_class(cfg.arch, layout)
+    devs = parse_devices(devices) if cls is SplitAlexNet else (first_device(devices),)
+    return place(cls(cfg), devs)  # devices checked before building

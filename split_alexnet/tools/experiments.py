@@ -46,7 +46,8 @@ import torch
 from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.network.placement import DEVICE_HELP, resolve_devices
 from split_alexnet.tools.evaluate import evaluate_checkpoint, write_json
-from split_alexnet.training.config import TrainConfig, parse_config, to_flags
+from split_alexnet.training.config import TrainConfig, to_flags
+from split_alexnet.training.options import parse_config
 from split_alexnet.training.loop import Diverged
 from split_alexnet.training.metrics import read_records
 from split_alexnet.training.trainer import train
@@ -204,7 +205,7 @@ def final_val(cfg: TrainConfig) -> dict:
     """The run's last centre-crop val record, if it is at the last step; otherwise evaluate
     OUT/last.pt now, as trained (a run stopped by --max-steps mid-epoch logs no val record),
     and keep the results in OUT/final_val.json."""
-    out = Path(cfg.out)
+    out = Path(cfg.checkpoint.out)
     recs = read_records(out, missing_ok=True)
     train_recs = [r for r in recs if r["kind"] == "train"]
     val = [r for r in recs if r["kind"] == "val"]
@@ -213,9 +214,10 @@ def final_val(cfg: TrainConfig) -> dict:
         v = val[-1]
         return {"step": v["step"], "top1_err": v["top1_err"], "top5_err": v["top5_err"],
                 "loss": v["loss"], "n": v.get("n")}
-    results = evaluate_checkpoint(out / "last.pt", Path(cfg.data), gpus=cfg.gpus,
-                                  devices=cfg.devices, single_device=cfg.single_device,
-                                  batch_size=32, workers=cfg.workers)
+    rt = cfg.runtime
+    results = evaluate_checkpoint(out / "last.pt", Path(cfg.data.data), gpus=rt.gpus,
+                                  devices=rt.devices, single_device=rt.single_device,
+                                  batch_size=32, workers=cfg.data.workers)
     write_json(out / "final_val.json", results)
     c = results["center"]
     return {"step": last_step, "top1_err": c["top1_err"], "top5_err": c["top5_err"],
@@ -471,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             fv = final_val(cfg) if diverged is None \
                 else {"step": None, "top1_err": None, "top5_err": None, "loss": None, "n": None}
             summary = summarise_run(run_out, target=exp.target, window=a.smooth,
-                                    num_classes=num_classes, batch=cfg.batch_size, final=fv)
+                                    num_classes=num_classes, batch=cfg.optim.batch_size, final=fv)
             summary["seed"] = seed
             summary["diverged"] = diverged
             runs.setdefault(name, []).append(summary)

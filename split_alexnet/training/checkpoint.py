@@ -44,7 +44,7 @@ import sys
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -58,7 +58,10 @@ from split_alexnet.training.config import PROG
 from split_alexnet.training.optim import (load_named_optimizer_state, named_optimizer_state,
                                           set_lr)
 from split_alexnet.training.runfolder import check_same_run, remove_stale_temps, temp_suffix
-from split_alexnet.training.state import Interrupted, Trainer
+from split_alexnet.training.state import Interrupted
+
+if TYPE_CHECKING:  # the trainer imports this module
+    from split_alexnet.training.trainer import Trainer
 from split_alexnet.utils.cli import Abort, UsageError
 from split_alexnet.utils.fileio import atomic_write
 
@@ -332,10 +335,10 @@ def code_version() -> str:
     return f"{__version__}+{sha}" if sha else __version__
 
 
-def payload(t: Trainer) -> dict:
+def payload(t: "Trainer") -> dict:
     """Everything a run needs to continue exactly (see the module docstring). Every rank
     must call it: the RNG states of all ranks are gathered."""
-    pos = t.pos
+    pos, d = t.pos, t.data
     rngs = dist_util.gather_objects(rng_state(t.devices), t.ctx)
     return {
         "model": layout_state_dict(t.net),
@@ -345,21 +348,21 @@ def payload(t: Trainer) -> dict:
                      "best_top1": pos.best_top1},
         "rng": {f"rank{r}": v for r, v in enumerate(rngs)},
         "data_rng": "derived from (seed, epoch, index); sampler position = epoch_step",
-        "config": t.cfg.to_dict(),
-        "model_config": dataclasses.asdict(t.model_cfg),
-        "layout": t.cfg.layout,
-        "classes": t.classes,
-        "class_names": [c["name"] for c in t.class_meta],
-        "class_metadata": t.class_meta,
-        "stats_fingerprint": t.stats.fingerprint,
-        "stats": {"mean": t.stats.mean, "eigval": t.stats.eigval, "eigvec": t.stats.eigvec},
+        "config": t.cfg.to_dict(with_model=False),
+        "model_config": dataclasses.asdict(t.cfg.model),
+        "layout": t.layout,
+        "classes": d.classes,
+        "class_names": [c["name"] for c in d.class_meta],
+        "class_metadata": d.class_meta,
+        "stats_fingerprint": d.stats.fingerprint,
+        "stats": {"mean": d.stats.mean, "eigval": d.stats.eigval, "eigvec": d.stats.eigvec},
         "world_size": t.ctx.world_size,
         "code_version": code_version(),
         "torch_version": str(torch.__version__),
     }
 
 
-def save(t: Trainer, *, epoch_end: bool = False, best: bool = False) -> None:
+def save(t: "Trainer", *, epoch_end: bool = False, best: bool = False) -> None:
     """OUT/last.pt, and at an epoch's end OUT/epoch_NNN.pt (the last --keep-last of them) and,
     for a new best validation error, OUT/best.pt. Every rank calls it; rank 0 writes."""
     data = payload(t)  # every rank joins the RNG gather
@@ -382,8 +385,9 @@ def save(t: Trainer, *, epoch_end: bool = False, best: bool = False) -> None:
             raise
         raise Abort(f"could not write checkpoint in {t.out}: {write_failure(e)}; the "
                     "previous checkpoint is intact, stopping") from None
-    if epoch_end and t.cfg.keep_last > 0:
-        for old in sorted(t.out.glob("epoch_*.pt"))[:-t.cfg.keep_last]:
+    keep = t.cfg.checkpoint.keep_last
+    if epoch_end and keep > 0:
+        for old in sorted(t.out.glob("epoch_*.pt"))[:-keep]:
             old.unlink(missing_ok=True)
     t.pos.last_save = time.monotonic()
 
@@ -404,7 +408,7 @@ def last_checkpoint_name(out: Path) -> str:
     return str(last) if last.exists() else "none yet"
 
 
-def resume(t: Trainer, spec: str) -> None:
+def resume(t: "Trainer", spec: str, resume_lr: float | None = None) -> None:
     """--resume: 'auto' loads OUT/last.pt, falling back to the newest good epoch checkpoint
     (with a warning); a path loads that file. A file that cannot be used, or one of another
     run (``runfolder.check_same_run``), is one :class:`UsageError` line."""
@@ -417,14 +421,15 @@ def resume(t: Trainer, spec: str) -> None:
         try:
             ckpt = load_checkpoint(path)
             check_resumable(ckpt, path)
-            check_compatible(ckpt, arch=t.model_cfg.arch, num_classes=len(t.classes), path=path)
+            check_compatible(ckpt, arch=t.cfg.model.arch, num_classes=len(t.data.classes),
+                             path=path)
         except CheckpointError as e:
             errors.append(str(e))
             if t.is_main and spec == "auto" and path.exists():
                 print(f"{PROG}: warning: {e}; trying the previous checkpoint", file=sys.stderr)
             continue
-        check_same_run(ckpt, t.cfg, t.classes, path)
-        restore(t, ckpt, path)
+        check_same_run(ckpt, t.cfg, t.data.classes, path)
+        restore(t, ckpt, path, resume_lr)
         return
     if spec == "auto" and not any(p.exists() for p in candidates):
         raise UsageError(f"--resume: no checkpoint in {t.out} (looked for last.pt and "
@@ -442,10 +447,10 @@ def check_resumable(ckpt: dict, path: Path) -> None:
                          f"--init-from {path}")
 
 
-def restore(t: Trainer, ckpt: dict, path: Path) -> None:
+def restore(t: "Trainer", ckpt: dict, path: Path, resume_lr: float | None = None) -> None:
     """Put a loaded checkpoint's state into the trainer: weights, optimizer, schedule,
     position and this rank's RNG states; then --resume-lr, recorded as an "lr_change"."""
-    if ckpt.get("stats_fingerprint") != t.stats.fingerprint and t.is_main:
+    if ckpt.get("stats_fingerprint") != t.data.stats.fingerprint and t.is_main:
         print(f"{PROG}: warning: the dataset changed since {path} was written "
               "(statistics fingerprint differs)", file=sys.stderr)
     t.net.load_state_dict(ckpt["model"])
@@ -461,7 +466,7 @@ def restore(t: Trainer, ckpt: dict, path: Path) -> None:
               f"(step {t.pos.epoch_step} of the epoch)", file=sys.stderr)
         t.metrics.log({"kind": "resume", "step": t.pos.step, "epoch": t.pos.epoch,
                        "from": str(path)})
-    new_lr, old_lr = t.cfg.resume_lr, t.schedule.lr
+    new_lr, old_lr = resume_lr, t.schedule.lr
     if new_lr is not None and new_lr != old_lr:
         t.schedule.lr = new_lr
         set_lr(t.optimizer, new_lr)

@@ -41,7 +41,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from split_alexnet.network.placement import resolve_devices
+from split_alexnet.network.placement import layout_of, resolve_devices
 from split_alexnet.utils.cli import UsageError
 
 BACKENDS = ("auto", "nccl", "gloo")
@@ -56,6 +56,7 @@ class Context:
 
 
 _SETUP_GROUP: Any = None  # a gloo group with a long timeout, for set-up barriers
+_CONTROL_GROUP: Any = None  # a gloo group for the step loop's flags: CPU tensors, no GPU sync
 
 
 def env_context() -> Context:
@@ -79,13 +80,14 @@ def env_context() -> Context:
 
 def local_batch_size(cfg, ctx: Context) -> int:
     """--batch-size is global by default (split across processes), or per process."""
-    if cfg.per_process_batch or ctx.world_size == 1:
-        return cfg.batch_size
-    if cfg.batch_size % ctx.world_size:
-        raise UsageError(f"global --batch-size {cfg.batch_size} does not divide among "
+    o = cfg.optim
+    if o.per_process_batch or ctx.world_size == 1:
+        return o.batch_size
+    if o.batch_size % ctx.world_size:
+        raise UsageError(f"global --batch-size {o.batch_size} does not divide among "
                          f"{ctx.world_size} processes; use a multiple of {ctx.world_size} or "
                          "--per-process-batch")
-    return cfg.batch_size // ctx.world_size
+    return o.batch_size // ctx.world_size
 
 
 def resolve_backend(backend: str, devices: Sequence[torch.device]) -> str:
@@ -111,17 +113,18 @@ def _seconds(var: str, default: float) -> datetime.timedelta:
 
 def setup(cfg) -> tuple[Context, tuple[torch.device, ...]]:
     """This process's rank and devices (``placement.resolve_devices`` with the config's
-    device flags; without any, the CPU for ``--demo``, else the paper's two GPUs). Under
+    device flags; without any, the paper's two GPUs). Under
     torchrun every up-front check (devices, backend, batch split) runs before any network
     traffic, then the process joins the group; for one process nothing is joined."""
-    global _SETUP_GROUP
+    global _SETUP_GROUP, _CONTROL_GROUP
     ctx = env_context()
-    devices = resolve_devices(cfg.gpus, cfg.devices, cfg.single_device,
-                              default="cpu" if cfg.demo else "paper",
+    rt = cfg.runtime
+    devices = resolve_devices(rt.gpus, rt.devices, layout_of(cfg.model.arch, rt.single_device)
+                              == "collapsed", default="paper",
                               torchrun=(ctx.local_rank, ctx.local_world_size)
                               if ctx.world_size > 1 else None)
     if ctx.world_size > 1 and not dist.is_initialized():
-        backend = resolve_backend(cfg.backend, devices)
+        backend = resolve_backend(rt.backend, devices)
         local_batch_size(cfg, ctx)
         timeout = _seconds("SPLIT_ALEXNET_DIST_TIMEOUT", 600.0)
         setup_timeout = _seconds("SPLIT_ALEXNET_SETUP_TIMEOUT", 86400.0)
@@ -129,6 +132,7 @@ def setup(cfg) -> tuple[Context, tuple[torch.device, ...]]:
             torch.cuda.set_device(devices[0])
         dist.init_process_group(backend, timeout=timeout)
         _SETUP_GROUP = dist.new_group(backend="gloo", timeout=setup_timeout)
+        _CONTROL_GROUP = dist.new_group(backend="gloo", timeout=timeout)
     return ctx, devices
 
 
@@ -146,13 +150,12 @@ def any_rank_flags(flags: Sequence[bool], ctx: Context) -> list[bool]:
     """Each flag, True on every rank when it is set on any rank, in one all-reduce (a signal
     reached one rank; one rank's clock says it is time to checkpoint). Decisions that lead to
     collectives (saving gathers the RNG states) must agree on every rank, or the ranks
-    deadlock. Every rank must call it at the same point."""
+    deadlock. Every rank must call it at the same point. The flags travel as a CPU tensor over
+    a gloo group: no GPU stream waits for them."""
     if ctx.world_size == 1 or not dist.is_initialized():
         return [bool(f) for f in flags]
     t = torch.tensor([1.0 if f else 0.0 for f in flags])
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=_CONTROL_GROUP)
     return [bool(v > 0) for v in t.tolist()]
 
 
@@ -175,7 +178,7 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
-    global _SETUP_GROUP
+    global _SETUP_GROUP, _CONTROL_GROUP
     if dist.is_initialized():
         dist.destroy_process_group()
-    _SETUP_GROUP = None
+    _SETUP_GROUP = _CONTROL_GROUP = None

@@ -33,10 +33,9 @@ from torch import nn
 
 from split_alexnet.network.model import (WEIGHT_LAYERS, ModelConfig,
                                          layout_state_dict)
-from split_alexnet.training.checkpoint import (CheckpointError, frozen_in, load_checkpoint,
+from split_alexnet.training.checkpoint import (CheckpointError, load_checkpoint,
                                                model_config)
-from split_alexnet.training.config import (FINETUNE_PRESET, PROG, TrainConfig, describe_preset,
-                                           layer_names)
+from split_alexnet.training.config import PROG, TrainConfig
 from split_alexnet.utils.cli import UsageError
 
 #: ModelConfig fields that must agree between the source checkpoint and the run.
@@ -60,11 +59,6 @@ def layer_of(param_name: str) -> str:
     return param_name.split(".")[-2]
 
 
-def frozen_layers(cfg: TrainConfig) -> tuple[str, ...]:
-    """--freeze-through LAYER: LAYER and every layer before it."""
-    return frozen_in({"config": cfg.to_dict()})
-
-
 def freeze(net: nn.Module, layers: tuple[str, ...]) -> None:
     """``requires_grad=False`` on every parameter of ``layers`` (both towers' halves)."""
     for name, p in net.named_parameters():
@@ -72,13 +66,13 @@ def freeze(net: nn.Module, layers: tuple[str, ...]) -> None:
             p.requires_grad_(False)
 
 
-def read_source(cfg: TrainConfig) -> tuple[dict, ModelConfig] | None:
+def read_source(cfg: TrainConfig, *, resume: bool) -> tuple[dict, ModelConfig] | None:
     """The --init-from checkpoint of a fresh run and its network (None: nothing to read),
     refused with one line when it cannot be loaded or computes another kind of function than
     the run's. Called before any other work, so that a bad file fails up front."""
-    if cfg.init_from is None or cfg.resume:
+    path = cfg.finetune.init_from
+    if path is None or resume:
         return None
-    path = cfg.init_from
     try:
         ckpt = load_checkpoint(Path(path))
         src = model_config(ckpt)
@@ -120,44 +114,38 @@ def _span(layers) -> str:
         f"{layers[0]}-{layers[-1]}" if len(layers) > 2 else ", ".join(layers)
 
 
-def prepare(net: nn.Module, cfg: TrainConfig, model_cfg: ModelConfig,
-            source: tuple[dict, ModelConfig] | None, classes: list[str], *,
-            is_main: bool = True) -> FineTuning:
+def prepare(net: nn.Module, cfg: TrainConfig, source: tuple[dict, ModelConfig] | None,
+            classes: list[str], *, is_main: bool = True) -> FineTuning:
     """Before DDP and the optimizer: load the --init-from weights (``source``, from
     :func:`read_source`: a fresh run only; fc8 is re-initialised unless the source has this
     run's ``classes``, in this order), freeze the --freeze-through layers, and give the
     optimizer its groups (with --init-from)."""
-    frozen = frozen_layers(cfg)
-    if cfg.init_from is None:
-        freeze(net, frozen)
+    ft, model_cfg = cfg.finetune, cfg.model
+    frozen = ft.frozen_layers
+    if source is None:  # no --init-from, or --resume: the optimizer's groups and their
+        freeze(net, frozen)  # multipliers come from the checkpoint
         return FineTuning(frozen=frozen)
-    if source is None:  # --resume: the groups and their multipliers come from the checkpoint
-        freeze(net, frozen)
-        return FineTuning(frozen=frozen)
-    if cfg.finetune and is_main:
-        print("fine-tuning preset (flags given on the command line win):\n"
-              + describe_preset(FINETUNE_PRESET, cfg), file=sys.stderr)
     ckpt, src = source
-    reinit = set(layer_names(cfg.reinit, "--reinit", WEIGHT_LAYERS))
+    reinit = set(ft.reinit_layers)
     same_classes = [str(c) for c in ckpt.get("classes", [])] == [str(c) for c in classes]
     if not same_classes:  # another count, or fc8's rows mean other classes
         reinit.add("fc8")
     reinit = tuple(layer for layer in WEIGHT_LAYERS if layer in reinit)
-    loaded = load_weights(net, ckpt, reinit, cfg.init_from)
+    loaded = load_weights(net, ckpt, reinit, ft.init_from)
     freeze(net, frozen)
     if is_main:
         if (src.lrn, src.lrn_span) != (model_cfg.lrn, model_cfg.lrn_span):
-            print(f"{PROG}: warning: {cfg.init_from} was trained with --lrn {src.lrn} "
+            print(f"{PROG}: warning: {ft.init_from} was trained with --lrn {src.lrn} "
                   f"--lrn-span {src.lrn_span}, this run normalises with --lrn {model_cfg.lrn} "
                   f"--lrn-span {model_cfg.lrn_span}: give those flags to keep the loaded "
                   "layers' function", file=sys.stderr)
         here = "the same classes" if same_classes else "other classes"
-        print(f"fine-tuning from {cfg.init_from} ({src.num_classes} classes; "
+        print(f"fine-tuning from {ft.init_from} ({src.num_classes} classes; "
               f"{model_cfg.num_classes} here, {here}): loaded {_span(loaded)}; re-initialised "
               f"{_span(reinit)} by --init {model_cfg.init}; frozen {_span(frozen)}; learning "
-              f"rate x{cfg.lr_mult_new:g} for the re-initialised layers", file=sys.stderr)
-    record = {"kind": "init_from", "from": str(cfg.init_from), "checksum": ckpt["checksum"],
+              f"rate x{ft.lr_mult_new:g} for the re-initialised layers", file=sys.stderr)
+    record = {"kind": "init_from", "from": str(ft.init_from), "checksum": ckpt["checksum"],
               "source_classes": src.num_classes, "loaded": loaded, "reinit": list(reinit),
-              "frozen": list(frozen), "lr_mult_new": cfg.lr_mult_new}
+              "frozen": list(frozen), "lr_mult_new": ft.lr_mult_new}
     return FineTuning(frozen=frozen, reinit=reinit, record=record,
-                      layer_lr_mult={layer: cfg.lr_mult_new for layer in reinit})
+                      layer_lr_mult={layer: ft.lr_mult_new for layer in reinit})

@@ -13,13 +13,16 @@ from __future__ import annotations
 import multiprocessing
 import os
 import re
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from split_alexnet.data.dataset import CropFolder, EpochSampler, make_loader
-from split_alexnet.training.state import Trainer
 from split_alexnet.utils.cli import Abort
+
+if TYPE_CHECKING:  # the trainer imports this module
+    from split_alexnet.training.trainer import Trainer
 
 
 class ReadingLog(Dataset):
@@ -46,33 +49,36 @@ class ReadingLog(Dataset):
         return {s[i]: s[i + 1] for i in range(0, len(s), 2) if s[i] > 0}
 
 
-def _loader(t: Trainer, ds: Dataset, batch_size: int, sampler: EpochSampler) -> DataLoader:
-    loader = make_loader(ds, batch_size=batch_size, sampler=sampler, workers=t.cfg.workers,
+def _loader(t: "Trainer", ds: Dataset, batch_size: int, sampler: EpochSampler) -> DataLoader:
+    loader = make_loader(ds, batch_size=batch_size, sampler=sampler, workers=t.cfg.data.workers,
                          pin_memory=t.device.type == "cuda")
     # The loader's own seed draw must not touch the global RNG (the dropout stream), or a
     # resumed run would draw different masks. Augmentation does not use it either: it is
     # derived from (seed, epoch, index) inside the dataset.
-    loader.generator = torch.Generator().manual_seed(t.cfg.seed)
+    loader.generator = torch.Generator().manual_seed(t.cfg.runtime.seed)
     return loader
 
 
-def train_loader(t: Trainer) -> DataLoader:
+def train_loader(t: "Trainer") -> DataLoader:
     """This rank's training batches for the epoch in progress, from its position on."""
-    sampler = EpochSampler(len(t.train_set), epoch=t.pos.epoch, seed=t.cfg.seed, shuffle=True,
-                           rank=t.ctx.rank, world_size=t.ctx.world_size, drop_last=True,
-                           start=t.pos.epoch_step * t.batch)
-    return _loader(t, ReadingLog(t.train_set, t.cfg.workers), t.batch, sampler)
+    d = t.data
+    sampler = EpochSampler(len(d.train_set), epoch=t.pos.epoch, seed=t.cfg.runtime.seed,
+                           shuffle=True, rank=t.ctx.rank, world_size=t.ctx.world_size,
+                           drop_last=True, start=t.pos.epoch_step * d.batch)
+    return _loader(t, ReadingLog(d.train_set, t.cfg.data.workers), d.batch, sampler)
 
 
-def val_loader(t: Trainer, ten_crop: bool, dataset: CropFolder | None = None) -> DataLoader:
+def val_loader(t: "Trainer", ten_crop: bool, dataset: CropFolder | None = None) -> DataLoader:
     """This rank's share of the validation set (every image once over all ranks): centre
     crops, or the paper's ten crops (a tenth of the batch size); or of ``dataset`` (the
     --holdout images), centre crops."""
-    ds = dataset if dataset is not None else t.val_set if not ten_crop else CropFolder(
-        t.root / "val", t.classes, mode="tencrop", seed=t.cfg.seed, strict=t.cfg.strict)
+    d = t.data
+    ds = dataset if dataset is not None else d.val_set if not ten_crop else CropFolder(
+        d.root / "val", d.classes, mode="tencrop", seed=t.cfg.runtime.seed,
+        strict=t.cfg.data.strict)
     sampler = EpochSampler(len(ds), shuffle=False, rank=t.ctx.rank,
                            world_size=t.ctx.world_size, drop_last=False)
-    return _loader(t, ds, max(1, t.batch // 10) if ten_crop else t.batch, sampler)
+    return _loader(t, ds, max(1, d.batch // 10) if ten_crop else d.batch, sampler)
 
 
 def dead_worker_files(message: str, loader: DataLoader) -> list[str]:

@@ -1,12 +1,21 @@
-"""The loops: :func:`train_one_epoch` (one training step's path: batch -> ``finish_batch`` ->
-model -> loss -> backward -> optimizer -> metrics) and :func:`evaluate`, the one evaluation
-that training and ``split_alexnet.evaluate`` share."""
+"""The loops: :func:`train_epoch` (one training step's path: batch -> ``finish_batch`` ->
+model -> loss -> backward -> optimizer) and :func:`evaluate`, the one evaluation that
+training and ``split_alexnet.evaluate`` share.
+
+Host syncs: a step queues its work and never waits for the device. Its loss and error count
+stay on the device (:class:`StepWindow`) until the window is read: at every
+--log-interval, at the epoch's end and before every save. That one read (one host sync)
+checks every step's loss and the weights for NaN and infinity, so a diverged run is caught
+within one log interval, and nothing non-finite is ever saved. The watchdog sees each
+step's loss then too.
+"""
 
 from __future__ import annotations
 
 import math
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -15,12 +24,14 @@ from torch import nn
 import split_alexnet.training.distributed as dist_util
 from split_alexnet.data.augment import finish_batch
 from split_alexnet.network.parallelize import autocast_context, to_input_format
-from split_alexnet.training.checkpoint import last_checkpoint_name, save
 from split_alexnet.training.config import PROG
 from split_alexnet.training.optim import set_lr
-from split_alexnet.training.state import Trainer
+from split_alexnet.training.state import StopReason
 from split_alexnet.utils.cli import Abort
 from split_alexnet.utils.progress import Progress
+
+if TYPE_CHECKING:  # the trainer imports this module
+    from split_alexnet.training.trainer import Trainer
 
 
 def topk_wrong(logits_or_probs: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -89,24 +100,49 @@ class Diverged(Abort):
     """The run diverged: a non-finite loss, or weights an update made non-finite (exit 1)."""
 
 
-def check_finite_step(t: Trainer, loss: torch.Tensor) -> float:
-    """After an optimizer step: its loss, read together with the sum of the weights it left
-    in one host sync. A non-finite loss, or finite loss but non-finite weights, stops the run
-    (:class:`Diverged`, exit 1) before anything is saved, naming the last good checkpoint."""
-    pos = t.pos
-    loss_value, weights = torch.stack([loss.detach().float(),
-                                       weight_sum(t.net, t.device).float()]).tolist()
-    where = f"at step {pos.step + 1} (epoch {pos.epoch + 1}); stopping without saving. Last " \
-            f"good checkpoint: {last_checkpoint_name(t.out)}"
-    if not math.isfinite(loss_value):
-        raise Diverged(f"loss is {loss_value} {where}")
-    if not math.isfinite(weights):
-        raise Diverged(f"the weights became non-finite (their sum is {weights}) in the update "
-                    f"{where}")
-    return loss_value
+class StepWindow:
+    """The steps since the last read, kept on the device: each step's loss (one float32
+    scalar each) and the sum of top-1 mistakes. :meth:`read` fetches them, and the weights'
+    sum, in one host sync."""
+
+    def __init__(self, first_step: int) -> None:
+        self.first_step = first_step   # the step number of the window's first step
+        self.losses: list[torch.Tensor] = []
+        self.counts: list[int] = []    # each step's images (a batch may skip unreadable ones)
+        self.wrong: torch.Tensor | None = None
+        self.t = time.monotonic()
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """A finished step: its loss and mistakes, still on the device."""
+        self.losses.append(loss.detach().float())
+        wrong = topk_wrong(logits.detach(), labels, 1)
+        self.wrong = wrong if self.wrong is None else self.wrong + wrong
+        self.counts.append(labels.numel())
+
+    def read(self, t: "Trainer") -> tuple[list[float], float, float]:
+        """(each step's loss, top-1 mistakes, the weights' sum), in one host sync. A
+        non-finite loss, or finite losses but non-finite weights, stops the run
+        (:class:`Diverged`, exit 1) before anything is saved, naming the step and the last
+        good checkpoint."""
+        wrong = self.wrong if self.wrong is not None else torch.zeros((), device=t.device)
+        *losses, mistakes, weights = torch.stack(
+            [*[v.to(t.device) for v in self.losses], wrong.float(),
+             weight_sum(t.net, t.device).float()]).tolist()
+        steps = range(self.first_step, self.first_step + len(losses))
+        last = f"Last good checkpoint: {t.last_checkpoint()}"
+        for step, value in zip(steps, losses):
+            if not math.isfinite(value):
+                raise Diverged(f"loss is {value} at step {step} (epoch {t.pos.epoch + 1}); "
+                               f"stopping without saving. {last}")
+        if not math.isfinite(weights):
+            when = f"the update at step {steps[-1]}" if len(steps) == 1 else \
+                f"the updates of steps {steps[0]}-{steps[-1]}"
+            raise Diverged(f"the weights became non-finite (their sum is {weights}) in {when} "
+                           f"(epoch {t.pos.epoch + 1}); stopping without saving. {last}")
+        return losses, mistakes, weights
 
 
-def log_lr_drop(t: Trainer, old: float, reason: str) -> None:
+def log_lr_drop(t: "Trainer", old: float, reason: str) -> None:
     """A division of the learning rate: an "lr_drop" record (step, epoch, old, new, reason)
     and a log line with the reason."""
     rec = {"kind": "lr_drop", "step": t.pos.step, "epoch": t.pos.epoch + 1, "old": old,
@@ -117,80 +153,87 @@ def log_lr_drop(t: Trainer, old: float, reason: str) -> None:
               f"(epoch {t.pos.epoch + 1}): {reason}", file=sys.stderr)
 
 
-class _Window:
-    """Sums over the steps since the last "train" record."""
+def close_window(t: "Trainer", window: StepWindow, bar: Progress) -> StepWindow:
+    """Read the window (one host sync, checking every value), feed the watchdog each step's
+    loss, write a "train" record and the progress line; return a new, empty window."""
+    if window.losses:
+        losses, mistakes, _ = window.read(t)
+        images = sum(window.counts)
+        dt = time.monotonic() - window.t
+        rec = {"kind": "train", "step": t.pos.step, "epoch": t.pos.epoch + 1,
+               "loss": sum(v * n for v, n in zip(losses, window.counts)) / images,
+               "top1_err": mistakes / images, "lr": t.schedule.lr,
+               "images_per_s": images * t.ctx.world_size / max(dt, 1e-9)}
+        t.metrics.log(rec)
+        bar.extra = f"loss {rec['loss']:.3f} err {rec['top1_err']:.3f} " \
+                    f"lr {rec['lr']:g} {rec['images_per_s']:.0f} img/s"
+        for i, loss in enumerate(losses):
+            t.watchdog.observe(window.first_step + i, loss)
+    return StepWindow(t.pos.step + 1)
 
-    def __init__(self) -> None:
-        self.loss, self.wrong, self.n, self.t = 0.0, 0, 0, time.monotonic()
+
+def train_step(t: "Trainer", batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step on ``batch``, queued without a host sync: the batch on the first
+    device, the forward (and loss) under autocast (off by default), backward, the paper's
+    update. Returns (loss, logits, labels), still on the device."""
+    x = finish_batch(batch, t.data.stats, t.device)                     # (B, 3, 227, 227)
+    y = batch["label"].to(t.device, non_blocking=True)
+    x = to_input_format(x, t.cfg.runtime.channels_last)
+    with autocast_context(t.devices, t.cfg.runtime.amp):
+        logits = t.model(x)                                              # (B, classes)
+        loss = F.cross_entropy(logits, y)
+    t.optimizer.zero_grad(set_to_none=True)
+    old_lr = t.schedule.lr
+    if t.schedule.at_step(t.pos.step):  # step-iters:N only (Caffe's step policy)
+        set_lr(t.optimizer, t.schedule.lr)
+        log_lr_drop(t, old_lr, t.schedule.reason)
+    t.scaler.scale(loss).backward()
+    t.scaler.step(t.optimizer)  # plain optimizer.step() unless fp16 on CUDA
+    t.scaler.update()
+    return loss, logits, y
 
 
-def train_one_epoch(t: Trainer, loader, stop) -> str:
+def train_epoch(t: "Trainer", loader) -> StopReason:
     """Train on ``loader`` from the trainer's position to the end of the epoch. Returns
-    'epoch' at the end of the epoch, or 'max_steps' / 'signal' when stopped earlier (``stop``
-    is true once SIGTERM or SIGINT arrived). Saves ``last.pt`` every --checkpoint-minutes."""
-    cfg, pos = t.cfg, t.pos
+    EPOCH at its end, or MAX_STEPS / SIGNAL when stopped earlier. Saves ``last.pt`` every
+    --checkpoint-minutes; reads the device only to log and before saving (module docstring)."""
+    cfg, pos, log_every = t.cfg, t.pos, t.cfg.logging.log_interval
     t.model.train()
-    bar = Progress(t.steps_per_epoch, f"epoch {pos.epoch + 1}/{cfg.epochs}", unit="step",
-                   enabled=t.is_main)
+    bar = Progress(t.data.steps_per_epoch, f"epoch {pos.epoch + 1}/{cfg.schedule.epochs}",
+                   unit="step", enabled=t.is_main)
     bar.n = pos.epoch_step
-    window = _Window()
+    window = StepWindow(pos.step + 1)
     skipped = 0
+    reason = StopReason.EPOCH
     for batch in loader:
-        if pos.epoch_step >= t.steps_per_epoch:
+        if pos.epoch_step >= t.data.steps_per_epoch:
             break  # whole batches only: the permutation's remainder is dropped (drop_last)
         skipped += len(batch.get("skipped", []))
         if batch["label"].numel() == 0:
             continue
-        # One step: the batch on the first device, the forward (and loss) under autocast
-        # (off by default), backward, the paper's update.
-        x = finish_batch(batch, t.stats, t.device)                          # (B, 3, 227, 227)
-        y = batch["label"].to(t.device, non_blocking=True)
-        x = to_input_format(x, cfg.channels_last)
-        with autocast_context(t.devices, cfg.amp):
-            logits = t.model(x)                                              # (B, classes)
-            loss = F.cross_entropy(logits, y)
-        t.optimizer.zero_grad(set_to_none=True)
-        old_lr = t.schedule.lr
-        if t.schedule.at_step(pos.step):  # step-iters:N only (Caffe's step policy)
-            set_lr(t.optimizer, t.schedule.lr)
-            log_lr_drop(t, old_lr, t.schedule.reason)
-        t.scaler.scale(loss).backward()
-        t.scaler.step(t.optimizer)  # plain optimizer.step() unless fp16 on CUDA
-        t.scaler.update()
-        loss_value = check_finite_step(t, loss)
+        window.add(*train_step(t, batch))
         pos.step += 1
         pos.epoch_step += 1
-        # What the step measured: a "train" record every --log-interval steps.
-        window.loss += loss_value * y.numel()
-        window.wrong += int(topk_wrong(logits.detach(), y, 1))
-        window.n += y.numel()
-        if pos.step % cfg.log_interval == 0 or pos.epoch_step == t.steps_per_epoch:
-            dt = time.monotonic() - window.t
-            rec = {"kind": "train", "step": pos.step, "epoch": pos.epoch + 1,
-                   "loss": window.loss / window.n, "top1_err": window.wrong / window.n,
-                   "lr": t.schedule.lr,
-                   "images_per_s": window.n * t.ctx.world_size / max(dt, 1e-9)}
-            t.metrics.log(rec)
-            bar.extra = f"loss {rec['loss']:.3f} err {rec['top1_err']:.3f} " \
-                        f"lr {rec['lr']:g} {rec['images_per_s']:.0f} img/s"
-            window = _Window()
-        t.watchdog.observe(pos.step, loss_value)
+        if pos.step % log_every == 0 or pos.epoch_step == t.data.steps_per_epoch:
+            window = close_window(t, window, bar)
         bar.update(1)
-        if cfg.max_steps is not None and pos.step >= cfg.max_steps:
-            bar.close()
-            return "max_steps"
+        if cfg.schedule.max_steps is not None and pos.step >= cfg.schedule.max_steps:
+            reason = StopReason.MAX_STEPS
+            break
         # Both decisions lead to collectives (saving gathers every rank's RNG state), so
-        # every rank must take them together: one all-reduce of the two flags.
+        # every rank must take them together: one all-reduce of the two flags (on the CPU).
         stop_now, save_now = dist_util.any_rank_flags(
-            [bool(stop), time.monotonic() - pos.last_save > cfg.checkpoint_minutes * 60],
-            t.ctx)
+            [bool(t.stop), time.monotonic() - pos.last_save
+             > cfg.checkpoint.checkpoint_minutes * 60], t.ctx)
         if stop_now:
-            bar.close()
-            return "signal"
+            reason = StopReason.SIGNAL
+            break
         if save_now:
-            save(t)
+            window = close_window(t, window, bar)  # never save an unchecked step
+            t.save()
+    close_window(t, window, bar)
     bar.close()
     if skipped and t.is_main:
         print(f"{PROG}: {skipped} unreadable training image(s) skipped this epoch",
               file=sys.stderr)
-    return "epoch"
+    return reason

@@ -10,12 +10,14 @@ the settings a resumed run must share with its checkpoint.
   does not keep the folder locked.
 * Fresh start: without --resume, an --out that holds a run (``config.json``,
   ``metrics.jsonl`` or a checkpoint) is refused before any work; with ``--overwrite`` that run
-  is deleted once the new one is set up, before its first write.
+  is deleted once the new one is set up, before its first write (:func:`start_fresh`, which
+  then writes the run's ``config.json``).
 * Temporaries: every temporary file the trainer writes ends in ``.<pid>.tmp``
   (:func:`temp_suffix`). A --resume deletes those whose writer is no longer alive, and the
   pid-less ``.*.pt.*.tmp`` of older versions (it holds the lock: no trainer writes them).
-* Same run: :data:`RUN_SETTINGS` and the class list must equal the checkpoint's
-  (:func:`check_same_run`); the settings in :data:`MAY_CHANGE` may differ on resume.
+* Same run: every setting that defines the run (its field's metadata ``run``:
+  ``training/config.py``) and the class list must equal the checkpoint's
+  (:func:`check_same_run`); the others may differ on resume.
 """
 
 from __future__ import annotations
@@ -27,37 +29,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from split_alexnet.training.config import MODEL_FLAGS, PROG, TrainConfig, flag_name
-from split_alexnet.utils.cli import UsageError
+from split_alexnet.training.config import PROG, TrainConfig, flag_name
+from split_alexnet.utils.cli import Abort, UsageError
+from split_alexnet.utils.fileio import write_json
 
 LOCK_NAME = "train.lock"
 #: The files that mean an --out holds a run (with ``epoch_NNN.pt``).
 RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "best.pt")
 #: Drawn from a run's files; ``--overwrite`` deletes it with them.
 DERIVED_FILES = ("curves.png",)
-
-#: The settings that define a run: a resume must give the checkpoint's values.
-RUN_SETTINGS = (*MODEL_FLAGS, "optimizer", "lr", "momentum", "weight_decay", "batch_size",
-                "per_process_batch", "lr_schedule", "plateau_patience", "lr_drops", "pca",
-                "seed",
-                # recipes and bias handling
-                "recipe", "bias_lr_mult", "bias_decay",
-                # the plateau schedule's guards
-                "plateau_min_epochs", "plateau_threshold",
-                # the hold-out split
-                "holdout",
-                # fine-tuning: which layers learn and at what rate (the --init-from file
-                # itself is read only when the run starts)
-                "init_from", "reinit", "freeze_through", "lr_mult_new")
-#: The settings a resume may change (docs/training.md, "Resume: the same run").
-MAY_CHANGE = ("data", "out", "gpus", "devices", "single_device", "backend", "epochs",
-              "max_steps", "workers", "resume", "overwrite", "resume_lr",
-              "checkpoint_minutes", "keep_last", "log_interval", "watchdog_steps", "ten_crop",
-              "eval_every", "strict", "channels_last", "amp", "compile", "cudnn_benchmark",
-              "demo", "config",
-              # never starts a run: it prints the recipe and exits
-              "print_recipe", "plan", "plan_steps",
-              "finetune")  # a preset: the settings it sets are compared themselves
 
 _HELD: set[int] = set()  # descriptors of the run locks this process holds
 
@@ -120,27 +100,16 @@ class RunLock:
             self.fd = None
 
 
-def check_run_flags(cfg: TrainConfig) -> None:
-    """--overwrite and --resume exclude each other; --resume-lr needs --resume (its range is the config's)."""
-    if cfg.overwrite and cfg.resume:
-        raise UsageError("give --resume (continue the run in --out) or --overwrite (delete it "
-                         "and start over), not both")
-    if cfg.resume_lr is not None:
-        if not cfg.resume:
-            raise UsageError("--resume-lr sets the learning rate of a resumed run: it needs "
-                             "--resume")
-
-
 def run_files(out: Path) -> list[Path]:
     """The files of a run that ``out`` holds, if any."""
     return [out / n for n in RUN_FILES if (out / n).exists()] + sorted(out.glob("epoch_*.pt"))
 
 
-def claim(out: Path, cfg: TrainConfig) -> RunLock:
+def claim(out: Path, *, resume: bool, overwrite: bool) -> RunLock:
     """Rank 0, before any work: take the lock; then, unless resuming or overwriting, refuse
     an ``out`` that holds a run. Returns the held lock."""
     lock = RunLock(out).acquire()
-    found = [] if cfg.resume or cfg.overwrite else run_files(out)
+    found = [] if resume or overwrite else run_files(out)
     if found:
         lock.release()
         how = "continue it with --resume, or start over with --overwrite (deletes it)" \
@@ -163,6 +132,17 @@ def delete_previous_run(out: Path) -> None:
     if found:
         print(f"{PROG}: --overwrite: deleted the previous run in {out} "
               f"({', '.join(p.name for p in found)})", file=sys.stderr)
+
+
+def start_fresh(out: Path, cfg: TrainConfig, *, overwrite: bool) -> None:
+    """A new run, once it is set up: delete the previous one (``overwrite``), then write the
+    run's settings, flat, to ``OUT/config.json``."""
+    if overwrite:
+        delete_previous_run(out)
+    try:
+        write_json(out / "config.json", cfg.to_dict(), suffix=temp_suffix())
+    except OSError as e:
+        raise Abort(f"could not write {out / 'config.json'}: {e.strerror or e}") from None
 
 
 # ----------------------------------------------------------------------------- temporaries
@@ -218,11 +198,11 @@ def _show(value: Any) -> str:
 
 
 def run_differences(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
-    """Each of :data:`RUN_SETTINGS` in which ``cfg`` differs from a checkpoint's flat
-    ``config`` (a setting the checkpoint predates is skipped): ``--lr 0.02 (the run: 0.01)``."""
-    now = cfg.to_dict()
-    return [f"{flag_name(k)} {_show(now[k])} (the run: {_show(saved[k])})"
-            for k in RUN_SETTINGS if k in saved and saved[k] != now[k]]
+    """Each setting that defines the run in which ``cfg`` differs from a checkpoint's flat
+    settings (its ``config`` and ``model_config``): ``--lr 0.02 (the run: 0.01)``. A setting
+    the checkpoint lacks counts as a difference."""
+    return [f"{flag_name(k)} {_show(v)} (the run: {_show(saved.get(k, '(none)'))})"
+            for k, v in cfg.run_settings().items() if k not in saved or saved[k] != v]
 
 
 def class_difference(saved: list[str], classes: list[str]) -> str | None:
@@ -236,11 +216,17 @@ def class_difference(saved: list[str], classes: list[str]) -> str | None:
     return f"the classes (label {i} is {have} in the data, {had} in the run)"
 
 
+def _table(ckpt: dict, key: str) -> dict:
+    value = ckpt.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def check_same_run(ckpt: dict, cfg: TrainConfig, classes: list[str], path: Path) -> None:
     """A resume continues the checkpoint's run: every setting that defines the run, and the
     classes in their order, must be the checkpoint's. Otherwise one :class:`UsageError`
     listing each difference."""
-    diffs = run_differences(ckpt.get("config", {}), cfg)
+    saved = {**_table(ckpt, "config"), **_table(ckpt, "model_config")}
+    diffs = run_differences(saved, cfg)
     classes_differ = class_difference(list(ckpt.get("classes", [])), classes)
     if classes_differ:
         diffs.append(classes_differ)

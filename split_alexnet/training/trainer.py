@@ -1,343 +1,281 @@
-"""Train the 2012 AlexNet the paper's way (Krizhevsky et al., section 5).
+"""The :class:`Trainer`, which owns one training run of the 2012 AlexNet (Krizhevsky et al.,
+section 5): set up, the epochs, evaluation and the schedule, saving and stopping.
 
-    python -m split_alexnet.train --demo                                # generated data, 2 CPU cores, < 10 min
-    python -m split_alexnet.train --data /data/ilsvrc12 --gpus 0,1      # the paper: one tower per GPU
-    python -m split_alexnet.train --data /data/ilsvrc12 --gpus 0,0      # both towers on one GPU
-    python -m split_alexnet.train --data /data/ilsvrc12 --gpus 0 --single-device   # collapsed layout
-    python -m split_alexnet.train --data DIR --devices cpu,cpu --max-steps 20       # smoke run
-    python -m split_alexnet.train --out runs/alexnet --resume           # continue from last.pt
-    torchrun --nproc-per-node 4 -m split_alexnet.train --data DIR       # 2 pairs of GPUs, DDP
+    t = Trainer.setup(parse_command(argv)[0])   # or train(cfg): setup, fit, clean up
+    result = t.fit()
 
-``main(argv)`` parses the flags and calls :func:`train`, which :func:`setup` s a
-:class:`~split_alexnet.training.state.Trainer` (the run folder, data, model, optimizer) and
-runs the epochs: ``loop.train_one_epoch``, ``loop.evaluate``, ``checkpoint.save``. SIGTERM and
-SIGINT stop every phase within one batch (training, the per-epoch evaluation, the ten-crop
-test): the run saves where that is meaningful, says so and exits 0. Every flag:
-``python -m split_alexnet.train --help`` and docs/training.md.
+A run is :meth:`Trainer.setup` (devices, run folder, data, model, optimizer, resumed state),
+then :meth:`Trainer.fit`: per epoch :meth:`Trainer.train_epoch` (``loop.train_epoch``) and
+:meth:`Trainer.evaluate_and_schedule`, then the paper's ten-crop test; it returns a
+:class:`TrainResult`. SIGTERM and SIGINT stop every phase within one batch (training, the
+per-epoch evaluation, the ten-crop test): the run saves where that is meaningful and says
+so. The command around it: ``training/command.py``.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
 
 import torch
+from torch import nn
 
 import split_alexnet.training.distributed as dist_util
-from split_alexnet.data.dataset import (CropFolder, check_dataset_root, find_classes,
-                                        holdout_indices, list_samples)
 from split_alexnet.data.demo import make_demo_dataset
-from split_alexnet.data.imagenet import read_class_metadata
-from split_alexnet.data.stats import load_stats
-from split_alexnet.network.parallelize import grad_scaler, parallelize
-from split_alexnet.network.placement import build_model
-from split_alexnet.training.checkpoint import last_checkpoint_name, resume, save
-from split_alexnet.training.config import (PROG, TrainConfig, describe_preset, describe_recipe,
-                                           parse_config)
-from split_alexnet.training.finetune import prepare as prepare_fine_tuning
+from split_alexnet.network.placement import layout_of
+from split_alexnet.training import checkpoint, loop
+from split_alexnet.training.config import PROG, TrainConfig
 from split_alexnet.training.finetune import read_source
 from split_alexnet.training.loader import train_loader, val_loader, worker_error
-from split_alexnet.training.loop import evaluate, log_lr_drop, train_one_epoch
 from split_alexnet.training.metrics import MetricsLog, Watchdog, write_curves
-from split_alexnet.training.optim import LRSchedule, build_optimizer, set_lr
-from split_alexnet.training.plan import plan
-from split_alexnet.training.runfolder import (RunLock, check_run_flags, claim,
-                                              delete_previous_run, temp_suffix)
-from split_alexnet.training.state import Position, Trainer
-from split_alexnet.utils.cli import Abort, UsageError, run
-from split_alexnet.utils.fileio import atomic_write
+from split_alexnet.training.optim import set_lr
+from split_alexnet.training.options import Command
+from split_alexnet.training.runfolder import RunLock, claim, start_fresh
+from split_alexnet.training.setup import build_learner, list_for_holdout, load_data
+from split_alexnet.training.state import (Position, RunData, StopReason, StopRequested,
+                                          TrainResult)
+from split_alexnet.utils.fileio import check_output_dir, make_output_dir
 
 
-def check_out_dir(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write_test.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"--out {out} is not writable: {e.strerror or e}") from None
-
-
-def setup(cfg: TrainConfig) -> Trainer:
-    """Everything before the first step, in order: rank and devices (joining the process
-    group under torchrun), the run folder (rank 0 takes its lock: ``runfolder.claim``), the
-    data and its statistics, the model (seeded, built, placed, parallelized), the optimizer
-    after it, and the resumed state. On an error the lock is released."""
-    check_run_flags(cfg)
-    listed = None  # (classes, samples) of the training folder, listed once for both uses
-    if cfg.holdout and cfg.data and (Path(cfg.data) / "train").is_dir():  # before any work
-        classes = find_classes(Path(cfg.data) / "train")
-        listed = classes, list_samples(Path(cfg.data) / "train", classes)
-        check_holdout(cfg.holdout, [t for _, t in listed[1]], classes)
-    ctx, devices = dist_util.setup(cfg)
-    lock = None
-    if ctx.rank == 0:
-        check_out_dir(Path(cfg.out))
-        lock = claim(Path(cfg.out), cfg)
-    try:
-        return build_trainer(cfg, ctx, devices, lock, listed)
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        raise
-
-
-def build_trainer(cfg: TrainConfig, ctx: dist_util.Context, devices, lock: RunLock | None,
-                  listed: tuple[list[str], list[tuple[str, int]]] | None = None) -> Trainer:
-    """:func:`setup` after the run folder: data, model, optimizer, resumed state. ``listed``:
-    (classes, samples) of the training folder, if setup has listed it already."""
-    is_main = ctx.rank == 0
-    out = Path(cfg.out)
-    if cfg.recipe != "paper" and is_main:
-        print(f"recipe {cfg.recipe} (flags, TOML and --demo win):\n"
-              + describe_recipe(cfg.recipe, cfg), file=sys.stderr)
-    if cfg.demo:
-        if is_main:
-            print("demo preset (flags given on the command line win):\n" + describe_preset(),
-                  file=sys.stderr)
-            if not (Path(cfg.data) / "train").is_dir():
-                print(f"generating the demo dataset in {cfg.data} ...", file=sys.stderr)
-                make_demo_dataset(Path(cfg.data), seed=0)
-        dist_util.barrier()
-    if cfg.data is None:
-        raise UsageError("--data DIR is required (a folder with train/ and val/), or --demo")
-    root = Path(cfg.data)
-    check_dataset_root(root)
-    source = read_source(cfg)  # the --init-from checkpoint of a fresh run, checked up front
-    stats = load_stats(root, progress=is_main, workers=cfg.workers) if is_main else None
+def ensure_demo_data(cfg: TrainConfig, ctx: dist_util.Context) -> None:
+    """--demo: rank 0 generates the demo dataset where --data points when it is missing;
+    every rank waits for it."""
+    data = Path(cfg.data.data)
+    if ctx.rank == 0 and not (data / "train").is_dir():
+        print(f"generating the demo dataset in {data} ...", file=sys.stderr)
+        make_demo_dataset(data, seed=0)
     dist_util.barrier()
-    if stats is None:
-        stats = load_stats(root, progress=False)
-    classes = list(stats.classes)
-    train_set = CropFolder(root / "train", classes, mode="train", seed=cfg.seed, pca=cfg.pca,
-                           strict=cfg.strict,
-                           samples=listed[1] if listed and listed[0] == classes else None)
-    train_set, holdout_set = split_holdout(train_set, cfg, is_main)
-    batch = dist_util.local_batch_size(cfg, ctx)
-    steps_per_epoch = len(train_set) // (batch * ctx.world_size)
-    if steps_per_epoch < 1:
-        raise UsageError(f"the training set has {len(train_set)} images, fewer than one "
-                         f"batch of {batch * ctx.world_size}")
 
-    # The model: seeded, built on the CPU and placed; then the fast paths and DDP, in
-    # parallelize's fixed order; the optimizer last, over the placed parameters.
-    model_cfg = replace(cfg.model, num_classes=len(classes))
-    torch.manual_seed(cfg.seed)
-    net = build_model(model_cfg, cfg.layout, devices)
-    tuning = prepare_fine_tuning(net, cfg, model_cfg, source, classes, is_main=is_main)
-    # The dropout stream, independent of the layout; each rank draws its own masks.
-    torch.manual_seed(cfg.seed + 1 + 1_000_003 * ctx.rank)
-    model = parallelize(net, devices, channels_last=cfg.channels_last,
-                        ddp=ctx.world_size > 1, compile=cfg.compile,
-                        cudnn_benchmark=True if cfg.cudnn_benchmark else None)
-    metrics = MetricsLog(out, enabled=is_main)
-    t = Trainer(
-        cfg=cfg, ctx=ctx, devices=devices, out=out, root=root, stats=stats, classes=classes,
-        # wnid, index and human-readable name (from the devkit or Kaggle's mapping, when
-        # prepare wrote classes.json), kept in every checkpoint
-        class_meta=read_class_metadata(root), train_set=train_set,
-        val_set=CropFolder(root / "val", classes, mode="center", seed=cfg.seed,
-                           strict=cfg.strict),
-        batch=batch, steps_per_epoch=steps_per_epoch, model_cfg=model_cfg, net=net, model=model,
-        optimizer=build_optimizer(net, kind=cfg.optimizer, lr=cfg.lr,
-                                  momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                                  bias_lr_mult=cfg.bias_lr_mult, bias_decay=cfg.bias_decay,
-                                  layer_lr_mult=tuning.layer_lr_mult),
-        scaler=grad_scaler(devices[0], cfg.amp),
-        schedule=LRSchedule(cfg.lr_schedule, cfg.lr, patience=cfg.plateau_patience,
-                            max_drops=cfg.lr_drops, min_epochs=cfg.plateau_min_epochs,
-                            threshold=cfg.plateau_threshold),
-        metrics=metrics,
-        watchdog=Watchdog(cfg.watchdog_steps, len(classes), metrics.log, enabled=is_main),
-        pos=Position(last_save=time.monotonic()), lock=lock, holdout_set=holdout_set)
-    if cfg.resume:
-        resume(t, cfg.resume)
-    elif is_main:
-        if cfg.overwrite:
-            delete_previous_run(out)
-        text = json.dumps(cfg.to_dict(), indent=2) + "\n"
+
+class Trainer:
+    """One training process's run: its settings, rank and devices, data, network and
+    optimizer, logs, position and stop flag. :meth:`setup` builds it; :meth:`fit` runs it."""
+
+    def __init__(self, cfg: TrainConfig, ctx: dist_util.Context,
+                 devices: tuple[torch.device, ...], data: RunData, learner, lock: RunLock | None):
+        self.cfg = cfg                  # checked, with the data's class count
+        self.ctx = ctx                  # rank and world size (world size 1 without torchrun)
+        self.devices = devices          # the towers' two devices, or one (collapsed)
+        self.data = data
+        self.net: nn.Module = learner.net
+        self.model: nn.Module = learner.model
+        self.optimizer = learner.optimizer
+        self.scaler = learner.scaler
+        self.schedule = learner.schedule
+        self.metrics = MetricsLog(self.out, enabled=self.is_main)
+        self.watchdog = Watchdog(cfg.logging.watchdog_steps, len(data.classes), self.metrics.log,
+                                 enabled=self.is_main)
+        self.pos = Position(last_save=time.monotonic())
+        self.stop = StopRequested()     # entered by fit()
+        self.lock = lock                # OUT/train.lock, held on rank 0 for the whole run
+
+    # ------------------------------------------------------------------ set up
+    @classmethod
+    def setup(cls, cfg: TrainConfig, cmd: Command | None = None) -> "Trainer":
+        """Everything before the first step, in order: the up-front checks, rank and devices
+        (joining the process group under torchrun), the run folder (rank 0 takes its lock),
+        the data and its statistics, the model (seeded, built, placed, parallelized), the
+        optimizer after it, and the resumed state or the new run's config.json. On an error
+        the lock is released."""
+        cmd = cmd or Command()
+        listed = list_for_holdout(cfg)  # before any work
+        ctx, devices = dist_util.setup(cfg)
+        out = Path(cfg.checkpoint.out)
+        lock = None
+        if ctx.rank == 0:
+            check_output_dir(out, "--out")
+            make_output_dir(out, "--out")
+            lock = claim(out, resume=bool(cmd.resume), overwrite=cmd.overwrite)
         try:
-            atomic_write(out / "config.json", lambda f: f.write(text.encode()), private=False,
-                         suffix=temp_suffix())
-        except OSError as e:
-            raise Abort(f"could not write {out / 'config.json'}: {e.strerror or e}") from None
-        if tuning.record:
-            metrics.log(tuning.record)
-    return t
+            if cmd.demo:
+                ensure_demo_data(cfg, ctx)
+            source = read_source(cfg, resume=bool(cmd.resume))  # checked before the data
+            data = load_data(cfg, ctx, listed)
+            cfg = cfg.with_classes(len(data.classes))  # the one place the count is set
+            learner = build_learner(cfg, layout_of(cfg.model.arch, cfg.runtime.single_device),
+                                    ctx, devices, source, data.classes)
+            t = cls(cfg, ctx, devices, data, learner, lock)
+            if cmd.resume:
+                checkpoint.resume(t, cmd.resume, cmd.resume_lr)
+            elif t.is_main:
+                start_fresh(t.out, cfg, overwrite=cmd.overwrite)
+                if learner.tuning.record:
+                    t.metrics.log(learner.tuning.record)
+            return t
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+
+    # ------------------------------------------------------------------ state
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.checkpoint.out)
+
+    @property
+    def layout(self) -> str:
+        return layout_of(self.cfg.model.arch, self.cfg.runtime.single_device)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the input, the loss and fc8 live: the first device."""
+        return self.devices[0]
+
+    @property
+    def is_main(self) -> bool:
+        return self.ctx.rank == 0
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What evaluation runs: ``model`` in one process (compiled, with --compile); under
+        torchrun the network itself, eager, outside DDP (ranks may run different numbers of
+        validation batches, which DDP's forward would wait on)."""
+        return self.net if self.ctx.world_size > 1 else self.model
+
+    def save(self, *, epoch_end: bool = False, best: bool = False) -> None:
+        """OUT/last.pt (and the epoch's and best checkpoints): ``checkpoint.save``."""
+        checkpoint.save(self, epoch_end=epoch_end, best=best)
+
+    def last_checkpoint(self) -> str:
+        return checkpoint.last_checkpoint_name(self.out)
+
+    # ------------------------------------------------------------------ the run
+    def train_epoch(self) -> StopReason:
+        """Train from the position to the epoch's end (EPOCH), or to --max-steps or a
+        signal; a DataLoader worker that dies is one line naming its files (exit 1)."""
+        loader = train_loader(self)
+        try:
+            return loop.train_epoch(self, loader)
+        except RuntimeError as e:
+            raise worker_error(e, loader, step=self.pos.step + 1, epoch=self.pos.epoch + 1,
+                               last_checkpoint=self.last_checkpoint()) from None
+
+    def evaluate(self, kind: str, ten_crop: bool = False, dataset=None) -> dict | None:
+        """Evaluate (centre crops of val, of ``dataset``, or val's ten crops), agree across
+        ranks whether a signal stopped it, and if not record it as ``kind`` and print it.
+        Returns the result, or None when a signal stopped it."""
+        epoch = self.pos.epoch + (kind != "val_ten_crop")  # the epoch it closes, or the last
+        result = loop.evaluate(self.eval_model, val_loader(self, ten_crop, dataset),
+                               self.data.stats, self.device, ten_crop=ten_crop,
+                               progress=self.is_main, stop=self.stop)
+        if dist_util.any_rank_flags([bool(result.pop("stopped", False))], self.ctx)[0]:
+            return None
+        pos = self.pos
+        self.metrics.log({"kind": kind, "epoch": epoch, "step": pos.step, **result,
+                          **({"lr": self.schedule.lr} if kind != "val_ten_crop" else {})})
+        if self.is_main:
+            where = {"val": f"epoch {epoch}: val", "holdout": f"epoch {epoch}: hold-out",
+                     "val_ten_crop": "ten-crop: val"}[kind]
+            lr = f" (lr {self.schedule.lr:g})" if kind == "val" else ""
+            print(f"{where} top-1 {result['top1_err']:.4f} top-5 {result['top5_err']:.4f} "
+                  f"loss {result['loss']:.4f}{lr}", file=sys.stderr)
+        return result
+
+    def evaluate_and_schedule(self, reason: StopReason, result: TrainResult) -> bool:
+        """The epoch's training is done (``reason``: EPOCH, or MAX_STEPS at its last step):
+        evaluate the centre crop when due (every --eval-every epochs, the last epoch, and
+        before a --max-steps stop), let the schedule see the error (the hold-out's, with
+        --holdout), save the epoch's checkpoints and redraw curves.png. Records the
+        evaluations in ``result``. False when a signal stopped the evaluation: the epoch then
+        stays open at its last step (a resumed run repeats the evaluation)."""
+        pos, s = self.pos, self.cfg.schedule
+        epoch = pos.epoch + 1
+        best = False
+        if epoch % s.eval_every == 0 or epoch == s.epochs or reason is StopReason.MAX_STEPS:
+            val = self.evaluate("val")
+            if val is None:
+                return False
+            result.val, drive = val, val
+            if self.data.holdout_set is not None:  # the hold-out drives schedule and best.pt
+                drive = self.evaluate("holdout", dataset=self.data.holdout_set)
+                if drive is None:
+                    return False
+                result.holdout = drive
+            best = drive["top1_err"] < pos.best_top1
+            pos.best_top1 = min(pos.best_top1, drive["top1_err"])
+            old_lr = self.schedule.lr
+            set_lr(self.optimizer, self.schedule.step(drive["top1_err"],
+                                                      epochs=epoch - self.schedule.epochs))
+            if self.schedule.lr != old_lr:
+                on = "hold-out" if self.data.holdout_set is not None else "val"
+                loop.log_lr_drop(self, old_lr, f"{self.schedule.reason} (on the {on} set)")
+        pos.epoch, pos.epoch_step = epoch, 0
+        self.save(epoch_end=True, best=best)
+        if self.is_main:
+            write_curves(self.out)
+        return True
+
+    def fit(self) -> TrainResult:
+        """Train as the config says: per epoch train and evaluate, then the paper's ten-crop
+        test. Returns why it stopped, where, and the last evaluations."""
+        pos, s = self.pos, self.cfg.schedule
+        set_lr(self.optimizer, self.schedule.lr)
+        if self.is_main:
+            d = self.data
+            print(f"training {self.cfg.model.arch} ({self.layout} on "
+                  f"{', '.join(map(str, self.devices))}), {len(d.classes)} classes, "
+                  f"{len(d.train_set)} train / {len(d.val_set)} val images, batch "
+                  f"{d.batch}x{self.ctx.world_size}, {d.steps_per_epoch} steps/epoch, "
+                  f"out {self.out}", file=sys.stderr)
+        result = TrainResult(StopReason.DONE, pos.step, pos.epoch)
+        with self.stop:
+            while pos.epoch < s.epochs:
+                reason = self.train_epoch()
+                if reason is StopReason.SIGNAL:
+                    return self._stopped(result, "", save_now=True)
+                if reason is StopReason.MAX_STEPS and pos.epoch_step < self.data.steps_per_epoch:
+                    self.save()
+                    return self._ended(result, StopReason.MAX_STEPS)
+                if not self.evaluate_and_schedule(reason, result):
+                    return self._stopped(result, f" during the evaluation of epoch {pos.epoch + 1}",
+                                         save_now=True)
+                if reason is StopReason.MAX_STEPS:
+                    return self._ended(result, StopReason.MAX_STEPS)
+                # A signal during the epoch's save: that save is the state to keep.
+                if dist_util.any_rank_flags([bool(self.stop)], self.ctx)[0]:
+                    return self._stopped(result, f" at the end of epoch {pos.epoch}",
+                                         save_now=False)
+            if self.cfg.schedule.ten_crop:
+                result.ten_crop = self.evaluate("val_ten_crop", ten_crop=True)
+                if result.ten_crop is None:
+                    if self.is_main:
+                        print(f"{PROG}: signal received during the ten-crop test: the "
+                              f"training is complete in {self.out / 'last.pt'} (step "
+                              f"{pos.step}) and the test did not finish; --resume runs it",
+                              file=sys.stderr)
+                    return self._ended(result, StopReason.SIGNAL)
+        return self._ended(result, StopReason.DONE)
+
+    def _ended(self, result: TrainResult, reason: StopReason) -> TrainResult:
+        result.stopped, result.step, result.epoch = reason, self.pos.step, self.pos.epoch
+        return result
+
+    def _stopped(self, result: TrainResult, where: str, *, save_now: bool) -> TrainResult:
+        """A signal stopped the run (``where``: '' in training, or the phase): save when
+        ``save_now`` (otherwise last.pt already holds this state) and say so in one line."""
+        if save_now:
+            self.save()
+        if self.is_main:
+            print(f"{PROG}: signal received{where}: saved {self.out / 'last.pt'} at step "
+                  f"{self.pos.step}; continue with --resume", file=sys.stderr)
+        return self._ended(result, StopReason.SIGNAL)
+
+    def close(self) -> None:
+        """Release the run folder's lock."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
-def check_holdout(per_class: int, targets: list[int], classes: list[str]) -> None:
-    """--holdout N must leave every class at least one training image: else a
-    :class:`UsageError` naming the smallest class."""
-    counts = [0] * len(classes)
-    for label in targets:
-        counts[label] += 1
-    small = min(range(len(counts)), key=counts.__getitem__)
-    if per_class >= counts[small]:
-        raise UsageError(f"--holdout {per_class}: the smallest class, {classes[small]!r}, has "
-                         f"{counts[small]} training images; hold out fewer")
-
-
-def split_holdout(train_set: CropFolder, cfg: TrainConfig, is_main: bool) \
-        -> tuple[CropFolder, CropFolder | None]:
-    """--holdout N: (the training set without N images of each class, those images as
-    centre crops); without it (the training set, None). N at least the smallest class's
-    count is a :class:`UsageError`."""
-    if not cfg.holdout:
-        return train_set, None
-    check_holdout(cfg.holdout, train_set.targets, train_set.classes)
-    held = set(holdout_indices(train_set.targets, cfg.holdout, cfg.seed))
-    keep = [i for i in range(len(train_set)) if i not in held]
-    if is_main:
-        print(f"--holdout {cfg.holdout}: {len(held)} of {len(train_set)} training images held "
-              f"out ({cfg.holdout} per class); training on {len(keep)}; the hold-out drives "
-              "the schedule and best.pt", file=sys.stderr)
-    return train_set.subset(keep), train_set.subset(sorted(held), mode="center")
-
-
-def end_of_epoch(t: Trainer, why: str) -> dict:
-    """The epoch's training is done (``why``: 'epoch', or 'max_steps' at its last step):
-    evaluate the centre crop when due (every --eval-every epochs, the last epoch, and before a
-    --max-steps stop), let the schedule see the error, save the epoch's checkpoints and redraw
-    curves.png. Returns the evaluation ({} when there was none), or ``{"stopped": "signal"}``
-    when a signal stopped the evaluation: the epoch then stays open at its last step, and the
-    caller saves that (a resumed run repeats the evaluation)."""
-    pos, cfg = t.pos, t.cfg
-    epoch = pos.epoch + 1
-    result: dict = {}
-    best = False
-    if epoch % cfg.eval_every == 0 or epoch == cfg.epochs or why == "max_steps":
-        val = evaluate(t.eval_model, val_loader(t, False), t.stats, t.device,
-                       progress=t.is_main, stop=t.stop)
-        if dist_util.any_rank_flags([bool(val.pop("stopped", False))], t.ctx)[0]:
-            return {"stopped": "signal"}
-        result = {"epoch": epoch, "step": pos.step, **val}
-        t.metrics.log({"kind": "val", **result, "lr": t.schedule.lr})
-        if t.is_main:
-            print(f"epoch {epoch}: val top-1 {val['top1_err']:.4f} top-5 "
-                  f"{val['top5_err']:.4f} loss {val['loss']:.4f} (lr {t.schedule.lr:g})",
-                  file=sys.stderr)
-        drive = val
-        if t.holdout_set is not None:  # the hold-out drives the schedule and best.pt
-            drive = evaluate(t.eval_model, val_loader(t, False, t.holdout_set), t.stats,
-                             t.device, progress=t.is_main, stop=t.stop)
-            if dist_util.any_rank_flags([bool(drive.pop("stopped", False))], t.ctx)[0]:
-                return {"stopped": "signal"}
-            t.metrics.log({"kind": "holdout", "epoch": epoch, "step": pos.step, **drive,
-                           "lr": t.schedule.lr})
-            result["holdout"] = drive
-            if t.is_main:
-                print(f"epoch {epoch}: hold-out top-1 {drive['top1_err']:.4f} top-5 "
-                      f"{drive['top5_err']:.4f} loss {drive['loss']:.4f}", file=sys.stderr)
-        best = drive["top1_err"] < pos.best_top1
-        pos.best_top1 = min(pos.best_top1, drive["top1_err"])
-        old_lr = t.schedule.lr
-        set_lr(t.optimizer, t.schedule.step(drive["top1_err"],
-                                            epochs=epoch - t.schedule.epochs))
-        if t.schedule.lr != old_lr:
-            on = "hold-out" if t.holdout_set is not None else "val"
-            log_lr_drop(t, old_lr, f"{t.schedule.reason} (on the {on} set)")
-    pos.epoch, pos.epoch_step = epoch, 0
-    save(t, epoch_end=True, best=best)
-    if t.is_main:
-        write_curves(t.out)
-    return result
-
-
-def stopped(t: Trainer, where: str, *, save_now: bool) -> dict:
-    """A signal stopped the run (``where``: '' in training, or the phase): save when
-    ``save_now`` (otherwise last.pt already holds this state), say so in one line, and return
-    the result that ``main`` prints (exit 0)."""
-    if save_now:
-        save(t)
-    if t.is_main:
-        print(f"{PROG}: signal received{where}: saved {t.out / 'last.pt'} at step "
-              f"{t.pos.step}; continue with --resume", file=sys.stderr)
-    return {"stopped": "signal", "step": t.pos.step}
-
-
-def train(cfg: TrainConfig) -> dict:
-    """Train as ``cfg`` says and return the last evaluation (or why it stopped early): what
-    ``main`` prints. The torchvision reference's shape: set up, then per epoch
-    ``train_one_epoch``, evaluation and checkpoints, then the paper's ten-crop test."""
-    cfg = cfg.validate()
+def train(cfg: TrainConfig, cmd: Command | None = None) -> TrainResult:
+    """Set up a :class:`Trainer` for ``cfg`` and run it; the process group is left and the
+    run folder unlocked however it ends."""
     t: Trainer | None = None
     try:
-        t = setup(cfg)
-        pos = t.pos
-        set_lr(t.optimizer, t.schedule.lr)
-        if t.is_main:
-            kind = f"{cfg.layout} on {', '.join(map(str, t.devices))}"
-            print(f"training {cfg.model.arch} ({kind}), {len(t.classes)} classes, "
-                  f"{len(t.train_set)} train / {len(t.val_set)} val images, batch "
-                  f"{t.batch}x{t.ctx.world_size}, {t.steps_per_epoch} steps/epoch, "
-                  f"out {t.out}", file=sys.stderr)
-        result: dict = {}
-        with t.stop:
-            while pos.epoch < cfg.epochs:
-                loader = train_loader(t)
-                try:
-                    why = train_one_epoch(t, loader, t.stop)
-                except RuntimeError as e:  # a DataLoader worker died: one line, exit 1
-                    raise worker_error(e, loader, step=pos.step + 1, epoch=pos.epoch + 1,
-                                       last_checkpoint=last_checkpoint_name(t.out)) from None
-                if why == "signal":
-                    return stopped(t, "", save_now=True)
-                if why == "max_steps" and pos.epoch_step < t.steps_per_epoch:
-                    save(t)
-                    return {"stopped": "max_steps", "step": pos.step}
-                result = end_of_epoch(t, why)
-                if result.get("stopped"):
-                    return stopped(t, f" during the evaluation of epoch {pos.epoch + 1}",
-                                   save_now=True)
-                if why == "max_steps":
-                    return {"stopped": "max_steps", **result}
-                # A signal during the epoch's save: that save is the state to keep.
-                if dist_util.any_rank_flags([bool(t.stop)], t.ctx)[0]:
-                    return stopped(t, f" at the end of epoch {pos.epoch}", save_now=False)
-            if cfg.ten_crop:
-                val10 = evaluate(t.eval_model, val_loader(t, True), t.stats, t.device,
-                                 ten_crop=True, progress=t.is_main, stop=t.stop)
-                if dist_util.any_rank_flags([bool(val10.pop("stopped", False))], t.ctx)[0]:
-                    if t.is_main:
-                        print(f"{PROG}: signal received during the ten-crop test: the "
-                              f"training is complete in {t.out / 'last.pt'} (step {pos.step}) "
-                              "and the test did not finish; --resume runs it",
-                              file=sys.stderr)
-                    return {"stopped": "signal", "step": pos.step, **result}
-                t.metrics.log({"kind": "val_ten_crop", "epoch": pos.epoch, "step": pos.step,
-                               **val10})
-                if t.is_main:
-                    print(f"ten-crop: val top-1 {val10['top1_err']:.4f} top-5 "
-                          f"{val10['top5_err']:.4f} loss {val10['loss']:.4f}",
-                          file=sys.stderr)
-                result = {**result, "ten_crop": val10}
-        return result
+        t = Trainer.setup(cfg, cmd)
+        return t.fit()
     finally:
-        if t is not None and t.lock is not None:
-            t.lock.release()
+        if t is not None:
+            t.close()
         dist_util.shutdown()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    cfg = parse_config(argv)
-    if cfg.print_recipe:
-        print(f"recipe {cfg.recipe}:\n{describe_recipe(cfg.recipe, cfg)}")
-        return 0
-    if cfg.plan:
-        print(plan(cfg.validate(), setup))
-        return 0
-    result = train(cfg)
-    if dist_util.env_context().rank == 0:
-        print(json.dumps(result), file=sys.stdout)
-    return 0
-
-
-def cli() -> None:
-    """The console command: ``main`` with one-line errors and exit codes."""
-    sys.exit(run(main, PROG))

@@ -1,0 +1,138 @@
+"""Building a run's parts before its first step: the data (:func:`load_data`, with the
+--holdout split) and the network with what trains it (:func:`build_learner`: seeded, built,
+placed, fine-tuned, parallelized, then the optimizer over the placed parameters).
+``Trainer.setup`` calls them in that order."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import split_alexnet.training.distributed as dist_util
+from split_alexnet.data.dataset import (CropFolder, check_dataset_root, find_classes,
+                                        holdout_indices, list_samples)
+from split_alexnet.data.imagenet import read_class_metadata
+from split_alexnet.data.stats import load_stats
+from split_alexnet.network.parallelize import grad_scaler, parallelize
+from split_alexnet.network.placement import build_model
+from split_alexnet.training.config import TrainConfig
+from split_alexnet.training.finetune import FineTuning, prepare
+from split_alexnet.training.optim import LRSchedule, build_optimizer
+from split_alexnet.training.state import RunData
+from split_alexnet.utils.cli import UsageError
+
+Listing = tuple[list[str], list[tuple[str, int]]]  # (classes, samples) of a training folder
+
+
+def check_holdout(per_class: int, targets: list[int], classes: list[str]) -> None:
+    """--holdout N must leave every class at least one training image: else a
+    :class:`UsageError` naming the smallest class."""
+    counts = [0] * len(classes)
+    for label in targets:
+        counts[label] += 1
+    small = min(range(len(counts)), key=counts.__getitem__)
+    if per_class >= counts[small]:
+        raise UsageError(f"--holdout {per_class}: the smallest class, {classes[small]!r}, has "
+                         f"{counts[small]} training images; hold out fewer")
+
+
+def list_for_holdout(cfg: TrainConfig) -> Listing | None:
+    """With --holdout, before any other work: the training folder listed (once: the
+    training set reuses it) and the hold-out checked against it. None without --holdout."""
+    data = cfg.data.data
+    if not (cfg.data.holdout and data and (Path(data) / "train").is_dir()):
+        return None
+    classes = find_classes(Path(data) / "train")
+    samples = list_samples(Path(data) / "train", classes)
+    check_holdout(cfg.data.holdout, [t for _, t in samples], classes)
+    return classes, samples
+
+
+def split_holdout(train_set: CropFolder, cfg: TrainConfig, is_main: bool) \
+        -> tuple[CropFolder, CropFolder | None]:
+    """--holdout N: (the training set without N images of each class, those images as
+    centre crops); without it (the training set, None). N at least the smallest class's
+    count is a :class:`UsageError`."""
+    n = cfg.data.holdout
+    if not n:
+        return train_set, None
+    check_holdout(n, train_set.targets, train_set.classes)
+    held = set(holdout_indices(train_set.targets, n, cfg.runtime.seed))
+    keep = [i for i in range(len(train_set)) if i not in held]
+    if is_main:
+        print(f"--holdout {n}: {len(held)} of {len(train_set)} training images held "
+              f"out ({n} per class); training on {len(keep)}; the hold-out drives "
+              "the schedule and best.pt", file=sys.stderr)
+    return train_set.subset(keep), train_set.subset(sorted(held), mode="center")
+
+
+def load_data(cfg: TrainConfig, ctx: dist_util.Context, listed: Listing | None) -> RunData:
+    """The dataset: its statistics (computed once, by rank 0, while the others wait), the
+    training set (without the hold-out), val, and this process's batch and steps per epoch."""
+    if cfg.data.data is None:
+        raise UsageError("--data DIR is required (a folder with train/ and val/), or --demo")
+    is_main = ctx.rank == 0
+    root = Path(cfg.data.data)
+    check_dataset_root(root)
+    stats = load_stats(root, progress=is_main, workers=cfg.data.workers) if is_main else None
+    dist_util.barrier()
+    if stats is None:
+        stats = load_stats(root, progress=False)
+    classes = list(stats.classes)
+    seed, strict = cfg.runtime.seed, cfg.data.strict
+    train_set = CropFolder(root / "train", classes, mode="train", seed=seed, pca=cfg.data.pca,
+                           strict=strict,
+                           samples=listed[1] if listed and listed[0] == classes else None)
+    train_set, holdout_set = split_holdout(train_set, cfg, is_main)
+    batch = dist_util.local_batch_size(cfg, ctx)
+    steps_per_epoch = len(train_set) // (batch * ctx.world_size)
+    if steps_per_epoch < 1:
+        raise UsageError(f"the training set has {len(train_set)} images, fewer than one "
+                         f"batch of {batch * ctx.world_size}")
+    return RunData(
+        root=root, stats=stats, classes=classes,
+        # wnid, index and human-readable name (from the devkit or Kaggle's mapping, when
+        # prepare wrote classes.json), kept in every checkpoint
+        class_meta=read_class_metadata(root), train_set=train_set,
+        val_set=CropFolder(root / "val", classes, mode="center", seed=seed, strict=strict),
+        holdout_set=holdout_set, batch=batch, steps_per_epoch=steps_per_epoch)
+
+
+@dataclass
+class Learner:
+    """The network and what trains it."""
+
+    net: nn.Module                   # the network itself: checkpoints are its state
+    model: nn.Module                 # what trains: parallelize(net) (DDP, compiled)
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler     # enabled only for fp16 on CUDA
+    schedule: LRSchedule
+    tuning: FineTuning               # what --init-from and --freeze-through did
+
+
+def build_learner(cfg: TrainConfig, layout: str, ctx: dist_util.Context,
+                  devices: tuple[torch.device, ...], source, classes: list[str]) -> Learner:
+    """The model: seeded, built on the CPU and placed; the --init-from weights (``source``)
+    and frozen layers; then the fast paths and DDP, in parallelize's fixed order; the
+    optimizer last, over the placed parameters."""
+    rt, o, s = cfg.runtime, cfg.optim, cfg.schedule
+    torch.manual_seed(rt.seed)
+    net = build_model(cfg.model, layout, devices)
+    tuning = prepare(net, cfg, source, classes, is_main=ctx.rank == 0)
+    # The dropout stream, independent of the layout; each rank draws its own masks.
+    torch.manual_seed(rt.seed + 1 + 1_000_003 * ctx.rank)
+    model = parallelize(net, devices, channels_last=rt.channels_last,
+                        ddp=ctx.world_size > 1, compile=rt.compile,
+                        cudnn_benchmark=True if rt.cudnn_benchmark else None)
+    optimizer = build_optimizer(net, kind=o.optimizer, lr=o.lr, momentum=o.momentum,
+                                weight_decay=o.weight_decay, bias_lr_mult=o.bias_lr_mult,
+                                bias_decay=o.bias_decay, layer_lr_mult=tuning.layer_lr_mult)
+    schedule = LRSchedule(s.lr_schedule, o.lr, patience=s.plateau_patience,
+                          max_drops=s.lr_drops, min_epochs=s.plateau_min_epochs,
+                          threshold=s.plateau_threshold)
+    return Learner(net=net, model=model, optimizer=optimizer,
+                   scaler=grad_scaler(devices[0], rt.amp), schedule=schedule, tuning=tuning)
