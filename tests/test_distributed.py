@@ -44,7 +44,9 @@ DRIVER = textwrap.dedent('''
     from pathlib import Path
     import torch
     import split_alexnet.training.checkpoint as ckpt_mod
-    import split_alexnet.training.trainer as train
+    import split_alexnet.training.setup as setup_mod
+    from split_alexnet.training.command import main
+    from split_alexnet.training.trainer import Trainer
     from split_alexnet.utils.cli import run
 
     rank = int(os.environ.get("RANK", "0"))
@@ -59,14 +61,14 @@ DRIVER = textwrap.dedent('''
             h.update(tensors[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         return h.hexdigest()
 
-    _setup, _restore, _save = train.setup, ckpt_mod.restore, ckpt_mod.save_checkpoint
+    _setup, _restore, _save = Trainer.setup, ckpt_mod.restore, ckpt_mod.save_checkpoint
 
-    def setup(cfg):
-        trainers.append(_setup(cfg))
+    def setup(cls, *args):
+        trainers.append(_setup(*args))
         return trainers[-1]
 
-    def restore(t, ckpt, path):
-        _restore(t, ckpt, path)
+    def restore(t, ckpt, path, *rest):
+        _restore(t, ckpt, path, *rest)
         report["resumed_rng"] = digest({"cpu": torch.get_rng_state()})
         report["ckpt_rng"] = {k: digest({"cpu": v["cpu"]}) for k, v in ckpt["rng"].items()}
 
@@ -74,12 +76,13 @@ DRIVER = textwrap.dedent('''
         report["saves"] += 1
         return _save(*a, **k)
 
-    train.setup, ckpt_mod.restore, ckpt_mod.save_checkpoint = setup, restore, save_checkpoint
+    Trainer.setup = classmethod(setup)
+    ckpt_mod.restore, ckpt_mod.save_checkpoint = restore, save_checkpoint
     if os.environ.get("DIE_RANK") == str(rank):  # this rank dies after joining the group
         def parallelize(*a, **k):
             os._exit(3)
-        train.parallelize = parallelize
-    rc = run(train.main, "split_alexnet.train")
+        setup_mod.parallelize = parallelize
+    rc = run(main, "split_alexnet.train")
     if rc == 0:  # the parameters after training
         report["params"] = digest(trainers[-1].net.state_dict())
         out.write_text(json.dumps(report))

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 import split_alexnet.data.dataset as D
-import split_alexnet.training.trainer as T
 from split_alexnet.data.dataset import CropFolder, holdout_indices
 from split_alexnet.network.model import WEIGHT_LAYERS, SplitAlexNet, collapse_state_dict
 from split_alexnet.training.checkpoint import load_checkpoint
