@@ -27,17 +27,25 @@ gpus_from_nvidia_smi() {  # gpus_from_nvidia_smi VAR: VAR = the GPUs `nvidia-smi
 }
 
 # processes_for NAME COUNT ARGS...: NPROC = processes for COUNT GPUs, one per GPU pair (the two
-# towers), or one per GPU with --single-device among ARGS; dies on a count that does not split.
+# towers), or one per GPU with --single-device or --parallel towers among ARGS (a process per
+# tower: the pairs are ranks 2k, 2k+1); dies on a count that does not split.
 processes_for() {
-    local name=$1 count=$2 per=2 a
+    local name=$1 count=$2 per=2 a prev=
     shift 2
-    for a in "$@"; do [[ $a == --single-device ]] && per=1; done
+    for a in "$@"; do
+        [[ $a == --single-device || $a == --parallel=towers ]] && per=1
+        [[ $prev == --parallel && $a == towers ]] && per=1
+        prev=$a
+    done
     [[ $count =~ ^[0-9]+$ ]] || die "$name must be a whole number of GPUs (got '$count')"
     if (( count < per )); then
         die "$name=$count: need at least $per GPU(s) per process"
     fi
     if (( count % per )); then
         die "$name=$count is odd: every process needs a pair of GPUs for the two towers; use an even $name, or --single-device for one GPU per process"
+    fi
+    if (( per == 1 )) && [[ " $* " == *" --parallel towers "* || " $* " == *" --parallel=towers "* ]] && (( count % 2 )); then
+        die "$name=$count is odd: --parallel towers puts the two towers of a pair on two GPUs; use an even $name"
     fi
     # shellcheck disable=SC2034  # NPROC is read by the script that sources this file
     NPROC=$((count / per))

@@ -44,15 +44,17 @@ def amp_dtype(amp: str | torch.dtype | None) -> torch.dtype | None:
 
 def parallelize(model: nn.Module, devices: Sequence[str | torch.device] | str, *,
                 channels_last: bool = False, ddp: bool = False, compile: bool = False,
-                cudnn_benchmark: bool | None = None, compile_kwargs: dict | None = None
-                ) -> nn.Module:
+                cudnn_benchmark: bool | None = None, compile_kwargs: dict | None = None,
+                ddp_group=None) -> nn.Module:
     """Make ``model`` ready to run on ``devices``, always in this order, and return it:
 
     1. placement: :func:`placement.place` (nothing moves if ``build_model`` placed it);
     2. channels_last: 4-D weights to NHWC, in place (devices are kept);
     3. DDP (``ddp``, under torchrun): ``DistributedDataParallel(model, device_ids=None)``, as
        the PyTorch docs require for a module that spans devices; the input goes to tower 0's
-       device, the logits come back there (fc8 lives with tower 0);
+       device, the logits come back there (fc8 lives with tower 0). ``ddp_group``: the
+       processes it all-reduces among (default: all; --parallel towers: those holding the
+       same tower, the mesh's data dimension);
     4. compile: ``nn.Module.compile()`` of the result, in place (under DDP the wrapper is
        compiled, so the module inside runs eager wherever it is called without DDP).
 
@@ -64,7 +66,7 @@ def parallelize(model: nn.Module, devices: Sequence[str | torch.device] | str, *
     if channels_last:
         model.to(memory_format=torch.channels_last)
     if ddp:
-        model = DistributedDataParallel(model, device_ids=None)
+        model = DistributedDataParallel(model, device_ids=None, process_group=ddp_group)
     if compile:
         model.compile(**(compile_kwargs or {}))
     return model

@@ -186,6 +186,34 @@ def _rank_devices(gpus: str | None, devices: str | None, single_device: bool,
     return (first_device(mine),) if single_device else parse_devices(mine)
 
 
+def tower_rank_device(gpus: str | None, devices: str | None, local_rank: int,
+                      local_world_size: int) -> torch.device:
+    """--parallel towers: this process's one device, entry ``local_rank`` of ``--devices``
+    or ``--gpus`` (one entry per process of this node), or without either the GPU of its
+    local rank. A list of another length is a :class:`UsageError`."""
+    try:
+        if devices is not None or gpus is not None:
+            specs = _split(devices) if devices is not None else \
+                [f"cuda:{g}" for g in _split(gpus or "")]
+            flag = "--devices" if devices is not None else "--gpus"
+            if gpus is not None and not all(s[5:].isdigit() for s in specs):
+                raise UsageError(f"--gpus takes GPU indices such as 0,1; got {gpus!r}")
+            if len(specs) != local_world_size:
+                raise UsageError(
+                    f"--parallel towers: {flag} {devices if devices is not None else gpus} "
+                    f"names {len(specs)} device(s) for the {local_world_size} processes of this "
+                    f"node; give one per process (process r runs on entry r)")
+            return parse_device(specs[local_rank])
+        n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if local_rank >= n_gpu:
+            raise UsageError(f"--parallel towers: process {local_rank} of this node needs GPU "
+                             f"{local_rank} but {n_gpu} are visible; give --devices (e.g. "
+                             f"{','.join(['cpu'] * local_world_size)})")
+        return torch.device("cuda", local_rank)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def add_device_flags(parser: argparse.ArgumentParser, *, default: str,
                      single_device: bool = True) -> None:
     """Add ``--gpus``, ``--devices`` and (unless ``single_device`` is False) ``--single-device``

@@ -12,8 +12,8 @@ Every tensor crossing between the two processes goes through :meth:`RankTower._s
 same one send path as the in-process network, and is recorded in ``net.traffic`` with the same
 entries (layer, towers, shape, bytes) on both ranks. The backward pass sends each gradient
 back along the link it came from: :class:`_Exchange` (both ways) and :class:`_ToFc8` /
-:class:`_FromTower1` (one way) are ``torch.autograd.Function`` s over
-``torch.distributed.batch_isend_irecv``.
+:class:`_FromTower1` (one way) are ``torch.autograd.Function`` s over the point-to-point
+operations of ``torch.distributed`` (:class:`TowerLink`).
 
 Same function, bit for bit: a rank computes exactly the in-process tower's calls, in the same
 order. Dropout draws from this process's default generator; both ranks of a pair are seeded
@@ -33,27 +33,44 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from split_alexnet.network.model import (ModelConfig, SplitAlexNet, Tower, Transfer, _act,
-                                         _pool, check_input, model_config, transfer)
+                                         _pool, check_input, model_config, split_state_dict,
+                                         transfer)
 
 
 @dataclass(frozen=True)
 class TowerLink:
     """This process's place in its pair: which tower it holds, the global rank of the other
-    tower's process, and the process group of the pair."""
+    tower's process, the process group of the pair, and whether tensors go through host
+    memory (``via_cpu``: gloo between GPUs, whose point-to-point ops take CPU tensors)."""
 
     tower: int
     peer: int
     group: Any
+    via_cpu: bool = False
 
+    def send(self, x: Tensor) -> None:
+        dist.send(self._out(x), self.peer, group=self.group)
 
-def _swap(x: Tensor, link: TowerLink) -> Tensor:
-    """Send ``x`` to the peer and receive the peer's tensor of the same shape, at once."""
-    got = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    ops = [dist.P2POp(dist.isend, x.contiguous(), link.peer, link.group),
-           dist.P2POp(dist.irecv, got, link.peer, link.group)]
-    for work in dist.batch_isend_irecv(ops):
-        work.wait()
-    return got
+    def recv(self, like: Tensor) -> Tensor:
+        got = self._buffer(like)
+        dist.recv(got, self.peer, group=self.group)
+        return got.to(like.device)
+
+    def swap(self, x: Tensor) -> Tensor:
+        """Send ``x`` to the peer and receive the peer's tensor of the same shape, at once."""
+        got = self._buffer(x)
+        ops = [dist.P2POp(dist.isend, self._out(x), self.peer, self.group),
+               dist.P2POp(dist.irecv, got, self.peer, self.group)]
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+        return got.to(x.device)
+
+    def _out(self, x: Tensor) -> Tensor:
+        return (x.cpu() if self.via_cpu else x).contiguous()
+
+    def _buffer(self, like: Tensor) -> Tensor:
+        return torch.empty(like.shape, dtype=like.dtype,
+                           device="cpu" if self.via_cpu else like.device)
 
 
 class _Exchange(torch.autograd.Function):
@@ -64,11 +81,11 @@ class _Exchange(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, link: TowerLink) -> Tensor:
         ctx.link = link
-        return _swap(x, link)
+        return link.swap(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return _swap(grad, ctx.link), None
+        return ctx.link.swap(grad), None
 
 
 class _ToFc8(torch.autograd.Function):
@@ -79,15 +96,12 @@ class _ToFc8(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, link: TowerLink) -> Tensor:
         ctx.link, ctx.like = link, x.detach()
-        dist.send(x.contiguous(), link.peer, group=link.group)
+        link.send(x)
         return x.new_zeros(())
 
     @staticmethod
     def backward(ctx, _marker: Tensor):
-        like = ctx.like
-        grad = torch.empty(like.shape, dtype=like.dtype, device=like.device)
-        dist.recv(grad, ctx.link.peer, group=ctx.link.group)
-        return grad, None
+        return ctx.link.recv(ctx.like), None
 
 
 class _FromTower1(torch.autograd.Function):
@@ -96,13 +110,11 @@ class _FromTower1(torch.autograd.Function):
     @staticmethod
     def forward(ctx, like: Tensor, link: TowerLink) -> Tensor:
         ctx.link = link
-        got = torch.empty(like.shape, dtype=like.dtype, device=like.device)
-        dist.recv(got, link.peer, group=link.group)
-        return got
+        return link.recv(like)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        dist.send(grad.contiguous(), ctx.link.peer, group=ctx.link.group)
+        ctx.link.send(grad)
         return None, None
 
 
@@ -219,3 +231,11 @@ class RankTower(nn.Module):
         if marker is None:
             raise RuntimeError("backward_from_fc8 without a forward on tower 1")
         marker.backward()
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load this process's part of a whole network's state: collapsed (checkpoint) or
+        split keys; the other tower's entries (and fc8 on tower 1) are left out."""
+        own = set(self.state_dict())
+        named = split_state_dict(dict(state_dict))
+        return super().load_state_dict({k: v for k, v in named.items() if k in own},
+                                       strict=strict, assign=assign)

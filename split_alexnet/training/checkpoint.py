@@ -59,6 +59,7 @@ from split_alexnet.training.optim import (load_named_optimizer_state, named_opti
                                           set_lr)
 from split_alexnet.training.runfolder import check_same_run, remove_stale_temps, temp_suffix
 from split_alexnet.training.state import Interrupted
+from split_alexnet.training.towerstate import gather_state, replica_states
 
 if TYPE_CHECKING:  # the trainer imports this module
     from split_alexnet.training.trainer import Trainer
@@ -339,14 +340,18 @@ def payload(t: "Trainer") -> dict:
     """Everything a run needs to continue exactly (see the module docstring). Every rank
     must call it: the RNG states of all ranks are gathered."""
     pos, d = t.pos, t.data
-    rngs = dist_util.gather_objects(rng_state(t.devices), t.ctx)
+    rngs = replica_states(dist_util.gather_objects(rng_state(t.devices), t.ctx), t)
+    if t.ctx.tower is None:
+        model, optimizer = layout_state_dict(t.net), named_optimizer_state(t.net, t.optimizer)
+    else:  # --parallel towers: pair 0's two processes send their halves to rank 0
+        model, optimizer = gather_state(t)
     return {
-        "model": layout_state_dict(t.net),
-        "optimizer": named_optimizer_state(t.net, t.optimizer),
+        "model": model,
+        "optimizer": optimizer,
         "schedule": t.schedule.state_dict(),
         "progress": {"epoch": pos.epoch, "epoch_step": pos.epoch_step, "step": pos.step,
                      "best_top1": pos.best_top1},
-        "rng": {f"rank{r}": v for r, v in enumerate(rngs)},
+        "rng": rngs,
         "data_rng": "derived from (seed, epoch, index); sampler position = epoch_step",
         "config": t.cfg.to_dict(with_model=False),
         "model_config": dataclasses.asdict(t.cfg.model),
@@ -356,7 +361,7 @@ def payload(t: "Trainer") -> dict:
         "class_metadata": d.class_meta,
         "stats_fingerprint": d.stats.fingerprint,
         "stats": {"mean": d.stats.mean, "eigval": d.stats.eigval, "eigvec": d.stats.eigvec},
-        "world_size": t.ctx.world_size,
+        "world_size": t.ctx.data_size,
         "code_version": code_version(),
         "torch_version": str(torch.__version__),
     }
@@ -460,7 +465,7 @@ def restore(t: "Trainer", ckpt: dict, path: Path, resume_lr: float | None = None
     s = ckpt["progress"]
     t.pos.epoch, t.pos.epoch_step, t.pos.step = s["epoch"], s["epoch_step"], s["step"]
     t.pos.best_top1 = s["best_top1"]
-    set_rng_state(ckpt["rng"].get(f"rank{t.ctx.rank}", ckpt["rng"]["rank0"]))
+    set_rng_state(ckpt["rng"].get(f"rank{t.ctx.data_rank}", ckpt["rng"]["rank0"]))
     if t.is_main:
         print(f"resumed from {path}: epoch {t.pos.epoch}, step {t.pos.step} "
               f"(step {t.pos.epoch_step} of the epoch)", file=sys.stderr)

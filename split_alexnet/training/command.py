@@ -48,7 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"recipe {cfg.recipe}:\n{describe(RECIPES[cfg.recipe], cfg)}")
         return 0
     if cmd.plan:
-        print(plan(cfg, cmd))
+        text = plan(cfg, cmd)  # every process takes part in the timed steps
+        if dist_util.env_context().rank == 0:
+            print(text)
         return 0
     announce(cfg, cmd)
     result = train(cfg, cmd)

@@ -32,7 +32,7 @@ from split_alexnet.data.dataset import PCA_MODES
 from split_alexnet.network.model import TOWER_LAYERS, WEIGHT_LAYERS, ModelConfig, layers_through
 from split_alexnet.network.parallelize import AMP_CHOICES
 from split_alexnet.network.placement import DEVICE_HELP
-from split_alexnet.training.distributed import BACKENDS
+from split_alexnet.training.distributed import BACKENDS, PARALLEL
 from split_alexnet.training.optim import OPTIMIZERS, parse_schedule
 from split_alexnet.utils.cli import UsageError
 from split_alexnet.utils.flags import BOUNDS, WORKERS, check_number
@@ -173,6 +173,10 @@ class RuntimeSettings:
     gpus: str | None = setting(None, DEVICE_HELP["gpus"], run=False)
     devices: str | None = setting(None, DEVICE_HELP["devices"], run=False)
     single_device: bool = setting(False, DEVICE_HELP["single_device"], run=False)
+    parallel: str = setting("pair", "Under torchrun: 'pair' (both towers in each process, DDP "
+                                    "across processes) or 'towers' (one process per tower, "
+                                    "the towers' links as collectives, DDP across pairs; "
+                                    "docs/scaling.md).", run=False, choices=PARALLEL)
     backend: str = setting("auto", "Under torchrun: the torch.distributed backend, 'auto' "
                                    "(nccl when every device is a GPU, gloo otherwise), 'nccl' "
                                    "or 'gloo'.", run=False, choices=BACKENDS)

@@ -35,24 +35,42 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
-from split_alexnet.network.placement import layout_of, resolve_devices
+from split_alexnet.network.placement import layout_of, resolve_devices, tower_rank_device
 from split_alexnet.utils.cli import UsageError
 
 BACKENDS = ("auto", "nccl", "gloo")
+#: How the processes share the work (--parallel; docs/scaling.md): ``pair``, both towers in
+#: each process and DDP across processes; ``towers``, one process per tower on a data x tower
+#: mesh.
+PARALLEL = ("pair", "towers")
 
 
 @dataclass(frozen=True)
 class Context:
+    """This process's place in the job. ``data_rank`` / ``data_size``: its replica among the
+    data-parallel ones (the rank and world size, except under --parallel towers, where both
+    processes of a pair are one replica); ``tower``: the tower it holds under --parallel
+    towers (None: both, in this process)."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
+    data_rank: int = 0
+    data_size: int = 1
+    tower: int | None = None
+    mesh: Any = None            # --parallel towers: the (data, tower) DeviceMesh
+
+    def group(self, dim: str) -> Any:
+        """The process group of mesh dimension ``dim`` ('data' or 'tower')."""
+        return self.mesh.get_group(dim)
 
 
 _SETUP_GROUP: Any = None  # a gloo group with a long timeout, for set-up barriers
@@ -65,9 +83,11 @@ def env_context() -> Context:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return Context()
-        ctx = Context(rank=int(os.environ.get("RANK", "0")), world_size=world,
+        rank = int(os.environ.get("RANK", "0"))
+        ctx = Context(rank=rank, world_size=world,
                       local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-                      local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
+                      local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))),
+                      data_rank=rank, data_size=world)
     except ValueError:
         raise UsageError("WORLD_SIZE, RANK, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers "
                          "(they are set by torchrun)") from None
@@ -80,14 +100,14 @@ def env_context() -> Context:
 
 def local_batch_size(cfg, ctx: Context) -> int:
     """--batch-size is global by default (split across processes), or per process."""
-    o = cfg.optim
-    if o.per_process_batch or ctx.world_size == 1:
+    o, n = cfg.optim, ctx.data_size
+    if o.per_process_batch or n == 1:
         return o.batch_size
-    if o.batch_size % ctx.world_size:
-        raise UsageError(f"global --batch-size {o.batch_size} does not divide among "
-                         f"{ctx.world_size} processes; use a multiple of {ctx.world_size} or "
-                         "--per-process-batch")
-    return o.batch_size // ctx.world_size
+    if o.batch_size % n:
+        what = f"{n} tower pairs" if ctx.tower is not None else f"{n} processes"
+        raise UsageError(f"global --batch-size {o.batch_size} does not divide among {what}; "
+                         f"use a multiple of {n} or --per-process-batch")
+    return o.batch_size // n
 
 
 def resolve_backend(backend: str, devices: Sequence[torch.device]) -> str:
@@ -111,20 +131,50 @@ def _seconds(var: str, default: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=value)
 
 
+def check_parallel(cfg, ctx: Context) -> None:
+    """--parallel towers needs torchrun with an even number of processes, and the paper's
+    two-tower network in the split layout: else one :class:`UsageError` line, before any
+    network traffic."""
+    if cfg.runtime.parallel != "towers":
+        return
+    if ctx.world_size == 1:
+        raise UsageError("--parallel towers runs one process per tower: start it with torchrun "
+                         "(torchrun --nproc-per-node 2 -m split_alexnet.train --parallel towers "
+                         "...)")
+    if ctx.world_size % 2:
+        raise UsageError(f"--parallel towers needs an even number of processes (a pair per "
+                         f"replica); torchrun started {ctx.world_size}")
+    if cfg.runtime.single_device or cfg.model.arch == "half":
+        what = "--single-device" if cfg.runtime.single_device else "--arch half"
+        raise UsageError(f"--parallel towers splits the paper's two towers across processes; "
+                         f"{what} has one column: use --parallel pair")
+
+
 def setup(cfg) -> tuple[Context, tuple[torch.device, ...]]:
     """This process's rank and devices (``placement.resolve_devices`` with the config's
-    device flags; without any, the paper's two GPUs). Under
-    torchrun every up-front check (devices, backend, batch split) runs before any network
-    traffic, then the process joins the group; for one process nothing is joined."""
+    device flags; without any, the paper's two GPUs; under --parallel towers one device,
+    ``placement.tower_rank_device``). Under torchrun every up-front check (devices,
+    backend, batch split) runs before any network traffic, then the process joins the group
+    (and with --parallel towers builds the data x tower mesh); for one process nothing is
+    joined."""
     global _SETUP_GROUP, _CONTROL_GROUP
     ctx = env_context()
     rt = cfg.runtime
-    devices = resolve_devices(rt.gpus, rt.devices, layout_of(cfg.model.arch, rt.single_device)
-                              == "collapsed", default="paper",
-                              torchrun=(ctx.local_rank, ctx.local_world_size)
-                              if ctx.world_size > 1 else None)
+    check_parallel(cfg, ctx)
+    towers = rt.parallel == "towers"
+    if towers:
+        devices: tuple[torch.device, ...] = (tower_rank_device(
+            rt.gpus, rt.devices, ctx.local_rank, ctx.local_world_size),)
+        ctx = replace(ctx, data_rank=ctx.rank // 2, data_size=ctx.world_size // 2,
+                      tower=ctx.rank % 2)
+    else:
+        devices = resolve_devices(rt.gpus, rt.devices, layout_of(cfg.model.arch,
+                                                                 rt.single_device)
+                                  == "collapsed", default="paper",
+                                  torchrun=(ctx.local_rank, ctx.local_world_size)
+                                  if ctx.world_size > 1 else None)
+    backend = resolve_backend(rt.backend, devices)
     if ctx.world_size > 1 and not dist.is_initialized():
-        backend = resolve_backend(rt.backend, devices)
         local_batch_size(cfg, ctx)
         timeout = _seconds("SPLIT_ALEXNET_DIST_TIMEOUT", 600.0)
         setup_timeout = _seconds("SPLIT_ALEXNET_SETUP_TIMEOUT", 86400.0)
@@ -133,6 +183,11 @@ def setup(cfg) -> tuple[Context, tuple[torch.device, ...]]:
         dist.init_process_group(backend, timeout=timeout)
         _SETUP_GROUP = dist.new_group(backend="gloo", timeout=setup_timeout)
         _CONTROL_GROUP = dist.new_group(backend="gloo", timeout=timeout)
+    if towers:
+        # rank = 2 * data_rank + tower: the pair's two processes are neighbours
+        mesh = init_device_mesh("cuda" if backend == "nccl" else "cpu", (ctx.data_size, 2),
+                                mesh_dim_names=("data", "tower"))
+        ctx = replace(ctx, mesh=mesh)
     return ctx, devices
 
 

@@ -63,7 +63,7 @@ def train_loader(t: "Trainer") -> DataLoader:
     """This rank's training batches for the epoch in progress, from its position on."""
     d = t.data
     sampler = EpochSampler(len(d.train_set), epoch=t.pos.epoch, seed=t.cfg.runtime.seed,
-                           shuffle=True, rank=t.ctx.rank, world_size=t.ctx.world_size,
+                           shuffle=True, rank=t.ctx.data_rank, world_size=t.ctx.data_size,
                            drop_last=True, start=t.pos.epoch_step * d.batch)
     return _loader(t, ReadingLog(d.train_set, t.cfg.data.workers), d.batch, sampler)
 
@@ -76,8 +76,8 @@ def val_loader(t: "Trainer", ten_crop: bool, dataset: CropFolder | None = None) 
     ds = dataset if dataset is not None else d.val_set if not ten_crop else CropFolder(
         d.root / "val", d.classes, mode="tencrop", seed=t.cfg.runtime.seed,
         strict=t.cfg.data.strict)
-    sampler = EpochSampler(len(ds), shuffle=False, rank=t.ctx.rank,
-                           world_size=t.ctx.world_size, drop_last=False)
+    sampler = EpochSampler(len(ds), shuffle=False, rank=t.ctx.data_rank,
+                           world_size=t.ctx.data_size, drop_last=False)
     return _loader(t, ds, max(1, d.batch // 10) if ten_crop else d.batch, sampler)
 
 

@@ -69,11 +69,18 @@ def evaluate(model: nn.Module, loader, stats, device: torch.device, *, ten_crop:
         if ten_crop:
             b = x.shape[0]
             logits = model(x.flatten(0, 1))                                   # (B*10, C)
+            if logits is None:  # tower 1's process: its pair's tower 0 counts the batch
+                bar.update(1)
+                continue
             probs = logits.float().softmax(1).view(b, 10, -1).mean(1)         # (B, C)
             loss = F.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum")
             scores = probs
         else:
-            scores = model(x).float()                                         # (B, C)
+            logits = model(x)                                                 # (B, C)
+            if logits is None:
+                bar.update(1)
+                continue
+            scores = logits.float()
             loss = F.cross_entropy(scores, y, reduction="sum")
         sums += torch.stack([torch.tensor(float(y.numel()), device=device, dtype=torch.float64),
                              topk_wrong(scores, y, 1).double(), topk_wrong(scores, y, 5).double(),
@@ -112,33 +119,40 @@ class StepWindow:
         self.wrong: torch.Tensor | None = None
         self.t = time.monotonic()
 
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        """A finished step: its loss and mistakes, still on the device."""
+    def add(self, loss: torch.Tensor | None, logits: torch.Tensor | None,
+            labels: torch.Tensor) -> None:
+        """A finished step: its loss and mistakes, still on the device (None: this process
+        holds no loss, tower 1's under --parallel towers)."""
+        self.counts.append(labels.numel())
+        if loss is None or logits is None:
+            return
         self.losses.append(loss.detach().float())
         wrong = topk_wrong(logits.detach(), labels, 1)
         self.wrong = wrong if self.wrong is None else self.wrong + wrong
-        self.counts.append(labels.numel())
 
     def read(self, t: "Trainer") -> tuple[list[float], float, float]:
         """(each step's loss, top-1 mistakes, the weights' sum), in one host sync. A
         non-finite loss, or finite losses but non-finite weights, stops the run
         (:class:`Diverged`, exit 1) before anything is saved, naming the step and the last
-        good checkpoint."""
+        good checkpoint. Every process decides together (one flag, all-reduced), so that
+        no process goes on alone."""
         wrong = self.wrong if self.wrong is not None else torch.zeros((), device=t.device)
         *losses, mistakes, weights = torch.stack(
             [*[v.to(t.device) for v in self.losses], wrong.float(),
              weight_sum(t.net, t.device).float()]).tolist()
-        steps = range(self.first_step, self.first_step + len(losses))
+        steps = range(self.first_step, self.first_step + len(self.counts))
         last = f"Last good checkpoint: {t.last_checkpoint()}"
-        for step, value in zip(steps, losses):
-            if not math.isfinite(value):
-                raise Diverged(f"loss is {value} at step {step} (epoch {t.pos.epoch + 1}); "
-                               f"stopping without saving. {last}")
-        if not math.isfinite(weights):
+        why = next((f"loss is {value} at step {step} (epoch {t.pos.epoch + 1}); stopping "
+                    f"without saving. {last}"
+                    for step, value in zip(steps, losses) if not math.isfinite(value)), None)
+        if why is None and not math.isfinite(weights):
             when = f"the update at step {steps[-1]}" if len(steps) == 1 else \
                 f"the updates of steps {steps[0]}-{steps[-1]}"
-            raise Diverged(f"the weights became non-finite (their sum is {weights}) in {when} "
-                           f"(epoch {t.pos.epoch + 1}); stopping without saving. {last}")
+            why = (f"the weights became non-finite (their sum is {weights}) in {when} "
+                   f"(epoch {t.pos.epoch + 1}); stopping without saving. {last}")
+        if dist_util.any_rank_flags([why is not None], t.ctx)[0]:
+            raise Diverged(why or f"another process diverged by step {steps[-1]} (epoch "
+                                  f"{t.pos.epoch + 1}); stopping without saving. {last}")
         return losses, mistakes, weights
 
 
@@ -156,14 +170,16 @@ def log_lr_drop(t: "Trainer", old: float, reason: str) -> None:
 def close_window(t: "Trainer", window: StepWindow, bar: Progress) -> StepWindow:
     """Read the window (one host sync, checking every value), feed the watchdog each step's
     loss, write a "train" record and the progress line; return a new, empty window."""
-    if window.losses:
+    if window.counts:
         losses, mistakes, _ = window.read(t)
+        if not losses:  # a process without the loss (tower 1 under --parallel towers)
+            return StepWindow(t.pos.step + 1)
         images = sum(window.counts)
         dt = time.monotonic() - window.t
         rec = {"kind": "train", "step": t.pos.step, "epoch": t.pos.epoch + 1,
                "loss": sum(v * n for v, n in zip(losses, window.counts)) / images,
                "top1_err": mistakes / images, "lr": t.schedule.lr,
-               "images_per_s": images * t.ctx.world_size / max(dt, 1e-9)}
+               "images_per_s": images * t.ctx.data_size / max(dt, 1e-9)}
         t.metrics.log(rec)
         bar.extra = f"loss {rec['loss']:.3f} err {rec['top1_err']:.3f} " \
                     f"lr {rec['lr']:g} {rec['images_per_s']:.0f} img/s"
@@ -175,19 +191,24 @@ def close_window(t: "Trainer", window: StepWindow, bar: Progress) -> StepWindow:
 def train_step(t: "Trainer", batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimizer step on ``batch``, queued without a host sync: the batch on the first
     device, the forward (and loss) under autocast (off by default), backward, the paper's
-    update. Returns (loss, logits, labels), still on the device."""
+    update. Returns (loss, logits, labels), still on the device; under --parallel towers the
+    process of tower 1 has no logits and no loss (None, None, labels): its backward starts
+    from the gradient fc8's process sends back."""
     x = finish_batch(batch, t.data.stats, t.device)                     # (B, 3, 227, 227)
     y = batch["label"].to(t.device, non_blocking=True)
     x = to_input_format(x, t.cfg.runtime.channels_last)
     with autocast_context(t.devices, t.cfg.runtime.amp):
         logits = t.model(x)                                              # (B, classes)
-        loss = F.cross_entropy(logits, y)
+        loss = None if logits is None else F.cross_entropy(logits, y)
     t.optimizer.zero_grad(set_to_none=True)
     old_lr = t.schedule.lr
     if t.schedule.at_step(t.pos.step):  # step-iters:N only (Caffe's step policy)
         set_lr(t.optimizer, t.schedule.lr)
         log_lr_drop(t, old_lr, t.schedule.reason)
-    t.scaler.scale(loss).backward()
+    if loss is None:
+        t.net.backward_from_fc8()
+    else:
+        t.scaler.scale(loss).backward()
     t.scaler.step(t.optimizer)  # plain optimizer.step() unless fp16 on CUDA
     t.scaler.update()
     return loss, logits, y

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from split_alexnet.network.model import (WEIGHT_LAYERS, SplitAlexNet, collapse_state_dict,
                                          split_state_dict)
 from split_alexnet.network.parallelize import unwrap
+from split_alexnet.network.towers import RankTower
 
 OPTIMIZERS = ("paper", "torch")
 
@@ -235,8 +236,10 @@ def load_named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimize
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     for key, named in state["buffers"].items():
         named = dict(named)
-        if isinstance(model, SplitAlexNet):
+        if isinstance(model, (SplitAlexNet, RankTower)):
             named = split_state_dict(named)
+        if isinstance(model, RankTower):  # this process's tower (and fc8 with tower 0)
+            named = {k: v for k, v in named.items() if k in set(dict(model.named_parameters()))}
         if set(named) != set(params):
             raise ValueError("optimizer state does not match this model's parameters")
         for name, value in named.items():

@@ -81,7 +81,7 @@ def plan(cfg: TrainConfig, cmd: Command) -> str:
                 memory = (f"{grown / 2**20:.2f} GiB (CPU: growth of this process's peak "
                           "resident set size over setup and the steps)")
             per_epoch = t.data.steps_per_epoch
-            n_train, images = len(t.data.train_set), t.data.batch * t.ctx.world_size
+            n_train, images = len(t.data.train_set), t.data.batch * t.ctx.data_size
         finally:
             t.close()
     secs = [images / r["images_per_s"] for r in recs[WARMUP_STEPS:] if r["images_per_s"] > 0]

@@ -19,6 +19,7 @@ from split_alexnet.data.imagenet import read_class_metadata
 from split_alexnet.data.stats import load_stats
 from split_alexnet.network.parallelize import grad_scaler, parallelize
 from split_alexnet.network.placement import build_model
+from split_alexnet.network.towers import RankTower, TowerLink
 from split_alexnet.training.config import TrainConfig
 from split_alexnet.training.finetune import FineTuning, prepare
 from split_alexnet.training.optim import LRSchedule, build_optimizer
@@ -89,10 +90,10 @@ def load_data(cfg: TrainConfig, ctx: dist_util.Context, listed: Listing | None) 
                            samples=listed[1] if listed and listed[0] == classes else None)
     train_set, holdout_set = split_holdout(train_set, cfg, is_main)
     batch = dist_util.local_batch_size(cfg, ctx)
-    steps_per_epoch = len(train_set) // (batch * ctx.world_size)
+    steps_per_epoch = len(train_set) // (batch * ctx.data_size)
     if steps_per_epoch < 1:
         raise UsageError(f"the training set has {len(train_set)} images, fewer than one "
-                         f"batch of {batch * ctx.world_size}")
+                         f"batch of {batch * ctx.data_size}")
     return RunData(
         root=root, stats=stats, classes=classes,
         # wnid, index and human-readable name (from the devkit or Kaggle's mapping, when
@@ -121,13 +122,24 @@ def build_learner(cfg: TrainConfig, layout: str, ctx: dist_util.Context,
     optimizer last, over the placed parameters."""
     rt, o, s = cfg.runtime, cfg.optim, cfg.schedule
     torch.manual_seed(rt.seed)
-    net = build_model(cfg.model, layout, devices)
-    tuning = prepare(net, cfg, source, classes, is_main=ctx.rank == 0)
-    # The dropout stream, independent of the layout; each rank draws its own masks.
-    torch.manual_seed(rt.seed + 1 + 1_000_003 * ctx.rank)
+    if ctx.tower is None:
+        net = build_model(cfg.model, layout, devices)
+        tuning = prepare(net, cfg, source, classes, is_main=ctx.rank == 0)
+    else:  # --parallel towers: the whole net built alike in both processes, one tower kept
+        whole = build_model(cfg.model, "split", ("cpu", "cpu"))
+        tuning = prepare(whole, cfg, source, classes, is_main=ctx.rank == 0)
+        net = RankTower.of(whole, ctx.tower)
+        net.link = TowerLink(ctx.tower, peer=ctx.rank ^ 1, group=ctx.group("tower"),
+                             via_cpu=devices[0].type != "cpu" and
+                             torch.distributed.get_backend() == "gloo")
+        del whole
+    # The dropout stream, independent of the layout; each replica draws its own masks (the
+    # two processes of a pair are one replica: they draw alike).
+    torch.manual_seed(rt.seed + 1 + 1_000_003 * ctx.data_rank)
     model = parallelize(net, devices, channels_last=rt.channels_last,
-                        ddp=ctx.world_size > 1, compile=rt.compile,
-                        cudnn_benchmark=True if rt.cudnn_benchmark else None)
+                        ddp=ctx.data_size > 1, compile=rt.compile,
+                        cudnn_benchmark=True if rt.cudnn_benchmark else None,
+                        ddp_group=ctx.group("data") if ctx.tower is not None else None)
     optimizer = build_optimizer(net, kind=o.optimizer, lr=o.lr, momentum=o.momentum,
                                 weight_decay=o.weight_decay, bias_lr_mult=o.bias_lr_mult,
                                 bias_decay=o.bias_decay, layer_lr_mult=tuning.layer_lr_mult)

@@ -216,7 +216,7 @@ class Trainer:
             print(f"training {self.cfg.model.arch} ({self.layout} on "
                   f"{', '.join(map(str, self.devices))}), {len(d.classes)} classes, "
                   f"{len(d.train_set)} train / {len(d.val_set)} val images, batch "
-                  f"{d.batch}x{self.ctx.world_size}, {d.steps_per_epoch} steps/epoch, "
+                  f"{d.batch}x{self.ctx.data_size}, {d.steps_per_epoch} steps/epoch, "
                   f"out {self.out}", file=sys.stderr)
         result = TrainResult(StopReason.DONE, pos.step, pos.epoch)
         with self.stop:

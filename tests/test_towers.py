@@ -1,0 +1,161 @@
+"""--parallel towers: the paper's two towers as two processes (real torchrun, gloo, CPU) train
+the same function as the two towers in one process, bit for bit, with dropout on; a
+checkpoint of either resumes in the other; both processes record the in-process traffic.
+
+Data: 3 classes x 4 training images, batch 6 (2 steps per epoch), 3 x 3 validation images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from split_alexnet.data.demo import make_demo_dataset
+from split_alexnet.network.model import SplitAlexNet
+from split_alexnet.network.placement import tower_rank_device
+from split_alexnet.training.checkpoint import load_checkpoint
+from split_alexnet.training.command import main as train_main
+from split_alexnet.training.distributed import Context, check_parallel
+from split_alexnet.training.options import parse_config
+from split_alexnet.utils.cli import UsageError, run
+
+REPO = Path(__file__).resolve().parents[1]
+DRIVER = REPO / "tests" / "programs" / "towers_report.py"
+COMMON = ["--batch-size", "6", "--epochs", "1", "--workers", "0", "--log-interval", "1",
+          "--init", "caffe", "--no-ten-crop", "--seed", "5", "--checkpoint-minutes", "0"]
+LRN_ALL = ["--lrn", "caffe", "--lrn-span", "all"]
+
+
+def torchrun(report: Path, args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    """``split_alexnet.train`` under the real launcher, through the reporting driver."""
+    report.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                        "MASTER_PORT", "OMP_NUM_THREADS")}
+    env.update(PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+               REPORT=str(report), OMP_NUM_THREADS="1", SPLIT_ALEXNET_DIST_TIMEOUT="60")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           str(nproc), str(DRIVER), *args]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, f"rc {p.returncode}\n{p.stderr[-4000:]}"
+    return p
+
+
+def reports(report: Path) -> dict[int, dict]:
+    return {r: json.loads((report / f"rank{r}.json").read_text()) for r in (0, 1)}
+
+
+@pytest.fixture(scope="module")
+def tower_runs(tmp_path_factory):
+    """The same two steps as towers and in one process; a towers run cut after step 1 and
+    resumed in one process (with Caffe's LRN across the towers: the halo exchange), and an
+    in-process run cut and resumed as towers."""
+    base = tmp_path_factory.mktemp("towers")
+    data = make_demo_dataset(base / "data", classes=3, train_per_class=4, val_per_class=3,
+                             seed=0)
+    res = {"base": base}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each tower process: bitwise needs the same GEMM split
+
+    def here(out: str, *extra: str) -> Path:
+        assert run(train_main, "train", ["--data", str(data), "--out", str(base / out),
+                                         "--devices", "cpu,cpu", *COMMON, *extra]) == 0
+        return base / out
+
+    def towers(out: str, *extra: str) -> Path:
+        torchrun(base / f"report_{out}", ["--data", str(data), "--out", str(base / out),
+                                          "--parallel", "towers", "--devices", "cpu,cpu",
+                                          *COMMON, *extra])
+        return base / out
+
+    res["pair"] = here("pair", "--max-steps", "2")
+    res["towers"] = towers("towers", "--max-steps", "2")
+    res["all_ref"] = here("all_ref", "--max-steps", "2", *LRN_ALL)
+    towers("t2p", "--max-steps", "1", *LRN_ALL)
+    res["t2p"] = here("t2p", "--max-steps", "2", "--resume", *LRN_ALL)
+    here("p2t", "--max-steps", "1")
+    res["p2t"] = towers("p2t", "--max-steps", "2", "--resume")
+    torch.set_num_threads(threads)
+    return res
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Two run folders whose last.pt hold the same state, bit for bit."""
+    x, y = load_checkpoint(a / "last.pt"), load_checkpoint(b / "last.pt")
+    assert x["progress"] == y["progress"]
+    for k, v in y["model"].items():
+        assert torch.equal(x["model"][k], v), k
+    for buf, named in y["optimizer"]["buffers"].items():
+        for k, v in named.items():
+            assert torch.equal(x["optimizer"]["buffers"][buf][k], v), (buf, k)
+    assert x["optimizer"]["groups"] == y["optimizer"]["groups"]
+    assert x["rng"].keys() == y["rng"].keys()
+    for r in y["rng"]:
+        assert torch.equal(x["rng"][r]["cpu"], y["rng"][r]["cpu"]), r
+
+
+def test_towers_equal_the_in_process_pair_bit_for_bit(tower_runs):
+    """Two steps with dropout on (0.5): weights, momentum, random state and position."""
+    assert load_checkpoint(tower_runs["towers"] / "last.pt")["progress"]["step"] == 2
+    assert_same_run(tower_runs["towers"], tower_runs["pair"])
+    rep = reports(tower_runs["base"] / "report_towers")
+    assert rep[0]["saves"] >= 1 and rep[1]["saves"] == 0  # rank 0 writes, rank 1 sends
+    assert rep[0]["params"] != rep[1]["params"]  # each holds its own tower
+
+
+def test_both_processes_record_the_in_process_traffic(tower_runs):
+    rep = reports(tower_runs["base"] / "report_towers")
+    assert rep[0]["traffic"] == rep[1]["traffic"]
+    batch = rep[0]["traffic"][0][3][0]  # the last forward's batch (evaluation's last)
+    net = SplitAlexNet(3, init=None).eval()
+    with torch.no_grad():
+        net(torch.zeros(batch, 3, 227, 227))
+    assert rep[0]["traffic"] == [[t.layer, t.src, t.dst, list(t.shape), t.bytes]
+                                 for t in net.traffic]
+    assert [t[0] for t in rep[0]["traffic"]] == ["conv3", "conv3", "fc6", "fc6", "fc7", "fc7",
+                                                  "fc8"]
+
+
+def test_a_towers_run_resumes_in_process_and_back(tower_runs):
+    """Cut after step 1 in one layout, resumed in the other: the uninterrupted run's state.
+    The first pair runs Caffe's LRN across the towers, whose halo the processes exchange."""
+    assert_same_run(tower_runs["t2p"], tower_runs["all_ref"])
+    assert_same_run(tower_runs["p2t"], tower_runs["pair"])
+    rep = reports(tower_runs["base"] / "report_t2p")
+    assert [t[0] for t in rep[0]["traffic"]][:4] == ["norm1", "norm1", "norm2", "norm2"]
+    assert rep[0]["traffic"][0][3][1] == 2  # two channels of halo each way
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize("ctx, argv, words", [
+    (Context(), [], "start it with torchrun"),
+    (Context(rank=0, world_size=3), [], "an even number of processes"),
+    (Context(rank=0, world_size=2), ["--single-device"], "--single-device has one column"),
+    (Context(rank=0, world_size=2), ["--arch", "half"], "--arch half has one column"),
+])
+def test_towers_settings_that_cannot_work_are_refused_up_front(ctx, argv, words):
+    cfg = parse_config(["--parallel", "towers", *argv])
+    with pytest.raises(UsageError, match=words):
+        check_parallel(cfg, ctx)
+
+
+def test_each_tower_process_takes_its_entry_of_the_device_list():
+    assert tower_rank_device(None, "cpu,cpu", 1, 2) == torch.device("cpu")
+    with pytest.raises(UsageError, match="names 2 device.* for the 4 processes"):
+        tower_rank_device(None, "cpu,cpu", 0, 4)
+
+
+def test_towers_without_torchrun_is_one_line_and_exit_2(tmp_path, capsys):
+    rc = run(train_main, "train", ["--data", str(tmp_path), "--parallel", "towers",
+                                   "--devices", "cpu,cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "start it with torchrun" in err[0], err
+    assert not (tmp_path / "runs").exists()
