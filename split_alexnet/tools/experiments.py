@@ -29,10 +29,10 @@ docs/experiments.md has the claims, the results measured here, and how to run on
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -43,11 +43,11 @@ from split_alexnet.network.placement import DEVICE_HELP, resolve_devices
 from split_alexnet.tools.experiment_definitions import EXPERIMENTS, Experiment, StepRatio
 from split_alexnet.tools.experiment_numbers import (aggregate, chance_threshold, final_val,
                                                     first_crossing, smooth, summarise_run)
-from split_alexnet.training.config import parse_config, to_flags
+from split_alexnet.training.config import TrainConfig, parse_config, to_flags
 from split_alexnet.training.loop import Diverged
 from split_alexnet.training.trainer import train
 from split_alexnet.utils.cli import UsageError, run
-from split_alexnet.utils.fileio import atomic_write
+from split_alexnet.utils.fileio import atomic_write, write_json
 from split_alexnet.utils.flags import WORKERS, Number
 from split_alexnet.utils.plot import curves_png
 
@@ -184,6 +184,7 @@ def write_png(path: Path, exp: Experiment, result: dict) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """(the experiment's own flags, the trainer's flags after ``--``, unparsed)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
     if "--" in argv:
@@ -215,46 +216,55 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
                    help="keep each run's .pt files (about 450 MB each); default: delete them "
                         "once the run's numbers are read")
     p.add_argument("--variants", help="comma-separated subset of the variants to run")
-    try:
-        a = p.parse_args(argv)
-    except SystemExit as e:
-        if e.code not in (0, None):
-            raise SystemExit(2) from None
-        raise
-    return a, extra
+    return p.parse_args(argv), extra  # argparse's usage errors exit with 2
 
 
-def _count_classes(root: Path) -> int:
-    return sum(1 for d in (root / "train").iterdir() if d.is_dir()) if (root / "train").is_dir() \
-        else 0
+@dataclass(frozen=True)
+class Plan:
+    """One invocation, resolved from the command line before any work is done."""
+
+    exp: Experiment        # its variants narrowed to --variants
+    complete: bool         # every variant of the experiment runs: the comparisons are made
+    out: Path
+    data: Path
+    make_demo: bool        # no --data: the demo set is generated in OUT/demo_data
+    demo: bool
+    base: TrainConfig      # every run's settings, but for its switch, seed and folder
+    budget: str            # the budget per run, in words
+    seeds: int
+    smooth: int
+    keep_checkpoints: bool
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    a, extra = parse_args(argv)
-    parse_config(extra)  # the trainer's flags after --: checked before any work
-    exp = EXPERIMENTS[a.name]
+def make_plan(a: argparse.Namespace, extra: list[str]) -> Plan:
+    """The experiment's :class:`Plan`: its own flags ``a`` and the trainer's flags ``extra``
+    (parsed here, once, over the experiment's settings; they win over them)."""
     out = Path(a.out or f"runs/experiments/{a.name}")
-    out.mkdir(parents=True, exist_ok=True)
     demo = a.demo or a.data is None
-    if demo and a.data is None:
-        data = out / "demo_data"
-        print(f"{PROG}: no --data: using the generated demo set in {data}", file=sys.stderr)
-        make_demo_dataset(data, seed=0)
-    else:
-        data = Path(a.data)
-    if not (data / "train").is_dir() or not (data / "val").is_dir():
-        raise UsageError(f"--data {data} needs train/<class>/ and val/<class>/ folders")
-    variants = list(exp.variants)
-    if a.variants:
-        wanted = [v.strip() for v in a.variants.split(",") if v.strip()]
-        unknown = sorted(set(wanted) - {n for n, _ in variants})
-        if unknown:
-            raise UsageError(f"--variants: {a.name} has {', '.join(n for n, _ in variants)}; "
-                             f"not {', '.join(unknown)}")
-        variants = [v for v in variants if v[0] in wanted]
-        exp = Experiment(**{**exp.__dict__, "variants": tuple(variants)})
+    data = out / "demo_data" if a.data is None else Path(a.data)
+    exp = chosen_variants(EXPERIMENTS[a.name], a.variants)
+    settings, budget = shared_settings(a, demo, data)
+    return Plan(exp=exp, complete=exp.variants == EXPERIMENTS[a.name].variants, out=out,
+                data=data, make_demo=a.data is None, demo=demo,
+                base=parse_config(extra, base=settings), budget=budget, seeds=a.seeds,
+                smooth=a.smooth, keep_checkpoints=a.keep_checkpoints)
 
-    # One base config for every run: the experiment's settings, then the flags after --.
+
+def chosen_variants(exp: Experiment, spec: str | None) -> Experiment:
+    """``exp`` with only the variants ``--variants`` names (all without it)."""
+    if not spec:
+        return exp
+    wanted = [v.strip() for v in spec.split(",") if v.strip()]
+    names = [n for n, _ in exp.variants]
+    unknown = sorted(set(wanted) - set(names))
+    if unknown:
+        raise UsageError(f"--variants: {exp.name} has {', '.join(names)}; "
+                         f"not {', '.join(unknown)}")
+    return replace(exp, variants=tuple(v for v in exp.variants if v[0] in wanted))
+
+
+def shared_settings(a: argparse.Namespace, demo: bool, data: Path) -> tuple[dict, str]:
+    """(the trainer settings every run shares, the budget per run in words)."""
     devices = resolve_devices(a.gpus, a.devices, default="paper" if torch.cuda.is_available()
                               and not demo else "cpu")
     settings: dict[str, Any] = {"demo": demo, "data": str(data), "gpus": None,
@@ -273,67 +283,108 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings.update(batch_size=a.batch_size)
     if a.workers is not None:
         settings.update(workers=a.workers)
-    base = parse_config(extra, base=settings)
-    switched = {k for _, v in variants for k in v}
-    common = base.to_argv(leave_out=("config", "out", "seed", *switched))
+    return settings, budget
 
-    num_classes = _count_classes(data)
-    t_start = time.monotonic()
+
+def prepare_data(plan: Plan) -> int:
+    """Create OUT, generate the demo set if there is no --data, check the dataset's folders;
+    its number of classes."""
+    plan.out.mkdir(parents=True, exist_ok=True)
+    if plan.make_demo:
+        print(f"{PROG}: no --data: using the generated demo set in {plan.data}", file=sys.stderr)
+        make_demo_dataset(plan.data, seed=0)
+    if not (plan.data / "train").is_dir() or not (plan.data / "val").is_dir():
+        raise UsageError(f"--data {plan.data} needs train/<class>/ and val/<class>/ folders")
+    return sum(1 for d in (plan.data / "train").iterdir() if d.is_dir())
+
+
+def run_all(plan: Plan, num_classes: int) -> tuple[dict[str, list[dict]], dict[str, list[str]]]:
+    """Train every variant with every seed: (variant -> its runs' summaries, run -> the
+    command that reproduces it)."""
     runs: dict[str, list[dict]] = {}
     commands: dict[str, list[str]] = {}
-    for seed in range(a.seeds):
-        for name, switch in variants:
-            run_out = out / f"{name}-seed{seed}"
-            if run_out.exists():
-                shutil.rmtree(run_out)  # a fresh run: metrics.jsonl appends otherwise
-            cfg = base.with_settings(**switch, seed=seed, out=str(run_out))
-            commands[f"{name}-seed{seed}"] = ["python", "-m", "split_alexnet.train",
-                                              *cfg.to_argv()]
-            print(f"{PROG}: {a.name}: {name} seed {seed}: train {' '.join(cfg.to_argv())}",
-                  file=sys.stderr)
-            diverged = None
-            try:
-                train(cfg)
-            except Diverged as e:
-                diverged = str(e)  # NaN/inf loss or weights: a result of this variant
-                print(f"{PROG}: {name} seed {seed} diverged: {e}", file=sys.stderr)
-            fv = final_val(cfg) if diverged is None \
-                else {"step": None, "top1_err": None, "top5_err": None, "loss": None, "n": None}
-            summary = summarise_run(run_out, target=exp.target, window=a.smooth,
-                                    num_classes=num_classes, batch=cfg.batch_size, final=fv)
-            summary["seed"] = seed
-            summary["diverged"] = diverged
+    for seed in range(plan.seeds):
+        for name, switch in plan.exp.variants:
+            summary, commands[f"{name}-seed{seed}"] = run_one(plan, name, switch, seed,
+                                                             num_classes)
             runs.setdefault(name, []).append(summary)
-            if not a.keep_checkpoints:
-                for pt in run_out.glob("*.pt"):
-                    pt.unlink()
-    summ = {name: aggregate(runs[name]) for name, _ in variants}
-    result = {
+    return runs, commands
+
+
+def run_one(plan: Plan, name: str, switch: dict[str, Any], seed: int,
+            num_classes: int) -> tuple[dict, list[str]]:
+    """Train one variant with one seed in OUT/<variant>-seed<k> (afresh) and read its
+    numbers: (its summary, the command that reproduces it)."""
+    run_out = plan.out / f"{name}-seed{seed}"
+    if run_out.exists():
+        shutil.rmtree(run_out)  # a fresh run: metrics.jsonl appends otherwise
+    cfg = plan.base.with_settings(**switch, seed=seed, out=str(run_out))
+    print(f"{PROG}: {plan.exp.name}: {name} seed {seed}: train {' '.join(cfg.to_argv())}",
+          file=sys.stderr)
+    diverged = None
+    try:
+        train(cfg)
+    except Diverged as e:
+        diverged = str(e)  # NaN/inf loss or weights: a result of this variant
+        print(f"{PROG}: {name} seed {seed} diverged: {e}", file=sys.stderr)
+    fv = final_val(cfg) if diverged is None else dict.fromkeys(
+        ("step", "top1_err", "top5_err", "loss", "n"))
+    summary = summarise_run(run_out, target=plan.exp.target, window=plan.smooth,
+                            num_classes=num_classes, batch=cfg.batch_size, final=fv)
+    summary.update(seed=seed, diverged=diverged)
+    if not plan.keep_checkpoints:
+        for pt in run_out.glob("*.pt"):
+            pt.unlink()
+    return summary, ["python", "-m", "split_alexnet.train", *cfg.to_argv()]
+
+
+def make_result(plan: Plan, runs: dict[str, list[dict]], commands: dict[str, list[str]],
+                num_classes: int, wall_seconds: float) -> dict:
+    """Everything results.json holds: the experiment, its settings, every run and the
+    summary per variant."""
+    exp = plan.exp
+    switched = {k for _, v in exp.variants for k in v}
+    summary = {name: aggregate(runs[name]) for name, _ in exp.variants}
+    return {
         "experiment": exp.name, "question": exp.question, "claim": exp.claim,
         "setting_note": exp.setting_note, "paper": exp.paper,
         "paper_delta_top1_top5": list(exp.delta) if exp.delta else None,
         "target": exp.target,
-        "chance_threshold": runs[variants[0][0]][0]["reached"]["chance"]["threshold"],
+        "chance_threshold": runs[exp.variants[0][0]][0]["reached"]["chance"]["threshold"],
         "num_classes": num_classes,
-        "settings": {"data": str(data), "demo": demo, "budget": budget, "seeds": a.seeds,
-                     "smooth": a.smooth, "common_flags": common,
-                     "variants": {n: to_flags(v) for n, v in variants}},
+        "settings": {"data": str(plan.data), "demo": plan.demo, "budget": plan.budget,
+                     "seeds": plan.seeds, "smooth": plan.smooth,
+                     "common_flags": plan.base.to_argv(
+                         leave_out=("config", "out", "seed", *switched)),
+                     "variants": {n: to_flags(v) for n, v in exp.variants}},
         "commands": commands,
-        "wall_seconds": time.monotonic() - t_start,
+        "wall_seconds": wall_seconds,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         "torch": str(torch.__version__),
-        "summary": summ,
+        "summary": summary,
         "runs": runs,
+        "comparisons": comparisons(exp, summary) if plan.complete else [],
     }
-    result["comparisons"] = comparisons(exp, summ) if len(variants) == len(
-        EXPERIMENTS[a.name].variants) else []
-    text = json.dumps(result, indent=1) + "\n"
-    atomic_write(out / "results.json", lambda f: f.write(text.encode()), private=False)
+
+
+def write_outputs(out: Path, exp: Experiment, result: dict) -> None:
+    """results.json, results.md and curves.png in OUT; results.md on stdout too."""
+    write_json(out / "results.json", result, indent=1)
     write_markdown(out / "results.md", exp, result)
     write_png(out / "curves.png", exp, result)
     print((out / "results.md").read_text())
     print(f"{PROG}: wrote {out / 'results.md'}, {out / 'curves.png'}, {out / 'results.json'}",
           file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one experiment: every flag checked first, then the data, the runs, the outputs."""
+    plan = make_plan(*parse_args(argv))
+    num_classes = prepare_data(plan)
+    t_start = time.monotonic()
+    runs, commands = run_all(plan, num_classes)
+    result = make_result(plan, runs, commands, num_classes, time.monotonic() - t_start)
+    write_outputs(plan.out, plan.exp, result)
     return 0
 
 
