@@ -287,6 +287,7 @@ def _step_fn(net, mode: str, fp: dict, x, y, devices) -> Callable[[], None]:
         net.eval()
 
         def step():
+            """One forward, no gradients."""
             with torch.no_grad(), autocast_context(devices, dtype):
                 net(x)
         return step
@@ -295,6 +296,7 @@ def _step_fn(net, mode: str, fp: dict, x, y, devices) -> Callable[[], None]:
     scaler = grad_scaler(devices[0], dtype)
 
     def step():
+        """One optimizer step: forward, loss, backward, update."""
         opt.zero_grad(set_to_none=True)
         with autocast_context(devices, dtype):
             loss = F.cross_entropy(net(x), y)
