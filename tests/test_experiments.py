@@ -434,3 +434,37 @@ def test_table_cells_and_the_relu_tanh_ratio():
                                                "lrn-off": {**base, "top1_err_mean": 0.314,
                                                            "top5_err_mean": 0.112}})
     assert "-1.4 top-1 / -1.2 top-5 points (paper: -1.4 / -1.2)" in line
+
+
+def test_a_step_ratio_claim_is_data_of_its_experiment():
+    """Any experiment with a StepRatio gets the ratio sentence, in its own words."""
+    from split_alexnet.tools.experiments import Experiment, StepRatio, comparisons
+    exp = Experiment("x", "?", (("a", {"lrn": "paper"}), ("b", {"lrn": "off"})), target="err25",
+                     ratio=StepRatio(2.5, ("A", "B"), "the goal", "elsewhere"))
+    a = {"target_reached": 1, "target_step_mean": 10.0, "budget_steps": 40}
+    (line,) = comparisons(exp, {"a": a, "b": {**a, "target_step_mean": 30.0}})
+    assert line == ("Measured: B needed 3.0x the steps of A to reach the goal (paper: 2.5x, "
+                    "elsewhere).")
+    (line,) = comparisons(exp, {"a": {**a, "target_reached": 0}, "b": a})
+    assert line == ("Measured: A did not reach the goal within the budget, so this run says "
+                    "nothing about the 2.5x.")
+    assert comparisons(EXPERIMENTS["init"], {}) == []  # no ratio, no delta: nothing to compare
+
+
+def test_every_flag_is_read_before_any_work(tmp_path):
+    """The experiment's flags and the trainer's (after --, parsed once, winning over the
+    experiment's settings) make the plan; nothing is created yet."""
+    from split_alexnet.tools.experiments import make_plan, parse_args
+    out = tmp_path / "o"
+    plan = make_plan(*parse_args(["init", "--data", str(tmp_path / "none"), "--out", str(out),
+                                  "--devices", "cpu,cpu", "--budget-steps", "5", "--variants",
+                                  "caffe,paper", "--", "--lr", "0.005", "--log-interval", "3"]))
+    assert not out.exists()
+    assert [n for n, _ in plan.exp.variants] == ["paper", "caffe"] and not plan.complete
+    cfg = plan.base.to_dict()
+    assert (cfg["lr"], cfg["log_interval"], cfg["max_steps"], cfg["devices"]) == \
+        (0.005, 3, 5, "cpu,cpu")
+    assert plan.budget == "5 steps per run" and not plan.make_demo and not plan.demo
+    whole = make_plan(*parse_args(["lrn", "--out", str(out), "--devices", "cpu,cpu"]))
+    assert whole.complete and whole.make_demo and whole.data == out / "demo_data"
+    assert not out.exists()
