@@ -3,6 +3,7 @@
 * ``model``: train-step and inference images/s of the layouts and fast paths (bench/model.py)
 * ``data``:  the input pipeline's images/s (bench/data.py)
 * ``lrn``:   the LRN implementations and their share of a train step (bench/lrn.py)
+* ``loop``:  the training loop's per-step overhead of reading the device (bench/loop.py)
 * ``all``:   model, then lrn, then data; ``--json`` gets every row in one list
 
 See docs/benchmarks.md for the columns and the numbers measured so far.
@@ -15,6 +16,7 @@ import sys
 from typing import Sequence
 
 import split_alexnet.tools.bench.data as data
+import split_alexnet.tools.bench.loop as loop
 import split_alexnet.tools.bench.lrn as lrn
 import split_alexnet.tools.bench.model as model
 from split_alexnet.utils.cli import run as cli_run
@@ -24,7 +26,8 @@ from split_alexnet.utils.flags import WORKERS, Number, check_number, check_outpu
 #: The integer flags that bench/data.py, bench/model.py and bench/lrn.py add, and their
 #: ranges: checked here, before any benchmark runs.
 NUMBERS = {"images": {"min": 1}, "threads": {"min": 1}, "batch_size": {"min": 1},
-           "batch": {"min": 1}, "rounds": {"min": 1}}
+           "batch": {"min": 1}, "rounds": {"min": 1}, "steps": {"min": 1},
+           "interval": {"min": 2}}
 
 
 def _save(path: str | None, rows: list[dict]) -> None:
@@ -73,6 +76,15 @@ def _data(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _own(bench):
+    """A benchmark that is only run on its own: its rows, and ``--json``."""
+    def command(args: argparse.Namespace) -> list[dict]:
+        rows = bench.run(args)
+        _save(args.json, rows)
+        return rows
+    return command
+
+
 def _all(args: argparse.Namespace) -> list[dict]:
     """``all``: model, then lrn, then data; ``--json`` gets every row in one list."""
     rows = _model(args) + _lrn(args) + _data(args)
@@ -80,7 +92,9 @@ def _all(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-COMMANDS = {"model": _model, "data": _data, "lrn": _lrn, "all": _all}
+COMMANDS = {"model": _model, "data": _data, "lrn": _lrn, "loop": _own(loop), "all": _all}
+#: The benchmarks that add their own options to their sub-command's parser.
+OWN_OPTIONS = {"lrn": lrn, "loop": loop}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
             data.add_arguments(p)
         if name in ("model", "all"):
             model.add_arguments(p)
-        if name == "lrn":
-            lrn.add_arguments(p)
+        if name in OWN_OPTIONS:
+            OWN_OPTIONS[name].add_arguments(p)
     return ap
 
 
