@@ -51,14 +51,15 @@ import numpy as np
 import split_alexnet.data.imagenet as inet
 from split_alexnet.data.dataset import check_dataset_root, find_classes, list_samples
 from split_alexnet.data.images import list_images, pixel_limit, report_skipped
-from split_alexnet.data.pool import Interrupted, StopOnSignal, WorkerPool
+from split_alexnet.data.pool import WorkerPool
 from split_alexnet.data.prepare_tasks import (TMP_MARK, files_task, out_name, train_class_task,
                                              val_chunk_task)
 from split_alexnet.data.stats import load_stats, save_stats
 from split_alexnet.data.subset import SUBSET_FILE, Subset, parse_classes_arg, pick, select_classes
-from split_alexnet.utils.cli import Abort, UsageError, run
+from split_alexnet.utils.cli import Abort, Interrupted, UsageError, run
 from split_alexnet.utils.fileio import atomic_write, check_output_dir, make_output_dir
 from split_alexnet.utils.progress import Progress
+from split_alexnet.utils.signals import StopOnSignal
 
 __all__ = ["TMP_MARK", "REPORT", "plan", "prepare", "main", "cli"]
 

@@ -3,7 +3,7 @@
     config.py       TrainConfig: every flag, validated (parse_config)
     trainer.py      main -> train(cfg): setup, then the epochs, then the ten-crop test
     distributed.py  this process's rank and devices; DDP's collectives (torchrun)
-    state.py        Trainer: what one process holds, its Position, StopRequested (signals)
+    state.py        Trainer: what one process holds, its Position, its stop (signals)
     runfolder.py    the run folder: its lock, fresh start or --overwrite, stale temporaries,
                     the settings a resume must share with its checkpoint
     loader.py       the epoch's batches (and the line naming a dead worker's files)

@@ -58,8 +58,8 @@ from split_alexnet.training.config import PROG
 from split_alexnet.training.optim import (load_named_optimizer_state, named_optimizer_state,
                                           set_lr)
 from split_alexnet.training.runfolder import check_same_run, remove_stale_temps, temp_suffix
-from split_alexnet.training.state import Interrupted, Trainer
-from split_alexnet.utils.cli import Abort, UsageError
+from split_alexnet.training.state import Trainer
+from split_alexnet.utils.cli import Abort, Interrupted, UsageError
 from split_alexnet.utils.fileio import atomic_write
 
 FORMAT = "split_alexnet/checkpoint-v1"

@@ -1,11 +1,11 @@
 """What one training process holds (:class:`Trainer`), where it stands (:class:`Position`)
-and whether it was asked to stop (:class:`StopRequested`): state only. ``trainer.setup``
+and whether it was asked to stop (its ``stop``, a
+:class:`~split_alexnet.utils.signals.StopOnSignal`): state only. ``trainer.setup``
 fills it; the loops (``loop.py``) and the checkpoints (``checkpoint.py``) read and advance
 it."""
 
 from __future__ import annotations
 
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from split_alexnet.training.distributed import Context
 from split_alexnet.training.metrics import MetricsLog, Watchdog
 from split_alexnet.training.optim import LRSchedule
 from split_alexnet.training.runfolder import RunLock
-from split_alexnet.utils.cli import Abort
+from split_alexnet.utils.signals import StopOnSignal
 
 
 @dataclass
@@ -32,51 +32,6 @@ class Position:
     step: int = 0           # optimizer steps in total
     best_top1: float = float("inf")
     last_save: float = 0.0  # time.monotonic() of the last checkpoint
-
-
-class StopRequested:
-    """SIGTERM/SIGINT, while entered: the first sets the flag (true from then on), and the
-    loops stop within one batch, the run saves where that is meaningful and exits 0. A second
-    raises KeyboardInterrupt at once (exit 130); a save it cuts short is abandoned and the
-    previous checkpoint stays (``checkpoint.save`` then raises :class:`Interrupted`)."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self.count = 0  # signals received
-        self._old: dict[int, object] = {}
-
-    def __enter__(self) -> "StopRequested":
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.count += 1
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)  # type: ignore[arg-type]
-        self._old.clear()
-
-    def __bool__(self) -> bool:
-        return self.signal is not None
-
-    @property
-    def forced(self) -> bool:
-        """A second signal arrived: stop now, without saving."""
-        return self.count > 1
-
-
-class Interrupted(Abort):
-    """A second signal cut a save short: one line, exit code 130 (as for Ctrl-C)."""
-
-    code = 130
 
 
 @dataclass
@@ -104,7 +59,7 @@ class Trainer:
     metrics: MetricsLog             # OUT/metrics.jsonl (rank 0 only)
     watchdog: Watchdog
     pos: Position = field(default_factory=Position)
-    stop: StopRequested = field(default_factory=StopRequested)  # entered by trainer.train
+    stop: StopOnSignal = field(default_factory=StopOnSignal)  # entered by trainer.train
     lock: RunLock | None = None     # OUT/train.lock, held on rank 0 for the whole run
     holdout_set: CropFolder | None = None  # --holdout: training images held out, centre crops
 

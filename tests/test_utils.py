@@ -1,0 +1,70 @@
+"""The shared pieces in ``split_alexnet/utils``: the one signal handler and the one
+``Interrupted``.
+
+Real signals to this process; no mocks."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import pytest
+
+from split_alexnet.utils.cli import Interrupted, run
+from split_alexnet.utils.signals import StopOnSignal
+
+main_thread_only = pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
+                                      reason="signal handlers can be set in the main thread only")
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+@main_thread_only
+def test_the_first_signal_asks_to_stop_and_a_second_stops_at_once():
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    with StopOnSignal() as stop:
+        assert not stop and stop.name == "" and not stop.forced
+        signal.raise_signal(signal.SIGTERM)
+        assert stop and stop.signum == signal.SIGTERM and stop.name == "SIGTERM"
+        assert not stop.forced
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+        assert stop.forced and stop.name == "SIGTERM"  # the first signal is the one named
+    assert {sig: signal.getsignal(sig) for sig in before} == before  # handlers restored
+    assert stop  # the request outlives the block
+
+
+@main_thread_only
+def test_nested_stops_restore_the_outer_handler():
+    with StopOnSignal() as outer:
+        with StopOnSignal() as inner:
+            signal.raise_signal(signal.SIGINT)
+        assert inner and not outer
+        signal.raise_signal(signal.SIGINT)
+        assert outer and not outer.forced
+
+
+def test_outside_the_main_thread_nothing_is_installed():
+    before = signal.getsignal(signal.SIGTERM)
+    seen = []
+
+    def body():
+        with StopOnSignal() as stop:
+            seen.append(signal.getsignal(signal.SIGTERM))
+        seen.append(bool(stop))
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    assert seen == [before, False]
+
+
+def test_interrupted_is_one_line_and_exit_130_whichever_the_signal(capsys):
+    for sig in (signal.SIGTERM, signal.SIGINT, None):
+        def main(argv):
+            raise Interrupted("statistics stopped by a signal", sig)
+
+        assert run(main, "split_alexnet.x", []) == 130
+        assert capsys.readouterr().err == "split_alexnet.x: error: statistics stopped by a " \
+                                          "signal\n"
