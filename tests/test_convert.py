@@ -29,7 +29,7 @@ from split_alexnet.tools.evaluate import main as evaluate_main
 from split_alexnet.tools.predict import ILSVRC2012_WNIDS
 from split_alexnet.tools.visualize import KernelGrid
 from split_alexnet.tools.visualize import main as visualize_main
-from split_alexnet.training.checkpoint import load_checkpoint, save_checkpoint
+from split_alexnet.utils.checkpoint_file import load_checkpoint, save_checkpoint
 from split_alexnet.utils.cli import run
 
 ROOT = Path(__file__).resolve().parents[1]

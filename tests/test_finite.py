@@ -29,7 +29,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import split_alexnet.training.checkpoint as C
+import split_alexnet.training.checkpoint as run_checkpoint
+import split_alexnet.utils.checkpoint_file as C
 from split_alexnet.tools.evaluate import main as evaluate_main
 from split_alexnet.tools.predict import main as predict_main
 from split_alexnet.training.config import parse_config
@@ -77,7 +78,7 @@ def diverged(demo_root, tmp_path_factory):
     cfg = parse_config(["--data", str(demo_root), "--out", str(out), *BASE, "--max-steps", "2"])
     t = setup(cfg)
     assert train_one_epoch(t, train_loader(t), stop=False) == "max_steps"
-    C.save(t)
+    run_checkpoint.save(t)
     good = C.load_checkpoint(out / "last.pt")["checksum"]
     set_lr(t.optimizer, 1e38)
     t.cfg = replace(t.cfg, max_steps=4)
@@ -210,7 +211,7 @@ def test_a_small_file_declaring_a_huge_tensor_is_refused_before_allocating(tmp_p
     with zipfile.ZipFile(bomb) as z:  # the file really declares 256 MB...
         assert max(i.file_size for i in z.infolist()) == 256 << 20
     probe = ("import resource, sys\n"
-             "from split_alexnet.training.checkpoint import CheckpointError, load_checkpoint\n"
+             "from split_alexnet.utils.checkpoint_file import CheckpointError, load_checkpoint\n"
              "peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024\n"
              "before = peak()\n"
              "try:\n    load_checkpoint(sys.argv[1])\n"

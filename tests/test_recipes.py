@@ -17,7 +17,7 @@ import split_alexnet.data.dataset as D
 import split_alexnet.training.trainer as T
 from split_alexnet.data.dataset import CropFolder, holdout_indices
 from split_alexnet.network.model import WEIGHT_LAYERS, SplitAlexNet, collapse_state_dict
-from split_alexnet.training.checkpoint import load_checkpoint
+from split_alexnet.utils.checkpoint_file import load_checkpoint
 from split_alexnet.training.config import (DEMO_PRESET, RECIPES, TrainConfig, parse_config,
                                            recipe_settings)
 from split_alexnet.training.optim import (LRSchedule, build_optimizer,

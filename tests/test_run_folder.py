@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import split_alexnet.training.trainer as T
-from split_alexnet.training.checkpoint import load_checkpoint
+from split_alexnet.utils.checkpoint_file import load_checkpoint
 from split_alexnet.training.config import TrainConfig
 from split_alexnet.training.runfolder import MAY_CHANGE, RUN_SETTINGS, RunLock
 from split_alexnet.utils.cli import run

@@ -29,7 +29,7 @@ from split_alexnet.network.model import (ACTIVATIONS, ARCHS, INIT_SCHEMES, LRN_C
                                          LRN_SPANS, POOLS, ModelConfig)
 from split_alexnet.network.parallelize import AMP_CHOICES
 from split_alexnet.tools.evaluate import main as evaluate_main
-from split_alexnet.training.checkpoint import load_checkpoint
+from split_alexnet.utils.checkpoint_file import load_checkpoint
 from split_alexnet.training.config import (RECIPE_NAMES, TrainConfig, describe_preset,
                                            parse_config, to_flags)
 from split_alexnet.training.distributed import BACKENDS

@@ -1,17 +1,23 @@
-"""The shared pieces in ``split_alexnet/utils``: the one signal handler and the one
-``Interrupted``.
+"""The shared pieces in ``split_alexnet/utils``: the one signal handler, the one
+``Interrupted`` and the checkpoint file format without training code.
 
-Real signals to this process; no mocks."""
+Real signals to this process and real subprocesses; no mocks."""
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
 from split_alexnet.utils.cli import Interrupted, run
 from split_alexnet.utils.signals import StopOnSignal
+
+REPO = Path(__file__).resolve().parents[1]
 
 main_thread_only = pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
                                       reason="signal handlers can be set in the main thread only")
@@ -68,3 +74,23 @@ def test_interrupted_is_one_line_and_exit_130_whichever_the_signal(capsys):
         assert run(main, "split_alexnet.x", []) == 130
         assert capsys.readouterr().err == "split_alexnet.x: error: statistics stopped by a " \
                                           "signal\n"
+
+
+# ----------------------------------------------------------------------------- checkpoint files
+
+
+def test_the_checkpoint_file_format_imports_no_training_code():
+    """What the tools read and write checkpoints with stands apart from training: importing
+    it (in a fresh interpreter) loads no module of ``split_alexnet.training``."""
+    probe = ("import sys\n"
+             "import split_alexnet.utils.checkpoint_file as f\n"
+             "assert callable(f.load_checkpoint) and callable(f.save_checkpoint)\n"
+             "print('\\n'.join(sorted(sys.modules)))\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    loaded = p.stdout.split()
+    assert "split_alexnet.utils.checkpoint_file" in loaded and "split_alexnet.network.model" \
+        in loaded, loaded  # the probe saw the package's modules
+    assert [m for m in loaded if m.startswith("split_alexnet.training")] == []

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import split_alexnet.tools.predict as predict_mod
-from split_alexnet.training.checkpoint import checkpoint_stats, save_checkpoint
+from split_alexnet.utils.checkpoint_file import checkpoint_stats, save_checkpoint
 from split_alexnet.utils.cli import run
 from split_alexnet.data.dataset import CropFolder, find_classes
 from split_alexnet.data.stats import load_stats

@@ -34,7 +34,7 @@ from split_alexnet.network.model import (AlexNet, ModelConfig, collapsed_shapes,
                                          count_parameters, layout_state_dict)
 from split_alexnet.tools.caffe import Blob, CaffeFormatError, Layer, Net, parse_blob, parse_net
 from split_alexnet.tools.predict import ILSVRC2012_WNIDS, imagenet_names
-from split_alexnet.training.checkpoint import code_version, save_checkpoint
+from split_alexnet.utils.checkpoint_file import code_version, save_checkpoint
 from split_alexnet.utils.cli import Abort, UsageError, run
 from split_alexnet.utils.flags import check_input, check_output
 

@@ -30,9 +30,9 @@ from torch.utils.data import Dataset
 
 from split_alexnet.data.dataset import CropFolder, EpochSampler, find_classes, make_loader
 from split_alexnet.network.placement import add_device_flags, build_model, resolve_devices
-from split_alexnet.training.checkpoint import (CheckpointError, checkpoint_stats,
-                                               load_checkpoint, model_config)
 from split_alexnet.training.loop import evaluate
+from split_alexnet.utils.checkpoint_file import (CheckpointError, checkpoint_stats,
+                                                 load_checkpoint, model_config)
 from split_alexnet.utils.cli import UsageError, run
 from split_alexnet.utils.fileio import atomic_write
 from split_alexnet.utils.flags import WORKERS, Number, check_number, check_output
