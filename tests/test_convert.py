@@ -461,7 +461,8 @@ def test_weights_that_do_not_fit_the_network_are_one_line(caffe_files, wnid_val,
     predict stop with one line (exit 2), no traceback."""
     good = load_checkpoint(caffe_files.dir / "v1.pt")
     save_checkpoint(tmp_path / "bad.pt", {
-        **{k: good[k] for k in ("config", "classes", "class_names", "stats", "source")},
+        **{k: good[k] for k in ("model_config", "config", "classes", "class_names", "stats",
+                                "source")},
         "model": {"conv1.weight": torch.zeros(96, 3, 11, 11), "fc8.bias": torch.zeros(7)}})
     for main, prog, argv in ((evaluate_main, "evaluate", ["--data", str(wnid_val.root),
                                                          "--single-device"]),

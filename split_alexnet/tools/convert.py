@@ -20,6 +20,7 @@ alpha/n, one window across all channels), which the network computes exactly in 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import sys
 from itertools import zip_longest
@@ -206,7 +207,7 @@ def channel_mean(bgr: Sequence[float] = CAFFE_BGR_MEAN) -> torch.Tensor:
 def converted_payload(model: dict[str, torch.Tensor], mean: torch.Tensor, *, fingerprint: str,
                       source: dict) -> dict:
     """The checkpoint of converted weights, in the trainer's format for everything the tools
-    read (model, config, layout, classes, class_names, class_metadata, stats,
+    read (model, model_config, config, layout, classes, class_names, class_metadata, stats,
     stats_fingerprint, code_version, torch_version) and without training state (no optimizer,
     schedule, progress, rng): ``source`` marks it as converted and names the file it came from.
     Caffe publishes no colour statistics: eigval zeros (PCA noise adds nothing), eigvec the
@@ -215,6 +216,7 @@ def converted_payload(model: dict[str, torch.Tensor], mean: torch.Tensor, *, fin
     classes = list(ILSVRC2012_WNIDS)  # Caffe's labels: the sorted wnids
     return {
         "model": model,
+        "model_config": dataclasses.asdict(CAFFE_MODEL),
         "config": {f: getattr(CAFFE_MODEL, f) for f in ("arch", "num_classes", "lrn",
                                                          "lrn_span", "activation", "pool",
                                                          "dropout")},

@@ -33,7 +33,6 @@ the checkpoint declares needs, the checksum, and finally that every value is fin
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 import pickle
@@ -175,14 +174,20 @@ def _tables(payload: dict) -> dict[str, Any]:
             **{f"optimizer {k}": v for k, v in buffers.items()}}
 
 
+def _saved_model_config(payload: dict, path: Path | str | None = None) -> dict:
+    """The checkpoint's ``model_config`` dict; a :class:`CheckpointError` if it has none."""
+    saved = payload.get("model_config")
+    if not isinstance(saved, dict):
+        what = "the checkpoint" if path is None else f"checkpoint {path}"
+        raise CheckpointError(f"{what} has no model_config: it does not say which network it "
+                              "holds")
+    return saved
+
+
 def _declared_network(payload: dict, path: Path | str) -> tuple[str, int]:
     """(arch, classes) of the network a checkpoint declares, as :func:`model_config` reads
     them (the shapes depend on nothing else), with one class name per output."""
-    saved = payload.get("model_config")
-    if not isinstance(saved, dict):  # written before model_config existed
-        flat = payload.get("config")
-        saved = {"arch": flat.get("arch", "alexnet") if isinstance(flat, dict) else None,
-                 "num_classes": len(payload.get("classes") or [])}
+    saved = _saved_model_config(payload, path)
     arch, n = saved.get("arch", "alexnet"), saved.get("num_classes")
     classes = payload.get("classes")
     if arch not in ARCHS or not isinstance(n, int) or isinstance(n, bool) or n < 1 or \
@@ -248,15 +253,10 @@ def _finite(t: torch.Tensor) -> bool:
 
 
 def model_config(payload: dict) -> ModelConfig:
-    """The network a checkpoint holds: its ``model_config``, or for a checkpoint written
-    before that key existed, the same fields of its flat ``config`` and its class count."""
-    saved = payload.get("model_config")
-    if saved is None:
-        flat = payload.get("config", {})
-        saved = {f.name: flat[f.name] for f in dataclasses.fields(ModelConfig) if f.name in flat}
-        saved["num_classes"] = len(payload.get("classes", []))
+    """The network a checkpoint holds: its ``model_config`` (a :class:`CheckpointError` if it
+    has none or it does not make a ``ModelConfig``)."""
     try:
-        return ModelConfig(**saved)
+        return ModelConfig(**_saved_model_config(payload))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"the checkpoint's model configuration is not usable: {e}") \
             from None
