@@ -206,7 +206,8 @@ def test_missing_val_and_unwritable_out_and_garbage_checkpoint(demo_root, tmp_pa
     blocker.write_text("not a folder")
     assert run(train_main, "train", ["--data", str(demo_root), "--devices", "cpu,cpu",
                                      "--out", str(blocker / "run")]) == 2
-    assert "not writable" in capsys.readouterr().err
+    assert f"--out {blocker / 'run'} cannot be created: {blocker} is not a folder" in \
+        capsys.readouterr().err
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(os.urandom(1000))
     assert run(train_main, "train", ["--data", str(demo_root), "--devices", "cpu,cpu",

@@ -19,7 +19,6 @@ test): the run saves where that is meaningful, says so and exits 0. Every flag:
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import replace
@@ -50,17 +49,7 @@ from split_alexnet.training.runfolder import (RunLock, check_run_flags, claim,
                                               delete_previous_run, temp_suffix)
 from split_alexnet.training.state import Position, Trainer
 from split_alexnet.utils.cli import Abort, UsageError, run
-from split_alexnet.utils.fileio import atomic_write
-
-
-def check_out_dir(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write_test.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"--out {out} is not writable: {e.strerror or e}") from None
+from split_alexnet.utils.fileio import atomic_write, check_output_dir, make_output_dir
 
 
 def setup(cfg: TrainConfig) -> Trainer:
@@ -77,7 +66,8 @@ def setup(cfg: TrainConfig) -> Trainer:
     ctx, devices = dist_util.setup(cfg)
     lock = None
     if ctx.rank == 0:
-        check_out_dir(Path(cfg.out))
+        check_output_dir(cfg.out, "--out")
+        make_output_dir(cfg.out, "--out")
         lock = claim(Path(cfg.out), cfg)
     try:
         return build_trainer(cfg, ctx, devices, lock, listed)
