@@ -1,7 +1,7 @@
 """The shared pieces in ``split_alexnet/utils``: the one signal handler, the one
-``Interrupted`` and the checkpoint file format without training code.
+``Interrupted``, the checkpoint file format without training code and the one JSON writer.
 
-Real signals to this process and real subprocesses; no mocks."""
+Real signals to this process, real subprocesses and real files; no mocks."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from split_alexnet.utils.cli import Interrupted, run
+from split_alexnet.utils.fileio import write_json
 from split_alexnet.utils.signals import StopOnSignal
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,3 +95,19 @@ def test_the_checkpoint_file_format_imports_no_training_code():
     assert "split_alexnet.utils.checkpoint_file" in loaded and "split_alexnet.network.model" \
         in loaded, loaded  # the probe saw the package's modules
     assert [m for m in loaded if m.startswith("split_alexnet.training")] == []
+
+
+# ----------------------------------------------------------------------------- JSON
+
+
+def test_write_json_replaces_the_file_whole_with_the_permissions_of_open(tmp_path):
+    path = tmp_path / "sub" / "r.json"
+    write_json(path, {"b": 1, "a": ["é", 0.5]})
+    assert path.read_text(encoding="utf-8") == \
+        '{\n  "b": 1,\n  "a": [\n    "é",\n    0.5\n  ]\n}\n'  # indent 2, as given, UTF-8
+    write_json(path, {"b": 1, "a": Path("x")}, indent=None, sort_keys=True, fsync=False)
+    assert path.read_text(encoding="utf-8") == '{"a": "x", "b": 1}\n'  # str() for a Path
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert sorted(p.name for p in path.parent.iterdir()) == ["r.json"]  # no temporary left
