@@ -1,6 +1,7 @@
 """The checkpoint file format: what a checkpoint file holds, written atomically with a
-checksum and read back safely and checked; what every tool and the trainer read and write,
-with no training code (``training/checkpoint.py`` builds a run's checkpoints on it).
+checksum and read back safely and checked. Every tool and the trainer read and write
+checkpoints with it, and it imports no training code (``training/checkpoint.py`` builds a
+run's checkpoints on it).
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (nothing that
 needs pickle's code execution), saved with ``torch.save``. Every checkpoint holds:
