@@ -29,7 +29,7 @@ from split_alexnet.tools.evaluate import main as evaluate_main
 from split_alexnet.tools.predict import ILSVRC2012_WNIDS
 from split_alexnet.tools.visualize import KernelGrid
 from split_alexnet.tools.visualize import main as visualize_main
-from split_alexnet.training.checkpoint import load_checkpoint, save_checkpoint
+from split_alexnet.utils.checkpoint_file import load_checkpoint, save_checkpoint
 from split_alexnet.utils.cli import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -461,7 +461,8 @@ def test_weights_that_do_not_fit_the_network_are_one_line(caffe_files, wnid_val,
     predict stop with one line (exit 2), no traceback."""
     good = load_checkpoint(caffe_files.dir / "v1.pt")
     save_checkpoint(tmp_path / "bad.pt", {
-        **{k: good[k] for k in ("config", "classes", "class_names", "stats", "source")},
+        **{k: good[k] for k in ("model_config", "config", "classes", "class_names", "stats",
+                                "source")},
         "model": {"conv1.weight": torch.zeros(96, 3, 11, 11), "fc8.bias": torch.zeros(7)}})
     for main, prog, argv in ((evaluate_main, "evaluate", ["--data", str(wnid_val.root),
                                                          "--single-device"]),

@@ -403,7 +403,7 @@ def test_ctrl_c_during_the_statistics_of_prepare_exits_0_and_no_worker_survives(
     assert not (dst / "stats.npz").exists() and not _temps(dst)
 
 
-def test_sigterm_during_the_statistics_of_train_exits_143_and_no_worker_survives(originals,
+def test_sigterm_during_the_statistics_of_train_exits_130_and_no_worker_survives(originals,
                                                                                 tmp_path):
     root, err, tag = tmp_path / "root", tmp_path / "err.txt", uuid.uuid4().hex
     _linked_tree(root, [q for _, q, _ in originals], 1500, 2)
@@ -416,7 +416,7 @@ def test_sigterm_during_the_statistics_of_train_exits_143_and_no_worker_survives
     finally:
         p.kill()
     lines = err.read_text().splitlines()
-    assert rc == 128 + signal.SIGTERM == 143, lines
+    assert rc == 130, lines  # Interrupted: 130 whichever the signal, as for Ctrl-C
     assert re.fullmatch(rf"split_alexnet\.train: error: statistics stopped by SIGTERM after "
                         rf"\d+ of 3000 images of {re.escape(str(root / 'train'))}; nothing was "
                         rf"saved \(they are computed again next time\)", lines[-1]), lines[-1]

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from split_alexnet.data.demo import make_demo_dataset
-from split_alexnet.training.checkpoint import load_checkpoint
+from split_alexnet.utils.checkpoint_file import load_checkpoint
 from split_alexnet.utils.cli import run
 from split_alexnet.training.command import main as train_main
 

@@ -29,7 +29,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import split_alexnet.training.checkpoint as C
+import split_alexnet.training.checkpoint as run_checkpoint
+import split_alexnet.utils.checkpoint_file as C
 from split_alexnet.tools.evaluate import main as evaluate_main
 from split_alexnet.tools.predict import main as predict_main
 from split_alexnet.training.options import parse_command, parse_config
@@ -210,7 +211,7 @@ def test_a_small_file_declaring_a_huge_tensor_is_refused_before_allocating(tmp_p
     with zipfile.ZipFile(bomb) as z:  # the file really declares 256 MB...
         assert max(i.file_size for i in z.infolist()) == 256 << 20
     probe = ("import resource, sys\n"
-             "from split_alexnet.training.checkpoint import CheckpointError, load_checkpoint\n"
+             "from split_alexnet.utils.checkpoint_file import CheckpointError, load_checkpoint\n"
              "peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024\n"
              "before = peak()\n"
              "try:\n    load_checkpoint(sys.argv[1])\n"

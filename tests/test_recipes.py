@@ -16,7 +16,7 @@ from torch import nn
 import split_alexnet.data.dataset as D
 from split_alexnet.data.dataset import CropFolder, holdout_indices
 from split_alexnet.network.model import WEIGHT_LAYERS, SplitAlexNet, collapse_state_dict
-from split_alexnet.training.checkpoint import load_checkpoint
+from split_alexnet.utils.checkpoint_file import load_checkpoint
 from split_alexnet.training.config import FLAGS, TrainConfig
 from split_alexnet.training.options import parse_config
 from split_alexnet.training.recipes import DEMO_PRESET, RECIPES, recipe_settings

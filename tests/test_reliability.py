@@ -43,12 +43,12 @@ import pytest
 import torch
 from PIL import Image
 
-import split_alexnet.training.checkpoint as C
+import split_alexnet.utils.checkpoint_file as C
 import split_alexnet.data.dataset as D
 import split_alexnet.training.loop as L
 import split_alexnet.training.metrics as M
 import split_alexnet.training.command as T
-from split_alexnet.training.checkpoint import CheckpointError, load_checkpoint
+from split_alexnet.utils.checkpoint_file import CheckpointError, load_checkpoint
 from split_alexnet.utils.cli import UsageError, run
 from split_alexnet.tools.evaluate import main as evaluate_main
 

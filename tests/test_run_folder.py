@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import split_alexnet.training.command as T
-from split_alexnet.training.checkpoint import load_checkpoint
+from split_alexnet.utils.checkpoint_file import load_checkpoint
 from split_alexnet.training.config import FLAGS, TrainConfig
 from split_alexnet.training.options import COMMAND_FLAGS
 from split_alexnet.training.runfolder import RunLock

@@ -29,7 +29,7 @@ from split_alexnet.network.model import (ACTIVATIONS, ARCHS, INIT_SCHEMES, LRN_C
                                          LRN_SPANS, POOLS, ModelConfig)
 from split_alexnet.network.parallelize import AMP_CHOICES
 from split_alexnet.tools.evaluate import main as evaluate_main
-from split_alexnet.training.checkpoint import load_checkpoint
+from split_alexnet.utils.checkpoint_file import load_checkpoint
 from split_alexnet.network.placement import layout_of
 from split_alexnet.training.config import RECIPE_NAMES, SECTIONS, FLAGS, TrainConfig, to_flags
 from split_alexnet.training.options import COMMAND_FLAGS, parse_command, parse_config
@@ -208,7 +208,8 @@ def test_missing_val_and_unwritable_out_and_garbage_checkpoint(demo_root, tmp_pa
     blocker.write_text("not a folder")
     assert run(train_main, "train", ["--data", str(demo_root), "--devices", "cpu,cpu",
                                      "--out", str(blocker / "run")]) == 2
-    assert "not writable" in capsys.readouterr().err
+    assert f"--out {blocker / 'run'} cannot be created: {blocker} is not a folder" in \
+        capsys.readouterr().err
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(os.urandom(1000))
     assert run(train_main, "train", ["--data", str(demo_root), "--devices", "cpu,cpu",

@@ -5,6 +5,7 @@ fixture) and used on the generated demo folder."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -15,14 +16,15 @@ import torch
 from PIL import Image
 
 import split_alexnet.tools.predict as predict_mod
-from split_alexnet.training.checkpoint import checkpoint_stats, save_checkpoint
+from split_alexnet.utils.checkpoint_file import (CheckpointError, checkpoint_stats,
+                                                 load_checkpoint, save_checkpoint)
 from split_alexnet.utils.cli import run
 from split_alexnet.data.dataset import CropFolder, find_classes
 from split_alexnet.data.stats import load_stats
 from split_alexnet.data.augment import finish_batch
 from split_alexnet.tools.evaluate import load_model
 from split_alexnet.tools.features import fc7_features, forward_with_features
-from split_alexnet.network.model import AlexNet, layout_state_dict
+from split_alexnet.network.model import AlexNet, ModelConfig, layout_state_dict
 from split_alexnet.tools.visualize import (KernelGrid, RetrievalLayout, colourfulness, curve_series,
                                      kernel_image, retrieval_image, retrieve,
                                      tower_colourfulness)
@@ -32,12 +34,14 @@ PROG = "split_alexnet.visualize"
 
 
 def write_ckpt(path: Path, model: AlexNet, classes, stats, **extra) -> Path:
-    """A checkpoint as the tools read it. Without a "model_config" (checkpoints written before
-    it existed): the network comes from the flat config and the class count."""
+    """A checkpoint as the tools read it: the network in "model_config" (the flat config's
+    fields and the class count)."""
+    config = {"arch": "alexnet", "lrn": "paper", "activation": "relu", "pool": "3/2",
+              "dropout": 0.5}
     save_checkpoint(path, {
         "model": layout_state_dict(model),
-        "config": {"arch": "alexnet", "lrn": "paper", "activation": "relu", "pool": "3/2",
-                   "dropout": 0.5},
+        "model_config": dataclasses.asdict(ModelConfig(num_classes=len(classes), **config)),
+        "config": config,
         "classes": list(classes),
         "stats": {"mean": stats.mean, "eigval": stats.eigval, "eigvec": stats.eigvec},
         "stats_fingerprint": stats.fingerprint, **extra})
@@ -121,6 +125,28 @@ def test_kernels_cli(ckpt, tmp_path, capsys):
                                 "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not exist" in err[0]
+
+
+def test_a_checkpoint_without_model_config_is_refused_in_one_line(ckpt, demo_root, tmp_path,
+                                                                  capsys):
+    """The network is read from "model_config" alone: the fixture's checkpoint without it
+    (as written before that key existed) is refused, by the loader and by every tool."""
+    old = tmp_path / "old.pt"
+    payload = load_checkpoint(ckpt)
+    del payload["model_config"]
+    save_checkpoint(old, payload)
+    want = f"checkpoint {old} has no model_config: it does not say which network it holds"
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(old)
+    assert str(e.value) == want
+    img = sorted((demo_root / "val").rglob("*.jpg"))[0]
+    for main, prog, argv in (
+            (viz_main, PROG, ["kernels", "--checkpoint", str(old), "--out",
+                              str(tmp_path / "k.png")]),
+            (predict_mod.main, predict_mod.PROG, [str(img), "--checkpoint", str(old)])):
+        assert run(main, prog, argv) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"{prog}: error: {want}"]
+    assert not (tmp_path / "k.png").exists()
 
 
 # ----------------------------------------------------------------------------- fc7
