@@ -26,12 +26,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import REPO, records
 from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.training.checkpoint import load_checkpoint
 from split_alexnet.utils.cli import run
 from split_alexnet.training.trainer import main as train_main
 
-REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 N_TRAIN, N_VAL = 12, 9
 COMMON = ["--devices", "cpu,cpu", "--batch-size", "6", "--epochs", "1", "--workers", "0",
@@ -104,10 +104,6 @@ def torchrun(driver: Path, report: Path, args, *, env_extra=None, timeout=240):
 def reports(report: Path) -> dict[int, dict]:
     return {r: json.loads((report / f"rank{r}.json").read_text()) for r in (0, 1)
             if (report / f"rank{r}.json").exists()}
-
-
-def records(out: Path) -> list[dict]:
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

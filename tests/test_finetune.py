@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -22,6 +21,7 @@ import pytest
 import torch
 
 import caffe_reference as ref
+from helpers import BASE, REPO, train
 from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.network.model import TOWER_LAYERS, layout_state_dict
 from split_alexnet.tools.convert import main as convert_main
@@ -30,18 +30,7 @@ from split_alexnet.training.config import FINETUNE_PRESET, parse_config
 from split_alexnet.training.loader import train_loader
 from split_alexnet.training.optim import set_lr
 from split_alexnet.training import trainer
-from split_alexnet.training.trainer import main as train_main
 from split_alexnet.utils.cli import run
-
-REPO = Path(__file__).resolve().parents[1]
-BASE = ["--batch-size", "8", "--epochs", "2", "--workers", "0", "--log-interval", "1",
-        "--init", "caffe", "--no-ten-crop", "--seed", "3"]
-
-
-def train(root, out, *extra) -> int:
-    return run(train_main, "train", ["--data", str(root), "--out", str(out), *BASE,
-                                     *map(str, extra)])
-
 
 def layers_of(state: dict, layer: str) -> dict:
     return {k: v for k, v in state.items() if k.split(".")[0] == layer}

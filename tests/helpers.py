@@ -1,0 +1,161 @@
+"""Helpers shared by the test files: inputs and data sets, the trainer's flags and calls,
+child processes, run folders and their records. Import what a test uses:
+``from helpers import BASE, train``. The shared fixtures are in conftest.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import torch
+
+from split_alexnet.data.demo import make_demo_dataset
+from split_alexnet.network.model import INPUT_SIZE
+from split_alexnet.training.trainer import main as train_main
+from split_alexnet.utils.cli import run
+
+#: The repository root (this checkout).
+REPO = Path(__file__).resolve().parents[1]
+
+#: The training flags of the short runs: 2 epochs of batch 8, no loader workers, Caffe's
+#: initialisation, centre crop only, seed 3. The layout (``CPU_PAIR``, ``--single-device``)
+#: and anything else a test needs follow at the call.
+BASE = ["--batch-size", "8", "--epochs", "2", "--workers", "0", "--log-interval", "1",
+        "--init", "caffe", "--no-ten-crop", "--seed", "3"]
+#: The two towers on two CPU devices: the paper's split layout without GPUs.
+CPU_PAIR = ["--devices", "cpu,cpu"]
+
+
+
+# ----------------------------------------------------------------------------- inputs, data
+
+
+def paper_images(n: int, *, size: int = INPUT_SIZE, seed: int = 0,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(n, 3, size, size) random inputs at the paper's scale (0-255 RGB minus the mean: std 60)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 3, size, size, generator=g) * 60).to(dtype)
+
+
+# At batch 8 an epoch of repeated_tiny_set is ``copies`` steps over the same 8 images, and the
+# set's statistics are those of the 8: runs of many steps and few epochs (an epoch's end writes
+# a full-size checkpoint).
+def repeated_tiny_set(path: Path, copies: int) -> Path:
+    """The demo's 2 classes x 4 training images (seed 1), each in ``copies`` hard-linked files."""
+    root = make_demo_dataset(path, classes=2, train_per_class=4, val_per_class=2, seed=1)
+    for image in sorted((root / "train").glob("*/*.jpg")):
+        for k in range(1, copies):
+            os.link(image, image.with_name(f"{image.stem}_copy{k}{image.suffix}"))
+    return root
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+def train(root, out, *extra) -> int:
+    """Runs the trainer's main here on ``root`` into ``out`` with BASE, then ``extra``: its rc."""
+    return run(train_main, "train", ["--data", str(root), "--out", str(out), *BASE,
+                                     *map(str, extra)])
+
+
+def train_command(root, out, *extra) -> list[str]:
+    """``python -m split_alexnet.train`` on ``root`` into ``out`` with BASE, then ``extra``."""
+    return [sys.executable, "-m", "split_alexnet.train", "--data", str(root), "--out",
+            str(out), *BASE, *map(str, extra)]
+
+
+# ----------------------------------------------------------------------------- child processes
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment with this checkout first on PYTHONPATH, plus ``extra``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def run_python(*args: str, preexec=None, env=None, cwd=REPO,
+               timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs ``python *args`` (``-m module`` or a program) in ``cwd``, capturing its text."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, preexec_fn=preexec,
+                          env=child_env() if env is None else env)
+
+
+def file_size_limit(nbytes: int):
+    """A preexec_fn: writes past ``nbytes`` in a file fail with EFBIG, as on a full disk."""
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write, do not kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+    return apply
+
+
+# ----------------------------------------------------------------------------- run folders
+
+
+def records(out, *, torn_ok: bool = False) -> list[dict]:
+    """The records in ``out``/metrics.jsonl; ``torn_ok``: cut-short lines skipped, no file = []."""
+    p = Path(out) / "metrics.jsonl"
+    if torn_ok and not p.exists():
+        return []
+    found = []
+    for line in p.read_text().splitlines():
+        try:
+            found.append(json.loads(line))
+        except json.JSONDecodeError:
+            if not torn_ok:
+                raise
+    return found
+
+
+def write_records(out: Path, recs: list[dict]) -> Path:
+    """The run folder ``out`` (created if need be) with ``recs`` as its metrics.jsonl."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return out
+
+
+def error_lines(err: str) -> list[str]:
+    """The lines of ``err`` that report an error."""
+    return [ln for ln in err.splitlines() if "error:" in ln]
+
+
+def temp_files(out) -> list[Path]:
+    """The temporaries (``.*.tmp``) in the run folder ``out``."""
+    return sorted(Path(out).glob(".*.tmp"))
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    """Copies a run folder to continue: checkpoints hard-linked (saves replace them)."""
+    shutil.copytree(src, dst, copy_function=lambda a, b: (
+        os.link if a.endswith(".pt") else shutil.copyfile)(a, b))
+    return dst
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: length, type, data and CRC."""
+    return struct.pack(">I", len(data)) + kind + data + \
+        struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+class RunsCode:
+    """Unpickled, it runs ``touch marker``: the payload of a hostile checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
