@@ -1,9 +1,10 @@
 """Shared fixtures and markers of the test suite (the shared functions are in helpers.py).
 
 * ``demo_root``: a tiny generated CropFolder (4 classes x 8 train x 4 val).
-* ``one_step``: a real run of one step, shared by several test files (a session fixture:
-  built once per worker, never changed; a test that continues it works on a
-  :func:`helpers.copy_run` of it).
+* Real runs shared by several test files (session fixtures: built once per worker, never
+  changed; a test that continues one works on a :func:`helpers.copy_run` of it):
+  ``one_step`` (one step), ``reference`` (8 steps, uninterrupted); and ``short_root``, a set
+  of one training step per epoch and 40 validation images.
 * ``gpu`` tests are skipped by their marker alone when no CUDA device is present.
 * Under ``pytest -n N`` (pytest-xdist, the default in pyproject.toml) each worker and the
   processes its tests start use one torch thread: N workers share N cores.
@@ -26,7 +27,8 @@ from helpers import CPU_PAIR, train
 from split_alexnet.data.demo import make_demo_dataset
 
 #: Module fixtures that run real training jobs: the full-size training runs of test_train, the
-#: torchrun jobs of test_distributed and the SIGKILL/SIGTERM chaos runs of test_reliability.
+#: torchrun jobs of test_distributed and the SIGKILL/SIGTERM chaos runs of
+#: test_reliability_chaos.
 SLOW_FIXTURES = {"runs", "dist_runs", "chaos"}
 
 
@@ -53,3 +55,18 @@ def one_step(demo_root, tmp_path_factory):
     assert train(demo_root, out, *CPU_PAIR, "--max-steps", "1") == 0
     return out
 
+
+@pytest.fixture(scope="session")
+def reference(demo_root, tmp_path_factory):
+    """One uninterrupted in-process run of the demo set: 8 steps, 2 epochs."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    assert train(demo_root, out, *CPU_PAIR) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def short_root(tmp_path_factory):
+    """One step per epoch (2 classes x 4 training images, batch 8) and 40 validation images:
+    5 centre-crop batches, 40 ten-crop batches of one image."""
+    return make_demo_dataset(tmp_path_factory.mktemp("short"), classes=2, train_per_class=4,
+                             val_per_class=20, seed=0)

@@ -13,6 +13,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -98,6 +99,71 @@ def file_size_limit(nbytes: int):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write, do not kill
         resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
     return apply
+
+
+def loader_workers(pid: int) -> list[int]:
+    """The forked children of ``pid`` (DataLoader workers: the same command line)."""
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == pid and (d / "cmdline").read_bytes() == cmdline:
+                found.append(int(d.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except OSError:
+        return False
+
+
+class Segment:
+    """A trainer process on ``out`` (cpu,cpu, a save every step), stderr to a file (no pipe)."""
+
+    def __init__(self, root, out: Path, name: str, *extra, session: bool = False) -> None:
+        self.name, self.out = name, out
+        self.err_path = out.parent / f"{name}.stderr"
+        self.t0, self.n0 = time.monotonic(), len(records(out, torn_ok=True))
+        cmd = train_command(root, out, *CPU_PAIR, "--checkpoint-minutes", "0", *extra)
+        with open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err,
+                                         env=child_env(), cwd=REPO, start_new_session=session)
+
+    def step(self) -> int:
+        """The last step this process has logged (0 before its first)."""
+        return max([r["step"] for r in records(self.out, torn_ok=True)[self.n0:]
+                    if r["kind"] == "train"], default=0)
+
+    @property
+    def err(self) -> str:
+        """What the process has written on stderr so far."""
+        return self.err_path.read_text()
+
+    def wait_for(self, pred, timeout: float = 600.0, poll: float = 0.02) -> None:
+        """Polls until ``pred()``; fails if the process exits first or time runs out."""
+        deadline = time.monotonic() + timeout
+        while not pred():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited early (rc {self.proc.returncode}):\n"
+                                     f"{self.err[-3000:]}")
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise AssertionError(f"{self.name}: timed out waiting\n{self.err[-3000:]}")
+            time.sleep(poll)
+
+    def finish(self, timeout: float = 300.0) -> int:
+        """The process's exit code, once it has exited (killed after ``timeout`` seconds)."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
 
 
 # ----------------------------------------------------------------------------- run folders

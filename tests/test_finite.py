@@ -1,8 +1,9 @@
 """Finite or refused, and checkpoints that cannot cost more than they hold.
 
-* Training stops, one line and exit 1, when an update leaves non-finite weights although its
-  loss was finite (the check shares the loss's host sync), before anything is saved, naming
-  the last good checkpoint; ``save_checkpoint`` never writes non-finite values.
+* Training stops, one line and exit 1, when a batch makes the loss non-finite, or an update
+  leaves non-finite weights although its loss was finite (the check shares the loss's host
+  sync), before anything is saved, naming the step and the last good checkpoint;
+  ``save_checkpoint`` never writes non-finite values.
 * A checkpoint with non-finite values (as the code before this check could write) is refused
   by ``load_checkpoint``, by evaluate and predict (one line, exit 2), and ``--resume`` falls
   back to the previous good one.
@@ -26,10 +27,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import BASE, CPU_PAIR, RunsCode, error_lines, run_python
+from helpers import BASE, CPU_PAIR, RunsCode, error_lines, run_python, train
 from split_alexnet.tools.evaluate import main as evaluate_main
 from split_alexnet.tools.predict import main as predict_main
-from split_alexnet.training import checkpoint
+from split_alexnet.training import checkpoint, loop
 from split_alexnet.training.checkpoint import (FORMAT, CheckpointError, check_archive, checksum,
                                                load_checkpoint, nonfinite, save_checkpoint)
 from split_alexnet.training.config import parse_config
@@ -58,6 +59,40 @@ def test_weights_made_non_finite_by_an_update_stop_before_any_save(demo_root, tm
     assert line.endswith("Last good checkpoint: none yet"), line
     assert sorted(p.name for p in out.glob("*.pt")) == []
     assert sorted(out.glob(".*.tmp")) == []
+
+
+def test_poisoned_batch_stops_naming_the_step_and_the_last_good_checkpoint(
+        demo_root, tmp_path, monkeypatch, capsys):
+    real_finish, real_checksum = loop.finish_batch, checkpoint.checksum
+    calls, sums = [0], {}
+
+    def finish_batch(batch, stats, device, **kw):
+        x = real_finish(batch, stats, device, **kw)
+        if torch.is_grad_enabled():  # a training batch (evaluation runs under no_grad)
+            calls[0] += 1
+            if calls[0] == 3:
+                x = torch.full_like(x, float("inf"))
+        return x
+
+    def checksum(payload):
+        h = real_checksum(payload)
+        sums.setdefault(payload["progress"]["step"], h)
+        return h
+
+    monkeypatch.setattr(loop, "finish_batch", finish_batch)
+    monkeypatch.setattr(checkpoint, "checksum", checksum)
+    out = tmp_path / "poison"
+    rc = train(demo_root, out, *CPU_PAIR, "--checkpoint-minutes", "0")
+    err = capsys.readouterr().err
+    assert rc == 1
+    (line,) = error_lines(err)
+    assert "loss is nan at step 3 (epoch 1)" in line, line
+    assert f"Last good checkpoint: {out / 'last.pt'}" in line, line
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["progress"]["step"] == 2 and sorted(sums) == [1, 2]
+    assert ckpt["checksum"] == sums[2]  # exactly step 2's state
+    for t in ckpt["model"].values():
+        assert torch.isfinite(t).all()
 
 
 @pytest.fixture(scope="module")
