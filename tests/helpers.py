@@ -26,6 +26,8 @@ from split_alexnet.utils.cli import run
 
 #: The repository root (this checkout).
 REPO = Path(__file__).resolve().parents[1]
+#: Python programs the tests run as child processes, one per file.
+PROGRAMS = REPO / "tests" / "programs"
 
 #: The training flags of the short runs: 2 epochs of batch 8, no loader workers, Caffe's
 #: initialisation, centre crop only, seed 3. The layout (``CPU_PAIR``, ``--single-device``)
@@ -35,6 +37,9 @@ BASE = ["--batch-size", "8", "--epochs", "2", "--workers", "0", "--log-interval"
 #: The two towers on two CPU devices: the paper's split layout without GPUs.
 CPU_PAIR = ["--devices", "cpu,cpu"]
 
+#: Variables of torch.distributed that must not leak from this process into a torchrun job.
+DIST_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+             "MASTER_PORT", "OMP_NUM_THREADS")
 
 
 # ----------------------------------------------------------------------------- inputs, data
@@ -99,6 +104,25 @@ def file_size_limit(nbytes: int):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write, do not kill
         resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
     return apply
+
+
+def torchrun(program: Path, report: Path, args, *, env_extra=None, timeout=240):
+    """Runs ``program`` on 2 ranks under torchrun ($REPORT=report): (process, seconds)."""
+    report.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in child_env().items() if k not in DIST_VARS}
+    env.update(REPORT=str(report), OMP_NUM_THREADS="1", SPLIT_ALEXNET_DIST_TIMEOUT="60")
+    env.update(env_extra or {})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", str(program), *args]
+    t0 = time.monotonic()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return p, time.monotonic() - t0
+
+
+def rank_reports(report: Path) -> dict[int, dict]:
+    """The reports of programs/train_with_rank_report.py in ``report``, by rank."""
+    return {r: json.loads((report / f"rank{r}.json").read_text()) for r in (0, 1)
+            if (report / f"rank{r}.json").exists()}
 
 
 def loader_workers(pid: int) -> list[int]:

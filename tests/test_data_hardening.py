@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import REPO, child_env, file_size_limit, png_chunk, run_python
+from helpers import PROGRAMS, REPO, child_env, file_size_limit, png_chunk, run_python
 from split_alexnet.data.demo import main as demo_main
 from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.data.images import (MAX_PIXELS, PIXELS_ENV, UnreadableImage, load_rgb,
@@ -162,28 +162,6 @@ def test_full_disk_for_demo_data_is_one_line(tmp_path):
 
 # ----------------------------------------------------------------------------- special files
 
-SPECIAL_SCRIPT = r"""
-import json, sys
-from pathlib import Path
-import split_alexnet.data.dataset as D
-import split_alexnet.data.images as I
-from split_alexnet.data.stats import load_stats
-root = Path(sys.argv[1])
-s = load_stats(root, progress=False, workers=2)
-ds = D.CropFolder(root / "train", s.classes, mode="center")
-refused = {}
-for p in sys.argv[2:]:
-    try:
-        I.load_rgb(p)
-        refused[Path(p).name] = None
-    except I.UnreadableImage as e:
-        refused[Path(p).name] = str(e)
-print(json.dumps({"classes": s.classes, "items": len(ds),
-                  "ok": sum(bool(ds[i]["ok"]) for i in range(len(ds))),
-                  "skipped": sorted(Path(p).name for p in ds.skipped), "refused": refused}))
-"""
-
-
 def test_fifos_devices_sockets_and_dangling_links_are_skipped_never_opened(tmp_path,
                                                                            monkeypatch):
     root = make_demo_dataset(tmp_path / "root", classes=2, train_per_class=3, val_per_class=1)
@@ -195,7 +173,7 @@ def test_fifos_devices_sockets_and_dangling_links_are_skipped_never_opened(tmp_p
     with socket.socket(socket.AF_UNIX) as sk:
         sk.bind("sock.jpg")
     special = ["fifo.jpg", "zero.jpg", "dangling.jpg", "sock.jpg"]
-    r = run_python("-c", SPECIAL_SCRIPT, root, *[d / n for n in special],
+    r = run_python(PROGRAMS / "special_files.py", root, *[d / n for n in special],
                    timeout=180, preexec=_as_limit)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -226,23 +204,6 @@ def _bilevel_png(path: Path, w: int, h: int) -> Path:
     return path
 
 
-BOMB_SCRIPT = r"""
-import json, resource, sys, time, warnings
-import split_alexnet.data.images as I
-warnings.simplefilter("ignore")
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-t = time.perf_counter()
-try:
-    I.load_rgb(sys.argv[1])
-    err = None
-except I.UnreadableImage as e:
-    err = str(e)
-print(json.dumps({"error": err, "seconds": time.perf_counter() - t,
-                  "grown_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
-                              / 1024}))
-"""
-
-
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_image_over_the_pixel_limit_is_refused_before_decoding(tmp_path):
     # 100 megapixels: between the limit and Pillow's own hard limit (2x), so Pillow alone
@@ -251,7 +212,7 @@ def test_image_over_the_pixel_limit_is_refused_before_decoding(tmp_path):
     assert p.stat().st_size < 100_000
     with Image.open(p) as im:
         assert im.size == (10_000, 10_000) and MAX_PIXELS < 10_000 ** 2 < 2 * MAX_PIXELS
-    r = run_python("-c", BOMB_SCRIPT, p, timeout=180, preexec=_as_limit)
+    r = run_python(PROGRAMS / "load_image.py", p, timeout=180, preexec=_as_limit)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["error"] == (f"cannot read image {p}: 10000x10000 = 100,000,000 pixels is over "

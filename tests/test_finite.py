@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import BASE, CPU_PAIR, RunsCode, error_lines, run_python, train
+from helpers import BASE, CPU_PAIR, PROGRAMS, RunsCode, error_lines, run_python, train
 from split_alexnet.tools.evaluate import main as evaluate_main
 from split_alexnet.tools.predict import main as predict_main
 from split_alexnet.training import checkpoint, loop
@@ -237,14 +237,7 @@ def test_a_small_file_declaring_a_huge_tensor_is_refused_before_allocating(tmp_p
     assert bomb.stat().st_size < 1 << 20
     with zipfile.ZipFile(bomb) as z:  # the file really declares 256 MB...
         assert max(i.file_size for i in z.infolist()) == 256 << 20
-    probe = ("import resource, sys\n"
-             "from split_alexnet.training.checkpoint import CheckpointError, load_checkpoint\n"
-             "peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024\n"
-             "before = peak()\n"
-             "try:\n    load_checkpoint(sys.argv[1])\n"
-             "except CheckpointError as e:\n    print(e)\n"
-             "print(peak() - before)\n")
-    p = run_python("-c", probe, bomb)
+    p = run_python(PROGRAMS / "load_checkpoint.py", bomb)
     assert p.returncode == 0, p.stderr
     message, grown_mb = p.stdout.strip().splitlines()
     assert f"checkpoint {bomb} is not a checkpoint of this project" in message, message
