@@ -10,11 +10,13 @@
   processes its tests start use one torch thread: N workers share N cores.
 * ``slow``: every test that uses a fixture of :data:`SLOW_FIXTURES` (real training runs,
   torchrun jobs, chaos runs) is marked ``slow``; ``pytest -m "not slow"`` is the quick tier.
+  The files with slow tests run first (the two workers then finish close together).
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import pytest
 import torch
@@ -39,6 +41,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(no_gpu)
+    # The files with slow tests first, then the others by their number of tests: pytest-xdist
+    # (--dist loadfile --no-loadscope-reorder) hands the files out in this order, so that no
+    # long file starts last and keeps one worker busy after the other is done.
+    slow_files = {item.path for item in items if "slow" in item.keywords}
+    tests_in = Counter(item.path for item in items)
+    items.sort(key=lambda item: (item.path not in slow_files, -tests_in[item.path]))
 
 
 @pytest.fixture(scope="session")
