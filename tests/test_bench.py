@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import paper_images as images
+from helpers import paper_images as images
+from helpers import records
 from split_alexnet.tools.bench.main import main as bench_main
 from split_alexnet.network.parallelize import (amp_dtype, autocast_context, grad_scaler,
                                                parallelize, to_input_format, unwrap)
@@ -261,7 +262,7 @@ def test_trainer_runs_with_fast_paths(demo_root, tmp_path):
                                    "--init", "caffe", "--log-interval", "1", "--channels-last",
                                    "--amp", "bf16"])
     assert rc == 0
-    recs = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    recs = records(tmp_path / "r")
     assert any(r["kind"] == "train" for r in recs)
 
 

@@ -25,8 +25,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import paper_images as images
-from conftest import repeated_tiny_set
+from helpers import paper_images as images
+from helpers import records, repeated_tiny_set
 from split_alexnet import (AlexNet, HalfAlexNet, ModelConfig, SplitAlexNet, build_model,
                            count_parameters)
 from split_alexnet.utils.cli import run
@@ -368,8 +368,7 @@ TINY = ["--batch-size", "8", "--workers", "0", "--log-interval", "1", "--no-ten-
 
 
 def _watchdog_records(out: Path) -> list[dict]:
-    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-            if r["kind"] == "watchdog"]
+    return [r for r in records(out) if r["kind"] == "watchdog"]
 
 
 def test_watchdog_fires_on_a_run_that_cannot_learn(same_images_root, tmp_path, capsys):
@@ -395,8 +394,7 @@ def test_watchdog_stays_silent_on_a_run_that_learns(tmp_path, capsys):
     assert rc == 0
     assert "warning" not in capsys.readouterr().err
     assert _watchdog_records(out) == []
-    losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-              if r["kind"] == "train"]
+    losses = [r["loss"] for r in records(out) if r["kind"] == "train"]
     assert len(losses) == 16
     assert sum(losses[11:16]) / 5 < 0.98 * math.log(2)  # the window the watchdog judged
 

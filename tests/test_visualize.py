@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import write_records
 import split_alexnet.tools.predict as predict_mod
 from split_alexnet.utils.checkpoint_file import (CheckpointError, checkpoint_stats,
                                                  load_checkpoint, save_checkpoint)
@@ -219,14 +220,12 @@ def test_retrieval_cli_split_layout(ckpt, self_root, tmp_path, capsys):
 # ----------------------------------------------------------------------------- curves
 
 def write_run(path: Path, n: int = 10, slope: float = 0.05) -> Path:
-    path.mkdir(parents=True)
     recs = [{"kind": "train", "step": s, "loss": 2.0 - s * 0.1, "top1_err": 0.9 - slope * s}
             for s in range(1, n + 1)]
     recs += [{"kind": "val", "step": s, "loss": 2.0, "top1_err": 0.95 - slope * s,
               "top5_err": 0.5} for s in (5, 10)]
     recs += [{"kind": "resume", "step": 6}]
-    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    return path
+    return write_records(path, recs)
 
 
 def test_curves(tmp_path, capsys):
