@@ -1,20 +1,22 @@
-"""Shared fixtures, helpers and markers of the test suite.
+"""Shared fixtures and markers of the test suite (the shared functions are in helpers.py).
 
 * ``demo_root``: a tiny generated CropFolder (4 classes x 8 train x 4 val).
-* :func:`paper_images`: random network inputs at the paper's input scale.
-* :func:`repeated_tiny_set`: 8 training images, each repeated, for runs of many steps and few
-  epochs (an epoch's end writes a full-size checkpoint).
+* Real runs shared by several test files (session fixtures: built once per worker, never
+  changed; a test that continues one works on a :func:`helpers.copy_run` of it):
+  ``one_step`` (one step), ``reference`` (8 steps, uninterrupted); and ``short_root``, a set
+  of one training step per epoch and 40 validation images.
 * ``gpu`` tests are skipped by their marker alone when no CUDA device is present.
 * Under ``pytest -n N`` (pytest-xdist, the default in pyproject.toml) each worker and the
   processes its tests start use one torch thread: N workers share N cores.
 * ``slow``: every test that uses a fixture of :data:`SLOW_FIXTURES` (real training runs,
   torchrun jobs, chaos runs) is marked ``slow``; ``pytest -m "not slow"`` is the quick tier.
+  The files with slow tests run first (the two workers then finish close together).
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from collections import Counter
 
 import pytest
 import torch
@@ -23,12 +25,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # a worker of pytest -n N: one core e
     os.environ["OMP_NUM_THREADS"] = "1"  # for the trainings and jobs it starts
     torch.set_num_threads(1)
 
+from helpers import CPU_PAIR, train
 from split_alexnet.data.demo import make_demo_dataset
-from split_alexnet.network.model import INPUT_SIZE
 
 #: Module fixtures that run real training jobs: the full-size training runs of test_train, the
-#: torchrun jobs of test_distributed and the SIGKILL/SIGTERM chaos runs of test_reliability.
-SLOW_FIXTURES = {"runs", "dist_runs", "chaos"}
+#: torchrun jobs of test_distributed and the SIGKILL/SIGTERM chaos runs of
+#: test_reliability_chaos.
+SLOW_FIXTURES = {"runs", "dist_runs", "chaos", "tower_runs"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -38,14 +41,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(no_gpu)
-
-
-def paper_images(n: int, *, size: int = INPUT_SIZE, seed: int = 0,
-                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(n, 3, size, size) random inputs at the paper's input scale: raw 0-255 RGB minus the
-    mean image has a pixel std of about 60."""
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, 3, size, size, generator=g) * 60).to(dtype)
+    # The files with slow tests first, then the others by their number of tests: pytest-xdist
+    # (--dist loadfile --no-loadscope-reorder) hands the files out in this order, so that no
+    # long file starts last and keeps one worker busy after the other is done.
+    slow_files = {item.path for item in items if "slow" in item.keywords}
+    tests_in = Counter(item.path for item in items)
+    items.sort(key=lambda item: (item.path not in slow_files, -tests_in[item.path]))
 
 
 @pytest.fixture(scope="session")
@@ -55,12 +56,25 @@ def demo_root(tmp_path_factory):
                              val_per_class=4, seed=0)
 
 
-def repeated_tiny_set(path: Path, copies: int) -> Path:
-    """The demo generator's 2 classes x 4 training images (2 val per class, seed 1), each
-    training image in ``copies`` files (hard links): at batch 8 an epoch is ``copies`` steps
-    over the same 8 images, and their statistics are those of the 8."""
-    root = make_demo_dataset(path, classes=2, train_per_class=4, val_per_class=2, seed=1)
-    for image in sorted((root / "train").glob("*/*.jpg")):
-        for k in range(1, copies):
-            os.link(image, image.with_name(f"{image.stem}_copy{k}{image.suffix}"))
-    return root
+@pytest.fixture(scope="session")
+def one_step(demo_root, tmp_path_factory):
+    """A real run stopped after its first step: last.pt at step 1 of 4 in epoch 1."""
+    out = tmp_path_factory.mktemp("one_step") / "run"
+    assert train(demo_root, out, *CPU_PAIR, "--max-steps", "1") == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference(demo_root, tmp_path_factory):
+    """One uninterrupted in-process run of the demo set: 8 steps, 2 epochs."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    assert train(demo_root, out, *CPU_PAIR) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def short_root(tmp_path_factory):
+    """One step per epoch (2 classes x 4 training images, batch 8) and 40 validation images:
+    5 centre-crop batches, 40 ten-crop batches of one image."""
+    return make_demo_dataset(tmp_path_factory.mktemp("short"), classes=2, train_per_class=4,
+                             val_per_class=20, seed=0)

@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import paper_images as images
+from helpers import paper_images as images
+from helpers import records
 from split_alexnet.tools.bench.main import main as bench_main
 from split_alexnet.network.parallelize import (amp_dtype, autocast_context, grad_scaler,
                                                parallelize, to_input_format, unwrap)
@@ -99,6 +100,62 @@ def test_bench_model_writes_rows(tmp_path, capsys):
     assert split["infer"]["bytes_between_towers"] == fwd
     assert split["train"]["bytes_between_towers"] == 2 * fwd
     assert "img/s" in capsys.readouterr().out  # the table
+
+
+def test_measured_and_interleaved_rows_have_the_same_columns():
+    """One row builder: a row measured alone and one from an A/B group have the same keys in
+    the same order, but for the one that says how they were warmed up."""
+    from split_alexnet.tools.bench.timing import interleaved, measure
+    cpu = (torch.device("cpu"), torch.device("cpu"))
+    ceiling = lambda d, dt: 1e12  # noqa: E731 - a fixed ceiling: the columns are the point
+    alone = measure("collapsed", "infer", "fp32", cpu, 1, 0, 1, ceiling).to_dict()
+    (ab,) = interleaved("collapsed", "infer", ["fp32"], cpu, 1, 0, 1, ceiling)
+    ab = ab.to_dict()
+    assert [k if k != "warmup_s" else "how" for k in alone] == \
+        [k if k != "interleaved" else "how" for k in ab]
+    assert alone["warmup_s"] >= 0 and ab["interleaved"] is True
+    assert alone["peak_mem"] and ab["peak_mem"] is None
+    for r in (alone, ab):
+        assert (r["layout"], r["devices"], r["mode"], r["fast_path"]) == \
+            ("collapsed", "cpu", "infer", "fp32")
+        assert r["steps"] == len(r["times_s"]) == 1 and r["peak_gflops"] == 1000.0
+        assert r["gflop_per_image"] == flops_per_image("alexnet")["forward"] / 1e9
+        assert r["bytes_between_towers"] is None and r["kind"] == "model"
+
+
+def test_rounds_pool_their_timed_steps():
+    from split_alexnet.tools.bench.timing import Row
+    row = Row(layout="split", devices="cpu,cpu", mode="infer", batch_size=4, fast_path="fp32",
+              times_s=[0.4, 0.2], flops=8e9, peak_flops=100e9, bytes_between_towers=10,
+              peak_mem={"cpu (rss growth)": 1}, warmup_s=1.5, device_name="cpu x2")
+    later = Row(**{**row.__dict__, "times_s": [0.1], "peak_flops": 40e9, "warmup_s": 9.0})
+    row.add_round(later)
+    r = row.to_dict()
+    assert r["times_s"] == [0.4, 0.2, 0.1] and r["steps"] == 3 and r["rounds"] == 2
+    assert r["step_ms"] == pytest.approx(200) and r["min_step_ms"] == pytest.approx(100)
+    assert r["images_per_s"] == pytest.approx(20) and r["images_per_s_best"] == pytest.approx(40)
+    assert r["gflops"] == pytest.approx(40) and r["peak_gflops"] == pytest.approx(70)
+    assert r["fraction_of_peak"] == pytest.approx(40 / 70)
+    assert r["warmup_s"] == 1.5  # the first round's
+
+
+def test_bench_model_options_are_read_once():
+    from split_alexnet.tools.bench.main import build_parser
+    from split_alexnet.tools.bench.model import read_options
+    opts = read_options(build_parser().parse_args(
+        ["model", "--quick", "--devices", "cpu,cpu", "--layouts", "collapsed", "--json", "r"]))
+    assert (opts.batch, opts.warmup, opts.timed, opts.rounds) == (8, 2, 3, 1)
+    assert opts.layouts == ("collapsed",) and opts.partial_json == "r"
+    assert opts.extra == (("collapsed", "channels_last"), ("collapsed", "bf16"))  # planned
+    assert opts.configs()[:2] == [("collapsed", "train", "fp32"), ("collapsed", "infer", "fp32")]
+    opts = read_options(build_parser().parse_args(
+        ["all", "--devices", "cpu,cpu", "--steps", "0,4", "--json", "r", "--modes", "infer",
+         "--fast-paths", "split:bf16,collapsed:fp16,split:channels_last"]))
+    assert (opts.batch, opts.warmup, opts.timed) == (32, 0, 4)
+    assert opts.partial_json is None  # `all` writes its rows once, at the end
+    assert opts.groups() == [("split", ["fp32", "bf16", "channels_last"]),
+                             ("collapsed", ["fp32", "fp16"])]
+    assert opts.configs()[-1] == ("split", "infer", "channels_last")
 
 
 def test_bench_rejects_bad_options():
@@ -205,7 +262,7 @@ def test_trainer_runs_with_fast_paths(demo_root, tmp_path):
                                    "--init", "caffe", "--log-interval", "1", "--channels-last",
                                    "--amp", "bf16"])
     assert rc == 0
-    recs = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    recs = records(tmp_path / "r")
     assert any(r["kind"] == "train" for r in recs)
 
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +16,7 @@ import torch
 from PIL import Image
 
 import caffe_reference as ref
+from helpers import run_python
 from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.data.images import load_rgb256
 from split_alexnet.network.lrn import LocalResponseNorm
@@ -29,10 +28,9 @@ from split_alexnet.tools.evaluate import main as evaluate_main
 from split_alexnet.tools.predict import ILSVRC2012_WNIDS
 from split_alexnet.tools.visualize import KernelGrid
 from split_alexnet.tools.visualize import main as visualize_main
-from split_alexnet.training.checkpoint import load_checkpoint, save_checkpoint
+from split_alexnet.utils.checkpoint_file import load_checkpoint, save_checkpoint
 from split_alexnet.utils.cli import run
 
-ROOT = Path(__file__).resolve().parents[1]
 CROP = slice(14, 14 + 227)  # the 227 centre crop of a 256 image
 TOL = 1e-5  # float32 network vs float64 reference: max |difference| <= TOL * max |logit|
 # (measured here: 1.2e-6; the towers' LRN instead of Caffe's: 3e-2)
@@ -52,10 +50,8 @@ def caffe_files(tmp_path_factory):
     ref.write_net(d / "new.caffemodel", ref.ALEXNET_PROTOTXT, blobs, v1=False)
     ref.write_net(d / "v1.caffemodel", ref.ALEXNET_PROTOTXT, blobs, v1=True)
     ref.write_blob(d / "mean.binaryproto", mean[None])
-    r = subprocess.run([sys.executable, "-m", "split_alexnet.convert", "caffe",
-                        str(d / "new.caffemodel"), str(d / "new.pt"),
-                        "--mean", str(d / "mean.binaryproto")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = run_python("-m", "split_alexnet.convert", "caffe", d / "new.caffemodel", d / "new.pt",
+                   "--mean", d / "mean.binaryproto", timeout=600)
     assert r.returncode == 0, r.stderr
     assert run(convert.main, convert.PROG, ["caffe", str(d / "v1.caffemodel"),
                                             str(d / "v1.pt")]) == 0
@@ -461,7 +457,8 @@ def test_weights_that_do_not_fit_the_network_are_one_line(caffe_files, wnid_val,
     predict stop with one line (exit 2), no traceback."""
     good = load_checkpoint(caffe_files.dir / "v1.pt")
     save_checkpoint(tmp_path / "bad.pt", {
-        **{k: good[k] for k in ("config", "classes", "class_names", "stats", "source")},
+        **{k: good[k] for k in ("model_config", "config", "classes", "class_names", "stats",
+                                "source")},
         "model": {"conv1.weight": torch.zeros(96, 3, 11, 11), "fc8.bias": torch.zeros(7)}})
     for main, prog, argv in ((evaluate_main, "evaluate", ["--data", str(wnid_val.root),
                                                          "--single-device"]),
@@ -490,9 +487,8 @@ def test_bad_mean_missing_file_and_existing_output(caffe_files, tmp_path, capsys
 
 def test_the_command_on_garbage_prints_one_line(tmp_path):
     (tmp_path / "g.caffemodel").write_bytes(b"\x0a\xff\xff\xff\xff\x0f" + bytes(100))
-    r = subprocess.run([sys.executable, "-m", "split_alexnet.convert", "caffe",
-                        str(tmp_path / "g.caffemodel"), str(tmp_path / "o.pt")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = run_python("-m", "split_alexnet.convert", "caffe", tmp_path / "g.caffemodel",
+                   tmp_path / "o.pt")
     assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [
         f"split_alexnet.convert: error: {tmp_path / 'g.caffemodel'}: truncated: field 1 at "

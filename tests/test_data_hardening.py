@@ -24,28 +24,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import split_alexnet.data.images as I
+from helpers import PROGRAMS, REPO, child_env, file_size_limit, png_chunk, run_python
 from split_alexnet.data.demo import main as demo_main
 from split_alexnet.data.demo import make_demo_dataset
+from split_alexnet.data.images import (MAX_PIXELS, PIXELS_ENV, UnreadableImage, load_rgb,
+                                       pixel_limit)
 from split_alexnet.data.prepare import prepare
 from split_alexnet.data.prepare import main as prepare_main
 from split_alexnet.data.pool import WorkerPool
 from split_alexnet.data.prepare_tasks import write_jpeg
 from split_alexnet.utils.cli import Abort, UsageError, run
 
-ROOT = Path(__file__).resolve().parents[1]
 TAG = "SPLIT_ALEXNET_TEST_TAG"   # marks every process a test starts (found in /proc/*/environ)
 AS_LIMIT = 8 << 30               # address-space cap of the subprocesses: a runaway read fails
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def _env(tag: str | None = None, **extra: str) -> dict[str, str]:
-    env = dict(os.environ, **extra)
-    if tag:
-        env[TAG] = tag
-    return env
-
 
 def _tagged(tag: str) -> list[int]:
     """Pids of live (non-zombie) processes whose environment holds ``TAG=tag``."""
@@ -79,21 +73,8 @@ def _wait_for(cond, proc: subprocess.Popen, timeout: float = 180.0) -> None:
         time.sleep(0.05)
 
 
-def _fsize_limit(limit: int):
-    """preexec_fn: files the child writes may not grow past ``limit`` bytes (EFBIG)."""
-    def apply() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write, do not kill
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return apply
-
-
 def _as_limit() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (AS_LIMIT, AS_LIMIT))
-
-
-def _cli(*args: str, preexec=None, env=None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, preexec_fn=preexec, env=env)
 
 
 def _jpegs(root: Path) -> dict[str, bytes]:
@@ -136,8 +117,8 @@ def mixed(tmp_path_factory):
 def test_full_disk_while_converting_is_one_line_and_resumable(mixed, tmp_path):
     src, ref = mixed
     dst = tmp_path / "dst"
-    r = _cli("split_alexnet.prepare", str(src), str(dst), "--workers", "2", "--no-stats",
-             "--quiet", preexec=_fsize_limit(LIMIT))
+    r = run_python("-m", "split_alexnet.prepare", src, dst, "--workers", "2", "--no-stats",
+                   "--quiet", preexec=file_size_limit(LIMIT))
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
@@ -156,8 +137,8 @@ def test_full_disk_while_converting_is_one_line_and_resumable(mixed, tmp_path):
 def test_full_disk_at_statistics_time_keeps_the_images(mixed, tmp_path):
     src, ref = mixed
     dst = tmp_path / "dst"
-    r = _cli("split_alexnet.prepare", str(src), str(dst), "--workers", "0", "--quiet",
-             preexec=_fsize_limit(256 << 10))  # images fit, the 0.8 MB mean image does not
+    r = run_python("-m", "split_alexnet.prepare", src, dst, "--workers", "0", "--quiet",
+                   preexec=file_size_limit(256 << 10))  # images fit, the 0.8 MB mean image does not
     assert r.returncode == 1, r.stderr
     assert r.stderr.strip().splitlines()[-1] == (
         f"split_alexnet.prepare: error: could not write the statistics {dst / 'stats.npz'}: "
@@ -170,8 +151,8 @@ def test_full_disk_at_statistics_time_keeps_the_images(mixed, tmp_path):
 
 def test_full_disk_for_demo_data_is_one_line(tmp_path):
     d = tmp_path / "demo"
-    r = _cli("split_alexnet.demo_data", str(d), "--classes", "2", "--train-per-class", "2",
-             "--val-per-class", "1", preexec=_fsize_limit(2 << 10))
+    r = run_python("-m", "split_alexnet.demo_data", d, "--classes", "2", "--train-per-class",
+                   "2", "--val-per-class", "1", preexec=file_size_limit(2 << 10))
     assert r.returncode == 1, r.stderr
     assert r.stderr.strip().splitlines() == [
         f"split_alexnet.demo_data: error: could not write "
@@ -180,28 +161,6 @@ def test_full_disk_for_demo_data_is_one_line(tmp_path):
 
 
 # ----------------------------------------------------------------------------- special files
-
-SPECIAL_SCRIPT = r"""
-import json, sys
-from pathlib import Path
-import split_alexnet.data.dataset as D
-import split_alexnet.data.images as I
-from split_alexnet.data.stats import load_stats
-root = Path(sys.argv[1])
-s = load_stats(root, progress=False, workers=2)
-ds = D.CropFolder(root / "train", s.classes, mode="center")
-refused = {}
-for p in sys.argv[2:]:
-    try:
-        I.load_rgb(p)
-        refused[Path(p).name] = None
-    except I.UnreadableImage as e:
-        refused[Path(p).name] = str(e)
-print(json.dumps({"classes": s.classes, "items": len(ds),
-                  "ok": sum(bool(ds[i]["ok"]) for i in range(len(ds))),
-                  "skipped": sorted(Path(p).name for p in ds.skipped), "refused": refused}))
-"""
-
 
 def test_fifos_devices_sockets_and_dangling_links_are_skipped_never_opened(tmp_path,
                                                                            monkeypatch):
@@ -214,9 +173,8 @@ def test_fifos_devices_sockets_and_dangling_links_are_skipped_never_opened(tmp_p
     with socket.socket(socket.AF_UNIX) as sk:
         sk.bind("sock.jpg")
     special = ["fifo.jpg", "zero.jpg", "dangling.jpg", "sock.jpg"]
-    r = subprocess.run([sys.executable, "-c", SPECIAL_SCRIPT, str(root),
-                        *[str(d / n) for n in special]], cwd=ROOT, capture_output=True,
-                       text=True, timeout=180, preexec_fn=_as_limit)
+    r = run_python(PROGRAMS / "special_files.py", root, *[d / n for n in special],
+                   timeout=180, preexec=_as_limit)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["classes"] == ["circle", "square"] and out["items"] == out["ok"] == 6
@@ -240,30 +198,10 @@ def _bilevel_png(path: Path, w: int, h: int) -> Path:
     z = zlib.compressobj(9)
     idat = b"".join(z.compress(row) for _ in range(h)) + z.flush()
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(kind + data)
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0,
-                                                                        0, 0))
-                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n"
+                     + png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
+                     + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b""))
     return path
-
-
-BOMB_SCRIPT = r"""
-import json, resource, sys, time, warnings
-import split_alexnet.data.images as I
-warnings.simplefilter("ignore")
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-t = time.perf_counter()
-try:
-    I.load_rgb(sys.argv[1])
-    err = None
-except I.UnreadableImage as e:
-    err = str(e)
-print(json.dumps({"error": err, "seconds": time.perf_counter() - t,
-                  "grown_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
-                              / 1024}))
-"""
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
@@ -273,9 +211,8 @@ def test_image_over_the_pixel_limit_is_refused_before_decoding(tmp_path):
     p = _bilevel_png(tmp_path / "big.png", 10_000, 10_000)
     assert p.stat().st_size < 100_000
     with Image.open(p) as im:
-        assert im.size == (10_000, 10_000) and I.MAX_PIXELS < 10_000 ** 2 < 2 * I.MAX_PIXELS
-    r = subprocess.run([sys.executable, "-c", BOMB_SCRIPT, str(p)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=180, preexec_fn=_as_limit)
+        assert im.size == (10_000, 10_000) and MAX_PIXELS < 10_000 ** 2 < 2 * MAX_PIXELS
+    r = run_python(PROGRAMS / "load_image.py", p, timeout=180, preexec=_as_limit)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["error"] == (f"cannot read image {p}: 10000x10000 = 100,000,000 pixels is over "
@@ -289,28 +226,28 @@ def test_pixel_limit_override_and_bad_values(tmp_path, monkeypatch):
     Image.new("RGB", (2000, 1000), (9, 9, 9)).save(big)
     ok = tmp_path / "ok.png"
     Image.new("RGB", (1000, 1000), (9, 9, 9)).save(ok)
-    monkeypatch.delenv(I.PIXELS_ENV, raising=False)
-    assert I.pixel_limit() == I.MAX_PIXELS == 89_478_485
-    assert I.load_rgb(big).shape == (256, 256, 3)
-    monkeypatch.setenv(I.PIXELS_ENV, "1_000_000")
-    assert I.pixel_limit() == 1_000_000
-    with pytest.raises(I.UnreadableImage, match=r"2000x1000 = 2,000,000 pixels is over the "
-                                                r"limit of 1,000,000 pixels"):
-        I.load_rgb(big)
-    assert I.load_rgb(ok).shape == (256, 256, 3)
-    assert I.load_rgb(big, max_pixels=2_000_000).shape == (256, 256, 3)
+    monkeypatch.delenv(PIXELS_ENV, raising=False)
+    assert pixel_limit() == MAX_PIXELS == 89_478_485
+    assert load_rgb(big).shape == (256, 256, 3)
+    monkeypatch.setenv(PIXELS_ENV, "1_000_000")
+    assert pixel_limit() == 1_000_000
+    with pytest.raises(UnreadableImage, match=r"2000x1000 = 2,000,000 pixels is over the "
+                                              r"limit of 1,000,000 pixels"):
+        load_rgb(big)
+    assert load_rgb(ok).shape == (256, 256, 3)
+    assert load_rgb(big, max_pixels=2_000_000).shape == (256, 256, 3)
     for bad in ("lots", "0", "-5", "1.5"):
-        monkeypatch.setenv(I.PIXELS_ENV, bad)
+        monkeypatch.setenv(PIXELS_ENV, bad)
         with pytest.raises(UsageError, match=f"SPLIT_ALEXNET_MAX_PIXELS must be a positive "
                                              f"integer \\(pixels\\), got '{re.escape(bad)}'"):
-            I.load_rgb(ok)
+            load_rgb(ok)
 
 
 def test_docs_state_the_pixel_limit_of_the_code():
     for doc in ("docs/reliability.md", "docs/data.md"):
-        text = (ROOT / doc).read_text()
-        assert f"{I.MAX_PIXELS:,}" in text and I.PIXELS_ENV in text, doc
-    assert "Image.MAX_IMAGE_PIXELS` x 2" not in (ROOT / "docs/data.md").read_text()
+        text = (REPO / doc).read_text()
+        assert f"{MAX_PIXELS:,}" in text and PIXELS_ENV in text, doc
+    assert "Image.MAX_IMAGE_PIXELS` x 2" not in (REPO / "docs/data.md").read_text()
 
 
 # ----------------------------------------------------------------------------- signals
@@ -325,7 +262,7 @@ def originals(tmp_path_factory):
         p = base / f"o{k}.jpg"
         Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)).save(p, quality=90)
         q = base / f"p{k}.jpg"
-        write_jpeg(I.load_rgb(p, decoder="pillow"), q, 90)
+        write_jpeg(load_rgb(p, decoder="pillow"), q, 90)
         out.append((p, q, q.read_bytes()))
     return out
 
@@ -344,7 +281,7 @@ def _linked_tree(root: Path, files: list[Path], train: int, val: int) -> int:
 
 
 def _start(args: list[str], err: Path, tag: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=_env(tag),
+    return subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=child_env(**{TAG: tag}),
                             stdout=subprocess.DEVNULL, stderr=err.open("w"),
                             preexec_fn=_as_limit, **kw)
 
@@ -403,7 +340,7 @@ def test_ctrl_c_during_the_statistics_of_prepare_exits_0_and_no_worker_survives(
     assert not (dst / "stats.npz").exists() and not _temps(dst)
 
 
-def test_sigterm_during_the_statistics_of_train_exits_143_and_no_worker_survives(originals,
+def test_sigterm_during_the_statistics_of_train_exits_130_and_no_worker_survives(originals,
                                                                                 tmp_path):
     root, err, tag = tmp_path / "root", tmp_path / "err.txt", uuid.uuid4().hex
     _linked_tree(root, [q for _, q, _ in originals], 1500, 2)
@@ -416,7 +353,7 @@ def test_sigterm_during_the_statistics_of_train_exits_143_and_no_worker_survives
     finally:
         p.kill()
     lines = err.read_text().splitlines()
-    assert rc == 128 + signal.SIGTERM == 143, lines
+    assert rc == 130, lines  # Interrupted: 130 whichever the signal, as for Ctrl-C
     assert re.fullmatch(rf"split_alexnet\.train: error: statistics stopped by SIGTERM after "
                         rf"\d+ of 3000 images of {re.escape(str(root / 'train'))}; nothing was "
                         rf"saved \(they are computed again next time\)", lines[-1]), lines[-1]
@@ -480,7 +417,7 @@ def test_prepare_bad_flags_are_one_line_exit_2_before_any_work(case, tmp_path, c
            "dst-inside-src": src / "prepared", "src-inside-dst-train": tmp_path / "d"}.get(
         case, tmp_path / "dst")
     if case == "pixel-limit-env":
-        monkeypatch.setenv(I.PIXELS_ENV, "many")
+        monkeypatch.setenv(PIXELS_ENV, "many")
     before = _snapshot(tmp_path)
     argv = [str(src), str(dst), "--workers", "0", "--quiet"] + [
         f.format(tmp=tmp_path) for f in flags]

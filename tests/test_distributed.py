@@ -2,9 +2,10 @@
 
 Every multi-process run goes through the real launcher (``python -m torch.distributed.run
 --standalone --nproc-per-node 2``) and the real ``split_alexnet.train`` main, with
-``--devices cpu,cpu`` in each process. A small driver (written by the fixture) wraps the main
-to record what only the ranks themselves can see: a digest of each rank's parameters after
-training, how many checkpoints each rank wrote, and the RNG state each rank resumed with.
+``--devices cpu,cpu`` in each process. A small driver (tests/programs/train_with_rank_report.py)
+wraps the main to record what only the ranks themselves can see: a digest of each rank's
+parameters after training, how many checkpoints each rank wrote, and the RNG state each rank
+resumed with.
 
 The runs are shared by several tests (module fixture): each costs ~20 s on 2 busy cores.
 Data: 3 classes x 4 training images (global batch 6 = 3 per rank, 2 steps per epoch) and
@@ -13,104 +14,28 @@ Data: 3 classes x 4 training images (global batch 6 = 3 per rank, 2 steps per ep
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import PROGRAMS, REPO, rank_reports, records, torchrun
 from split_alexnet.data.demo import make_demo_dataset
-from split_alexnet.training.checkpoint import load_checkpoint
+from split_alexnet.utils.checkpoint_file import load_checkpoint
 from split_alexnet.utils.cli import run
 from split_alexnet.training.command import main as train_main
 
-REPO = Path(__file__).resolve().parents[1]
+DRIVER = PROGRAMS / "train_with_rank_report.py"
 LAUNCH = REPO / "launch"
 N_TRAIN, N_VAL = 12, 9
 COMMON = ["--devices", "cpu,cpu", "--batch-size", "6", "--epochs", "1", "--workers", "0",
           "--log-interval", "1", "--init", "caffe", "--no-ten-crop", "--seed", "5",
           "--dropout", "0"]
-
-DRIVER = textwrap.dedent('''
-    """split_alexnet.train's main, plus a per-rank report for the tests (JSON in $REPORT)."""
-    import hashlib, json, os, sys
-    from pathlib import Path
-    import torch
-    import split_alexnet.training.checkpoint as ckpt_mod
-    import split_alexnet.training.setup as setup_mod
-    from split_alexnet.training.command import main
-    from split_alexnet.training.trainer import Trainer
-    from split_alexnet.utils.cli import run
-
-    rank = int(os.environ.get("RANK", "0"))
-    report = {"rank": rank, "saves": 0}
-    out = Path(os.environ["REPORT"]) / f"rank{rank}.json"
-    trainers = []
-
-    def digest(tensors):
-        h = hashlib.sha256()
-        for k in sorted(tensors):
-            h.update(k.encode())
-            h.update(tensors[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-        return h.hexdigest()
-
-    _setup, _restore, _save = Trainer.setup, ckpt_mod.restore, ckpt_mod.save_checkpoint
-
-    def setup(cls, *args):
-        trainers.append(_setup(*args))
-        return trainers[-1]
-
-    def restore(t, ckpt, path, *rest):
-        _restore(t, ckpt, path, *rest)
-        report["resumed_rng"] = digest({"cpu": torch.get_rng_state()})
-        report["ckpt_rng"] = {k: digest({"cpu": v["cpu"]}) for k, v in ckpt["rng"].items()}
-
-    def save_checkpoint(*a, **k):
-        report["saves"] += 1
-        return _save(*a, **k)
-
-    Trainer.setup = classmethod(setup)
-    ckpt_mod.restore, ckpt_mod.save_checkpoint = restore, save_checkpoint
-    if os.environ.get("DIE_RANK") == str(rank):  # this rank dies after joining the group
-        def parallelize(*a, **k):
-            os._exit(3)
-        setup_mod.parallelize = parallelize
-    rc = run(main, "split_alexnet.train")
-    if rc == 0:  # the parameters after training
-        report["params"] = digest(trainers[-1].net.state_dict())
-        out.write_text(json.dumps(report))
-    sys.exit(rc)
-''')
-
-
-def torchrun(driver: Path, report: Path, args, *, env_extra=None, timeout=240):
-    report.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                        "MASTER_PORT", "OMP_NUM_THREADS")}
-    env.update(PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), REPORT=str(report),
-               OMP_NUM_THREADS="1", SPLIT_ALEXNET_DIST_TIMEOUT="60", **(env_extra or {}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           "2", str(driver), *args]
-    t0 = time.monotonic()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    return p, time.monotonic() - t0
-
-
-def reports(report: Path) -> dict[int, dict]:
-    return {r: json.loads((report / f"rank{r}.json").read_text()) for r in (0, 1)
-            if (report / f"rank{r}.json").exists()}
-
-
-def records(out: Path) -> list[dict]:
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -118,15 +43,14 @@ def dist_runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("dist")
     data = make_demo_dataset(base / "data", classes=3, train_per_class=4, val_per_class=3,
                              seed=0)
-    driver = base / "driver.py"
-    driver.write_text(DRIVER)
     res = {"base": base, "data": data, "times": {}}
 
-    def ddp(out_name, *extra, name=None):
+    def ddp(out_name, *extra, name=None, nproc=2):
         name = name or out_name
         out = base / out_name
-        p, dt = torchrun(driver, base / f"report_{out_name}",
-                         ["--data", str(data), "--out", str(out), *COMMON, *extra])
+        p, dt = torchrun(DRIVER, base / f"report_{out_name}",
+                         ["--data", str(data), "--out", str(out), *COMMON, *extra],
+                         nproc=nproc, timeout=300)
         assert p.returncode == 0, f"{name}: rc {p.returncode}\n{p.stderr[-4000:]}"
         res["times"][name] = dt
         return out
@@ -137,6 +61,9 @@ def dist_runs(tmp_path_factory):
     ddp("cut", "--max-steps", "1", name="cut1")
     res["cut_ckpt"] = load_checkpoint(base / "cut" / "last.pt")
     res["resumed"] = ddp("cut", "--resume", name="cut2")
+    # The same two replicas as 4 processes, a tower each (--parallel towers).
+    res["towers4"] = ddp("towers4", "--parallel", "towers", "--devices", "cpu,cpu,cpu,cpu",
+                         nproc=4)
     # One process, the same global batches.
     t0 = time.monotonic()
     res["single"] = base / "single"
@@ -151,7 +78,7 @@ def dist_runs(tmp_path_factory):
 
 
 def test_ranks_hold_identical_parameters(dist_runs):
-    rep = reports(dist_runs["base"] / "report_ddp")
+    rep = rank_reports(dist_runs["base"] / "report_ddp")
     assert set(rep) == {0, 1}
     assert rep[0]["params"] == rep[1]["params"]
 
@@ -181,7 +108,7 @@ def test_ddp_equals_one_process_on_the_same_global_batches(dist_runs):
 
 
 def test_only_rank_0_writes(dist_runs):
-    rep = reports(dist_runs["base"] / "report_ddp")
+    rep = rank_reports(dist_runs["base"] / "report_ddp")
     assert rep[0]["saves"] == 1 and rep[1]["saves"] == 0
     out = dist_runs["ddp"]
     kinds = [r["kind"] for r in records(out)]
@@ -203,16 +130,35 @@ def test_resume_under_torchrun_equals_uninterrupted(dist_runs):
     assert cut["progress"]["step"] == 1 and cut["progress"]["epoch_step"] == 1
     assert set(cut["rng"]) == {"rank0", "rank1"}  # one RNG state per rank
     assert not torch.equal(cut["rng"]["rank0"]["cpu"], cut["rng"]["rank1"]["cpu"])
-    rep = reports(dist_runs["base"] / "report_cut")
+    rep = rank_reports(dist_runs["base"] / "report_cut")
     for r in (0, 1):  # every rank loaded the same file, and its own RNG state from it
         assert rep[r]["resumed_rng"] == rep[r]["ckpt_rng"][f"rank{r}"]
     assert rep[0]["params"] == rep[1]["params"]
-    assert rep[0]["params"] == reports(dist_runs["base"] / "report_ddp")[0]["params"]
+    assert rep[0]["params"] == rank_reports(dist_runs["base"] / "report_ddp")[0]["params"]
     a = load_checkpoint(dist_runs["ddp"] / "last.pt")
     b = load_checkpoint(dist_runs["resumed"] / "last.pt")
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert a["progress"] == b["progress"]
+
+
+def test_towers_over_two_pairs_equal_ddp_over_pairs(dist_runs):
+    """4 processes under --parallel towers (2 replicas of a tower pair, DDP among the
+    processes holding the same tower) train exactly what 2 DDP processes of both towers do."""
+    a = load_checkpoint(dist_runs["towers4"] / "last.pt")
+    b = load_checkpoint(dist_runs["ddp"] / "last.pt")
+    assert a["progress"] == b["progress"] and a["world_size"] == b["world_size"] == 2
+    for k, v in b["model"].items():
+        assert torch.equal(a["model"][k], v), k
+    for buf, named in b["optimizer"]["buffers"].items():
+        for k, v in named.items():
+            assert torch.equal(a["optimizer"]["buffers"][buf][k], v), (buf, k)
+    assert set(a["rng"]) == set(b["rng"]) == {"rank0", "rank1"}  # one per replica
+    for r in b["rng"]:
+        assert torch.equal(a["rng"][r]["cpu"], b["rng"][r]["cpu"]), r
+    (va,) = [r for r in records(dist_runs["towers4"]) if r["kind"] == "val"]
+    (vb,) = [r for r in records(dist_runs["ddp"]) if r["kind"] == "val"]
+    assert va["n"] == vb["n"] == N_VAL and va["loss"] == vb["loss"]
 
 
 # ------------------------------------------------------------------------------ failures
@@ -221,8 +167,7 @@ def test_resume_under_torchrun_equals_uninterrupted(dist_runs):
 def test_a_dead_rank_stops_the_job_quickly(dist_runs):
     """Rank 1 dies right after joining the group; rank 0 must not hang."""
     base = dist_runs["base"]
-    driver = base / "driver.py"
-    p, dt = torchrun(driver, base / "report_die",
+    p, dt = torchrun(DRIVER, base / "report_die",
                      ["--data", str(dist_runs["data"]), "--out", str(base / "die"), *COMMON],
                      env_extra={"DIE_RANK": "1"}, timeout=120)
     assert p.returncode != 0
@@ -407,10 +352,8 @@ def test_holdout_under_torchrun_counts_each_image_once(tmp_path):
     trained on; the hold-out's error equals one process's on the same split."""
     data = make_demo_dataset(tmp_path / "data", classes=3, train_per_class=5, val_per_class=3,
                              seed=0)
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
     out = tmp_path / "ddp"
-    p, _ = torchrun(driver, tmp_path / "report", ["--data", str(data), "--out", str(out),
+    p, _ = torchrun(DRIVER, tmp_path / "report", ["--data", str(data), "--out", str(out),
                                                   *COMMON, "--holdout", "1"])
     assert p.returncode == 0, p.stderr[-4000:]
     assert p.stderr.count("--holdout 1: 3 of 15 training images held out") == 1  # rank 0 only

@@ -25,8 +25,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import paper_images as images
-from conftest import repeated_tiny_set
+from helpers import paper_images as images
+from helpers import records, repeated_tiny_set
 from split_alexnet import (AlexNet, HalfAlexNet, ModelConfig, SplitAlexNet, build_model,
                            count_parameters)
 from split_alexnet.utils.cli import run
@@ -368,8 +368,7 @@ TINY = ["--batch-size", "8", "--workers", "0", "--log-interval", "1", "--no-ten-
 
 
 def _watchdog_records(out: Path) -> list[dict]:
-    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-            if r["kind"] == "watchdog"]
+    return [r for r in records(out) if r["kind"] == "watchdog"]
 
 
 def test_watchdog_fires_on_a_run_that_cannot_learn(same_images_root, tmp_path, capsys):
@@ -395,8 +394,7 @@ def test_watchdog_stays_silent_on_a_run_that_learns(tmp_path, capsys):
     assert rc == 0
     assert "warning" not in capsys.readouterr().err
     assert _watchdog_records(out) == []
-    losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-              if r["kind"] == "train"]
+    losses = [r["loss"] for r in records(out) if r["kind"] == "train"]
     assert len(losses) == 16
     assert sum(losses[11:16]) / 5 < 0.98 * math.log(2)  # the window the watchdog judged
 
@@ -434,3 +432,37 @@ def test_table_cells_and_the_relu_tanh_ratio():
                                                "lrn-off": {**base, "top1_err_mean": 0.314,
                                                            "top5_err_mean": 0.112}})
     assert "-1.4 top-1 / -1.2 top-5 points (paper: -1.4 / -1.2)" in line
+
+
+def test_a_step_ratio_claim_is_data_of_its_experiment():
+    """Any experiment with a StepRatio gets the ratio sentence, in its own words."""
+    from split_alexnet.tools.experiments import Experiment, StepRatio, comparisons
+    exp = Experiment("x", "?", (("a", {"lrn": "paper"}), ("b", {"lrn": "off"})), target="err25",
+                     ratio=StepRatio(2.5, ("A", "B"), "the goal", "elsewhere"))
+    a = {"target_reached": 1, "target_step_mean": 10.0, "budget_steps": 40}
+    (line,) = comparisons(exp, {"a": a, "b": {**a, "target_step_mean": 30.0}})
+    assert line == ("Measured: B needed 3.0x the steps of A to reach the goal (paper: 2.5x, "
+                    "elsewhere).")
+    (line,) = comparisons(exp, {"a": {**a, "target_reached": 0}, "b": a})
+    assert line == ("Measured: A did not reach the goal within the budget, so this run says "
+                    "nothing about the 2.5x.")
+    assert comparisons(EXPERIMENTS["init"], {}) == []  # no ratio, no delta: nothing to compare
+
+
+def test_every_flag_is_read_before_any_work(tmp_path):
+    """The experiment's flags and the trainer's (after --, parsed once, winning over the
+    experiment's settings) make the plan; nothing is created yet."""
+    from split_alexnet.tools.experiments import make_plan, parse_args
+    out = tmp_path / "o"
+    plan = make_plan(*parse_args(["init", "--data", str(tmp_path / "none"), "--out", str(out),
+                                  "--devices", "cpu,cpu", "--budget-steps", "5", "--variants",
+                                  "caffe,paper", "--", "--lr", "0.005", "--log-interval", "3"]))
+    assert not out.exists()
+    assert [n for n, _ in plan.exp.variants] == ["paper", "caffe"] and not plan.complete
+    cfg = plan.base.to_dict()
+    assert (cfg["lr"], cfg["log_interval"], cfg["max_steps"], cfg["devices"]) == \
+        (0.005, 3, 5, "cpu,cpu")
+    assert plan.budget == "5 steps per run" and not plan.make_demo and not plan.demo
+    whole = make_plan(*parse_args(["lrn", "--out", str(out), "--devices", "cpu,cpu"]))
+    assert whole.complete and whole.make_demo and whole.data == out / "demo_data"
+    assert not out.exists()

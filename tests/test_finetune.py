@@ -9,12 +9,7 @@ random weights). The fine-tuning runs train on 3 other classes, so fc8 is re-ini
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -22,27 +17,17 @@ import pytest
 import torch
 
 import caffe_reference as ref
+from helpers import BASE, PROGRAMS, rank_reports, torchrun, train
 from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.network.model import TOWER_LAYERS, layout_state_dict
 from split_alexnet.tools.convert import main as convert_main
-from split_alexnet.training.checkpoint import load_checkpoint
+from split_alexnet.utils.checkpoint_file import load_checkpoint
 from split_alexnet.training.options import parse_command, parse_config
 from split_alexnet.training.recipes import FINETUNE_PRESET
 from split_alexnet.training.loader import train_loader
 from split_alexnet.training.optim import set_lr
 from split_alexnet.training.trainer import Trainer
-from split_alexnet.training.command import main as train_main
 from split_alexnet.utils.cli import run
-
-REPO = Path(__file__).resolve().parents[1]
-BASE = ["--batch-size", "8", "--epochs", "2", "--workers", "0", "--log-interval", "1",
-        "--init", "caffe", "--no-ten-crop", "--seed", "3"]
-
-
-def train(root, out, *extra) -> int:
-    return run(train_main, "train", ["--data", str(root), "--out", str(out), *BASE,
-                                     *map(str, extra)])
-
 
 def layers_of(state: dict, layer: str) -> dict:
     return {k: v for k, v in state.items() if k.split(".")[0] == layer}
@@ -321,47 +306,19 @@ def test_resume_refuses_converted_weights_and_changed_fine_tuning_flags(converte
 
 # ----------------------------------------------------------------------------- DDP
 
-DRIVER = textwrap.dedent('''
-    """split_alexnet.train under torchrun; each rank writes a digest of its parameters."""
-    import hashlib, os, sys
-    from pathlib import Path
-    from split_alexnet.training.command import main
-    from split_alexnet.training.trainer import Trainer
-    from split_alexnet.utils.cli import run
-
-    trainers = []
-    _setup = Trainer.setup
-    Trainer.setup = classmethod(lambda cls, *a: trainers.append(_setup(*a)) or trainers[-1])
-    rc = run(main, "split_alexnet.train")
-    if rc == 0:
-        h = hashlib.sha256()
-        for k, v in sorted(trainers[-1].net.state_dict().items()):
-            h.update(k.encode() + v.detach().contiguous().reshape(-1).view(-1).numpy().tobytes())
-        Path(os.environ["REPORT"], os.environ["RANK"]).write_text(h.hexdigest())
-    sys.exit(rc)
-''')
-
-
 @pytest.mark.slow
 def test_frozen_layers_under_ddp(src, tmp_path):
     """Two ranks (gloo, towers on cpu,cpu) fine-tune with conv1-conv5 frozen: DDP needs no
     find_unused_parameters for them, the ranks end identical, the frozen layers unchanged."""
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                        "MASTER_PORT", "OMP_NUM_THREADS")}
-    env.update(PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), REPORT=str(tmp_path),
-               OMP_NUM_THREADS="1", SPLIT_ALEXNET_DIST_TIMEOUT="120")
     out = tmp_path / "o"
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc-per-node", "2", str(driver), "--data", str(src.data), "--out",
-                        str(out), *BASE, "--batch-size", "6", "--max-steps", "2",
-                        "--devices", "cpu,cpu", "--init-from", str(src.ckpt),
-                        "--freeze-through", "conv5"],
-                       env=env, capture_output=True, text=True, timeout=300)
+    p, _ = torchrun(PROGRAMS / "train_with_rank_report.py", tmp_path / "report",
+                    ["--data", str(src.data), "--out", str(out), *BASE, "--batch-size", "6",
+                     "--max-steps", "2", "--devices", "cpu,cpu", "--init-from", str(src.ckpt),
+                     "--freeze-through", "conv5"],
+                    env_extra={"SPLIT_ALEXNET_DIST_TIMEOUT": "120"}, timeout=300)
     assert p.returncode == 0, p.stderr[-4000:]
-    assert (tmp_path / "0").read_text() == (tmp_path / "1").read_text()
+    ranks = rank_reports(tmp_path / "report")
+    assert ranks[0]["params"] == ranks[1]["params"]
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["world_size"] == 2 and ckpt["progress"]["step"] == 2
     for layer in ("conv1", "conv2", "conv3", "conv4", "conv5"):

@@ -1,8 +1,9 @@
 """Finite or refused, and checkpoints that cannot cost more than they hold.
 
-* Training stops, one line and exit 1, when an update leaves non-finite weights although its
-  loss was finite (the check shares the loss's host sync), before anything is saved, naming
-  the last good checkpoint; ``save_checkpoint`` never writes non-finite values.
+* Training stops, one line and exit 1, when a batch makes the loss non-finite, or an update
+  leaves non-finite weights although its loss was finite (the check shares the loss's host
+  sync), before anything is saved, naming the step and the last good checkpoint;
+  ``save_checkpoint`` never writes non-finite values.
 * A checkpoint with non-finite values (as the code before this check could write) is refused
   by ``load_checkpoint``, by evaluate and predict (one line, exit 2), and ``--resume`` falls
   back to the previous good one.
@@ -17,11 +18,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import struct
-import subprocess
-import sys
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -29,25 +27,19 @@ from pathlib import Path
 import pytest
 import torch
 
-import split_alexnet.training.checkpoint as C
+from helpers import BASE, CPU_PAIR, PROGRAMS, RunsCode, error_lines, run_python, train
 from split_alexnet.tools.evaluate import main as evaluate_main
 from split_alexnet.tools.predict import main as predict_main
+import split_alexnet.utils.checkpoint_file as checkpoint_file
+from split_alexnet.training import loop
 from split_alexnet.training.options import parse_command, parse_config
-from split_alexnet.training.loader import train_loader
+from split_alexnet.utils.checkpoint_file import (FORMAT, CheckpointError, check_archive, checksum,
+                                                 load_checkpoint, nonfinite, save_checkpoint)
 from split_alexnet.training.optim import set_lr
 from split_alexnet.training.command import main as train_main
 from split_alexnet.training.state import StopReason
 from split_alexnet.training.trainer import Trainer
 from split_alexnet.utils.cli import Abort, run
-
-BASE = ["--batch-size", "8", "--epochs", "2", "--workers", "0", "--log-interval", "1",
-        "--init", "caffe", "--no-ten-crop", "--seed", "3", "--devices", "cpu,cpu",
-        "--checkpoint-minutes", "0"]
-
-
-def error_lines(err: str) -> list[str]:
-    return [ln for ln in err.splitlines() if "error:" in ln]
-
 
 # ----------------------------------------------------------------------------- training
 
@@ -59,6 +51,7 @@ def test_weights_made_non_finite_by_an_update_stop_before_any_save(demo_root, tm
     checkpoint one step later."""
     out = tmp_path / "run"
     rc = run(train_main, "train", ["--data", str(demo_root), "--out", str(out), *BASE,
+                                   *CPU_PAIR, "--checkpoint-minutes", "0",
                                    "--lr", "1e38", "--max-steps", "3"])
     (line,) = error_lines(capsys.readouterr().err)
     assert rc == 1
@@ -68,17 +61,52 @@ def test_weights_made_non_finite_by_an_update_stop_before_any_save(demo_root, tm
     assert sorted(out.glob(".*.tmp")) == []
 
 
+def test_poisoned_batch_stops_naming_the_step_and_the_last_good_checkpoint(
+        demo_root, tmp_path, monkeypatch, capsys):
+    real_finish, real_checksum = loop.finish_batch, checkpoint_file.checksum
+    calls, sums = [0], {}
+
+    def finish_batch(batch, stats, device, **kw):
+        x = real_finish(batch, stats, device, **kw)
+        if torch.is_grad_enabled():  # a training batch (evaluation runs under no_grad)
+            calls[0] += 1
+            if calls[0] == 3:
+                x = torch.full_like(x, float("inf"))
+        return x
+
+    def checksum(payload):
+        h = real_checksum(payload)
+        sums.setdefault(payload["progress"]["step"], h)
+        return h
+
+    monkeypatch.setattr(loop, "finish_batch", finish_batch)
+    monkeypatch.setattr(checkpoint_file, "checksum", checksum)
+    out = tmp_path / "poison"
+    rc = train(demo_root, out, *CPU_PAIR, "--checkpoint-minutes", "0")
+    err = capsys.readouterr().err
+    assert rc == 1
+    (line,) = error_lines(err)
+    assert "loss is nan at step 3 (epoch 1)" in line, line
+    assert f"Last good checkpoint: {out / 'last.pt'}" in line, line
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["progress"]["step"] == 2 and sorted(sums) == [1, 2]
+    assert ckpt["checksum"] == sums[2]  # exactly step 2's state
+    for t in ckpt["model"].values():
+        assert torch.isfinite(t).all()
+
+
 @pytest.fixture(scope="module")
 def diverged(demo_root, tmp_path_factory):
     """Two good steps saved as last.pt, then the learning rate raised to 1e38 in the same
     trainer: the next update overflows. Returns (run folder, the Abort, last.pt's checksum
     after the good steps)."""
     out = tmp_path_factory.mktemp("diverged") / "run"
-    cfg = parse_config(["--data", str(demo_root), "--out", str(out), *BASE, "--max-steps", "2"])
+    cfg = parse_config(["--data", str(demo_root), "--out", str(out), *BASE, *CPU_PAIR,
+                        "--checkpoint-minutes", "0", "--max-steps", "2"])
     t = Trainer.setup(cfg)
     assert t.train_epoch() is StopReason.MAX_STEPS
     t.save()
-    good = C.load_checkpoint(out / "last.pt")["checksum"]
+    good = load_checkpoint(out / "last.pt")["checksum"]
     set_lr(t.optimizer, 1e38)
     t.cfg = t.cfg.with_settings(max_steps=4)
     with pytest.raises(Abort) as e:
@@ -92,7 +120,7 @@ def test_divergence_after_good_steps_names_the_last_good_checkpoint_and_keeps_it
     assert abort.code == 1
     assert "the weights became non-finite" in msg and "at step 3 (epoch 1)" in msg, msg
     assert msg.endswith(f"Last good checkpoint: {out / 'last.pt'}"), msg
-    ckpt = C.load_checkpoint(out / "last.pt")
+    ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["checksum"] == good and ckpt["progress"]["step"] == 2
     assert all(bool(torch.isfinite(v).all()) for v in ckpt["model"].values())
 
@@ -100,13 +128,13 @@ def test_divergence_after_good_steps_names_the_last_good_checkpoint_and_keeps_it
 def test_a_checkpoint_with_non_finite_values_is_never_written(tmp_path):
     path = tmp_path / "last.pt"
     good = {"model": {"w": torch.ones(3)}, "stats": {"mean": torch.zeros(2)}}
-    C.save_checkpoint(path, good)
+    save_checkpoint(path, good)
     before = path.read_bytes()
     for table, name in (("model", "w"), ("stats", "mean")):
         bad = {k: dict(v) for k, v in good.items()}
         bad[table][name] = torch.tensor([1.0, float("nan"), float("inf")])
         with pytest.raises(Abort, match=f"not writing {path}: {table} {name} is not finite"):
-            C.save_checkpoint(path, bad)
+            save_checkpoint(path, bad)
         assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
@@ -116,22 +144,22 @@ def test_a_checkpoint_with_non_finite_values_is_never_written(tmp_path):
 def test_the_finite_check_finds_one_bad_value_and_passes_huge_finite_ones(dtype):
     big = torch.finfo(dtype).max
     huge = torch.full((4096,), big, dtype=dtype)  # its float32 sum overflows; all finite
-    assert C.nonfinite({"model": {"w": huge, "v": -huge}}) is None
+    assert nonfinite({"model": {"w": huge, "v": -huge}}) is None
     for bad in (float("nan"), float("inf"), -float("inf")):
         for at in (0, 2047, 4095):
             w = huge.clone()
             w[at] = bad
-            assert C.nonfinite({"model": {"ok": huge, "w": w}}) == "model w", (bad, at)
+            assert nonfinite({"model": {"ok": huge, "w": w}}) == "model w", (bad, at)
     both = huge.clone()
     both[0], both[1] = float("inf"), -float("inf")  # the sum is NaN, not a cancelling 0
-    assert C.nonfinite({"stats": {"m": both}}) == "stats m"
+    assert nonfinite({"stats": {"m": both}}) == "stats m"
 
 def _rewrite(src: Path, dst: Path, change) -> None:
     """dst: src's payload after ``change(payload)``, with a valid checksum, saved as a plain
     torch.save (as the code before the finite check could write it)."""
     payload = torch.load(src, map_location="cpu", weights_only=True)
     change(payload)
-    payload["checksum"] = C.checksum(payload)
+    payload["checksum"] = checksum(payload)
     torch.save(payload, dst)
 
 
@@ -144,8 +172,8 @@ def test_evaluate_and_predict_refuse_non_finite_weights_in_one_line(diverged, de
     out, _, _ = diverged
     nan = tmp_path / "nan.pt"
     _rewrite(out / "last.pt", nan, _nan_fc8_bias)
-    with pytest.raises(C.CheckpointError, match=r"non-finite values \(model fc8.bias\)"):
-        C.load_checkpoint(nan)
+    with pytest.raises(CheckpointError, match=r"non-finite values \(model fc8.bias\)"):
+        load_checkpoint(nan)
     image = next((demo_root / "val").rglob("*.jpg"))
     capsys.readouterr()
     for main, prog, argv in (
@@ -168,7 +196,7 @@ def test_resume_passes_over_a_non_finite_last_checkpoint(diverged, demo_root, tm
     _rewrite(out / "last.pt", run_dir / "last.pt", _nan_fc8_bias)
     capsys.readouterr()
     t = Trainer.setup(*parse_command(["--data", str(demo_root), "--out", str(run_dir), *BASE,
-                                      "--resume"]))
+                                      *CPU_PAIR, "--checkpoint-minutes", "0", "--resume"]))
     err = capsys.readouterr().err
     assert "non-finite values (model fc8.bias)" in err and "trying the previous" in err, err
     assert f"resumed from {run_dir / 'epoch_001.pt'}" in err, err
@@ -183,7 +211,7 @@ def _bomb(path: Path, nbytes: int) -> None:
     compressed zeros that inflate to ``nbytes``, and whose pickle declares that tensor:
     a file of a few hundred KB that a plain torch.load inflates in full."""
     buf = io.BytesIO()
-    torch.save({"format": C.FORMAT, "model": {"w": torch.zeros(10)}}, buf)
+    torch.save({"format": FORMAT, "model": {"w": torch.zeros(10)}}, buf)
     src = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
     n = nbytes // 4
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as dst:
@@ -209,15 +237,7 @@ def test_a_small_file_declaring_a_huge_tensor_is_refused_before_allocating(tmp_p
     assert bomb.stat().st_size < 1 << 20
     with zipfile.ZipFile(bomb) as z:  # the file really declares 256 MB...
         assert max(i.file_size for i in z.infolist()) == 256 << 20
-    probe = ("import resource, sys\n"
-             "from split_alexnet.training.checkpoint import CheckpointError, load_checkpoint\n"
-             "peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024\n"
-             "before = peak()\n"
-             "try:\n    load_checkpoint(sys.argv[1])\n"
-             "except CheckpointError as e:\n    print(e)\n"
-             "print(peak() - before)\n")
-    p = subprocess.run([sys.executable, "-c", probe, str(bomb)], capture_output=True,
-                       text=True, timeout=300)
+    p = run_python(PROGRAMS / "load_checkpoint.py", bomb)
     assert p.returncode == 0, p.stderr
     message, grown_mb = p.stdout.strip().splitlines()
     assert f"checkpoint {bomb} is not a checkpoint of this project" in message, message
@@ -241,19 +261,11 @@ def test_a_tensor_of_the_wrong_shape_is_one_line_naming_it(diverged, demo_root, 
     missing = tmp_path / "missing.pt"
     _rewrite(out / "last.pt", missing,
              lambda p: p["optimizer"]["buffers"]["velocity"].pop("conv1.weight"))
-    with pytest.raises(C.CheckpointError, match="optimizer velocity conv1.weight is nothing"):
-        C.load_checkpoint(missing)
+    with pytest.raises(CheckpointError, match="optimizer velocity conv1.weight is nothing"):
+        load_checkpoint(missing)
 
 
 # ----------------------------------------------------------------------------- weights-only refusal
-
-
-class _RunsCode:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 class _Foreign:
@@ -275,13 +287,13 @@ def _garbage_pickle(path: Path) -> None:
 def test_the_weights_only_refusal_never_suggests_turning_it_off(tmp_path, kind):
     path, marker = tmp_path / "x.pt", tmp_path / "MARKER"
     if kind == "runs-code":
-        torch.save({"format": C.FORMAT, "x": _RunsCode(marker)}, path)
+        torch.save({"format": FORMAT, "x": RunsCode(marker)}, path)
     elif kind == "foreign-class":
-        torch.save({"format": C.FORMAT, "x": _Foreign()}, path)
+        torch.save({"format": FORMAT, "x": _Foreign()}, path)
     else:
         _garbage_pickle(path)
-    with pytest.raises(C.CheckpointError) as e:
-        C.load_checkpoint(path)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path)
     msg = str(e.value)
     assert msg.startswith(f"checkpoint {path} cannot be loaded safely (weights_only=True): it "
                           "is not a checkpoint of this project, or it is unsafe"), msg
@@ -300,5 +312,5 @@ def test_the_records_of_a_real_checkpoint_pass_the_archive_check(diverged):
         records = z.infolist()
     assert {r.compress_type for r in records} == {zipfile.ZIP_STORED}
     assert sum(r.file_size for r in records) <= (out / "last.pt").stat().st_size
-    C.check_archive(out / "last.pt")
+    check_archive(out / "last.pt")
     assert json.loads((out / "config.json").read_text())["lr"] == 0.01

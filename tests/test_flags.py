@@ -9,14 +9,12 @@ would report those instead. TOML settings are checked per field, with their type
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import run_python, write_records
 from split_alexnet.tools.bench.main import main as bench_main
 from split_alexnet.tools.compare import main as compare_main
 from split_alexnet.tools.convert import main as convert_main
@@ -134,16 +132,10 @@ CASES = [
 ]
 
 
-def _write_run(path: Path, records: list) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
 def _places(tmp: Path) -> None:
     (tmp / "file").write_text("a regular file\n")
     for name in ("run_a", "run_b"):
-        _write_run(tmp / name, [{"kind": "train", "step": s, "loss": 2.0 - 0.1 * s,
+        write_records(tmp / name, [{"kind": "train", "step": s, "loss": 2.0 - 0.1 * s,
                                  "top1_err": 0.9} for s in range(1, 6)])
 
 
@@ -178,8 +170,7 @@ def test_convert_refuses_a_fifo_instead_of_hanging_on_it(tmp_path, which):
     model = fifo if which == "MODEL" else tmp_path / "model"
     argv = ["caffe", str(model), str(tmp_path / "o.pt")] + \
         (["--mean", str(fifo)] if which == "--mean" else [])
-    p = subprocess.run([sys.executable, "-m", "split_alexnet.convert", *argv],
-                       capture_output=True, text=True, timeout=120)
+    p = run_python("-m", "split_alexnet.convert", *argv, timeout=120)
     assert p.returncode == 2, p.stderr
     (line,) = p.stderr.strip().splitlines()
     assert f"{fifo} is not a regular file" in line, line
@@ -203,15 +194,15 @@ NEEDS = "; compare needs an integer step and finite numbers"
 ])
 def test_compare_names_a_malformed_record_in_one_line(tmp_path, capsys, record, words):
     good = [{"kind": "train", "step": s, "loss": 1.0} for s in range(1, 6)]
-    a = _write_run(tmp_path / "a", good)
-    b = _write_run(tmp_path / "b", [*good, record])
+    a = write_records(tmp_path / "a", good)
+    b = write_records(tmp_path / "b", [*good, record])
     assert run(compare_main, "compare", [str(a), str(b)]) == 2
     cap = capsys.readouterr()
     (line,) = cap.err.strip().splitlines()
     assert line.endswith(f"{b / 'metrics.jsonl'}: {words}"), line
     assert cap.out == ""
     # Records of other kinds, and fields compare does not read, are not its business.
-    _write_run(b, [*good, {"kind": "resume", "from": 3}, {"kind": "train", "step": 7,
+    write_records(b, [*good, {"kind": "resume", "from": 3}, {"kind": "train", "step": 7,
                                                           "loss": 0.5, "lr": "?"}])
     assert run(compare_main, "compare", [str(a), str(b)]) == 0
     assert "train loss: 5 shared steps, largest difference 0" in capsys.readouterr().out

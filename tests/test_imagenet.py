@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -21,11 +20,11 @@ import pytest
 from PIL import Image
 
 import split_alexnet.data.imagenet as inet
+from helpers import run_python
 from split_alexnet.utils.cli import UsageError
 from split_alexnet.data.prepare import TMP_MARK, prepare
 from split_alexnet.data.subset import SUBSET_FILE
 
-ROOT = Path(__file__).resolve().parents[1]
 NAMES = {"n01440764": "tench, Tinca tinca", "n01443537": "goldfish, Carassius auratus",
          "n01484850": "great white shark, white shark, man-eater"}
 WNIDS = sorted(NAMES)
@@ -269,9 +268,8 @@ def test_truncated_train_tar_cli(images, tmp_path):
     p = src / inet.TRAIN_TAR
     data = p.read_bytes()
     p.write_bytes(data[: len(data) // 2])
-    r = subprocess.run([sys.executable, "-m", "split_alexnet.prepare", str(src),
-                        str(tmp_path / "dst"), "--quiet"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
+    r = run_python("-m", "split_alexnet.prepare", src, tmp_path / "dst", "--quiet",
+                   timeout=120)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2, r.stderr
     assert len(lines) == 1 and inet.TRAIN_TAR in lines[0] and "truncated" in lines[0]
@@ -483,9 +481,8 @@ def test_hostile_archive_cli_is_one_line_exit_2(images, tmp_path):
     src = make_archives(tmp_path / "src", images)
     members = _regular_members(src / inet.DEVKIT)
     _write_tar(src / inet.DEVKIT, members + [_member("../../escaped.txt")], "w:gz")
-    r = subprocess.run([sys.executable, "-m", "split_alexnet.prepare", str(src),
-                        str(tmp_path / "dst"), "--quiet"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
+    r = run_python("-m", "split_alexnet.prepare", src, tmp_path / "dst", "--quiet",
+                   timeout=120)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2, r.stderr
     assert lines == [f"split_alexnet.prepare: error: unsafe member '../../escaped.txt' in "

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import paper_images as images
+from helpers import paper_images as images
 from split_alexnet import (AlexNet, HalfAlexNet, ModelConfig, SplitAlexNet, build_model,
                            collapse_state_dict, count_parameters, layout_state_dict, place,
                            split_state_dict)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import PROGRAMS, REPO, run_python
 import split_alexnet
 
 try:
@@ -23,7 +24,6 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the tomli dependency
     import tomli as tomllib  # type: ignore[no-redef]
 
-REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 SCRIPTS = PYPROJECT["project"]["scripts"]
 PREFIX = "split-alexnet-"
@@ -139,10 +139,7 @@ def test_installed_wheel_runs_outside_the_repository(wheel, tmp_path):
                        env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("usage: ")
-    probe = ("import split_alexnet, split_alexnet.network.lrn_ext as e; "
-             "print(split_alexnet.__file__); print(e.SOURCE.is_file())")
-    p = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=120)
+    p = run_python(PROGRAMS / "where_installed.py", cwd=tmp_path, env=env, timeout=120)
     assert p.returncode == 0, p.stderr
     where, found = p.stdout.split()
     assert Path(where).is_relative_to(target) and found == "True"

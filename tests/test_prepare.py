@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
-import sys
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import run_python
 import split_alexnet.data.dataset as D
 import split_alexnet.data.stats as DS
 from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.data.prepare import REPORT, TMP_MARK, prepare
 from split_alexnet.data.prepare_tasks import out_name
 from split_alexnet.utils.fileio import atomic_write
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def tree(root: Path) -> dict[str, bytes]:
@@ -80,13 +77,8 @@ def test_prepare_outputs_report_and_resume(src, tmp_path):
     assert np.abs(a - b).mean() < 12
 
 
-def _cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=120)
-
-
 def test_prepare_cli_missing_src(tmp_path):
-    r = _cli("split_alexnet.prepare", str(tmp_path / "missing"), str(tmp_path / "out"))
+    r = run_python("-m", "split_alexnet.prepare", str(tmp_path / "missing"), str(tmp_path / "out"))
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "missing" in lines[0] and "Traceback" not in r.stderr
@@ -94,7 +86,7 @@ def test_prepare_cli_missing_src(tmp_path):
 
 def test_prepare_cli_missing_val(tmp_path):
     (tmp_path / "s" / "train" / "a").mkdir(parents=True)
-    r = _cli("split_alexnet.prepare", str(tmp_path / "s"), str(tmp_path / "out"))
+    r = run_python("-m", "split_alexnet.prepare", str(tmp_path / "s"), str(tmp_path / "out"))
     assert r.returncode == 2 and "val" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
@@ -111,11 +103,11 @@ def test_demo_data_deterministic(tmp_path):
 
 
 def test_demo_data_cli(tmp_path):
-    r = _cli("split_alexnet.demo_data", str(tmp_path / "d"), "--classes", "2",
+    r = run_python("-m", "split_alexnet.demo_data", str(tmp_path / "d"), "--classes", "2",
              "--train-per-class", "2", "--val-per-class", "1")
     assert r.returncode == 0, r.stderr
     assert len(list((tmp_path / "d").rglob("*.jpg"))) == 6
-    r = _cli("split_alexnet.demo_data", str(tmp_path / "d"), "--classes", "99")
+    r = run_python("-m", "split_alexnet.demo_data", str(tmp_path / "d"), "--classes", "99")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
 
 

@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from helpers import REPO, records, run_python
 import split_alexnet.data.dataset as D
 from split_alexnet.data.dataset import CropFolder, holdout_indices
 from split_alexnet.network.model import WEIGHT_LAYERS, SplitAlexNet, collapse_state_dict
-from split_alexnet.training.checkpoint import load_checkpoint
+from split_alexnet.utils.checkpoint_file import load_checkpoint
 from split_alexnet.training.config import FLAGS, TrainConfig
 from split_alexnet.training.options import parse_config
 from split_alexnet.training.recipes import DEMO_PRESET, RECIPES, recipe_settings
@@ -26,8 +26,6 @@ from split_alexnet.training.optim import (LRSchedule, build_optimizer,
 from split_alexnet.training.command import main as train_main
 from split_alexnet.training.setup import split_holdout
 from split_alexnet.utils.cli import UsageError, run
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 class TwoLayers(nn.Module):
@@ -175,9 +173,8 @@ def test_new_settings_are_classified():
 
 
 def _train(*args: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "split_alexnet.train", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout,
-                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    return run_python("-m", "split_alexnet.train", *args, cwd=cwd, timeout=timeout,
+                      env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
 
 
 def test_print_recipe_lists_the_settings_and_does_nothing_else(tmp_path):
@@ -297,7 +294,7 @@ def test_every_lr_drop_is_a_record_and_a_log_line(demo_root, tmp_path, capsys):
         "--workers", "0", "--log-interval", "1", "--init", "caffe", "--no-ten-crop",
         "--devices", "cpu,cpu", "--plateau-patience", "0"])
     assert rc == 0
-    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    recs = records(out)
     drops = [r for r in recs if r["kind"] == "lr_drop"]
     assert [(r["step"], r["epoch"]) for r in drops] == [(4, 1), (8, 2)]
     assert [r["old"] for r in drops] == pytest.approx([0.01, 0.001])
@@ -361,7 +358,7 @@ def test_holdout_drives_the_schedule_and_val_is_still_reported(demo_root, tmp_pa
     err = capsys.readouterr().err
     assert "--holdout 2: 8 of 32 training images held out (2 per class); training on 24" in err
     assert len(listings) == 1  # the up-front --holdout check's listing is the training set's
-    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    recs = records(out)
     assert max(r["step"] for r in recs if r["kind"] == "train") == 3  # 24 images / 8
     (val,) = [r for r in recs if r["kind"] == "val"]
     (hold,) = [r for r in recs if r["kind"] == "holdout"]

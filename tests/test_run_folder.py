@@ -2,9 +2,9 @@
 the lock, the refused fresh start, --overwrite, the clean-up of temporaries, and a resume that
 must be the same run (docs/training.md, "Resume: the same run"), with --resume-lr.
 
-Most cases are refused before any work; the others share ``one_step``, a real run of one
-step of the full-size network on the ``demo_root`` set (last.pt at step 1 of 4 in epoch 1),
-cloned per test (checkpoints hard-linked, the rest copied).
+Most cases are refused before any work; the others share ``one_step`` (conftest.py), a real
+run of one step of the full-size network on the ``demo_root`` set (last.pt at step 1 of 4 in
+epoch 1), copied per test (checkpoints hard-linked, the rest copied).
 """
 
 from __future__ import annotations
@@ -13,26 +13,19 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-import split_alexnet.training.command as T
-from split_alexnet.training.checkpoint import load_checkpoint
+from helpers import (BASE, CPU_PAIR, REPO, child_env, copy_run, error_lines, records, train,
+                     train_command)
+from split_alexnet.utils.checkpoint_file import load_checkpoint
 from split_alexnet.training.config import FLAGS, TrainConfig
 from split_alexnet.training.options import COMMAND_FLAGS
 from split_alexnet.training.runfolder import RunLock
+from split_alexnet.training.command import main as train_main
 from split_alexnet.utils.cli import run
-
-BASE = ["--batch-size", "8", "--epochs", "2", "--workers", "0", "--log-interval", "1",
-        "--init", "caffe", "--no-ten-crop", "--seed", "3", "--devices", "cpu,cpu"]
-REPO = Path(__file__).resolve().parents[1]
-
-
-def train(root, out, *extra) -> int:
-    return run(T.main, "train", ["--data", str(root), "--out", str(out), *BASE, *extra])
 
 
 def one_error(capsys) -> str:
@@ -42,25 +35,11 @@ def one_error(capsys) -> str:
     return err[0]
 
 
-def clone(src: Path, dst: Path) -> Path:
-    dst.mkdir(parents=True)
-    for p in (p for p in src.iterdir() if p.is_file()):
-        (os.link if p.suffix == ".pt" else shutil.copyfile)(p, dst / p.name)
-    return dst
-
-
 def fingerprint(out: Path) -> tuple:
     """What must not change when a trainer is refused: the checkpoint's file (a save
     replaces it with a new inode) and the bytes of the records."""
     st = (out / "last.pt").stat()
     return st.st_ino, st.st_size, st.st_mtime_ns, (out / "metrics.jsonl").read_bytes()
-
-
-@pytest.fixture(scope="module")
-def one_step(demo_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("one_step") / "run"
-    assert train(demo_root, out, "--max-steps", "1") == 0
-    return out
 
 
 # ----------------------------------------------------------------------------- one trainer
@@ -69,11 +48,10 @@ def one_step(demo_root, tmp_path_factory):
 def test_a_second_trainer_is_refused_naming_the_live_ones_pid(demo_root, tmp_path, capsys):
     out = tmp_path / "live"
     log = tmp_path / "live.stderr"
-    cmd = [sys.executable, "-m", "split_alexnet.train", "--data", str(demo_root), "--out",
-           str(out), *BASE, "--epochs", "50", "--workers", "2"]
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = train_command(demo_root, out, *CPU_PAIR, "--epochs", "50", "--workers", "2")
     with open(log, "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=REPO)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=child_env(),
+                                cwd=REPO)
     try:
         deadline = time.monotonic() + 300
         while not (out / "metrics.jsonl").exists():  # training, with its 2 loader workers
@@ -83,7 +61,7 @@ def test_a_second_trainer_is_refused_naming_the_live_ones_pid(demo_root, tmp_pat
         # start and --overwrite: each refused before any work, naming the holder.
         for extra in (["--resume"], [], ["--overwrite"]):
             capsys.readouterr()
-            assert train(demo_root, out, *extra, "--max-steps", "1") == 2, extra
+            assert train(demo_root, out, *CPU_PAIR, *extra, "--max-steps", "1") == 2, extra
             line = one_error(capsys)
             assert f"--out {out} is in use by another trainer (pid {proc.pid} on " in line, line
             assert str(out / "train.lock") in line
@@ -102,7 +80,7 @@ def test_a_second_trainer_is_refused_naming_the_live_ones_pid(demo_root, tmp_pat
 def test_a_fresh_start_in_a_folder_that_holds_a_run_is_refused(one_step, demo_root, tmp_path,
                                                                 capsys, held):
     if held == "the run":
-        out = clone(one_step, tmp_path / "run")
+        out = copy_run(one_step, tmp_path / "run")
     else:
         out = tmp_path / "run"
         out.mkdir()
@@ -113,7 +91,7 @@ def test_a_fresh_start_in_a_folder_that_holds_a_run_is_refused(one_step, demo_ro
     before = sorted(p.name for p in out.iterdir() if p.name != "train.lock")
     sums = fingerprint(out) if held == "the run" else None
     capsys.readouterr()
-    assert train(demo_root, out, "--max-steps", "1") == 2
+    assert train(demo_root, out, *CPU_PAIR, "--max-steps", "1") == 2
     line = one_error(capsys)
     assert f"--out {out} already holds a run (" in line and "--overwrite (deletes it)" in line
     if held in ("config.json", "metrics.jsonl"):
@@ -127,23 +105,24 @@ def test_a_fresh_start_in_a_folder_that_holds_a_run_is_refused(one_step, demo_ro
 
 def test_overwrite_deletes_the_previous_run_and_starts_a_new_one(one_step, demo_root,
                                                                 tmp_path, capsys):
-    out = clone(one_step, tmp_path / "run")
+    out = copy_run(one_step, tmp_path / "run")
     for name in ("best.pt", "epoch_001.pt"):
         os.link(one_step / "last.pt", out / name)
     (out / "curves.png").write_bytes(b"an old plot")
-    old = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    old = records(out)[0]
     # A mistake in another flag: refused before the old run is deleted.
     sums = fingerprint(out)
-    assert run(T.main, "train", ["--data", str(tmp_path / "typo"), "--out", str(out), *BASE,
-                                 "--overwrite"]) == 2
+    assert run(train_main, "train", ["--data", str(tmp_path / "typo"), "--out", str(out),
+                                     *BASE, *CPU_PAIR, "--overwrite"]) == 2
     assert fingerprint(out) == sums and (out / "best.pt").exists()
     capsys.readouterr()
-    assert train(demo_root, out, "--overwrite", "--max-steps", "1", "--seed", "4") == 0
+    assert train(demo_root, out, *CPU_PAIR, "--overwrite", "--max-steps", "1",
+                 "--seed", "4") == 0
     err = capsys.readouterr().err
     assert f"--overwrite: deleted the previous run in {out} (config.json, metrics.jsonl, " \
            "last.pt, best.pt, epoch_001.pt)" in err
     assert not any((out / n).exists() for n in ("best.pt", "epoch_001.pt", "curves.png"))
-    (rec,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    (rec,) = records(out)
     assert rec["kind"] == "train" and rec["step"] == 1 and rec["time"] > old["time"]
     assert rec["loss"] != old["loss"]  # the new run (seed 4), not the old one
     assert json.loads((out / "config.json").read_text())["seed"] == 4
@@ -159,10 +138,10 @@ def test_overwrite_deletes_the_previous_run_and_starts_a_new_one(one_step, demo_
 ])
 def test_run_folder_flags_that_cannot_go_together(one_step, demo_root, tmp_path, capsys,
                                                   extra, words):
-    out = clone(one_step, tmp_path / "run")
+    out = copy_run(one_step, tmp_path / "run")
     sums = fingerprint(out)
     capsys.readouterr()
-    assert train(demo_root, out, *extra, "--max-steps", "2") == 2
+    assert train(demo_root, out, *CPU_PAIR, *extra, "--max-steps", "2") == 2
     assert words in one_error(capsys)
     assert fingerprint(out) == sums
 
@@ -188,7 +167,7 @@ def test_every_setting_either_defines_the_run_or_may_change_on_resume():
 
 def test_a_resume_with_other_settings_is_refused_listing_each(one_step, demo_root, tmp_path,
                                                                capsys):
-    out = clone(one_step, tmp_path / "run")
+    out = copy_run(one_step, tmp_path / "run")
     sums = fingerprint(out)
     changed = {"--lr": ("0.02", "0.01"), "--batch-size": ("4", "8"),
                "--pool": ("2/2", "3/2"), "--dropout": ("0.3", "0.5"),
@@ -197,7 +176,7 @@ def test_a_resume_with_other_settings_is_refused_listing_each(one_step, demo_roo
                "--lr-schedule": ("step:2", "plateau"), "--weight-decay": ("0.001", "0.0005")}
     argv = [x for flag, (new, _) in changed.items() for x in (flag, new)]
     capsys.readouterr()
-    assert train(demo_root, out, "--resume", *argv, "--max-steps", "2") == 2
+    assert train(demo_root, out, *CPU_PAIR, "--resume", *argv, "--max-steps", "2") == 2
     line = one_error(capsys)
     assert f"--resume: {out / 'last.pt'} holds another run: " in line, line
     for flag, (new, old) in changed.items():
@@ -213,12 +192,12 @@ def test_a_resume_on_renamed_classes_is_refused(one_step, demo_root, tmp_path, c
     first = sorted(p.name for p in (root / "train").iterdir())[0]
     for split in ("train", "val"):  # the same count, but label 0 is now another class
         (root / split / first).rename(root / split / "zz_renamed")
-    out = clone(one_step, tmp_path / "run")
+    out = copy_run(one_step, tmp_path / "run")
     sums = fingerprint(out)
     capsys.readouterr()
-    assert run(T.main, "train", ["--data", str(root), "--out", str(out), *BASE, "--resume",
-                                 "--max-steps", "2"]) == 2
-    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    assert run(train_main, "train", ["--data", str(root), "--out", str(out), *BASE, *CPU_PAIR,
+                                     "--resume", "--max-steps", "2"]) == 2
+    (line,) = error_lines(capsys.readouterr().err)
     second = sorted(p.name for p in (demo_root / "train").iterdir())[1]
     assert f"the classes (label 0 is '{second}' in the data, '{first}' in the run)" in line, line
     assert fingerprint(out) == sums
@@ -229,7 +208,7 @@ def resumed(one_step, demo_root, tmp_path_factory):
     """one_step continued for one step with --resume-lr and every kind of setting that may
     change, in a folder with leftover temporaries of a dead writer, of a live one, and of an
     older version (no pid)."""
-    out = clone(one_step, tmp_path_factory.mktemp("resumed") / "run")
+    out = copy_run(one_step, tmp_path_factory.mktemp("resumed") / "run")
     dead = subprocess.Popen(["true"])
     dead.wait()
     live = subprocess.Popen(["sleep", "300"])
@@ -240,15 +219,15 @@ def resumed(one_step, demo_root, tmp_path_factory):
     for p in temps.values():
         p.write_bytes(b"half a checkpoint")
     try:
-        rc = train(demo_root, out, "--resume", "--resume-lr", "0.005", "--max-steps", "2",
-                   "--epochs", "3", "--single-device", "--workers", "1", "--log-interval", "2",
-                   "--checkpoint-minutes", "5", "--keep-last", "1", "--eval-every", "2",
-                   "--watchdog-steps", "0", "--ten-crop")
+        rc = train(demo_root, out, *CPU_PAIR, "--resume", "--resume-lr", "0.005",
+                   "--max-steps", "2", "--epochs", "3", "--single-device", "--workers", "1",
+                   "--log-interval", "2", "--checkpoint-minutes", "5", "--keep-last", "1",
+                   "--eval-every", "2", "--watchdog-steps", "0", "--ten-crop")
     finally:
         live.kill()
         live.wait()
     return {"rc": rc, "out": out, "temps": temps,
-            "records": [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]}
+            "records": records(out)}
 
 
 def test_resume_may_change_the_listed_settings(resumed):

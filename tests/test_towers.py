@@ -7,48 +7,25 @@ Data: 3 classes x 4 training images, batch 6 (2 steps per epoch), 3 x 3 validati
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import CPU_PAIR, PROGRAMS, rank_reports, torchrun
 from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.network.model import SplitAlexNet
 from split_alexnet.network.placement import tower_rank_device
-from split_alexnet.training.checkpoint import load_checkpoint
+from split_alexnet.utils.checkpoint_file import load_checkpoint
 from split_alexnet.training.command import main as train_main
 from split_alexnet.training.distributed import Context, check_parallel
 from split_alexnet.training.options import parse_config
 from split_alexnet.utils.cli import UsageError, run
 
-REPO = Path(__file__).resolve().parents[1]
-DRIVER = REPO / "tests" / "programs" / "towers_report.py"
+DRIVER = PROGRAMS / "train_with_rank_report.py"
 COMMON = ["--batch-size", "6", "--epochs", "1", "--workers", "0", "--log-interval", "1",
           "--init", "caffe", "--no-ten-crop", "--seed", "5", "--checkpoint-minutes", "0"]
 LRN_ALL = ["--lrn", "caffe", "--lrn-span", "all"]
-
-
-def torchrun(report: Path, args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
-    """``split_alexnet.train`` under the real launcher, through the reporting driver."""
-    report.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                        "MASTER_PORT", "OMP_NUM_THREADS")}
-    env.update(PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
-               REPORT=str(report), OMP_NUM_THREADS="1", SPLIT_ALEXNET_DIST_TIMEOUT="60")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           str(nproc), str(DRIVER), *args]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, f"rc {p.returncode}\n{p.stderr[-4000:]}"
-    return p
-
-
-def reports(report: Path) -> dict[int, dict]:
-    return {r: json.loads((report / f"rank{r}.json").read_text()) for r in (0, 1)}
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +42,14 @@ def tower_runs(tmp_path_factory):
 
     def here(out: str, *extra: str) -> Path:
         assert run(train_main, "train", ["--data", str(data), "--out", str(base / out),
-                                         "--devices", "cpu,cpu", *COMMON, *extra]) == 0
+                                         *CPU_PAIR, *COMMON, *extra]) == 0
         return base / out
 
     def towers(out: str, *extra: str) -> Path:
-        torchrun(base / f"report_{out}", ["--data", str(data), "--out", str(base / out),
-                                          "--parallel", "towers", "--devices", "cpu,cpu",
-                                          *COMMON, *extra])
+        p, _ = torchrun(DRIVER, base / f"report_{out}",
+                        ["--data", str(data), "--out", str(base / out), "--parallel", "towers",
+                         *CPU_PAIR, *COMMON, *extra], timeout=300)
+        assert p.returncode == 0, f"{out}: rc {p.returncode}\n{p.stderr[-4000:]}"
         return base / out
 
     res["pair"] = here("pair", "--max-steps", "2")
@@ -104,13 +82,13 @@ def test_towers_equal_the_in_process_pair_bit_for_bit(tower_runs):
     """Two steps with dropout on (0.5): weights, momentum, random state and position."""
     assert load_checkpoint(tower_runs["towers"] / "last.pt")["progress"]["step"] == 2
     assert_same_run(tower_runs["towers"], tower_runs["pair"])
-    rep = reports(tower_runs["base"] / "report_towers")
+    rep = rank_reports(tower_runs["base"] / "report_towers")
     assert rep[0]["saves"] >= 1 and rep[1]["saves"] == 0  # rank 0 writes, rank 1 sends
     assert rep[0]["params"] != rep[1]["params"]  # each holds its own tower
 
 
 def test_both_processes_record_the_in_process_traffic(tower_runs):
-    rep = reports(tower_runs["base"] / "report_towers")
+    rep = rank_reports(tower_runs["base"] / "report_towers")
     assert rep[0]["traffic"] == rep[1]["traffic"]
     batch = rep[0]["traffic"][0][3][0]  # the last forward's batch (evaluation's last)
     net = SplitAlexNet(3, init=None).eval()
@@ -127,7 +105,7 @@ def test_a_towers_run_resumes_in_process_and_back(tower_runs):
     The first pair runs Caffe's LRN across the towers, whose halo the processes exchange."""
     assert_same_run(tower_runs["t2p"], tower_runs["all_ref"])
     assert_same_run(tower_runs["p2t"], tower_runs["pair"])
-    rep = reports(tower_runs["base"] / "report_t2p")
+    rep = rank_reports(tower_runs["base"] / "report_t2p")
     assert [t[0] for t in rep[0]["traffic"]][:4] == ["norm1", "norm1", "norm2", "norm2"]
     assert rep[0]["traffic"][0][3][1] == 2  # two channels of halo each way
 

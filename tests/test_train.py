@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import repeated_tiny_set
+from helpers import records, repeated_tiny_set, run_python, train
 
 import split_alexnet
 from split_alexnet.data.dataset import PCA_MODES
@@ -29,7 +29,7 @@ from split_alexnet.network.model import (ACTIVATIONS, ARCHS, INIT_SCHEMES, LRN_C
                                          LRN_SPANS, POOLS, ModelConfig)
 from split_alexnet.network.parallelize import AMP_CHOICES
 from split_alexnet.tools.evaluate import main as evaluate_main
-from split_alexnet.training.checkpoint import load_checkpoint
+from split_alexnet.utils.checkpoint_file import load_checkpoint
 from split_alexnet.network.placement import layout_of
 from split_alexnet.training.config import RECIPE_NAMES, SECTIONS, FLAGS, TrainConfig, to_flags
 from split_alexnet.training.options import COMMAND_FLAGS, parse_command, parse_config
@@ -39,17 +39,8 @@ from split_alexnet.training.optim import OPTIMIZERS, LRSchedule, PaperSGD
 from split_alexnet.training.command import main as train_main
 from split_alexnet.utils.cli import UsageError, run
 
-BASE = ["--batch-size", "8", "--epochs", "2", "--workers", "0", "--log-interval", "1",
-        "--init", "caffe", "--no-ten-crop", "--seed", "3"]
-
-
-def train(root, out, *extra) -> int:
-    return run(train_main, "train", ["--data", str(root), "--out", str(out), *BASE, *extra])
-
-
 def losses(out: Path) -> dict[int, float]:
-    recs = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
+    return {r["step"]: r["loss"] for r in records(out) if r["kind"] == "train"}
 
 
 def assert_same_tensors(a: dict, b: dict, what: str) -> None:
@@ -140,7 +131,7 @@ def test_evaluate_in_both_layouts(runs, demo_root, tmp_path, capsys, ckpt_run):
     assert results[0]["center"] == results[1]["center"]
     assert results[0]["center"]["n"] == 16
     # The same numbers the training run logged for its last epoch.
-    recs = [json.loads(x) for x in (runs[ckpt_run] / "metrics.jsonl").read_text().splitlines()]
+    recs = records(runs[ckpt_run])
     val = [r for r in recs if r["kind"] == "val"][-1]
     assert results[0]["center"]["top1_err"] == val["top1_err"]
     assert "top-1" in capsys.readouterr().out
@@ -208,7 +199,8 @@ def test_missing_val_and_unwritable_out_and_garbage_checkpoint(demo_root, tmp_pa
     blocker.write_text("not a folder")
     assert run(train_main, "train", ["--data", str(demo_root), "--devices", "cpu,cpu",
                                      "--out", str(blocker / "run")]) == 2
-    assert "not writable" in capsys.readouterr().err
+    assert f"--out {blocker / 'run'} cannot be created: {blocker} is not a folder" in \
+        capsys.readouterr().err
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(os.urandom(1000))
     assert run(train_main, "train", ["--data", str(demo_root), "--devices", "cpu,cpu",
@@ -219,9 +211,8 @@ def test_missing_val_and_unwritable_out_and_garbage_checkpoint(demo_root, tmp_pa
 
 
 def test_real_entry_point_prints_no_traceback(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "split_alexnet.train", "--data",
-                        str(tmp_path / "none"), "--devices", "cpu,cpu", "--out",
-                        str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    p = run_python("-m", "split_alexnet.train", "--data", tmp_path / "none", "--devices",
+                   "cpu,cpu", "--out", tmp_path / "o", timeout=120)
     assert p.returncode == 2
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr

@@ -5,6 +5,7 @@ fixture) and used on the generated demo folder."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -14,15 +15,17 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import write_records
 import split_alexnet.tools.predict as predict_mod
-from split_alexnet.training.checkpoint import checkpoint_stats, save_checkpoint
+from split_alexnet.utils.checkpoint_file import (CheckpointError, checkpoint_stats,
+                                                 load_checkpoint, save_checkpoint)
 from split_alexnet.utils.cli import run
 from split_alexnet.data.dataset import CropFolder, find_classes
 from split_alexnet.data.stats import load_stats
 from split_alexnet.data.augment import finish_batch
 from split_alexnet.tools.evaluate import load_model
 from split_alexnet.tools.features import fc7_features, forward_with_features
-from split_alexnet.network.model import AlexNet, layout_state_dict
+from split_alexnet.network.model import AlexNet, ModelConfig, layout_state_dict
 from split_alexnet.tools.visualize import (KernelGrid, RetrievalLayout, colourfulness, curve_series,
                                      kernel_image, retrieval_image, retrieve,
                                      tower_colourfulness)
@@ -32,12 +35,14 @@ PROG = "split_alexnet.visualize"
 
 
 def write_ckpt(path: Path, model: AlexNet, classes, stats, **extra) -> Path:
-    """A checkpoint as the tools read it. Without a "model_config" (checkpoints written before
-    it existed): the network comes from the flat config and the class count."""
+    """A checkpoint as the tools read it: the network in "model_config" (the flat config's
+    fields and the class count)."""
+    config = {"arch": "alexnet", "lrn": "paper", "activation": "relu", "pool": "3/2",
+              "dropout": 0.5}
     save_checkpoint(path, {
         "model": layout_state_dict(model),
-        "config": {"arch": "alexnet", "lrn": "paper", "activation": "relu", "pool": "3/2",
-                   "dropout": 0.5},
+        "model_config": dataclasses.asdict(ModelConfig(num_classes=len(classes), **config)),
+        "config": config,
         "classes": list(classes),
         "stats": {"mean": stats.mean, "eigval": stats.eigval, "eigvec": stats.eigvec},
         "stats_fingerprint": stats.fingerprint, **extra})
@@ -123,6 +128,28 @@ def test_kernels_cli(ckpt, tmp_path, capsys):
     assert len(err) == 1 and "does not exist" in err[0]
 
 
+def test_a_checkpoint_without_model_config_is_refused_in_one_line(ckpt, demo_root, tmp_path,
+                                                                  capsys):
+    """The network is read from "model_config" alone: the fixture's checkpoint without it
+    (as written before that key existed) is refused, by the loader and by every tool."""
+    old = tmp_path / "old.pt"
+    payload = load_checkpoint(ckpt)
+    del payload["model_config"]
+    save_checkpoint(old, payload)
+    want = f"checkpoint {old} has no model_config: it does not say which network it holds"
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(old)
+    assert str(e.value) == want
+    img = sorted((demo_root / "val").rglob("*.jpg"))[0]
+    for main, prog, argv in (
+            (viz_main, PROG, ["kernels", "--checkpoint", str(old), "--out",
+                              str(tmp_path / "k.png")]),
+            (predict_mod.main, predict_mod.PROG, [str(img), "--checkpoint", str(old)])):
+        assert run(main, prog, argv) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"{prog}: error: {want}"]
+    assert not (tmp_path / "k.png").exists()
+
+
 # ----------------------------------------------------------------------------- fc7
 
 def test_fc7_features_same_in_both_layouts(ckpt, demo_root):
@@ -193,14 +220,12 @@ def test_retrieval_cli_split_layout(ckpt, self_root, tmp_path, capsys):
 # ----------------------------------------------------------------------------- curves
 
 def write_run(path: Path, n: int = 10, slope: float = 0.05) -> Path:
-    path.mkdir(parents=True)
     recs = [{"kind": "train", "step": s, "loss": 2.0 - s * 0.1, "top1_err": 0.9 - slope * s}
             for s in range(1, n + 1)]
     recs += [{"kind": "val", "step": s, "loss": 2.0, "top1_err": 0.95 - slope * s,
               "top5_err": 0.5} for s in (5, 10)]
     recs += [{"kind": "resume", "step": 6}]
-    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    return path
+    return write_records(path, recs)
 
 
 def test_curves(tmp_path, capsys):

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from split_alexnet.utils.cli import Abort, UsageError, run
-from split_alexnet.utils.fileio import atomic_write, check_output_dir
+from split_alexnet.utils.fileio import atomic_write, check_output_dir, write_json
 
 __all__ = ["SHAPES", "make_demo_dataset", "draw_image", "main"]
 
@@ -164,9 +164,7 @@ def make_demo_dataset(root, *, classes: int = 10, train_per_class: int = 100,
             buf = io.BytesIO()  # encoded in memory: Pillow ignores short writes to a file
             draw_image(kind, rng).save(buf, "JPEG", quality=QUALITY)
             atomic_write(path, lambda f: f.write(buf.getvalue()), fsync=False, private=False)
-        text = json.dumps(params, sort_keys=True) + "\n"
-        atomic_write(marker, lambda f: f.write(text.encode("utf-8")), fsync=False,
-                     private=False)
+        write_json(marker, params, indent=None, sort_keys=True, fsync=False)
     except OSError as e:  # full disk, file too large: the files written so far are complete
         raise Abort(f"could not write {e.filename or root}: {e.strerror or e}") from None
     return root

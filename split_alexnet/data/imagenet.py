@@ -40,11 +40,11 @@ from split_alexnet.data.dataset import check_dataset_root, find_classes
 from split_alexnet.data.images import is_image_file, report_skipped
 from split_alexnet.data.members import member_rel, safe_rel
 from split_alexnet.utils.cli import UsageError
-from split_alexnet.utils.fileio import atomic_write
+from split_alexnet.utils.fileio import write_json
 
 __all__ = ["TRAIN_TAR", "VAL_TAR", "DEVKIT", "KAGGLE_SOLUTION", "KAGGLE_MAPPING", "CLASSES_FILE",
            "Source", "detect_layout", "parse_devkit", "read_kaggle_solution",
-           "read_synset_mapping", "read_class_metadata", "write_class_metadata", "write_json"]
+           "read_synset_mapping", "read_class_metadata", "write_class_metadata"]
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -60,13 +60,6 @@ WNID = re.compile(r"n\d{8}$")
 
 
 # ----------------------------------------------------------------------------- small helpers
-
-def write_json(path: Path, obj) -> None:
-    """Atomic JSON write (:func:`split_alexnet.utils.fileio.atomic_write`), deterministic
-    content (sorted keys)."""
-    text = json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")), fsync=False, private=False)
-
 
 # ----------------------------------------------------------------------------- metadata files
 
@@ -166,7 +159,8 @@ def write_class_metadata(dst: Path, wnids: Sequence[str], names: dict[str, str],
     full = {w: i for i, w in enumerate(sorted(all_wnids if all_wnids is not None else wnids))}
     rows = [{"index": i, "wnid": w, "name": names.get(w, w), "source_index": full[w]}
             for i, w in enumerate(sorted(wnids))]
-    write_json(Path(dst) / CLASSES_FILE, {"version": 1, "classes": rows})
+    write_json(Path(dst) / CLASSES_FILE, {"version": 1, "classes": rows}, indent=1,
+               sort_keys=True, fsync=False)
     return rows
 
 

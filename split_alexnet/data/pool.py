@@ -1,16 +1,14 @@
 """The data side's worker processes (prepare and the statistics): a pool whose workers never
-outlive the parent, and a prompt, orderly stop on SIGTERM/SIGINT.
+outlive the parent, and that stops promptly when a signal asks it to.
 
-* :class:`StopOnSignal`: while it is entered, the first SIGTERM or SIGINT only sets a flag;
-  the work loops check it between chunks (:meth:`WorkerPool.results` every 0.2 s), so the
-  signal is honoured within one chunk. A second signal raises ``KeyboardInterrupt`` (exit 130).
 * :class:`WorkerPool`: worker processes (:func:`mp_context`), one pipe each, that ignore
   SIGINT and SIGTERM (a Ctrl-C or a ``kill`` of the process group reaches the parent, which
   decides), exit by themselves as soon as their parent process is gone (even after SIGKILL),
   and are killed (SIGKILL) when the parent stops early. With 0 workers the tasks run in the
   calling process, with the same stop checks between tasks.
-* :class:`Interrupted`: what a stopped computation raises: one line, exit code 128 + the
-  signal number (130 for SIGINT, 143 for SIGTERM), the shell's code for a signalled program.
+* The stop: the parent's :class:`split_alexnet.utils.signals.StopOnSignal`, checked between
+  chunks (:meth:`WorkerPool.results` every 0.2 s), so a signal is honoured within one chunk; a
+  stopped computation raises :class:`split_alexnet.utils.cli.Interrupted` (exit code 130).
 """
 
 from __future__ import annotations
@@ -27,8 +25,9 @@ from multiprocessing.process import BaseProcess
 from typing import Callable, Iterator
 
 from split_alexnet.utils.cli import Abort
+from split_alexnet.utils.signals import StopOnSignal
 
-__all__ = ["mp_context", "Interrupted", "StopOnSignal", "WorkerPool"]
+__all__ = ["mp_context", "WorkerPool"]
 
 POLL = 0.2          # seconds between two checks of the stop flag while waiting for a result
 PARENT_POLL = 0.5   # seconds between two checks, in a worker, that its parent still exists
@@ -39,49 +38,6 @@ def mp_context() -> BaseContext:
     once; workers are forked from it cheaply and safely), else spawn."""
     methods = mp.get_all_start_methods()
     return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
-
-
-class Interrupted(Abort):
-    """Work stopped by a signal: one line, exit code 128 + ``signum``."""
-
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message)
-        self.signum = signum
-        self.code = 128 + signum
-
-
-class StopOnSignal:
-    """``with StopOnSignal() as stop: ... if stop: ...``: SIGTERM/SIGINT set ``stop.signum``
-    (a second one raises ``KeyboardInterrupt``). Outside the main thread it installs nothing
-    (and never stops). Nested uses restore the outer handlers on exit."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._old: dict[int, object] = {}
-
-    def __enter__(self) -> "StopOnSignal":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)  # type: ignore[arg-type]
-        self._old.clear()
-
-    def __bool__(self) -> bool:
-        return self.signum is not None
-
-    @property
-    def name(self) -> str:
-        """``"SIGTERM"`` / ``"SIGINT"`` (the signal received), or ``""``."""
-        return signal.Signals(self.signum).name if self.signum is not None else ""
 
 
 def _watch_parent(ppid: int) -> None:

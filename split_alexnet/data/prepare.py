@@ -51,14 +51,16 @@ import numpy as np
 import split_alexnet.data.imagenet as inet
 from split_alexnet.data.dataset import check_dataset_root, find_classes, list_samples
 from split_alexnet.data.images import list_images, pixel_limit, report_skipped
-from split_alexnet.data.pool import Interrupted, StopOnSignal, WorkerPool
+from split_alexnet.data.pool import WorkerPool
 from split_alexnet.data.prepare_tasks import (TMP_MARK, files_task, out_name, train_class_task,
                                              val_chunk_task)
 from split_alexnet.data.stats import load_stats, save_stats
 from split_alexnet.data.subset import SUBSET_FILE, Subset, parse_classes_arg, pick, select_classes
-from split_alexnet.utils.cli import Abort, UsageError, run
-from split_alexnet.utils.fileio import atomic_write, check_output_dir, make_output_dir
+from split_alexnet.utils.cli import Abort, Interrupted, UsageError, run
+from split_alexnet.utils.fileio import (atomic_write, check_output_dir, make_output_dir,
+                                        write_json)
 from split_alexnet.utils.progress import Progress
+from split_alexnet.utils.signals import StopOnSignal
 
 __all__ = ["TMP_MARK", "REPORT", "plan", "prepare", "main", "cli"]
 
@@ -302,7 +304,7 @@ def _convert(source: inet.Source, dst: Path, wnids: list[str], subset: Subset, r
     """Write the metadata and convert every selected image not yet in DST -> the summary."""
     t0 = time.monotonic()
     stray = _remove_stray_temps(dst)
-    inet.write_json(dst / SUBSET_FILE, record)
+    write_json(dst / SUBSET_FILE, record, indent=1, sort_keys=True, fsync=False)
     inet.write_class_metadata(dst, wnids, source.names, source.wnids)
     with _Runner(workers, stop) as runner:
         if source.layout == "archives":

@@ -17,10 +17,11 @@ import torch
 
 from split_alexnet.data.dataset import check_dataset_root, find_classes, list_samples
 from split_alexnet.data.images import SIZE, UnreadableImage, load_rgb256
-from split_alexnet.data.pool import Interrupted, StopOnSignal, WorkerPool
-from split_alexnet.utils.cli import Abort, UsageError
+from split_alexnet.data.pool import WorkerPool
+from split_alexnet.utils.cli import Abort, Interrupted, UsageError
 from split_alexnet.utils.fileio import atomic_write
 from split_alexnet.utils.progress import Progress
+from split_alexnet.utils.signals import StopOnSignal
 
 STATS_VERSION = "split_alexnet-stats-v1"
 
@@ -74,8 +75,8 @@ def compute_stats(root: Path, *, progress: bool = True, workers: int = 0,
     """Compute the statistics of ``root/train`` (all pixels, float64) -> dict for savez.
 
     SIGTERM/SIGINT stop it within one chunk of ``chunk`` images
-    (:class:`split_alexnet.data.pool.StopOnSignal`): the workers are killed and
-    :class:`split_alexnet.data.pool.Interrupted` is raised (exit code 128 + the signal)."""
+    (:class:`split_alexnet.utils.signals.StopOnSignal`): the workers are killed and
+    :class:`split_alexnet.utils.cli.Interrupted` is raised (exit code 130)."""
     root = Path(root)
     check_dataset_root(root)
     classes = find_classes(root / "train")

@@ -20,6 +20,7 @@ alpha/n, one window across all channels), which the network computes exactly in 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import sys
 from itertools import zip_longest
@@ -34,7 +35,7 @@ from split_alexnet.network.model import (AlexNet, ModelConfig, collapsed_shapes,
                                          count_parameters, layout_state_dict)
 from split_alexnet.tools.caffe import Blob, CaffeFormatError, Layer, Net, parse_blob, parse_net
 from split_alexnet.tools.predict import ILSVRC2012_WNIDS, imagenet_names
-from split_alexnet.training.checkpoint import code_version, save_checkpoint
+from split_alexnet.utils.checkpoint_file import code_version, save_checkpoint
 from split_alexnet.utils.cli import Abort, UsageError, run
 from split_alexnet.utils.flags import check_input, check_output
 
@@ -206,7 +207,7 @@ def channel_mean(bgr: Sequence[float] = CAFFE_BGR_MEAN) -> torch.Tensor:
 def converted_payload(model: dict[str, torch.Tensor], mean: torch.Tensor, *, fingerprint: str,
                       source: dict) -> dict:
     """The checkpoint of converted weights, in the trainer's format for everything the tools
-    read (model, config, layout, classes, class_names, class_metadata, stats,
+    read (model, model_config, config, layout, classes, class_names, class_metadata, stats,
     stats_fingerprint, code_version, torch_version) and without training state (no optimizer,
     schedule, progress, rng): ``source`` marks it as converted and names the file it came from.
     Caffe publishes no colour statistics: eigval zeros (PCA noise adds nothing), eigvec the
@@ -215,6 +216,7 @@ def converted_payload(model: dict[str, torch.Tensor], mean: torch.Tensor, *, fin
     classes = list(ILSVRC2012_WNIDS)  # Caffe's labels: the sorted wnids
     return {
         "model": model,
+        "model_config": dataclasses.asdict(CAFFE_MODEL),
         "config": {f: getattr(CAFFE_MODEL, f) for f in ("arch", "num_classes", "lrn",
                                                          "lrn_span", "activation", "pool",
                                                          "dropout")},

@@ -17,7 +17,6 @@ protocol is the centre 227 crop of the 256x256 image minus the mean image, as he
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from dataclasses import replace
@@ -30,11 +29,11 @@ from torch.utils.data import Dataset
 
 from split_alexnet.data.dataset import CropFolder, EpochSampler, find_classes, make_loader
 from split_alexnet.network.placement import add_device_flags, build_model, resolve_devices
-from split_alexnet.training.checkpoint import (CheckpointError, checkpoint_stats,
-                                               load_checkpoint, model_config)
 from split_alexnet.training.loop import evaluate
+from split_alexnet.utils.checkpoint_file import (CheckpointError, checkpoint_stats,
+                                                 load_checkpoint, model_config)
 from split_alexnet.utils.cli import UsageError, run
-from split_alexnet.utils.fileio import atomic_write
+from split_alexnet.utils.fileio import write_json
 from split_alexnet.utils.flags import WORKERS, Number, check_number, check_output
 
 PROG = "split_alexnet.evaluate"
@@ -143,12 +142,6 @@ def evaluate_checkpoint(path: Path, data: Path, *, split: str = "val", ten_crop:
         results[key] = evaluate(model, loader, stats, devs[0], ten_crop=mode == "tencrop",
                                 progress=progress)
     return results
-
-
-def write_json(path: Path | str, obj) -> None:
-    """``obj`` as indented JSON, written atomically."""
-    text = json.dumps(obj, indent=2) + "\n"
-    atomic_write(Path(path), lambda f: f.write(text.encode()), private=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

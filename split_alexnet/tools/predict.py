@@ -34,7 +34,7 @@ from split_alexnet.data.images import UnreadableImage, load_rgb256
 from split_alexnet.network.placement import add_device_flags
 from split_alexnet.tools.evaluate import load_model
 from split_alexnet.tools.features import prepare_input
-from split_alexnet.training.checkpoint import checkpoint_stats
+from split_alexnet.utils.checkpoint_file import checkpoint_stats
 from split_alexnet.utils.cli import UsageError, run
 from split_alexnet.utils.flags import Number
 

@@ -33,9 +33,9 @@ from split_alexnet.data.images import UnreadableImage, load_rgb256
 from split_alexnet.network.placement import add_device_flags
 from split_alexnet.tools.evaluate import load_model
 from split_alexnet.tools.features import fc7_features
-from split_alexnet.training.checkpoint import (CheckpointError, checkpoint_stats,
-                                               load_checkpoint, model_config)
 from split_alexnet.training.metrics import by_step, read_records
+from split_alexnet.utils.checkpoint_file import (CheckpointError, checkpoint_stats,
+                                                 load_checkpoint, model_config)
 from split_alexnet.utils.cli import UsageError, run
 from split_alexnet.utils.fileio import atomic_write
 from split_alexnet.utils.flags import WORKERS, Number, check_output

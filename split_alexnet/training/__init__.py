@@ -9,7 +9,7 @@
                     test), save; StopReason and TrainResult in state.py
     setup.py        the parts built before the first step: data, network, optimizer
     distributed.py  this process's rank and devices; DDP's collectives (torchrun)
-    state.py        Position, RunData, StopReason, TrainResult, StopRequested (signals)
+    state.py        Position, RunData, StopReason, TrainResult: the run's plain data
     runfolder.py    the run folder: its lock, fresh start or --overwrite, config.json, stale
                     temporaries, the settings a resume must share with its checkpoint
     loader.py       the epoch's batches (and the line naming a dead worker's files)
@@ -19,5 +19,5 @@
     finetune.py     --init-from, --reinit, --freeze-through, --lr-mult-new
     plan.py         --plan: a few real steps in a scratch folder, projected
     metrics.py      metrics.jsonl (writer and reader), curves.png, the watchdog
-    checkpoint.py   the run's save and resume
+    checkpoint.py   the run's save and resume (the file format: utils/checkpoint_file.py)
 """

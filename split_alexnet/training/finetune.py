@@ -33,9 +33,8 @@ from torch import nn
 
 from split_alexnet.network.model import (WEIGHT_LAYERS, ModelConfig,
                                          layout_state_dict)
-from split_alexnet.training.checkpoint import (CheckpointError, load_checkpoint,
-                                               model_config)
 from split_alexnet.training.config import PROG, TrainConfig
+from split_alexnet.utils.checkpoint_file import CheckpointError, load_checkpoint, model_config
 from split_alexnet.utils.cli import UsageError
 
 #: ModelConfig fields that must agree between the source checkpoint and the run.

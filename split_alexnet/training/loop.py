@@ -48,7 +48,7 @@ def evaluate(model: nn.Module, loader, stats, device: torch.device, *, ten_crop:
     of the ten crops are averaged (the paper), and the loss is that average's NLL.
     Under torch.distributed the sums are all-reduced, so each image counts exactly once.
 
-    ``stop`` (e.g. the trainer's :class:`~split_alexnet.training.state.StopRequested`): once
+    ``stop`` (e.g. the trainer's :class:`~split_alexnet.utils.signals.StopOnSignal`): once
     it is true the loop ends after the batch in progress, and the result, over the images
     seen so far, has ``"stopped": True``. The all-reduce still runs, so under torchrun every
     rank must then agree on the stop (``distributed.any_rank_flags``)."""

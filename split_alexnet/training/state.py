@@ -1,18 +1,16 @@
 """What a training run holds and reports, as plain data: where it stands (:class:`Position`),
-its data (:class:`RunData`), why it stopped (:class:`StopReason`), what it returns
-(:class:`TrainResult`), and whether it was asked to stop (:class:`StopRequested`). The
-:class:`~split_alexnet.training.trainer.Trainer` owns them."""
+its data (:class:`RunData`), why it stopped (:class:`StopReason`) and what it returns
+(:class:`TrainResult`). The :class:`~split_alexnet.training.trainer.Trainer` owns them (and
+its stop flag, a :class:`~split_alexnet.utils.signals.StopOnSignal`)."""
 
 from __future__ import annotations
 
 import enum
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from split_alexnet.data.dataset import CropFolder
 from split_alexnet.data.stats import Stats
-from split_alexnet.utils.cli import Abort
 
 
 @dataclass
@@ -65,48 +63,3 @@ class TrainResult:
         """The result as the trainer prints it (stdout, one JSON object)."""
         return {"stopped": self.stopped.value, "step": self.step, "epoch": self.epoch,
                 "val": self.val, "holdout": self.holdout, "ten_crop": self.ten_crop}
-
-
-class StopRequested:
-    """SIGTERM/SIGINT, while entered: the first sets the flag (true from then on), and the
-    loops stop within one batch, the run saves where that is meaningful and exits 0. A second
-    raises KeyboardInterrupt at once (exit 130); a save it cuts short is abandoned and the
-    previous checkpoint stays (``checkpoint.save`` then raises :class:`Interrupted`)."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self.count = 0  # signals received
-        self._old: dict[int, object] = {}
-
-    def __enter__(self) -> "StopRequested":
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.count += 1
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)  # type: ignore[arg-type]
-        self._old.clear()
-
-    def __bool__(self) -> bool:
-        return self.signal is not None
-
-    @property
-    def forced(self) -> bool:
-        """A second signal arrived: stop now, without saving."""
-        return self.count > 1
-
-
-class Interrupted(Abort):
-    """A second signal cut a save short: one line, exit code 130 (as for Ctrl-C)."""
-
-    code = 130

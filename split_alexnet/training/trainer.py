@@ -33,9 +33,9 @@ from split_alexnet.training.optim import set_lr
 from split_alexnet.training.options import Command
 from split_alexnet.training.runfolder import RunLock, claim, start_fresh
 from split_alexnet.training.setup import build_learner, list_for_holdout, load_data
-from split_alexnet.training.state import (Position, RunData, StopReason, StopRequested,
-                                          TrainResult)
+from split_alexnet.training.state import Position, RunData, StopReason, TrainResult
 from split_alexnet.utils.fileio import check_output_dir, make_output_dir
+from split_alexnet.utils.signals import StopOnSignal
 
 
 def ensure_demo_data(cfg: TrainConfig, ctx: dist_util.Context) -> None:
@@ -67,7 +67,7 @@ class Trainer:
         self.watchdog = Watchdog(cfg.logging.watchdog_steps, len(data.classes), self.metrics.log,
                                  enabled=self.is_main)
         self.pos = Position(last_save=time.monotonic())
-        self.stop = StopRequested()     # entered by fit()
+        self.stop = StopOnSignal()      # entered by fit()
         self.lock = lock                # OUT/train.lock, held on rank 0 for the whole run
 
     # ------------------------------------------------------------------ set up

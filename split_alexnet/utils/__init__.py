@@ -1,1 +1,2 @@
-"""Small helpers every part uses: command-line errors, the atomic file writer, progress lines, PNG charts."""
+"""Small helpers every part uses: command-line errors, the atomic file writer, the checkpoint file
+format, the signal handler, progress lines, PNG charts."""

@@ -1,6 +1,7 @@
 """One atomic file writer for everything the project writes (checkpoints, statistics,
-metadata, prepared images), and the check that an output folder can be written: standard
-library only, so worker processes can use it without importing torch."""
+metadata, prepared images), the one JSON writer on it, and the check that an output folder
+can be written: standard library only, so worker processes can use it without importing
+torch."""
 
 from __future__ import annotations
 

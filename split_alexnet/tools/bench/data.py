@@ -16,7 +16,6 @@ in a temp folder: prepared 256x256 images and unprepared 500x375 (ImageNet-typic
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -31,6 +30,7 @@ from torchvision.transforms.v2 import functional as F
 
 from split_alexnet.data.dataset import CropFolder, EpochSampler, make_loader
 from split_alexnet.data.images import SIZE, load_rgb256, resize_center, to_rgb
+from split_alexnet.utils.fileio import write_json
 
 try:  # deprecated since torchvision 0.29 (moving to TorchCodec): measured while it exists
     from torchvision.io import ImageReadMode, decode_jpeg, read_file
@@ -190,5 +190,5 @@ def run(args: argparse.Namespace) -> dict:
             out["pipeline"][f"DataLoader prepared 256x256, {workers} workers"] = r
             print(f"  DataLoader, prepared, {workers} workers, batch 32: {r:8.0f} img/s total")
     if getattr(args, "json", None):
-        Path(args.json).write_text(json.dumps({"data": out}, indent=2) + "\n")
+        write_json(args.json, {"data": out})
     return out

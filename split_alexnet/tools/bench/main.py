@@ -3,6 +3,7 @@
 * ``model``: train-step and inference images/s of the layouts and fast paths (bench/model.py)
 * ``data``:  the input pipeline's images/s (bench/data.py)
 * ``lrn``:   the LRN implementations and their share of a train step (bench/lrn.py)
+* ``loop``:  the training loop's per-step overhead of reading the device (bench/loop.py)
 * ``all``:   model, then lrn, then data; ``--json`` gets every row in one list
 
 See docs/benchmarks.md for the columns and the numbers measured so far.
@@ -11,47 +12,51 @@ See docs/benchmarks.md for the columns and the numbers measured so far.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 from typing import Sequence
 
 import split_alexnet.tools.bench.data as data
+import split_alexnet.tools.bench.loop as loop
 import split_alexnet.tools.bench.lrn as lrn
 import split_alexnet.tools.bench.model as model
 from split_alexnet.utils.cli import run as cli_run
-from split_alexnet.utils.fileio import atomic_write
+from split_alexnet.utils.fileio import write_json
 from split_alexnet.utils.flags import WORKERS, Number, check_number, check_output
 
 #: The integer flags that bench/data.py, bench/model.py and bench/lrn.py add, and their
 #: ranges: checked here, before any benchmark runs.
 NUMBERS = {"images": {"min": 1}, "threads": {"min": 1}, "batch_size": {"min": 1},
-           "batch": {"min": 1}, "rounds": {"min": 1}}
+           "batch": {"min": 1}, "rounds": {"min": 1}, "steps": {"min": 1},
+           "interval": {"min": 2}}
 
 
-def _write_json(path: str | None, rows: list[dict]) -> None:
+def _save(path: str | None, rows: list[dict]) -> None:
+    """The rows to ``--json`` FILE, if it was given."""
     if path:
-        text = json.dumps(rows, indent=2, default=str) + "\n"
-        atomic_write(Path(path), lambda f: f.write(text.encode()), private=False)
+        write_json(path, rows)
 
 
 def _model(args: argparse.Namespace) -> list[dict]:
+    """``model``: its rows (and ``--json`` unless it is part of ``all``)."""
     rows = model.run(args)
     if args.command == "model":
-        _write_json(args.json, rows)
+        _save(args.json, rows)
     return rows
 
 
 def _lrn(args: argparse.Namespace) -> list[dict]:
-    if args.command == "all":  # lrn's own options are not on the `all` parser: its defaults
-        args = argparse.Namespace(quick=args.quick, threads=args.threads or 2)
-    rows = [{**r, "bench": "lrn"} for r in lrn.run(args)]
-    if args.__dict__.get("command") == "lrn":
-        _write_json(args.json, rows)
+    """``lrn``: its rows, marked ``bench: lrn`` (and ``--json`` unless it is part of
+    ``all``, where lrn's own options are not on the parser and take their defaults)."""
+    own = args if args.command == "lrn" else argparse.Namespace(quick=args.quick,
+                                                                 threads=args.threads or 2)
+    rows = [{**r, "bench": "lrn"} for r in lrn.run(own)]
+    if args.command == "lrn":
+        _save(args.json, rows)
     return rows
 
 
 def _data(args: argparse.Namespace) -> list[dict]:
+    """``data``: its results (its own ``--json`` layout); in ``all``, as rows."""
     if args.command == "data":  # its own JSON layout ({"data": {...}}), as before
         data.run(args)
         return []
@@ -71,16 +76,29 @@ def _data(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _own(bench):
+    """A benchmark that is only run on its own: its rows, and ``--json``."""
+    def command(args: argparse.Namespace) -> list[dict]:
+        rows = bench.run(args)
+        _save(args.json, rows)
+        return rows
+    return command
+
+
 def _all(args: argparse.Namespace) -> list[dict]:
+    """``all``: model, then lrn, then data; ``--json`` gets every row in one list."""
     rows = _model(args) + _lrn(args) + _data(args)
-    _write_json(args.json, rows)
+    _save(args.json, rows)
     return rows
 
 
-COMMANDS = {"model": _model, "data": _data, "lrn": _lrn, "all": _all}
+COMMANDS = {"model": _model, "data": _data, "lrn": _lrn, "loop": _own(loop), "all": _all}
+#: The benchmarks that add their own options to their sub-command's parser.
+OWN_OPTIONS = {"lrn": lrn, "loop": loop}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``bench`` parser: one sub-command per benchmark, each with its own options."""
     ap = argparse.ArgumentParser(prog="python -m split_alexnet.bench",
                                  description="Benchmarks (see docs/benchmarks.md).")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -94,16 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
             data.add_arguments(p)
         if name in ("model", "all"):
             model.add_arguments(p)
-        if name == "lrn":
-            lrn.add_arguments(p)
+        if name in OWN_OPTIONS:
+            OWN_OPTIONS[name].add_arguments(p)
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line, check its numbers and output file, run the benchmark."""
     a = build_parser().parse_args(argv)
+    given = vars(a)  # each sub-command has only some of NUMBERS
     for name, bounds in NUMBERS.items():
-        if getattr(a, name, None) is not None:
-            check_number("--" + name.replace("_", "-"), getattr(a, name), **bounds)
+        if given.get(name) is not None:
+            check_number("--" + name.replace("_", "-"), given[name], **bounds)
     check_output("--json", a.json)
     COMMANDS[a.command](a)
     return 0

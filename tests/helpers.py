@@ -1,0 +1,252 @@
+"""Helpers shared by the test files: inputs and data sets, the trainer's flags and calls,
+child processes, run folders and their records. Import what a test uses:
+``from helpers import BASE, train``. The shared fixtures are in conftest.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import torch
+
+from split_alexnet.data.demo import make_demo_dataset
+from split_alexnet.network.model import INPUT_SIZE
+from split_alexnet.training.command import main as train_main
+from split_alexnet.utils.cli import run
+
+#: The repository root (this checkout).
+REPO = Path(__file__).resolve().parents[1]
+#: Python programs the tests run as child processes, one per file.
+PROGRAMS = REPO / "tests" / "programs"
+
+#: The training flags of the short runs: 2 epochs of batch 8, no loader workers, Caffe's
+#: initialisation, centre crop only, seed 3. The layout (``CPU_PAIR``, ``--single-device``)
+#: and anything else a test needs follow at the call.
+BASE = ["--batch-size", "8", "--epochs", "2", "--workers", "0", "--log-interval", "1",
+        "--init", "caffe", "--no-ten-crop", "--seed", "3"]
+#: The two towers on two CPU devices: the paper's split layout without GPUs.
+CPU_PAIR = ["--devices", "cpu,cpu"]
+
+#: Variables of torch.distributed that must not leak from this process into a torchrun job.
+DIST_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+             "MASTER_PORT", "OMP_NUM_THREADS")
+
+
+# ----------------------------------------------------------------------------- inputs, data
+
+
+def paper_images(n: int, *, size: int = INPUT_SIZE, seed: int = 0,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(n, 3, size, size) random inputs at the paper's scale (0-255 RGB minus the mean: std 60)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 3, size, size, generator=g) * 60).to(dtype)
+
+
+# At batch 8 an epoch of repeated_tiny_set is ``copies`` steps over the same 8 images, and the
+# set's statistics are those of the 8: runs of many steps and few epochs (an epoch's end writes
+# a full-size checkpoint).
+def repeated_tiny_set(path: Path, copies: int) -> Path:
+    """The demo's 2 classes x 4 training images (seed 1), each in ``copies`` hard-linked files."""
+    root = make_demo_dataset(path, classes=2, train_per_class=4, val_per_class=2, seed=1)
+    for image in sorted((root / "train").glob("*/*.jpg")):
+        for k in range(1, copies):
+            os.link(image, image.with_name(f"{image.stem}_copy{k}{image.suffix}"))
+    return root
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+def train(root, out, *extra) -> int:
+    """Runs the trainer's main here on ``root`` into ``out`` with BASE, then ``extra``: its rc."""
+    return run(train_main, "train", ["--data", str(root), "--out", str(out), *BASE,
+                                     *map(str, extra)])
+
+
+def train_command(root, out, *extra) -> list[str]:
+    """``python -m split_alexnet.train`` on ``root`` into ``out`` with BASE, then ``extra``."""
+    return [sys.executable, "-m", "split_alexnet.train", "--data", str(root), "--out",
+            str(out), *BASE, *map(str, extra)]
+
+
+# ----------------------------------------------------------------------------- child processes
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment with this checkout first on PYTHONPATH, plus ``extra``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def run_python(*args: str, preexec=None, env=None, cwd=REPO,
+               timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs ``python *args`` (``-m module`` or a program) in ``cwd``, capturing its text."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, preexec_fn=preexec,
+                          env=child_env() if env is None else env)
+
+
+def file_size_limit(nbytes: int):
+    """A preexec_fn: writes past ``nbytes`` in a file fail with EFBIG, as on a full disk."""
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write, do not kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+    return apply
+
+
+def torchrun(program: Path, report: Path, args, *, env_extra=None, timeout=240, nproc=2):
+    """Runs ``program`` on ``nproc`` ranks under torchrun ($REPORT=report): (process,
+    seconds)."""
+    report.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in child_env().items() if k not in DIST_VARS}
+    env.update(REPORT=str(report), OMP_NUM_THREADS="1", SPLIT_ALEXNET_DIST_TIMEOUT="60")
+    env.update(env_extra or {})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           str(nproc), str(program), *args]
+    t0 = time.monotonic()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return p, time.monotonic() - t0
+
+
+def rank_reports(report: Path) -> dict[int, dict]:
+    """The reports of programs/train_with_rank_report.py in ``report``, by rank."""
+    return {r: json.loads((report / f"rank{r}.json").read_text()) for r in (0, 1)
+            if (report / f"rank{r}.json").exists()}
+
+
+def loader_workers(pid: int) -> list[int]:
+    """The forked children of ``pid`` (DataLoader workers: the same command line)."""
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == pid and (d / "cmdline").read_bytes() == cmdline:
+                found.append(int(d.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except OSError:
+        return False
+
+
+class Segment:
+    """A trainer process on ``out`` (cpu,cpu, a save every step), stderr to a file (no pipe)."""
+
+    def __init__(self, root, out: Path, name: str, *extra, session: bool = False) -> None:
+        self.name, self.out = name, out
+        self.err_path = out.parent / f"{name}.stderr"
+        self.t0, self.n0 = time.monotonic(), len(records(out, torn_ok=True))
+        cmd = train_command(root, out, *CPU_PAIR, "--checkpoint-minutes", "0", *extra)
+        with open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err,
+                                         env=child_env(), cwd=REPO, start_new_session=session)
+
+    def step(self) -> int:
+        """The last step this process has logged (0 before its first)."""
+        return max([r["step"] for r in records(self.out, torn_ok=True)[self.n0:]
+                    if r["kind"] == "train"], default=0)
+
+    @property
+    def err(self) -> str:
+        """What the process has written on stderr so far."""
+        return self.err_path.read_text()
+
+    def wait_for(self, pred, timeout: float = 600.0, poll: float = 0.02) -> None:
+        """Polls until ``pred()``; fails if the process exits first or time runs out."""
+        deadline = time.monotonic() + timeout
+        while not pred():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited early (rc {self.proc.returncode}):\n"
+                                     f"{self.err[-3000:]}")
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise AssertionError(f"{self.name}: timed out waiting\n{self.err[-3000:]}")
+            time.sleep(poll)
+
+    def finish(self, timeout: float = 300.0) -> int:
+        """The process's exit code, once it has exited (killed after ``timeout`` seconds)."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+
+
+# ----------------------------------------------------------------------------- run folders
+
+
+def records(out, *, torn_ok: bool = False) -> list[dict]:
+    """The records in ``out``/metrics.jsonl; ``torn_ok``: cut-short lines skipped, no file = []."""
+    p = Path(out) / "metrics.jsonl"
+    if torn_ok and not p.exists():
+        return []
+    found = []
+    for line in p.read_text().splitlines():
+        try:
+            found.append(json.loads(line))
+        except json.JSONDecodeError:
+            if not torn_ok:
+                raise
+    return found
+
+
+def write_records(out: Path, recs: list[dict]) -> Path:
+    """The run folder ``out`` (created if need be) with ``recs`` as its metrics.jsonl."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return out
+
+
+def error_lines(err: str) -> list[str]:
+    """The lines of ``err`` that report an error."""
+    return [ln for ln in err.splitlines() if "error:" in ln]
+
+
+def temp_files(out) -> list[Path]:
+    """The temporaries (``.*.tmp``) in the run folder ``out``."""
+    return sorted(Path(out).glob(".*.tmp"))
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    """Copies a run folder to continue: checkpoints hard-linked (saves replace them)."""
+    shutil.copytree(src, dst, copy_function=lambda a, b: (
+        os.link if a.endswith(".pt") else shutil.copyfile)(a, b))
+    return dst
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: length, type, data and CRC."""
+    return struct.pack(">I", len(data)) + kind + data + \
+        struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+class RunsCode:
+    """Unpickled, it runs ``touch marker``: the payload of a hostile checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))

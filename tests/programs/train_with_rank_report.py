@@ -1,0 +1,79 @@
+"""``split_alexnet.train``'s main under torchrun, plus a report of what only the ranks see:
+each rank writes $REPORT/rank<R>.json with how many checkpoints it saved, the RNG state it
+resumed with and the one its checkpoint held for each rank, and (if the run succeeded) a
+digest of its parameters after training and the traffic its network recorded in its last
+forward pass. DIE_RANK=R: rank R exits with code 3 right after
+joining the process group.
+
+Usage: torchrun ... train_with_rank_report.py TRAIN-FLAGS... (run by tests/test_distributed.py
+tests/test_finetune.py::test_frozen_layers_under_ddp and tests/test_towers.py through
+helpers.torchrun)
+"""
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+import split_alexnet.training.checkpoint as checkpoint
+import split_alexnet.training.setup as setup_module
+from split_alexnet.training.command import main
+from split_alexnet.training.trainer import Trainer
+from split_alexnet.utils.cli import run
+
+rank = int(os.environ.get("RANK", "0"))
+report = {"rank": rank, "saves": 0}
+out = Path(os.environ["REPORT"]) / f"rank{rank}.json"
+trainers = []
+
+
+def digest(tensors) -> str:
+    """sha256 over the names and bytes of ``tensors`` (a dict), in name order."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+                 .tobytes())
+    return h.hexdigest()
+
+
+_setup, _restore, _save = Trainer.setup, checkpoint.restore, checkpoint.save_checkpoint
+
+
+def setup(cls, *args):
+    """The trainer's setup, keeping the trainer it builds."""
+    trainers.append(_setup(*args))
+    return trainers[-1]
+
+
+def restore(t, ckpt, path, *rest):
+    """The resume, recording the RNG state it restored and the states the file held."""
+    _restore(t, ckpt, path, *rest)
+    report["resumed_rng"] = digest({"cpu": torch.get_rng_state()})
+    report["ckpt_rng"] = {k: digest({"cpu": v["cpu"]}) for k, v in ckpt["rng"].items()}
+
+
+def save_checkpoint(*a, **k):
+    """The checkpoint writer, counting its calls on this rank."""
+    report["saves"] += 1
+    return _save(*a, **k)
+
+
+Trainer.setup = classmethod(setup)
+checkpoint.restore, checkpoint.save_checkpoint = restore, save_checkpoint
+if os.environ.get("DIE_RANK") == str(rank):  # this rank dies after joining the group
+    def parallelize(*a, **k):
+        """Exits with code 3 instead of placing the model."""
+        os._exit(3)
+    setup_module.parallelize = parallelize
+rc = run(main, "split_alexnet.train")
+if rc == 0:  # the parameters after training
+    net = trainers[-1].net
+    report["params"] = digest(net.state_dict())
+    report["traffic"] = [[t.layer, t.src, t.dst, list(t.shape), t.bytes]
+                         for t in getattr(net, "traffic", [])]
+    out.write_text(json.dumps(report))
+sys.exit(rc)

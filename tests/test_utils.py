@@ -1,0 +1,113 @@
+"""The shared pieces in ``split_alexnet/utils``: the one signal handler, the one
+``Interrupted``, the checkpoint file format without training code and the one JSON writer.
+
+Real signals to this process, real subprocesses and real files; no mocks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from split_alexnet.utils.cli import Interrupted, run
+from split_alexnet.utils.fileio import write_json
+from split_alexnet.utils.signals import StopOnSignal
+
+REPO = Path(__file__).resolve().parents[1]
+
+main_thread_only = pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
+                                      reason="signal handlers can be set in the main thread only")
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+@main_thread_only
+def test_the_first_signal_asks_to_stop_and_a_second_stops_at_once():
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    with StopOnSignal() as stop:
+        assert not stop and stop.name == "" and not stop.forced
+        signal.raise_signal(signal.SIGTERM)
+        assert stop and stop.signum == signal.SIGTERM and stop.name == "SIGTERM"
+        assert not stop.forced
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+        assert stop.forced and stop.name == "SIGTERM"  # the first signal is the one named
+    assert {sig: signal.getsignal(sig) for sig in before} == before  # handlers restored
+    assert stop  # the request outlives the block
+
+
+@main_thread_only
+def test_nested_stops_restore_the_outer_handler():
+    with StopOnSignal() as outer:
+        with StopOnSignal() as inner:
+            signal.raise_signal(signal.SIGINT)
+        assert inner and not outer
+        signal.raise_signal(signal.SIGINT)
+        assert outer and not outer.forced
+
+
+def test_outside_the_main_thread_nothing_is_installed():
+    before = signal.getsignal(signal.SIGTERM)
+    seen = []
+
+    def body():
+        with StopOnSignal() as stop:
+            seen.append(signal.getsignal(signal.SIGTERM))
+        seen.append(bool(stop))
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    assert seen == [before, False]
+
+
+def test_interrupted_is_one_line_and_exit_130_whichever_the_signal(capsys):
+    for sig in (signal.SIGTERM, signal.SIGINT, None):
+        def main(argv):
+            raise Interrupted("statistics stopped by a signal", sig)
+
+        assert run(main, "split_alexnet.x", []) == 130
+        assert capsys.readouterr().err == "split_alexnet.x: error: statistics stopped by a " \
+                                          "signal\n"
+
+
+# ----------------------------------------------------------------------------- checkpoint files
+
+
+def test_the_checkpoint_file_format_imports_no_training_code():
+    """What the tools read and write checkpoints with stands apart from training: importing
+    it (in a fresh interpreter) loads no module of ``split_alexnet.training``."""
+    probe = ("import sys\n"
+             "import split_alexnet.utils.checkpoint_file as f\n"
+             "assert callable(f.load_checkpoint) and callable(f.save_checkpoint)\n"
+             "print('\\n'.join(sorted(sys.modules)))\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    loaded = p.stdout.split()
+    assert "split_alexnet.utils.checkpoint_file" in loaded and "split_alexnet.network.model" \
+        in loaded, loaded  # the probe saw the package's modules
+    assert [m for m in loaded if m.startswith("split_alexnet.training")] == []
+
+
+# ----------------------------------------------------------------------------- JSON
+
+
+def test_write_json_replaces_the_file_whole_with_the_permissions_of_open(tmp_path):
+    path = tmp_path / "sub" / "r.json"
+    write_json(path, {"b": 1, "a": ["é", 0.5]})
+    assert path.read_text(encoding="utf-8") == \
+        '{\n  "b": 1,\n  "a": [\n    "é",\n    0.5\n  ]\n}\n'  # indent 2, as given, UTF-8
+    write_json(path, {"b": 1, "a": Path("x")}, indent=None, sort_keys=True, fsync=False)
+    assert path.read_text(encoding="utf-8") == '{"a": "x", "b": 1}\n'  # str() for a Path
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert sorted(p.name for p in path.parent.iterdir()) == ["r.json"]  # no temporary left
