@@ -4,6 +4,8 @@
 * ``data``:  the input pipeline's images/s (bench/data.py)
 * ``lrn``:   the LRN implementations and their share of a train step (bench/lrn.py)
 * ``loop``:  the training loop's per-step overhead of reading the device (bench/loop.py)
+* ``towers``: --parallel towers (a process per tower, torchrun) beside the in-process pair,
+  on the CPU: images/s, their ratio, bytes per link per step (bench/towers.py)
 * ``all``:   model, then lrn, then data; ``--json`` gets every row in one list
 
 See docs/benchmarks.md for the columns and the numbers measured so far.
@@ -19,6 +21,7 @@ import split_alexnet.tools.bench.data as data
 import split_alexnet.tools.bench.loop as loop
 import split_alexnet.tools.bench.lrn as lrn
 import split_alexnet.tools.bench.model as model
+import split_alexnet.tools.bench.towers as towers
 from split_alexnet.utils.cli import run as cli_run
 from split_alexnet.utils.fileio import write_json
 from split_alexnet.utils.flags import WORKERS, Number, check_number, check_output
@@ -92,9 +95,10 @@ def _all(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-COMMANDS = {"model": _model, "data": _data, "lrn": _lrn, "loop": _own(loop), "all": _all}
+COMMANDS = {"model": _model, "data": _data, "lrn": _lrn, "loop": _own(loop),
+            "towers": _own(towers), "all": _all}
 #: The benchmarks that add their own options to their sub-command's parser.
-OWN_OPTIONS = {"lrn": lrn, "loop": loop}
+OWN_OPTIONS = {"lrn": lrn, "loop": loop, "towers": towers}
 
 
 def build_parser() -> argparse.ArgumentParser:
