@@ -7,12 +7,18 @@ Data: 3 classes x 4 training images, batch 6 (2 steps per epoch), 3 x 3 validati
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import CPU_PAIR, PROGRAMS, rank_reports, torchrun
+from helpers import (CPU_PAIR, DIST_VARS, PROGRAMS, child_env, rank_reports, records,
+                     torchrun)
 from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.network.model import SplitAlexNet
 from split_alexnet.network.placement import tower_rank_device
@@ -137,3 +143,50 @@ def test_towers_without_torchrun_is_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "start it with torchrun" in err[0], err
     assert not (tmp_path / "runs").exists()
+
+
+def rank_pid(launcher: int, rank: int) -> int | None:
+    """The pid of the torchrun worker of ``rank`` among ``launcher``'s children."""
+    for d in Path("/proc").iterdir():
+        try:
+            if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) != launcher:
+                continue
+            if f"RANK={rank}".encode() in (d / "environ").read_bytes().split(b"\0"):
+                return int(d.name)
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_tower_process_saves_once_and_every_process_exits_0(tmp_path):
+    """SIGTERM to tower 1's process alone: the pair agrees on the stop at the end of the
+    step, rank 0 saves last.pt once, and the job ends with exit 0."""
+    data = make_demo_dataset(tmp_path / "data", classes=3, train_per_class=4, val_per_class=3,
+                             seed=0)
+    out, report = tmp_path / "run", tmp_path / "report"
+    report.mkdir()
+    env = {k: v for k, v in child_env().items() if k not in DIST_VARS}
+    env.update(REPORT=str(report), OMP_NUM_THREADS="1", SPLIT_ALEXNET_DIST_TIMEOUT="60")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", str(DRIVER), "--data", str(data), "--out", str(out), "--parallel", "towers",
+           *CPU_PAIR, *COMMON, "--epochs", "1000", "--checkpoint-minutes", "1e6"]
+    job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and len(records(out, torn_ok=True)) < 3:
+            time.sleep(0.5)
+        pid = rank_pid(job.pid, 1)
+        assert pid is not None
+        os.kill(pid, signal.SIGTERM)
+        _, err = job.communicate(timeout=180)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, err[-3000:]
+    rep = rank_reports(report)
+    assert rep[0]["saves"] >= 1 and rep[1]["saves"] == 0
+    assert err.count("signal received") == 1, err[-3000:]
+    step = load_checkpoint(out / "last.pt")["progress"]["step"]
+    assert step == max(r["step"] for r in records(out) if r["kind"] == "train")

@@ -70,7 +70,9 @@ def plan(cfg: TrainConfig, cmd: Command) -> str:
                     torch.cuda.reset_peak_memory_stats(d)
             with t.stop:
                 t.train_epoch()
-            recs = [r for r in read_records(scratch) if r["kind"] == "train"]
+            # rank 0 writes the records (under torchrun each process has its own scratch)
+            recs = [r for r in read_records(scratch) if r["kind"] == "train"] \
+                if t.is_main else []
             params, opt = state_bytes(t)
             if t.devices[0].type == "cuda":
                 memory = ", ".join(f"{d}: {torch.cuda.max_memory_allocated(d) / 2**30:.2f} GiB"
