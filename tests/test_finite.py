@@ -21,7 +21,6 @@ import json
 import shutil
 import struct
 import zipfile
-from dataclasses import replace
 from pathlib import Path
 
 import pytest

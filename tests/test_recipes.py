@@ -24,6 +24,7 @@ from split_alexnet.training.optim import (LRSchedule, build_optimizer,
                                           load_named_optimizer_state, named_optimizer_state,
                                           param_groups, set_lr)
 from split_alexnet.training.command import main as train_main
+import split_alexnet.training.setup as training_setup
 from split_alexnet.training.setup import split_holdout
 from split_alexnet.utils.cli import UsageError, run
 
@@ -349,7 +350,7 @@ def test_holdout_drives_the_schedule_and_val_is_still_reported(demo_root, tmp_pa
             listings.append(split_dir)
         return real(split_dir, *args, **kwargs)
     monkeypatch.setattr(D, "list_samples", counted)
-    monkeypatch.setattr(T, "list_samples", counted)
+    monkeypatch.setattr(training_setup, "list_samples", counted)
     rc = run(train_main, "train", [
         "--data", str(demo_root), "--out", str(out), "--batch-size", "8", "--epochs", "1",
         "--workers", "0", "--log-interval", "1", "--init", "caffe", "--no-ten-crop",

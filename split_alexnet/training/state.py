@@ -6,7 +6,7 @@ its stop flag, a :class:`~split_alexnet.utils.signals.StopOnSignal`)."""
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from split_alexnet.data.dataset import CropFolder
