@@ -3,6 +3,8 @@
 * ``model``: train-step and inference images/s of the layouts and fast paths (bench/model.py)
 * ``data``:  the input pipeline's images/s (bench/data.py)
 * ``lrn``:   the LRN implementations and their share of a train step (bench/lrn.py)
+* ``onnx``:  onnxruntime against the PyTorch forward, CPU inference (bench/onnx.py; the
+  ``export`` extra)
 * ``all``:   model, then lrn, then data; ``--json`` gets every row in one list
 
 See docs/benchmarks.md for the columns and the numbers measured so far.
@@ -19,6 +21,7 @@ from typing import Sequence
 import split_alexnet.tools.bench.data as data
 import split_alexnet.tools.bench.lrn as lrn
 import split_alexnet.tools.bench.model as model
+import split_alexnet.tools.bench.onnx as onnx_bench
 from split_alexnet.utils.cli import run as cli_run
 from split_alexnet.utils.fileio import atomic_write
 from split_alexnet.utils.flags import WORKERS, Number, check_number, check_output
@@ -77,7 +80,13 @@ def _all(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-COMMANDS = {"model": _model, "data": _data, "lrn": _lrn, "all": _all}
+def _onnx(args: argparse.Namespace) -> list[dict]:
+    rows = onnx_bench.run(args)
+    _write_json(args.json, rows)
+    return rows
+
+
+COMMANDS = {"model": _model, "data": _data, "lrn": _lrn, "all": _all, "onnx": _onnx}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
             model.add_arguments(p)
         if name == "lrn":
             lrn.add_arguments(p)
+        if name == "onnx":
+            onnx_bench.add_arguments(p)
     return ap
 
 
