@@ -370,7 +370,7 @@ def test_the_extras_and_a_light_plain_install():
     blocked = ", ".join(repr(m) for m in sorted(heavy))
     probe = (f"import sys\nfor m in ({blocked}): sys.modules[m] = None\n"
              "import split_alexnet.training.trainer, split_alexnet.tools.export, "
-             "split_alexnet.tools.evaluate, split_alexnet.tools.predict\n"
+             "split_alexnet.tools.evaluate, split_alexnet.tools.predict, hubconf\n"
              "from split_alexnet.utils.cli import run\n"
              "from split_alexnet.tools.export import main\n"
              "sys.exit(run(main, 'export', [sys.argv[1], 'x.onnx']))\n")
