@@ -398,7 +398,7 @@ def test_every_flag_works_in_a_toml_file(tmp_path):
               "cudnn_benchmark": True, "demo": True, "overwrite": True, "resume_lr": 0.005,
               "recipe": "bvlc", "print_recipe": True, "bias_lr_mult": 2.5, "bias_decay": False,
               "plateau_min_epochs": 2, "plateau_threshold": 0.01, "plan": True, "plan_steps": 2,
-              "holdout": 1,
+              "holdout": 1, "tensorboard": True,
               "init_from": "c.pt", "reinit": "fc8", "freeze_through": "conv2", "lr_mult_new": 5.0,
               "finetune": True}
     # Every setting but --gpus (it excludes --devices) and --config itself.

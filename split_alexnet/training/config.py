@@ -121,6 +121,9 @@ class TrainConfig:
                                  "last.pt and best.pt (0: keep them all).", min=0)
     log_interval: int = _setting(20, "Steps between lines of progress and metrics.jsonl "
                                      "records.", min=1)
+    tensorboard: bool = _setting(False, "Also write the training records as TensorBoard "
+                                        "events in OUT/tensorboard (needs the tensorboard "
+                                        "package: the 'tensorboard' extra).")
     watchdog_steps: int = _setting(500, "After this many steps, warn once if the training loss "
                                         "is still at chance, ln(classes) (docs/experiments.md); "
                                         "0 disables.", min=0)

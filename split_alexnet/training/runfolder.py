@@ -54,7 +54,7 @@ MAY_CHANGE = ("data", "out", "gpus", "devices", "single_device", "backend", "epo
               "max_steps", "workers", "resume", "overwrite", "resume_lr",
               "checkpoint_minutes", "keep_last", "log_interval", "watchdog_steps", "ten_crop",
               "eval_every", "strict", "channels_last", "amp", "compile", "cudnn_benchmark",
-              "demo", "config",
+              "demo", "config", "tensorboard",
               # never starts a run: it prints the recipe and exits
               "print_recipe", "plan", "plan_steps",
               "finetune")  # a preset: the settings it sets are compared themselves

@@ -49,6 +49,8 @@ from split_alexnet.training.plan import plan
 from split_alexnet.training.runfolder import (RunLock, check_run_flags, claim,
                                               delete_previous_run, temp_suffix)
 from split_alexnet.training.state import Position, Trainer
+from split_alexnet.training.tensorboard import TensorBoardLog
+from split_alexnet.training.tensorboard import require as require_tensorboard
 from split_alexnet.utils.cli import Abort, UsageError, run
 from split_alexnet.utils.fileio import atomic_write
 
@@ -69,6 +71,8 @@ def setup(cfg: TrainConfig) -> Trainer:
     data and its statistics, the model (seeded, built, placed, parallelized), the optimizer
     after it, and the resumed state. On an error the lock is released."""
     check_run_flags(cfg)
+    if cfg.tensorboard:  # the optional package, before any work
+        require_tensorboard()
     listed = None  # (classes, samples) of the training folder, listed once for both uses
     if cfg.holdout and cfg.data and (Path(cfg.data) / "train").is_dir():  # before any work
         classes = find_classes(Path(cfg.data) / "train")
@@ -136,6 +140,8 @@ def build_trainer(cfg: TrainConfig, ctx: dist_util.Context, devices, lock: RunLo
                         ddp=ctx.world_size > 1, compile=cfg.compile,
                         cudnn_benchmark=True if cfg.cudnn_benchmark else None)
     metrics = MetricsLog(out, enabled=is_main)
+    if cfg.tensorboard and is_main:  # the same records as TensorBoard events
+        metrics.tensorboard = TensorBoardLog(out, resuming=bool(cfg.resume))
     t = Trainer(
         cfg=cfg, ctx=ctx, devices=devices, out=out, root=root, stats=stats, classes=classes,
         # wnid, index and human-readable name (from the devkit or Kaggle's mapping, when
@@ -168,6 +174,8 @@ def build_trainer(cfg: TrainConfig, ctx: dist_util.Context, devices, lock: RunLo
             raise Abort(f"could not write {out / 'config.json'}: {e.strerror or e}") from None
         if tuning.record:
             metrics.log(tuning.record)
+    if metrics.tensorboard is not None:
+        metrics.tensorboard.start(t.pos.step if cfg.resume else None)
     return t
 
 
