@@ -38,7 +38,7 @@ def test_every_shim_has_a_console_command():
     shims = {p.stem for p in (REPO / "split_alexnet").glob("*.py") if p.stem != "__init__"}
     assert all(name.startswith(PREFIX) for name in SCRIPTS)
     assert {_shim_name(name) for name in SCRIPTS} == shims
-    assert len(SCRIPTS) == 11
+    assert len(SCRIPTS) == 12
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))

@@ -30,8 +30,8 @@ from torch.utils.data import Dataset
 from split_alexnet.data.dataset import CropFolder, EpochSampler, find_classes, make_loader
 from split_alexnet.network.placement import add_device_flags, build_model, resolve_devices
 from split_alexnet.training.loop import evaluate
-from split_alexnet.utils.checkpoint_file import (CheckpointError, checkpoint_stats,
-                                                 load_checkpoint, model_config)
+from split_alexnet.utils.checkpoint_file import CheckpointError, checkpoint_stats, model_config
+from split_alexnet.utils.weights_file import read_weights
 from split_alexnet.utils.cli import UsageError, run
 from split_alexnet.utils.fileio import write_json
 from split_alexnet.utils.flags import WORKERS, Number, check_number, check_output
@@ -42,7 +42,8 @@ PROG = "split_alexnet.evaluate"
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True,
-                   help="a .pt file written by train or by split_alexnet.convert")
+                   help="a .pt file written by train or by split_alexnet.convert, or a "
+                        ".safetensors file written by split_alexnet.export")
     p.add_argument("--data", required=True, help="dataset root with val/<class>/")
     p.add_argument("--split", default="val", help="subfolder to evaluate (default: val)")
     p.add_argument("--ten-crop", action="store_true", help="also the paper's ten-crop test")
@@ -63,7 +64,7 @@ def load_model(path: Path, *, gpus: str | None = None, devices: str | None = Non
     """Checkpoint -> (its network in eval mode on the devices the flags give, the checkpoint
     payload, those devices). ``default``: what no device flag means (``resolve_devices``)."""
     try:
-        ckpt = load_checkpoint(path)
+        ckpt = read_weights(path)  # a checkpoint or a .safetensors weights file
         cfg = model_config(ckpt)
     except CheckpointError as e:
         raise UsageError(str(e)) from None

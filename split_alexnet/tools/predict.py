@@ -49,7 +49,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("images", nargs="+", metavar="IMAGE",
                    help="image files (any format Pillow reads)")
     p.add_argument("--checkpoint", required=True,
-                   help="a .pt file written by train or by split_alexnet.convert")
+                   help="a .pt file written by train or by split_alexnet.convert, or a "
+                        ".safetensors file written by split_alexnet.export")
     p.add_argument("--ten-crop", action="store_true",
                    help="average the softmax of the paper's ten crops (default: centre crop)")
     p.add_argument("--top", action=Number, min=1, default=5,

@@ -31,7 +31,8 @@ from split_alexnet.network.placement import add_device_flags
 from split_alexnet.tools.evaluate import load_model
 from split_alexnet.tools.retrieval import RetrievalLayout, retrieval_image, retrieve
 from split_alexnet.training.metrics import by_step, read_records
-from split_alexnet.utils.checkpoint_file import CheckpointError, load_checkpoint, model_config
+from split_alexnet.utils.checkpoint_file import CheckpointError, model_config
+from split_alexnet.utils.weights_file import read_weights
 from split_alexnet.utils.cli import UsageError, run
 from split_alexnet.utils.fileio import atomic_write
 from split_alexnet.utils.flags import WORKERS, Number, check_output
@@ -165,7 +166,7 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     check_image_size(KernelGrid(cols=min(args.cols, 48), scale=args.scale).size,
                      f"--cols {args.cols} --scale {args.scale}")
     try:
-        ckpt = load_checkpoint(Path(args.checkpoint))
+        ckpt = read_weights(Path(args.checkpoint))
         towers = 1 if model_config(ckpt).arch == "half" else 2
     except CheckpointError as e:
         raise UsageError(str(e)) from None
@@ -293,7 +294,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
     k = sub.add_parser("kernels", help="Figure 3: the conv1 kernels of both towers")
     k.add_argument("--checkpoint", required=True,
-                   help="a .pt file written by train or by split_alexnet.convert")
+                   help="a .pt file written by train or by split_alexnet.convert, or a "
+                        ".safetensors file written by split_alexnet.export")
     k.add_argument("--out", required=True, help="PNG to write")
     k.add_argument("--cols", action=Number, min=1, default=16, help="kernels per row (default "
                    "16: two blocks of 3 rows x 16)")
@@ -303,7 +305,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
     r = sub.add_parser("retrieval", help="Figure 4: nearest training images in fc7 space")
     r.add_argument("--checkpoint", required=True,
-                   help="a .pt file written by train or by split_alexnet.convert")
+                   help="a .pt file written by train or by split_alexnet.convert, or a "
+                        ".safetensors file written by split_alexnet.export")
     r.add_argument("--data", required=True, help="dataset root with train/ and val/")
     r.add_argument("--out", required=True, help="PNG to write")
     r.add_argument("--queries", action=Number, min=1, default=5,

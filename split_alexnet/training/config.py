@@ -217,6 +217,9 @@ class LoggingSettings:
     watchdog_steps: int = setting(500, "After this many steps, warn once if the training loss "
                                        "is still at chance, ln(classes) "
                                        "(docs/experiments.md); 0 disables.", run=False, min=0)
+    tensorboard: bool = setting(False, "Also write the training records as TensorBoard events "
+                                       "in OUT/tensorboard (needs the tensorboard package: the "
+                                       "'tensorboard' extra).", run=False)
 
 
 #: The sections of :class:`TrainConfig`, by attribute name, in --help order.

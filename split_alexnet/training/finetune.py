@@ -5,7 +5,8 @@
         --freeze-through conv5 --lr-mult-new 10
 
 * ``--init-from CKPT``: any checkpoint of this repository (written by training, in either
-  layout, or by ``split_alexnet.convert``) whose network computes the same kind of function
+  layout, or by ``split_alexnet.convert``; or a ``.safetensors`` weights file written by
+  ``split_alexnet.export``) whose network computes the same kind of function
   (arch, pooling and activation must match; a different LRN reading is loaded with a warning).
   Every layer is loaded, except the re-initialised ones: fc8 unless the source has the run's
   classes (the same class names in the same order: another count, or the same count of other
@@ -34,7 +35,8 @@ from torch import nn
 from split_alexnet.network.model import (WEIGHT_LAYERS, ModelConfig,
                                          layout_state_dict)
 from split_alexnet.training.config import PROG, TrainConfig
-from split_alexnet.utils.checkpoint_file import CheckpointError, load_checkpoint, model_config
+from split_alexnet.utils.checkpoint_file import CheckpointError, model_config
+from split_alexnet.utils.weights_file import read_weights
 from split_alexnet.utils.cli import UsageError
 
 #: ModelConfig fields that must agree between the source checkpoint and the run.
@@ -73,7 +75,7 @@ def read_source(cfg: TrainConfig, *, resume: bool) -> tuple[dict, ModelConfig] |
     if path is None or resume:
         return None
     try:
-        ckpt = load_checkpoint(Path(path))
+        ckpt = read_weights(Path(path))  # a checkpoint or a .safetensors weights file
         src = model_config(ckpt)
     except CheckpointError as e:
         raise UsageError(f"--init-from: {e}") from None

@@ -39,6 +39,7 @@ class MetricsLog:
         self.path = Path(run_dir) / FILENAME
         self.enabled = enabled
         self._tail_checked = False
+        self.tensorboard = None  # --tensorboard: a tensorboard.TensorBoardLog of the records
 
     def _line_start(self) -> str:
         """'' if the file is missing, empty or ends a line; else a newline (and a warning)."""
@@ -61,7 +62,8 @@ class MetricsLog:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        line = json.dumps({"time": round(time.time(), 3), **record}) + "\n"
+        record = {"time": round(time.time(), 3), **record}
+        line = json.dumps(record) + "\n"
         try:
             if not self._tail_checked:
                 line = self._line_start() + line
@@ -70,6 +72,8 @@ class MetricsLog:
         except OSError as e:
             raise Abort(f"could not write {self.path}: {e.strerror or e}; the checkpoints are "
                         "untouched, stopping") from None
+        if self.tensorboard is not None:
+            self.tensorboard.log(record)
 
 
 def read_records(run_dir: Path | str, *, missing_ok: bool = False,

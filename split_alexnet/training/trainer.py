@@ -34,6 +34,8 @@ from split_alexnet.training.options import Command
 from split_alexnet.training.runfolder import RunLock, claim, start_fresh
 from split_alexnet.training.setup import build_learner, list_for_holdout, load_data
 from split_alexnet.training.state import Position, RunData, StopReason, TrainResult
+from split_alexnet.training.tensorboard import TensorBoardLog
+from split_alexnet.training.tensorboard import require as require_tensorboard
 from split_alexnet.utils.fileio import check_output_dir, make_output_dir
 from split_alexnet.utils.signals import StopOnSignal
 
@@ -79,6 +81,8 @@ class Trainer:
         optimizer after it, and the resumed state or the new run's config.json. On an error
         the lock is released."""
         cmd = cmd or Command()
+        if cfg.logging.tensorboard:  # the optional package, before any work
+            require_tensorboard()
         listed = list_for_holdout(cfg)  # before any work
         ctx, devices = dist_util.setup(cfg)
         out = Path(cfg.checkpoint.out)
@@ -96,12 +100,16 @@ class Trainer:
             learner = build_learner(cfg, layout_of(cfg.model.arch, cfg.runtime.single_device),
                                     ctx, devices, source, data.classes)
             t = cls(cfg, ctx, devices, data, learner, lock)
+            if cfg.logging.tensorboard and t.is_main:  # the same records as TensorBoard events
+                t.metrics.tensorboard = TensorBoardLog(t.out, resuming=bool(cmd.resume))
             if cmd.resume:
                 checkpoint.resume(t, cmd.resume, cmd.resume_lr)
             elif t.is_main:
                 start_fresh(t.out, cfg, overwrite=cmd.overwrite)
                 if learner.tuning.record:
                     t.metrics.log(learner.tuning.record)
+            if t.metrics.tensorboard is not None:
+                t.metrics.tensorboard.start(t.pos.step if cmd.resume else None)
             return t
         except BaseException:
             if lock is not None:

@@ -6,6 +6,8 @@
 * ``loop``:  the training loop's per-step overhead of reading the device (bench/loop.py)
 * ``towers``: --parallel towers (a process per tower, torchrun) beside the in-process pair,
   on the CPU: images/s, their ratio, bytes per link per step (bench/towers.py)
+* ``onnx``:  onnxruntime against the PyTorch forward, CPU inference (bench/onnx.py; the
+  ``export`` extra)
 * ``all``:   model, then lrn, then data; ``--json`` gets every row in one list
 
 See docs/benchmarks.md for the columns and the numbers measured so far.
@@ -22,6 +24,7 @@ import split_alexnet.tools.bench.loop as loop
 import split_alexnet.tools.bench.lrn as lrn
 import split_alexnet.tools.bench.model as model
 import split_alexnet.tools.bench.towers as towers
+import split_alexnet.tools.bench.onnx as onnx_bench
 from split_alexnet.utils.cli import run as cli_run
 from split_alexnet.utils.fileio import write_json
 from split_alexnet.utils.flags import WORKERS, Number, check_number, check_output
@@ -96,9 +99,9 @@ def _all(args: argparse.Namespace) -> list[dict]:
 
 
 COMMANDS = {"model": _model, "data": _data, "lrn": _lrn, "loop": _own(loop),
-            "towers": _own(towers), "all": _all}
+            "towers": _own(towers), "onnx": _own(onnx_bench), "all": _all}
 #: The benchmarks that add their own options to their sub-command's parser.
-OWN_OPTIONS = {"lrn": lrn, "loop": loop, "towers": towers}
+OWN_OPTIONS = {"lrn": lrn, "loop": loop, "towers": towers, "onnx": onnx_bench}
 
 
 def build_parser() -> argparse.ArgumentParser:
