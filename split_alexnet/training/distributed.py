@@ -63,10 +63,16 @@ class Context:
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
-    data_rank: int = 0
-    data_size: int = 1
+    data_rank: int = -1         # -1: the rank (a process is a replica)
+    data_size: int = -1         # -1: the world size
     tower: int | None = None
     mesh: Any = None            # --parallel towers: the (data, tower) DeviceMesh
+
+    def __post_init__(self) -> None:
+        if self.data_rank < 0:
+            object.__setattr__(self, "data_rank", self.rank)
+        if self.data_size < 0:
+            object.__setattr__(self, "data_size", self.world_size)
 
     def group(self, dim: str) -> Any:
         """The process group of mesh dimension ``dim`` ('data' or 'tower')."""
@@ -86,8 +92,7 @@ def env_context() -> Context:
         rank = int(os.environ.get("RANK", "0"))
         ctx = Context(rank=rank, world_size=world,
                       local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-                      local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))),
-                      data_rank=rank, data_size=world)
+                      local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
     except ValueError:
         raise UsageError("WORLD_SIZE, RANK, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers "
                          "(they are set by torchrun)") from None
