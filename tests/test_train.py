@@ -353,7 +353,7 @@ def test_a_config_is_checked_when_made_and_never_changed():
     assert layout_of("alexnet", False) == "split" and layout_of("alexnet", True) == "collapsed"
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.recipe = "bvlc"  # type: ignore[misc]
-    with pytest.raises(UsageError, match="--lr must be greater than 0, got 0"):
+    with pytest.raises(UsageError, match="--lr must be greater than 0 and at most .*, got 0"):
         TrainConfig().with_settings(lr=0)
     assert cfg.with_settings(lr=0.02) is not cfg and cfg.optim.lr == 0.01
     # --demo trains on OUT/demo_data unless --data is given (generated there if missing).
@@ -401,7 +401,7 @@ def test_every_flag_works_in_a_toml_file(tmp_path):
               "cudnn_benchmark": True,
               "recipe": "bvlc", "bias_lr_mult": 2.5, "bias_decay": False,
               "plateau_min_epochs": 2, "plateau_threshold": 0.01,
-              "holdout": 1, "tensorboard": True,
+              "holdout": 1, "tensorboard": True, "parallel": "towers",
               "init_from": "c.pt", "reinit": "fc8", "freeze_through": "conv2", "lr_mult_new": 5.0}
     # Every setting but --gpus (it excludes --devices).
     assert set(values) == set(TrainConfig().to_dict()) - {"gpus"}
