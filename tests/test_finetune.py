@@ -238,7 +238,8 @@ def test_finetune_preset_is_printed_and_recorded(src, tmp_path, capsys):
     saved = json.loads((out / "config.json").read_text())
     assert "finetune" not in saved and saved["lr"] == 0.001 and saved["epochs"] == 3
     ckpt = load_checkpoint(out / "last.pt")
-    assert {**ckpt["config"], **ckpt["model_config"]} == {**saved, "num_classes": 4}
+    assert {**ckpt["config"], **ckpt["model_config"]} == \
+        {**saved, "num_classes": len(ckpt["classes"])}
     (rec,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()
               if '"init_from"' in x]
     assert rec["loaded"] == list(TOWER_LAYERS) and rec["reinit"] == ["fc8"]

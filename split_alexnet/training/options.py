@@ -207,10 +207,9 @@ def parse_command(argv: Sequence[str] | None = None, *,
     settings.update(ns)
     if cmd.demo:
         settings.update(demo_defaults(settings))
-    cfg = TrainConfig.from_flat(settings)
-    if cmd.finetune and cfg.finetune.init_from is None:
+    if cmd.finetune and settings.get("init_from") is None:  # before the preset's settings
         raise UsageError("--finetune need(s) --init-from CKPT, the checkpoint to start from")
-    return cfg, cmd
+    return TrainConfig.from_flat(settings), cmd
 
 
 def parse_config(argv: Sequence[str] | None = None, *,
