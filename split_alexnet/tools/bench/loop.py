@@ -24,18 +24,19 @@ import torch
 from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.training.options import parse_command
 from split_alexnet.training.trainer import Trainer
+from split_alexnet.utils.flags import Number
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=20,
-                   help="Training steps per measurement (default: 20).")
-    p.add_argument("--rounds", type=int, default=3,
-                   help="Measurements of each interval, alternating (default: 3).")
-    p.add_argument("--batch-size", type=int, default=4,
+    p.add_argument("--steps", action=Number, kind=int, min=1, default=20,
+                   help="Training steps per measurement (default: 20)")
+    p.add_argument("--rounds", action=Number, kind=int, min=1, default=3,
+                   help="Measurements of each interval, alternating (default: 3)")
+    p.add_argument("--batch-size", action=Number, kind=int, min=1, default=4,
                    help="Images per step: small, so that the loop's overhead shows beside "
-                        "the compute (default: 4).")
-    p.add_argument("--interval", type=int, default=20,
-                   help="The log interval compared with 1 (default: 20, the trainer's).")
+                        "the compute (default: 4)")
+    p.add_argument("--interval", action=Number, kind=int, min=2, default=20,
+                   help="The log interval compared with 1 (default: 20, the trainer's)")
     p.add_argument("--devices", default="cpu,cpu", help="The towers' devices (default: cpu,cpu).")
 
 

@@ -32,8 +32,7 @@ from split_alexnet.utils.flags import WORKERS, Number, check_number, check_outpu
 #: The integer flags that bench/data.py, bench/model.py and bench/lrn.py add, and their
 #: ranges: checked here, before any benchmark runs.
 NUMBERS = {"images": {"min": 1}, "threads": {"min": 1}, "batch_size": {"min": 1},
-           "batch": {"min": 1}, "rounds": {"min": 1}, "steps": {"min": 1},
-           "interval": {"min": 2}}
+           "batch": {"min": 1}, "rounds": {"min": 1}}
 
 
 def _save(path: str | None, rows: list[dict]) -> None:

@@ -26,18 +26,21 @@ import torch
 
 from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.network.model import INPUT_SIZE, SplitAlexNet
+from split_alexnet.utils.flags import Number
 
 MODES = ("pair", "towers")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=8, help="Training steps per run (default: 8).")
-    p.add_argument("--rounds", type=int, default=2,
-                   help="Runs of each mode, alternating (default: 2).")
-    p.add_argument("--batch-size", type=int, default=16, help="Images per step (default: 16).")
-    p.add_argument("--threads", type=int, default=2,
+    p.add_argument("--steps", action=Number, kind=int, min=3, default=8,
+                   help="Training steps per run, the first two not timed (default: 8)")
+    p.add_argument("--rounds", action=Number, kind=int, min=1, default=2,
+                   help="Runs of each mode, alternating (default: 2)")
+    p.add_argument("--batch-size", action=Number, kind=int, min=1, default=16,
+                   help="Images per step (default: 16)")
+    p.add_argument("--threads", action=Number, kind=int, min=1, default=2,
                    help="Intra-op threads in all (default: 2): the one process's, or half "
-                        "each for the two tower processes.")
+                        "each for the two tower processes")
 
 
 def link_bytes(batch: int) -> list[dict]:
