@@ -190,3 +190,14 @@ def test_sigterm_to_one_tower_process_saves_once_and_every_process_exits_0(tmp_p
     assert err.count("signal received") == 1, err[-3000:]
     step = load_checkpoint(out / "last.pt")["progress"]["step"]
     assert step == max(r["step"] for r in records(out) if r["kind"] == "train")
+
+
+def test_the_towers_bench_counts_the_links_bytes_as_the_docs_table():
+    """docs/scaling.md: 234,496 bytes per image forward over the four links (fp32), as many
+    back; fc8's link one way."""
+    from split_alexnet.tools.bench.towers import link_bytes
+    rows = link_bytes(128)
+    assert sum(r["bytes_forward"] for r in rows) == 128 * 234_496 == 30_015_488
+    assert all(r["bytes_backward"] == r["bytes_forward"] for r in rows)
+    assert [(r["layer"], r["forward"]) for r in rows if r["layer"] == "fc8"] == \
+        [("fc8", "tower 1 -> tower 0")]
