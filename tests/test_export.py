@@ -28,7 +28,7 @@ from split_alexnet.tools import onnx_export as oe
 from split_alexnet.tools.convert import main as convert_main
 from split_alexnet.tools.export import PROG
 from split_alexnet.tools.export import main as export_main
-from split_alexnet.training.checkpoint import checksum, save_checkpoint
+from split_alexnet.utils.checkpoint_file import checksum, save_checkpoint
 from split_alexnet.utils.cli import run
 
 onnx = pytest.importorskip("onnx")
@@ -369,7 +369,7 @@ def test_the_extras_and_a_light_plain_install():
     assert project["scripts"]["split-alexnet-export"] == "split_alexnet.tools.export:cli"
     blocked = ", ".join(repr(m) for m in sorted(heavy))
     probe = (f"import sys\nfor m in ({blocked}): sys.modules[m] = None\n"
-             "import split_alexnet.training.trainer, split_alexnet.tools.export, "
+             "import split_alexnet.training.command, split_alexnet.tools.export, "
              "split_alexnet.tools.evaluate, split_alexnet.tools.predict, hubconf\n"
              "from split_alexnet.utils.cli import run\n"
              "from split_alexnet.tools.export import main\n"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from split_alexnet.network.model import AlexNet, HalfAlexNet, SplitAlexNet, layout_state_dict
-from split_alexnet.training.checkpoint import save_checkpoint
+from split_alexnet.utils.checkpoint_file import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["a", "b", "c"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from split_alexnet.training import trainer as T
+from split_alexnet.training import command as T
 from split_alexnet.utils.cli import run
 
 BASE = ["--batch-size", "8", "--workers", "0", "--log-interval", "1", "--init", "caffe",

@@ -20,9 +20,10 @@ from split_alexnet.tools.export import PROG
 from split_alexnet.tools.export import main as export_main
 from split_alexnet.tools.predict import main as predict_main
 from split_alexnet.tools.visualize import main as visualize_main
-from split_alexnet.training import trainer
-from split_alexnet.training.checkpoint import load_checkpoint, save_checkpoint
-from split_alexnet.training.config import parse_config
+from split_alexnet.training.command import main as train_main
+from split_alexnet.training.trainer import Trainer
+from split_alexnet.training.options import parse_config
+from split_alexnet.utils.checkpoint_file import load_checkpoint, save_checkpoint
 from split_alexnet.utils.weights_file import (CheckpointError, FORMAT, read_weights,
                                             safetensors_bytes)
 from split_alexnet.utils.cli import run
@@ -93,7 +94,7 @@ def test_evaluate_predict_and_visualize_read_it_like_the_checkpoint(files, demo_
 def test_init_from_a_safetensors_file(files, demo_root, tmp_path):
     """--init-from takes it: every layer loaded (the same classes keep fc8)."""
     _, path = files
-    t = trainer.setup(parse_config([
+    t = Trainer.setup(parse_config([
         "--data", str(demo_root), "--out", str(tmp_path / "run"), "--init-from", str(path),
         "--lrn", "alpha-over-n", "--devices", "cpu,cpu", "--batch-size", "8", "--workers",
         "0"]))
@@ -151,7 +152,7 @@ def test_a_damaged_or_foreign_file_is_one_line(case, phrase, files, demo_root, t
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and phrase in err[0], err
     assert not (tmp_path / "x.onnx").exists()
-    assert run(trainer.main, "train", ["--data", str(demo_root), "--out", str(tmp_path / "r"),
+    assert run(train_main, "train", ["--data", str(demo_root), "--out", str(tmp_path / "r"),
                                        "--init-from", str(bad), "--devices", "cpu,cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("train: error: --init-from") and phrase in err[0]
