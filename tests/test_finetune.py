@@ -271,7 +271,7 @@ BAD = {  # flags -> a piece of the one error line
     "NaN multiplier": (["--init-from", "{ckpt}", "--lr-mult-new", "nan"],
                        "--lr-mult-new must be a finite number, got nan"),
     "reinit without source": (["--reinit", "fc8"], "--reinit need(s) --init-from CKPT"),
-    "preset without source": (["--finetune"], "--finetune need(s) --init-from CKPT"),
+    "preset without source": (["--finetune"], "--finetune needs --init-from CKPT"),
     "frozen and new": (["--init-from", "{ckpt}", "--reinit", "conv2", "--freeze-through",
                         "conv3"], "a re-initialised layer that is frozen never learns"),
 }
@@ -297,11 +297,14 @@ def test_resume_refuses_converted_weights_and_changed_fine_tuning_flags(converte
                  src.ckpt, "--freeze-through", "conv1") == 0
     capsys.readouterr()
     line = one_line(capsys, train(src.data, out, "--devices", "cpu,cpu", "--resume",
-                                  "--init-from", src.ckpt))
-    assert "holds another run: --freeze-through not set (the run: conv1)" in line
+                                  "--freeze-through", "conv2"))
+    assert "--resume: --freeze-through conv2 (the run: conv1)" in line, line
+    assert "the run is fine-tuned" not in line  # --freeze-through is not --finetune's
     line = one_line(capsys, train(src.data, out, "--devices", "cpu,cpu", "--resume",
-                                  "--freeze-through", "conv1"))
-    assert f"holds another run: --init-from not set (the run: {src.ckpt})" in line
+                                  "--init-from", converted, "--lr", "0.02"))
+    assert f"--resume: --init-from {converted} (the run: {src.ckpt}), --lr 0.02 (the run: " \
+           "0.01)" in line, line
+    assert "the run is fine-tuned: --resume keeps the values its --finetune" in line
 
 
 # ----------------------------------------------------------------------------- DDP

@@ -177,12 +177,47 @@ def test_a_resume_with_other_settings_is_refused_listing_each(one_step, demo_roo
     argv = [x for flag, (new, _) in changed.items() for x in (flag, new)]
     capsys.readouterr()
     assert train(demo_root, out, *CPU_PAIR, "--resume", *argv, "--max-steps", "2") == 2
-    line = one_error(capsys)
-    assert f"--resume: {out / 'last.pt'} holds another run: " in line, line
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err  # refused before any other work
+    line = err[0]
+    assert line.startswith("train: error: --resume: --batch-size 4 (the run: 8), "), line
     for flag, (new, old) in changed.items():
         assert f"{flag} {new} (the run: {old})" in line, (flag, line)
+    assert f"these settings define the run in {out} and cannot change on resume" in line
     assert "to change the learning rate give --resume-lr LR" in line
     assert fingerprint(out) == sums  # refused before anything was written
+
+
+def test_resume_takes_the_runs_settings_and_applies_the_flags_given(one_step, tmp_path,
+                                                                    capsys):
+    """The run was made with --batch-size 8 on a set of 32 images; a resume that gives only
+    --out (not --data, the batch or anything else) continues it with its own settings, where
+    the default batch of 128 would not fit the set."""
+    out = copy_run(one_step, tmp_path / "run")
+    capsys.readouterr()
+    assert run(train_main, "train", ["--out", str(out), "--resume", "--max-steps", "2",
+                                     "--workers", "1"]) == 0
+    err = capsys.readouterr().err
+    assert f"--resume: the run's settings from {out / 'config.json'}; changed: --out {out} " \
+           f"(the run: {one_step}), --max-steps 2 (the run: 1), --workers 1 (the run: 0)\n" \
+           in err, err
+    assert f"resumed from {out / 'last.pt'} at step 1, step 1 of epoch 1" in err, err
+    assert "error" not in err
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["progress"]["step"] == 2
+    first = json.loads((one_step / "config.json").read_text())
+    now = json.loads((out / "config.json").read_text())  # as last started: the next resume's
+    assert ckpt["config"]["batch_size"] == 8 and ckpt["config"]["data"] == first["data"]
+    assert now == {**first, "max_steps": 2, "workers": 1, "out": str(out)}
+
+
+def test_config_reads_a_runs_config_json(one_step, tmp_path):
+    """--config OUT/config.json starts a run with another run's settings."""
+    from split_alexnet.training.options import parse_command
+    cfg, _ = parse_command(["--config", str(one_step / "config.json"), "--out",
+                            str(tmp_path / "again"), "--seed", "5"])
+    saved = json.loads((one_step / "config.json").read_text())
+    assert cfg.to_dict() == {**saved, "out": str(tmp_path / "again"), "seed": 5}
 
 
 def test_a_resume_on_renamed_classes_is_refused(one_step, demo_root, tmp_path, capsys):

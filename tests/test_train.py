@@ -297,7 +297,7 @@ def test_truncated_last_checkpoint_falls_back_to_the_previous_one(runs, demo_roo
     assert train(demo_root, out, "--devices", "cpu,cpu", "--resume") == 0
     err = capsys.readouterr().err
     assert "cannot be loaded safely" in err and "trying the previous checkpoint" in err
-    assert f"resumed from {out / 'epoch_002.pt'}: epoch 2, step 8" in err
+    assert f"resumed from {out / 'epoch_002.pt'} at step 8, the end of epoch 2" in err
 
 
 def test_class_metadata_survives_into_the_checkpoint(tmp_path):

@@ -38,7 +38,8 @@ from split_alexnet.network.model import layout_state_dict
 from split_alexnet.training.config import PROG
 from split_alexnet.training.optim import (load_named_optimizer_state, named_optimizer_state,
                                           set_lr)
-from split_alexnet.training.runfolder import check_same_run, remove_stale_temps, temp_suffix
+from split_alexnet.training.runfolder import (check_resumable, check_same_run,
+                                              remove_stale_temps, temp_suffix)
 from split_alexnet.utils.checkpoint_file import (CheckpointError, check_compatible, code_version,
                                                  load_checkpoint, save_checkpoint)
 from split_alexnet.utils.cli import Abort, Interrupted, UsageError
@@ -181,16 +182,6 @@ def resume(t: "Trainer", spec: str, resume_lr: float | None = None) -> None:
     raise UsageError(errors[-1] if errors else f"--resume: nothing usable at {spec}")
 
 
-def check_resumable(ckpt: dict, path: Path) -> None:
-    """A checkpoint that --resume can continue: one with training state, not converted
-    weights. Else one :class:`UsageError`."""
-    if "optimizer" not in ckpt or "progress" not in ckpt:
-        what = "converted weights" if "source" in ckpt else "weights"
-        raise UsageError(f"--resume: {path} holds {what} without training state (no "
-                         f"optimizer, schedule or position); start a run from them with "
-                         f"--init-from {path}")
-
-
 def restore(t: "Trainer", ckpt: dict, path: Path, resume_lr: float | None = None) -> None:
     """Put a loaded checkpoint's state into the trainer: weights, optimizer, schedule,
     position and this rank's RNG states; then --resume-lr, recorded as an "lr_change"."""
@@ -206,8 +197,10 @@ def restore(t: "Trainer", ckpt: dict, path: Path, resume_lr: float | None = None
     t.pos.best_top1 = s["best_top1"]
     set_rng_state(ckpt["rng"].get(f"rank{t.ctx.rank}", ckpt["rng"]["rank0"]))
     if t.is_main:
-        print(f"resumed from {path}: epoch {t.pos.epoch}, step {t.pos.step} "
-              f"(step {t.pos.epoch_step} of the epoch)", file=sys.stderr)
+        pos = t.pos  # epochs counted from 1, as the progress line counts them
+        where = f"the end of epoch {pos.epoch}" if pos.epoch_step == 0 and pos.epoch else \
+            f"step {pos.epoch_step} of epoch {pos.epoch + 1}"
+        print(f"resumed from {path} at step {pos.step}, {where}", file=sys.stderr)
         t.metrics.log({"kind": "resume", "step": t.pos.step, "epoch": t.pos.epoch,
                        "from": str(path)})
     new_lr, old_lr = resume_lr, t.schedule.lr

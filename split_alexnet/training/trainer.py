@@ -31,7 +31,7 @@ from split_alexnet.training.loader import train_loader, val_loader, worker_error
 from split_alexnet.training.metrics import MetricsLog, Watchdog, write_curves
 from split_alexnet.training.optim import set_lr
 from split_alexnet.training.options import Command
-from split_alexnet.training.runfolder import RunLock, claim, start_fresh
+from split_alexnet.training.runfolder import RunLock, claim, start_fresh, write_config
 from split_alexnet.training.setup import build_learner, list_for_holdout, load_data
 from split_alexnet.training.state import Position, RunData, StopReason, TrainResult
 from split_alexnet.utils.fileio import check_output_dir, make_output_dir
@@ -98,6 +98,8 @@ class Trainer:
             t = cls(cfg, ctx, devices, data, learner, lock)
             if cmd.resume:
                 checkpoint.resume(t, cmd.resume, cmd.resume_lr)
+                if t.is_main:  # the settings as now started: what the next --resume takes
+                    write_config(t.out, cfg)
             elif t.is_main:
                 start_fresh(t.out, cfg, overwrite=cmd.overwrite)
                 if learner.tuning.record:
