@@ -45,7 +45,7 @@ from split_alexnet.tools.experiment_numbers import (aggregate, chance_threshold,
                                                     first_crossing, smooth, summarise_run)
 from split_alexnet.training.config import TrainConfig, to_flags
 from split_alexnet.training.options import parse_config
-from split_alexnet.training.loop import Diverged
+from split_alexnet.training.metrics import Diverged
 from split_alexnet.training.trainer import train
 from split_alexnet.utils.cli import UsageError, run
 from split_alexnet.utils.fileio import atomic_write, write_json

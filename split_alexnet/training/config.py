@@ -213,6 +213,11 @@ class LoggingSettings:
     watchdog_steps: int = setting(500, "After this many steps, warn once if the training loss "
                                        "is still at chance, ln(classes) "
                                        "(docs/experiments.md); 0 disables.", run=False, min=0)
+    stop_on_divergence: bool = setting(False, "Stop the run (exit 1, nothing saved after the "
+                                              "last good checkpoint) when a log window's mean "
+                                              "training loss exceeds 3 x ln(classes); without "
+                                              "it one warning line. A non-finite loss or weight "
+                                              "always stops the run.", run=False)
 
 
 #: The sections of :class:`TrainConfig`, by attribute name, in --help order.

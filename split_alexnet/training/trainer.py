@@ -28,7 +28,7 @@ from split_alexnet.training import checkpoint, loop
 from split_alexnet.training.config import PROG, TrainConfig
 from split_alexnet.training.finetune import read_source
 from split_alexnet.training.loader import train_loader, val_loader, worker_error
-from split_alexnet.training.metrics import MetricsLog, Watchdog, write_curves
+from split_alexnet.training.metrics import DivergenceAlarm, MetricsLog, Watchdog, write_curves
 from split_alexnet.training.optim import set_lr
 from split_alexnet.training.options import Command
 from split_alexnet.training.runfolder import RunLock, claim, start_fresh, write_config
@@ -66,6 +66,8 @@ class Trainer:
         self.metrics = MetricsLog(self.out, enabled=self.is_main)
         self.watchdog = Watchdog(cfg.logging.watchdog_steps, len(data.classes), self.metrics.log,
                                  enabled=self.is_main)
+        self.alarm = DivergenceAlarm(cfg, len(data.classes), self.metrics.log,
+                                     enabled=self.is_main)
         self.pos = Position(last_save=time.monotonic())
         self.stop = StopOnSignal()      # entered by fit()
         self.lock = lock                # OUT/train.lock, held on rank 0 for the whole run
