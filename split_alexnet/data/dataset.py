@@ -91,6 +91,10 @@ def check_dataset_root(root: Path) -> None:
     root = Path(root)
     if not root.is_dir():
         raise UsageError(f"dataset folder not found: {root}")
+    if not (root / "train").is_dir() and not (root / "val").is_dir() and any(
+            e.is_dir() and not e.name.startswith(".") for e in os.scandir(root)):
+        raise UsageError(f"{root} holds class folders but no train/ and val/: split it with "
+                         f"split-alexnet-prepare {root} DST --val-fraction 0.1, then use DST")
     for split in ("train", "val"):
         find_classes(root / split)
 
