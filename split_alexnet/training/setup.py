@@ -91,8 +91,10 @@ def load_data(cfg: TrainConfig, ctx: dist_util.Context, listed: Listing | None) 
     batch = dist_util.local_batch_size(cfg, ctx)
     steps_per_epoch = len(train_set) // (batch * ctx.world_size)
     if steps_per_epoch < 1:
+        most = len(train_set) // (ctx.world_size if cfg.optim.per_process_batch else 1)
         raise UsageError(f"the training set has {len(train_set)} images, fewer than one "
-                         f"batch of {batch * ctx.world_size}")
+                         f"batch of {batch * ctx.world_size} (--batch-size "
+                         f"{cfg.optim.batch_size}); give --batch-size N with N at most {most}")
     return RunData(
         root=root, stats=stats, classes=classes,
         # wnid, index and human-readable name (from the devkit or Kaggle's mapping, when
