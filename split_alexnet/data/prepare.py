@@ -36,7 +36,6 @@ so a resumed run gives a byte-identical tree.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -57,7 +56,7 @@ from split_alexnet.data.prepare_tasks import (TMP_MARK, files_task, out_name, tr
 from split_alexnet.data.stats import load_stats, save_stats
 from split_alexnet.data.subset import (SUBSET_FILE, Subset, parse_classes_arg, pick,
                                       select_classes, split_val)
-from split_alexnet.utils.cli import Abort, Interrupted, UsageError, run
+from split_alexnet.utils.cli import Abort, Interrupted, Parser, UsageError, run
 from split_alexnet.utils.fileio import (atomic_write, check_output_dir, make_output_dir,
                                         write_json)
 from split_alexnet.utils.progress import Progress
@@ -406,7 +405,7 @@ def prepare(src: Path, dst: Path, *, workers: int | None = None, quality: int = 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m split_alexnet.prepare",
+    ap = Parser(module="split_alexnet.prepare",
                                  description="Rescale to shorter side 256, keep the central "
                                              "256x256 patch, write JPEGs + stats.npz.")
     ap.add_argument("src", type=Path,

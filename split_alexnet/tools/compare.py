@@ -10,14 +10,13 @@ one line naming the record.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from split_alexnet.training.metrics import FILENAME, read_records
-from split_alexnet.utils.cli import UsageError, run
+from split_alexnet.utils.cli import Parser, first_sentence, UsageError, run
 from split_alexnet.utils.flags import Number, check_output
 from split_alexnet.utils.plot import curves_png
 
@@ -56,9 +55,9 @@ def comparable(run_dir: Path | str) -> dict[tuple[str, str], dict[int, float]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0])
-    p.add_argument("run_a")
-    p.add_argument("run_b")
+    p = Parser(module=PROG, description=first_sentence(__doc__))
+    p.add_argument("run_a", help="a run folder (its metrics.jsonl and config.json)")
+    p.add_argument("run_b", help="the run folder to compare it with")
     p.add_argument("--out", default=None, help="PNG of both runs' curves (default: none)")
     p.add_argument("--rows", action=Number, min=1, default=20,
                    help="at most this many table rows")

@@ -32,7 +32,7 @@ from split_alexnet.network.placement import add_device_flags, build_model, resol
 from split_alexnet.training.loop import evaluate
 from split_alexnet.utils.checkpoint_file import (CheckpointError, checkpoint_stats,
                                                  load_checkpoint, model_config)
-from split_alexnet.utils.cli import UsageError, run
+from split_alexnet.utils.cli import Parser, first_sentence, UsageError, run
 from split_alexnet.utils.fileio import write_json
 from split_alexnet.utils.flags import WORKERS, Number, check_number, check_output
 
@@ -40,7 +40,7 @@ PROG = "split_alexnet.evaluate"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0])
+    p = Parser(module=PROG, description=first_sentence(__doc__))
     p.add_argument("--checkpoint", required=True,
                    help="a .pt file written by train or by split_alexnet.convert")
     p.add_argument("--data", required=True, help="dataset root with val/<class>/")

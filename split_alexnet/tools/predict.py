@@ -35,7 +35,7 @@ from split_alexnet.network.placement import add_device_flags
 from split_alexnet.tools.evaluate import load_model
 from split_alexnet.tools.features import prepare_input
 from split_alexnet.utils.checkpoint_file import checkpoint_stats
-from split_alexnet.utils.cli import UsageError, run
+from split_alexnet.utils.cli import Parser, first_sentence, UsageError, run
 from split_alexnet.utils.flags import Number
 
 PROG = "split_alexnet.predict"
@@ -45,7 +45,7 @@ __all__ = ["ILSVRC2012_WNIDS", "imagenet_names", "class_names", "load_images", "
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0])
+    p = Parser(module=PROG, description=first_sentence(__doc__))
     p.add_argument("images", nargs="+", metavar="IMAGE",
                    help="image files (any format Pillow reads)")
     p.add_argument("--checkpoint", required=True,

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Sequence
 
@@ -14,7 +13,7 @@ import torch
 
 from split_alexnet.network.model import INPUT_SIZE, TOWER_LAYERS, SplitAlexNet, count_parameters
 from split_alexnet.network.placement import add_device_flags, place, resolve_devices
-from split_alexnet.utils.cli import run
+from split_alexnet.utils.cli import Parser, first_sentence, run
 from split_alexnet.utils.flags import Number
 
 PROG = "split_alexnet.summary"
@@ -59,7 +58,7 @@ def summarize(net: SplitAlexNet) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0])
+    p = Parser(module=PROG, description=first_sentence(__doc__))
     add_device_flags(p, default="cpu", single_device=False)
     p.add_argument("--classes", action=Number, min=1, max=MAX_CLASSES, default=1000,
                    help="units in fc8 (default 1000)")

@@ -36,7 +36,7 @@ from split_alexnet.tools.features import fc7_features
 from split_alexnet.training.metrics import by_step, read_records
 from split_alexnet.utils.checkpoint_file import (CheckpointError, checkpoint_stats,
                                                  load_checkpoint, model_config)
-from split_alexnet.utils.cli import UsageError, run
+from split_alexnet.utils.cli import Parser, first_sentence, UsageError, run
 from split_alexnet.utils.fileio import atomic_write
 from split_alexnet.utils.flags import WORKERS, Number, check_output
 from split_alexnet.utils.plot import curves_png
@@ -436,7 +436,7 @@ def _save(img: Image.Image, out: str | Path) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0])
+    p = Parser(module=PROG, description=first_sentence(__doc__))
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     k = sub.add_parser("kernels", help="Figure 3: the conv1 kernels of both towers")

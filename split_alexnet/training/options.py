@@ -29,7 +29,7 @@ from split_alexnet.training.config import (FLAGS, PROG, SECTIONS, TrainConfig, b
 from split_alexnet.training.optim import SCHEDULES
 from split_alexnet.training.recipes import PRESETS, recipe_settings, values
 from split_alexnet.training.runfolder import saved_settings, settings_for_resume
-from split_alexnet.utils.cli import UsageError
+from split_alexnet.utils.cli import Parser, UsageError
 from split_alexnet.utils.flags import Number, check_number
 
 try:  # Python 3.11+; on 3.10 the optional dependency tomli reads --config files
@@ -127,8 +127,8 @@ def _add(p: argparse.ArgumentParser, name: str, f: dataclasses.Field, k: type) -
 
 def build_parser() -> argparse.ArgumentParser:
     """Every setting and switch as a flag; unset flags are left out of the namespace."""
-    p = argparse.ArgumentParser(
-        prog=f"python -m {PROG}",
+    p = Parser(
+        module=PROG,
         description="Train the 2012 two-tower AlexNet with the paper's recipe.",
         argument_default=argparse.SUPPRESS)
     for name, (_, f) in FLAGS.items():

@@ -19,7 +19,7 @@ import split_alexnet.tools.bench.data as data
 import split_alexnet.tools.bench.loop as loop
 import split_alexnet.tools.bench.lrn as lrn
 import split_alexnet.tools.bench.model as model
-from split_alexnet.utils.cli import run as cli_run
+from split_alexnet.utils.cli import Parser, run as cli_run
 from split_alexnet.utils.fileio import write_json
 from split_alexnet.utils.flags import WORKERS, Number, check_number, check_output
 
@@ -99,7 +99,7 @@ OWN_OPTIONS = {"lrn": lrn, "loop": loop}
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``bench`` parser: one sub-command per benchmark, each with its own options."""
-    ap = argparse.ArgumentParser(prog="python -m split_alexnet.bench",
+    ap = Parser(module="split_alexnet.bench",
                                  description="Benchmarks (see docs/benchmarks.md).")
     sub = ap.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
