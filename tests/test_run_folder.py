@@ -199,7 +199,7 @@ def test_resume_takes_the_runs_settings_and_applies_the_flags_given(one_step, tm
                                      "--workers", "1"]) == 0
     err = capsys.readouterr().err
     assert f"--resume: the run's settings from {out / 'config.json'}; changed: --out {out} " \
-           f"(the run: {one_step}), --max-steps 2 (the run: 1), --workers 1 (the run: 0)\n" \
+           f"(the run: {one_step}), --max-steps 2 (the run: not set), --workers 1 (the run: 0)\n" \
            in err, err
     assert f"resumed from {out / 'last.pt'} at step 1, step 1 of epoch 1" in err, err
     assert "error" not in err
@@ -291,3 +291,29 @@ def test_resume_removes_only_temporaries_whose_writer_is_gone(resumed):
     assert not temps["dead"].exists() and not temps["legacy"].exists()
     assert temps["live"].exists()   # its writer is alive: not ours to delete
     assert temps["other"].exists()  # not a checkpoint's, and no pid: someone else's file
+
+
+def test_a_resume_with_nothing_left_to_do_says_so(one_step, demo_root, tmp_path, capsys):
+    """--max-steps is not taken from the run (it ran to step 1 with --max-steps 1; a resume
+    runs on unless given one again); a resume at its --max-steps trains nothing and says so."""
+    out = copy_run(one_step, tmp_path / "run")
+    before = [r for r in records(out) if r["kind"] == "train"]
+    capsys.readouterr()
+    assert train(demo_root, out, *CPU_PAIR, "--resume", "--max-steps", "1") == 0
+    err = capsys.readouterr().err
+    assert f"nothing to do: the run in {out} is at step 1, --max-steps 1; give a larger " \
+           "--max-steps to continue it" in err, err
+    assert "training alexnet" not in err
+    assert [r for r in records(out) if r["kind"] == "train"] == before
+
+
+def test_a_one_class_dataset_is_refused(tmp_path, capsys):
+    from split_alexnet.data.demo import make_demo_dataset
+    root = make_demo_dataset(tmp_path / "one", classes=1, train_per_class=4, val_per_class=1,
+                             seed=0)
+    capsys.readouterr()
+    assert train(root, tmp_path / "run", *CPU_PAIR) == 2
+    err = capsys.readouterr().err
+    assert f"train: error: --data {root} has one class ('circle' in train/): a classifier " \
+           "needs at least two class folders" in err, err
+    assert "Traceback" not in err and not (tmp_path / "run" / "config.json").exists()

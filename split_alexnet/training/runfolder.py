@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from split_alexnet.training.config import FLAGS, PROG, TrainConfig, check_value, flag_name
-from split_alexnet.training.recipes import FINETUNE_PRESET
+from split_alexnet.training.recipes import FINETUNE_PRESET, recipe_settings
 from split_alexnet.utils.checkpoint_file import CheckpointError, load_checkpoint
 from split_alexnet.utils.cli import Abort, UsageError
 from split_alexnet.utils.fileio import write_json
@@ -310,6 +310,9 @@ def settings_for_resume(saved: dict[str, Any], given: dict[str, Any], where: Pat
     a setting (``--epochs 20 (the run: 14)``). A given setting that defines the run (metadata
     ``run``) and differs from the run's is one :class:`UsageError` naming every such flag."""
     run = {k: v for k, v in saved.items() if k in FLAGS}
+    # --max-steps is where one invocation stops (a smoke run, a cut): a resume runs on to
+    # --epochs unless given one again; a recipe's own limit (bvlc's max_iter) stays.
+    run["max_steps"] = recipe_settings(str(run.get("recipe", "paper"))).get("max_steps")
     if any(k in given for k in DEVICE_SETTINGS):
         for k in DEVICE_SETTINGS:
             run.pop(k, None)

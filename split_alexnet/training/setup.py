@@ -83,6 +83,9 @@ def load_data(cfg: TrainConfig, ctx: dist_util.Context, listed: Listing | None) 
     if stats is None:
         stats = load_stats(root, progress=False)
     classes = list(stats.classes)
+    if len(classes) < 2:
+        raise UsageError(f"--data {root} has one class ({classes[0]!r} in train/): a "
+                         "classifier needs at least two class folders")
     seed, strict = cfg.runtime.seed, cfg.data.strict
     train_set = CropFolder(root / "train", classes, mode="train", seed=seed, pca=cfg.data.pca,
                            strict=strict,
