@@ -70,9 +70,16 @@ def runs(demo_root, tmp_path_factory):
 
 def test_run_writes_checkpoints_metrics_and_curves(runs):
     out = runs["split"]
-    for name in ("last.pt", "best.pt", "epoch_001.pt", "epoch_002.pt", "metrics.jsonl",
+    for name in ("last.pt", "best.pt", "epoch_002.pt", "metrics.jsonl",
                  "curves.png", "config.json"):
         assert (out / name).is_file(), name
+    # What a run keeps (docs/training.md): the last epoch's checkpoint (--keep-last 1), the
+    # same file as last.pt at the run's end, and best.pt without what only a resume reads.
+    assert not (out / "epoch_001.pt").exists()
+    assert (out / "epoch_002.pt").stat().st_ino == (out / "last.pt").stat().st_ino
+    best = load_checkpoint(out / "best.pt")
+    assert "optimizer" not in best and "rng" not in best and set(best["model"]) >= {"fc8.bias"}
+    assert (out / "best.pt").stat().st_size < 0.55 * (out / "last.pt").stat().st_size
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["progress"]["step"] == 8 and ckpt["progress"]["epoch"] == 2
     assert ckpt["classes"] == sorted(ckpt["classes"]) and len(ckpt["classes"]) == 4
@@ -396,7 +403,7 @@ def test_every_flag_works_in_a_toml_file(tmp_path):
               "per_process_batch": True, "backend": "gloo", "lr": 0.02, "momentum": 0.8,
               "weight_decay": 0.001, "optimizer": "torch", "lr_schedule": "step:2",
               "plateau_patience": 2, "lr_drops": 1, "pca": "sqrt", "workers": 1, "seed": 7,
-              "max_steps": 5, "checkpoint_minutes": 5.0, "keep_last": 1,
+              "max_steps": 5, "checkpoint_minutes": 5.0, "keep_last": 2,
               "log_interval": 3, "watchdog_steps": 0, "stop_on_divergence": True,
               "ten_crop": False, "eval_every": 2,
               "strict": True, "channels_last": True, "amp": "bf16", "compile": True,

@@ -16,8 +16,9 @@ the classes, the statistics, the versions, the checksum):
     layout, world_size   how the run was laid out
 
 Saved as ``OUT/last.pt`` (temporary files named by :func:`runfolder.temp_suffix`, so that a
-later --resume can remove those of a killed writer), with ``epoch_NNN.pt`` and ``best.pt`` as
-links or copies of it. A failed write (a full disk) or a second signal leaves the previous
+later --resume can remove those of a killed writer), with ``epoch_NNN.pt`` as a link or copy
+of it; ``best.pt`` is written apart, without the optimizer state and RNG states (a file to
+evaluate and fine-tune from, half the size). A failed write (a full disk) or a second signal leaves the previous
 checkpoint and one line.
 """
 
@@ -107,19 +108,26 @@ def payload(t: "Trainer") -> dict:
     }
 
 
+#: What only a resume reads; best.pt leaves it out (half the size: the velocity is as large
+#: as the weights).
+RESUME_ONLY = ("optimizer", "rng")
+
+
 def save(t: "Trainer", *, epoch_end: bool = False, best: bool = False) -> None:
     """OUT/last.pt, and at an epoch's end OUT/epoch_NNN.pt (the last --keep-last of them) and,
     for a new best validation error, OUT/best.pt. Every rank calls it; rank 0 writes."""
     data = payload(t)  # every rank joins the RNG gather
     if not t.is_main:
         return
-    extra = ([f"epoch_{t.pos.epoch:03d}.pt"] if epoch_end else []) + \
-        (["best.pt"] if best else [])
+    extra = [f"epoch_{t.pos.epoch:03d}.pt"] if epoch_end else []
     target = t.out / "last.pt"
     try:
         save_checkpoint(target, data, suffix=temp_suffix())
         for name in extra:  # the same bytes: link (or copy) last.pt, then rename atomically
             copy_atomic(target, t.out / name)
+        if best:  # for evaluation and --init-from: the weights without what resumes
+            save_checkpoint(t.out / "best.pt", {k: v for k, v in data.items()
+                                                if k not in RESUME_ONLY}, suffix=temp_suffix())
     except (OSError, RuntimeError, KeyboardInterrupt) as e:
         if t.stop.forced:  # a second signal, wherever it landed (torch reports it in a write
             # callback as a RuntimeError)

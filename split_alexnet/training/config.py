@@ -199,8 +199,10 @@ class CheckpointSettings:
     checkpoint_minutes: float = setting(30.0, "Also save OUT/last.pt every this many minutes "
                                               "inside an epoch (0: after every step).",
                                         run=False, min=0)
-    keep_last: int = setting(3, "Keep the last K epoch checkpoints (OUT/epoch_NNN.pt) besides "
-                                "last.pt and best.pt (0: keep them all).", run=False, min=0)
+    keep_last: int = setting(1, "Keep the last K epoch checkpoints (OUT/epoch_NNN.pt) besides "
+                                "last.pt and best.pt (0: keep them all); the newest is the "
+                                "fallback of --resume when last.pt is damaged.", run=False,
+                             min=0)
 
 
 @dataclass(frozen=True)
