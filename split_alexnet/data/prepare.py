@@ -406,8 +406,8 @@ def prepare(src: Path, dst: Path, *, workers: int | None = None, quality: int = 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = Parser(module="split_alexnet.prepare",
-                                 description="Rescale to shorter side 256, keep the central "
-                                             "256x256 patch, write JPEGs + stats.npz.")
+                description="Rescale to shorter side 256, keep the central 256x256 patch, "
+                            "write JPEGs + stats.npz.")
     ap.add_argument("src", type=Path,
                     help="source: the official ImageNet archives, Kaggle's layout, or "
                          "train/<class>/* + val/<class>/* (see docs/data.md)")
