@@ -246,6 +246,36 @@ def test_curves(tmp_path, capsys):
     assert len(err) == 1 and "metrics.jsonl" in err[0]
 
 
+def test_curves_of_the_learning_rate_on_a_log_axis(tmp_path, capsys):
+    recs = [{"kind": "train", "step": s, "loss": 2.0, "top1_err": 0.5,
+             "lr": 0.01 if s <= 5 else 0.001} for s in range(1, 11)]
+    recs += [{"kind": "val", "step": 10, "loss": 2.0, "top1_err": 0.5, "lr": 0.001}]
+    a = write_records(tmp_path / "a", recs)
+    s = curve_series([a], "lr")
+    assert s[0][2] == [0.01] * 5 + [0.001] * 5 and s[1][2] == [0.001]
+    lin, log = tmp_path / "lin.png", tmp_path / "log.png"
+    assert run(viz_main, PROG, ["curves", str(a), "--out", str(lin), "--metric", "lr"]) == 0
+    assert run(viz_main, PROG, ["curves", str(a), "--out", str(log), "--metric", "lr",
+                                "--log-y"]) == 0
+    # On the log axis the drop by 10 spans the plot; on the linear one 0.001 sits near 0.
+    def rows_with_line(path):
+        img = Image.open(path).convert("RGB")
+        w, h = img.size
+        return [y for y in range(h) if any(img.getpixel((x, y)) == (31, 119, 180)
+                                           for x in range(80, w - 30, 3))]
+    assert max(rows_with_line(log)) - min(rows_with_line(log)) > 300
+    assert "learning rate (log scale)" not in capsys.readouterr().err
+    b = write_run(tmp_path / "b")  # its error reaches 0.4 and its loss 1.0: all above 0
+    assert run(viz_main, PROG, ["curves", str(b), "--out", str(log), "--metric", "loss",
+                                "--log-y"]) == 0
+    zero = write_records(tmp_path / "z", [{"kind": "train", "step": 1, "loss": 0.0,
+                                           "top1_err": 0.0}])
+    capsys.readouterr()
+    assert run(viz_main, PROG, ["curves", str(zero), "--out", str(log), "--metric", "loss",
+                                "--log-y"]) == 2
+    assert "--log-y needs values above 0; train (batches) has 0" in capsys.readouterr().err
+
+
 def test_one_metrics_reader_for_every_tool(tmp_path, capsys):
     """visualize curves and compare read metrics.jsonl with the same reader: a damaged line
     inside the records (not a torn last one, which is skipped) is one error line naming the

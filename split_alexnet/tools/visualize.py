@@ -404,10 +404,16 @@ def cmd_curves(args: argparse.Namespace) -> int:
     _image_format(args.out)
     series = curve_series(args.runs, args.metric)
     err = args.metric.endswith("_err")
-    what = {"top1_err": "top-1 error", "top5_err": "top-5 error", "loss": "loss"}[args.metric]
+    what = {"top1_err": "top-1 error", "top5_err": "top-5 error", "loss": "loss",
+            "lr": "learning rate"}[args.metric]
+    if args.log_y:
+        bad = next(((label, y) for label, _, ys in series for y in ys if not y > 0), None)
+        if bad:
+            raise UsageError(f"--log-y needs values above 0; {bad[0]} has {bad[1]:g}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     curves_png(args.out, series, title=f"{what}: " + ", ".join(Path(r).name for r in args.runs),
-               xlabel="step", ylabel=what, size=size, ylim=(0.0, 1.0) if err else None)
+               xlabel="step", ylabel=what + (" (log scale)" if args.log_y else ""), size=size,
+               ylim=(0.0, 1.0) if err else None, log_y=args.log_y)
     for label, xs, ys in series:
         print(f"  {label}: {len(xs)} points, last {ys[-1]:.4f} at step {xs[-1]:g}")
     print(f"{args.out}: {size[0]}x{size[1]} px")
@@ -472,8 +478,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     c = sub.add_parser("curves", help="training and validation error curves")
     c.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders with metrics.jsonl")
     c.add_argument("--out", required=True, help="PNG to write")
-    c.add_argument("--metric", default="top1_err", choices=("top1_err", "top5_err", "loss"),
-                   help="what to plot (default top1_err; train records have no top5_err)")
+    c.add_argument("--metric", default="top1_err", choices=("top1_err", "top5_err", "loss", "lr"),
+                   help="what to plot (default top1_err; train records have no top5_err; lr: "
+                        "the learning rate of the train and val records)")
+    c.add_argument("--log-y", action="store_true",
+                   help="a logarithmic y axis (loss, lr: values above 0)")
     c.add_argument("--size", default="800x500", help="WIDTHxHEIGHT in px (default 800x500)")
     c.set_defaults(func=cmd_curves)
     return p.parse_args(argv)
