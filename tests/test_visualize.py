@@ -298,6 +298,18 @@ def predict_cli(*args) -> int:
     return run(predict_mod.main, predict_mod.PROG, [str(a) for a in args])
 
 
+def test_predict_takes_a_folder_of_images(ckpt, demo_root, tmp_path, capsys):
+    folder = demo_root / "val" / sorted(p.name for p in (demo_root / "val").iterdir())[0]
+    files = sorted(str(p) for p in folder.rglob("*.jpg"))
+    assert predict_cli(folder, "--checkpoint", ckpt, "--json", "--top", "2") == 0
+    from_folder = json.loads(capsys.readouterr().out)
+    assert predict_cli(*files, "--checkpoint", ckpt, "--json", "--top", "2") == 0
+    assert from_folder == json.loads(capsys.readouterr().out) and len(from_folder) == len(files)
+    (tmp_path / "empty").mkdir()
+    assert predict_cli(tmp_path / "empty", "--checkpoint", ckpt) == 2
+    assert f"{tmp_path / 'empty'} is a folder without image files" in capsys.readouterr().err
+
+
 def test_predict_json_and_table(ckpt, demo_root, capsys):
     imgs = sorted((demo_root / "val").rglob("*.jpg"))[:3]
     assert predict_cli(*imgs, "--checkpoint", ckpt, "--json", "--top", "3") == 0
