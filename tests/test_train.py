@@ -283,6 +283,19 @@ def test_compare_prints_the_largest_difference(runs, tmp_path, capsys):
     assert run(compare_main, "compare", [str(runs["split"]), str(tmp_path)]) == 2
 
 
+def test_summary_of_a_checkpoint_shows_its_network_and_position(one_step, capsys):
+    from split_alexnet.tools.summary import main as summary_main
+    capsys.readouterr()
+    assert run(summary_main, "summary", ["--checkpoint", str(one_step / "last.pt")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{one_step / 'last.pt'}: 4 classes; init caffe, lrn paper, ")
+    assert "; epoch 0, step 1\n" in out
+    assert "SplitAlexNet: 56,884,612 parameters" in out and "(4,)" in out
+    assert run(summary_main, "summary", ["--checkpoint", str(one_step / "last.pt"),
+                                         "--classes", "10"]) == 2
+    assert "give --classes or --checkpoint" in capsys.readouterr().err
+
+
 def test_summary_lists_towers_and_traffic(capsys):
     from split_alexnet.tools.summary import main as summary_main
     assert run(summary_main, "summary", ["--devices", "cpu,cpu"]) == 0
