@@ -298,6 +298,33 @@ def predict_cli(*args) -> int:
     return run(predict_mod.main, predict_mod.PROG, [str(a) for a in args])
 
 
+def test_evaluate_per_class_writes_errors_and_the_confusion_matrix(ckpt, demo_root, tmp_path,
+                                                                   capsys):
+    import csv
+    from split_alexnet.tools.evaluate import main as evaluate_main
+    out = tmp_path / "pc"
+    assert run(evaluate_main, "evaluate", ["--checkpoint", str(ckpt), "--data", str(demo_root),
+                                           "--single-device", "--workers", "0",
+                                           "--per-class", str(out), "--json",
+                                           str(tmp_path / "r.json")]) == 0
+    text = capsys.readouterr().out
+    classes = find_classes(demo_root / "train")
+    rows = list(csv.DictReader(open(out / "per_class.csv")))
+    assert [r["class"] for r in rows] == classes and all(r["images"] == "4" for r in rows)
+    conf = list(csv.reader(open(out / "confusion.csv")))
+    assert conf[0][1:] == classes and [r[0] for r in conf[1:]] == classes
+    matrix = [[int(v) for v in r[1:]] for r in conf[1:]]
+    assert [sum(r) for r in matrix] == [4] * 4
+    for r, row in zip(rows, matrix):  # each class's error is its row off the diagonal
+        i = classes.index(r["class"])
+        assert float(r["top1_err"]) == pytest.approx((4 - row[i]) / 4)
+    result = json.loads((tmp_path / "r.json").read_text())
+    wrong = sum(sum(row) - row[i] for i, row in enumerate(matrix))
+    assert result["center"]["top1_err"] == pytest.approx(wrong / 16)
+    assert Image.open(out / "confusion.png").size == (128, 128)
+    assert "per class (" in text and "the worst:" in text
+
+
 def test_predict_takes_a_folder_of_images(ckpt, demo_root, tmp_path, capsys):
     folder = demo_root / "val" / sorted(p.name for p in (demo_root / "val").iterdir())[0]
     files = sorted(str(p) for p in folder.rglob("*.jpg"))

@@ -44,14 +44,16 @@ def topk_wrong(logits_or_probs: torch.Tensor, labels: torch.Tensor, k: int) -> t
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, stats, device: torch.device, *, ten_crop: bool = False,
-             progress: bool = False, stop=None) -> dict[str, float]:
+             progress: bool = False, stop=None,
+             confusion: torch.Tensor | None = None) -> dict[str, float]:
     """Top-1 and top-5 error and loss over ``loader``; with ``ten_crop`` the softmax outputs
     of the ten crops are averaged (the paper), and the loss is that average's NLL.
     Under torch.distributed the sums are all-reduced, so each image counts exactly once.
 
     ``stop`` (e.g. the trainer's :class:`~split_alexnet.utils.signals.StopOnSignal`): once
     it is true the loop ends after the batch in progress, and the result, over the images
-    seen so far, has ``"stopped": True``. The all-reduce still runs, so under torchrun every
+    seen so far, has ``"stopped": True``. ``confusion`` (classes x classes, int64, on
+    ``device``): each image adds 1 at (its label, its top-1 prediction). The all-reduce still runs, so under torchrun every
     rank must then agree on the stop (``distributed.any_rank_flags``)."""
     was_training = model.training
     model.eval()
@@ -76,6 +78,8 @@ def evaluate(model: nn.Module, loader, stats, device: torch.device, *, ten_crop:
         else:
             scores = model(x).float()                                         # (B, C)
             loss = F.cross_entropy(scores, y, reduction="sum")
+        if confusion is not None:
+            confusion.index_put_((y, scores.argmax(1)), torch.ones_like(y), accumulate=True)
         sums += torch.stack([torch.tensor(float(y.numel()), device=device, dtype=torch.float64),
                              topk_wrong(scores, y, 1).double(), topk_wrong(scores, y, 5).double(),
                              loss.double()])
