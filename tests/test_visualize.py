@@ -323,6 +323,24 @@ def test_evaluate_per_class_writes_errors_and_the_confusion_matrix(ckpt, demo_ro
     assert result["center"]["top1_err"] == pytest.approx(wrong / 16)
     assert Image.open(out / "confusion.png").size == (128, 128)
     assert "per class (" in text and "the worst:" in text
+    (center,) = [ln.split() for ln in text.splitlines() if ln.startswith("center")]
+    assert center[3] == "-"  # top-5 of 4 classes: always 0, not shown
+
+
+def test_evaluate_names_an_unreadable_image_in_one_plain_line(ckpt, demo_root, tmp_path,
+                                                              capsys):
+    import shutil
+    from split_alexnet.tools.evaluate import main as evaluate_main
+    root = tmp_path / "d"
+    shutil.copytree(demo_root / "val", root / "val")
+    bad = sorted((root / "val").rglob("*.jpg"))[0]
+    bad.write_bytes(b"not a jpeg")
+    capsys.readouterr()
+    assert run(evaluate_main, "evaluate", ["--checkpoint", str(ckpt), "--data", str(root),
+                                           "--single-device", "--workers", "0"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: skipping unreadable image: {bad}\n" in err
+    assert "RuntimeWarning" not in err and ".py:" not in err
 
 
 def test_predict_takes_a_folder_of_images(ckpt, demo_root, tmp_path, capsys):

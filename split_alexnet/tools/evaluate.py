@@ -139,7 +139,8 @@ def evaluate_checkpoint(path: Path, data: Path, *, split: str = "val", ten_crop:
     present = [c for c in classes if c in found]  # all of them, or a subset (of ImageNet's)
     stats = checkpoint_stats(ckpt)
     results = {"checkpoint": str(path), "layout": "collapsed" if len(devs) == 1 else "split",
-               "devices": [str(d) for d in devs], "classes": len(present)}
+               "devices": [str(d) for d in devs], "classes": len(present),
+               "checkpoint_classes": len(classes)}
     for mode in ["center"] + (["tencrop"] if ten_crop else []):
         ds = Relabelled(CropFolder(split_dir, present, mode=mode),
                         [classes.index(c) for c in present])
@@ -202,8 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key in ("center", "ten_crop"):
         if key in results:
             r = results[key]
-            print(f"{key:<10} {r['n']:>7} {r['top1_err']:>10.4f} {r['top5_err']:>10.4f} "
-                  f"{r['loss']:>8.4f}")
+            top5 = f"{r['top5_err']:>10.4f}" if results["checkpoint_classes"] > 5 else \
+                f"{'-':>10}"  # with 5 classes or fewer every label is in the top 5
+            print(f"{key:<10} {r['n']:>7} {r['top1_err']:>10.4f} {top5} {r['loss']:>8.4f}")
     if "per_class" in results:
         worst = sorted((r for r in results["per_class"] if r["images"]),
                        key=lambda r: -r["top1_err"])[:10]
