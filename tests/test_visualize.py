@@ -276,6 +276,31 @@ def test_curves_of_the_learning_rate_on_a_log_axis(tmp_path, capsys):
     assert "--log-y needs values above 0; train (batches) has 0" in capsys.readouterr().err
 
 
+def test_compare_runs_logged_at_different_intervals_per_epoch(tmp_path, capsys):
+    """Run a logs every 3 steps, run b every 4, 10 steps per epoch: they share no step but
+    the epochs' last ones (10, 20); the table of settings names the difference."""
+    from split_alexnet.tools.compare import main as compare_main
+    runs = {}
+    for name, every, lr in (("a", 3, 0.01), ("b", 4, 0.02)):
+        steps = sorted({s for s in range(1, 21) if s % every == 0} | {10, 20})
+        recs = [{"kind": "train", "step": s, "epoch": (s - 1) // 10 + 1, "loss": s * lr,
+                 "top1_err": 0.5} for s in steps]
+        recs += [{"kind": "val", "step": s, "epoch": s // 10, "loss": 1.0, "top1_err": 0.5,
+                  "top5_err": 0.1} for s in (10, 20)]
+        runs[name] = write_records(tmp_path / name, recs)
+        (runs[name] / "config.json").write_text(json.dumps(
+            {"log_interval": every, "lr": lr, "seed": 0, "out": str(runs[name])}))
+    capsys.readouterr()
+    assert run(compare_main, "compare", [str(runs["a"]), str(runs["b"])]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0] == "settings that differ:" and lines[1].split() == ["flag", "a", "b"]
+    assert lines[2].split() == ["--log-interval", "3", "4"]
+    assert lines[3].split() == ["--lr", "0.01", "0.02"] and "--seed" not in out
+    assert "compared at each epoch's last step" in out
+    assert "train loss: 2 shared steps, largest difference 0.2 at step 20" in out
+
+
 def test_one_metrics_reader_for_every_tool(tmp_path, capsys):
     """visualize curves and compare read metrics.jsonl with the same reader: a damaged line
     inside the records (not a torn last one, which is skipped) is one error line naming the
