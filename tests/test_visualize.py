@@ -70,7 +70,7 @@ def spot_weight(n: int = 96) -> torch.Tensor:
 
 def test_kernel_grid_places_every_kernel():
     img, grid = kernel_image(spot_weight(), cols=16, scale=4)
-    assert grid.size == (738, 284) == img.size  # 2 blocks of 3 rows x 16, 44 px cells
+    assert grid.size == (738, 312) == img.size  # 2 blocks of 3 rows x 16, 44 px cells, labels
     a = np.asarray(img)
     for i in range(96):
         x0, y0, x1, y1 = grid.box(i)
@@ -84,17 +84,20 @@ def test_kernel_grid_places_every_kernel():
         mask[r * 4:(r + 1) * 4, c * 4:(c + 1) * 4] = False
         assert (cell[mask] == 0).all(), i
     # tower 0 on top, tower 1 below the black separator
-    assert grid.box(47)[3] < grid.block[1] <= grid.box(48)[1]
-    sep_y = grid.block[1]
+    sep_y = grid.top(0) + grid.block[1]
+    assert grid.box(47)[3] < sep_y < grid.top(1) <= grid.box(48)[1]
     assert (a[sep_y:sep_y + grid.sep] == 0).all()
     assert (a[0, :] == 255).all()  # white gap around the cells
+    for t in (0, 1):  # each block's band above it names its tower in dark text
+        band = a[grid.top(t) - grid.label:grid.top(t)]
+        assert (band < 100).all(axis=2).sum() > 20, t
 
 
 def test_kernel_grid_other_shapes():
     g = KernelGrid(cols=8)
-    assert (g.rows, g.size) == (6, (8 * 44 + 9 * 2, 2 * (6 * 44 + 7 * 2) + 4))
+    assert (g.rows, g.size) == (6, (8 * 44 + 9 * 2, 2 * (14 + 6 * 44 + 7 * 2) + 4))
     img, g1 = kernel_image(torch.randn(48, 3, 11, 11), towers=1, cols=8, scale=2)
-    assert img.size == g1.size == (8 * 22 + 9 * 2, 6 * 22 + 7 * 2)
+    assert img.size == g1.size == (8 * 22 + 9 * 2, 14 + 6 * 22 + 7 * 2)
 
 
 def test_colourfulness_grey_vs_colour_and_tower_order():
@@ -119,7 +122,7 @@ def test_colourfulness_grey_vs_colour_and_tower_order():
 def test_kernels_cli(ckpt, tmp_path, capsys):
     out = tmp_path / "k.png"
     assert run(viz_main, PROG, ["kernels", "--checkpoint", str(ckpt), "--out", str(out)]) == 0
-    assert Image.open(out).size == (738, 284)
+    assert Image.open(out).size == (738, 312)
     text = capsys.readouterr().out
     assert "tower 0 (kernels 0-47)" in text and "tower 1 (kernels 48-95)" in text
     assert run(viz_main, PROG, ["kernels", "--checkpoint", str(tmp_path / "no.pt"),

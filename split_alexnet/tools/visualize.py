@@ -87,7 +87,8 @@ class KernelGrid:
 
     Each tower's kernels fill a block of ``rows`` x ``cols`` cells in row-major order; tower
     blocks are stacked top to bottom (tower 0 on top), with a black band of ``sep`` pixels
-    between them. A cell is ``k * scale`` pixels square; cells are ``gap`` pixels apart and
+    between them, and above each block a band of ``label`` pixels naming its tower and
+    kernels. A cell is ``k * scale`` pixels square; cells are ``gap`` pixels apart and
     ``gap`` from the block's edge; the background is white."""
 
     n: int = 96
@@ -97,6 +98,7 @@ class KernelGrid:
     k: int = 11
     gap: int = 2
     sep: int = 4
+    label: int = 14  # a band above each block naming its tower
 
     @property
     def per_tower(self) -> int:
@@ -118,14 +120,18 @@ class KernelGrid:
     @property
     def size(self) -> tuple[int, int]:
         bw, bh = self.block
-        return bw, self.towers * bh + (self.towers - 1) * self.sep
+        return bw, self.towers * (self.label + bh) + (self.towers - 1) * self.sep
+
+    def top(self, t: int) -> int:
+        """The first pixel row of tower ``t``'s block (below its label band)."""
+        return t * (self.label + self.block[1] + self.sep) + self.label
 
     def box(self, i: int) -> tuple[int, int, int, int]:
         """(x0, y0, x1, y1) of kernel ``i`` (end-exclusive)."""
         t, j = divmod(i, self.per_tower)
         r, c = divmod(j, self.cols)
         x0 = self.gap + c * (self.cell + self.gap)
-        y0 = t * (self.block[1] + self.sep) + self.gap + r * (self.cell + self.gap)
+        y0 = self.top(t) + self.gap + r * (self.cell + self.gap)
         return x0, y0, x0 + self.cell, y0 + self.cell
 
 
@@ -138,14 +144,20 @@ def kernel_image(weight: torch.Tensor, *, towers: int = 2, cols: int = 16,
     canvas = np.full((h, w, 3), 255, np.uint8)
     bh = grid.block[1]
     for t in range(1, towers):
-        y = t * bh + (t - 1) * grid.sep
+        y = grid.top(t - 1) + bh
         canvas[y:y + grid.sep] = 0
     pix = (normalise_kernels(weight) * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
     for i in range(n):
         x0, y0, x1, y1 = grid.box(i)
         big = pix[i].transpose(1, 2, 0).repeat(scale, axis=0).repeat(scale, axis=1)
         canvas[y0:y1, x0:x1] = big
-    return Image.fromarray(canvas, "RGB"), grid
+    img = Image.fromarray(canvas, "RGB")
+    draw = ImageDraw.Draw(img)
+    for t in range(towers):
+        lo, hi = t * grid.per_tower, (t + 1) * grid.per_tower - 1
+        text = f"tower {t}: kernels {lo}-{hi}" if towers > 1 else f"kernels {lo}-{hi}"
+        draw.text((grid.gap, grid.top(t) - grid.label + 1), text, fill=(0, 0, 0))
+    return img, grid
 
 
 def _conv1_weight(ckpt: dict) -> torch.Tensor:
