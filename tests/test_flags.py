@@ -92,7 +92,7 @@ CASES = [
      "--out {tmp}/file/c.png: {tmp}/file is not a folder"),
     # visualize: image sizes are capped (50 megapixels), checked from the flags
     ("visualize", [*KERNELS, "--scale", "100000"],
-     "--cols 16 --scale 100000 ask for a 17,600,034x6,600,020 px image; images are limited "
+     "--cols 16 --scale 100000 ask for a 17,600,034x6,600,048 px image; images are limited "
      "to 50,000,000 pixels"),
     ("visualize", [*KERNELS, "--scale", "0"], "--scale must be at least 1, got 0"),
     ("visualize", [*KERNELS, "--cols", "0"], "--cols must be at least 1, got 0"),

@@ -14,6 +14,7 @@ from torch import nn
 
 from helpers import REPO, records, run_python
 import split_alexnet.data.dataset as D
+import split_alexnet.training.setup as T
 from split_alexnet.data.dataset import CropFolder, holdout_indices
 from split_alexnet.network.model import WEIGHT_LAYERS, SplitAlexNet, collapse_state_dict
 from split_alexnet.utils.checkpoint_file import load_checkpoint

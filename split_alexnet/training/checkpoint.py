@@ -18,8 +18,8 @@ the classes, the statistics, the versions, the checksum):
 Saved as ``OUT/last.pt`` (temporary files named by :func:`runfolder.temp_suffix`, so that a
 later --resume can remove those of a killed writer), with ``epoch_NNN.pt`` as a link or copy
 of it; ``best.pt`` is written apart, without the optimizer state and RNG states (a file to
-evaluate and fine-tune from, half the size). A failed write (a full disk) or a second signal leaves the previous
-checkpoint and one line.
+evaluate and fine-tune from, half the size). A failed write (a full disk) or a second signal
+leaves the previous checkpoint and one line.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from split_alexnet.network.model import layout_state_dict
 from split_alexnet.training.config import PROG
 from split_alexnet.training.optim import (load_named_optimizer_state, named_optimizer_state,
                                           set_lr)
-from split_alexnet.training.runfolder import (check_resumable, check_same_run,
+from split_alexnet.training.runfolder import (changed_settings, check_resumable, check_same_run,
                                               remove_stale_temps, temp_suffix)
 from split_alexnet.utils.checkpoint_file import (CheckpointError, check_compatible, code_version,
                                                  load_checkpoint, save_checkpoint)
@@ -209,6 +209,10 @@ def restore(t: "Trainer", ckpt: dict, path: Path, resume_lr: float | None = None
         where = f"the end of epoch {pos.epoch}" if pos.epoch_step == 0 and pos.epoch else \
             f"step {pos.epoch_step} of epoch {pos.epoch + 1}"
         print(f"resumed from {path} at step {pos.step}, {where}", file=sys.stderr)
+        changed = changed_settings(ckpt, t.cfg)
+        if changed:
+            print(f"--resume: the run's settings, changed: {', '.join(changed)}",
+                  file=sys.stderr)
         t.metrics.log({"kind": "resume", "step": t.pos.step, "epoch": t.pos.epoch,
                        "from": str(path)})
     new_lr, old_lr = resume_lr, t.schedule.lr

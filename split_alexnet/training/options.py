@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import sys
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -240,15 +238,11 @@ def parse_command(argv: Sequence[str] | None = None, *,
 def resume_settings(spec: str, given: dict[str, Any]) -> dict[str, Any]:
     """--resume: the run's own settings (``runfolder.saved_settings``) with the ``given`` ones
     applied (a different value of one that defines the run is refused); the recipe's and
-    presets' values are not applied again (the run's settings hold them). Says on stderr
-    where the settings came from and which ones this resume changes."""
+    presets' values are not applied again (the run's settings hold them). The resume says
+    which settings it changed once it holds the run folder (``checkpoint.restore``)."""
     out = Path(given.get("out", FLAGS["out"][1].default))
     saved, where = saved_settings(out, spec)
-    settings, changed = settings_for_resume(saved, given, where)
-    if os.environ.get("RANK", "0") == "0":
-        print(f"--resume: the run's settings from {where}"
-              + (f"; changed: {', '.join(changed)}" if changed else ""), file=sys.stderr)
-    return settings
+    return settings_for_resume(saved, given, where)
 
 
 def parse_config(argv: Sequence[str] | None = None, *,

@@ -304,11 +304,11 @@ def saved_settings(out: Path, spec: str) -> tuple[dict[str, Any], Path]:
 
 
 def settings_for_resume(saved: dict[str, Any], given: dict[str, Any], where: Path) \
-        -> tuple[dict[str, Any], list[str]]:
+        -> dict[str, Any]:
     """A resume's flat settings: the run's (``saved``, read from ``where``) with the settings
-    ``given`` (TOML file, command line) applied over them, and the list of those that changed
-    a setting (``--epochs 20 (the run: 14)``). A given setting that defines the run (metadata
-    ``run``) and differs from the run's is one :class:`UsageError` naming every such flag."""
+    ``given`` (TOML file, command line) applied over them. A given setting that defines the
+    run (metadata ``run``) and differs from the run's is one :class:`UsageError` naming every
+    such flag."""
     run = {k: v for k, v in saved.items() if k in FLAGS}
     # --max-steps is where one invocation stops (a smoke run, a cut): a resume runs on to
     # --epochs unless given one again; a recipe's own limit (bvlc's max_iter) stays.
@@ -320,12 +320,11 @@ def settings_for_resume(saved: dict[str, Any], given: dict[str, Any], where: Pat
         now = TrainConfig.from_flat(run).to_dict()
     except UsageError as e:
         raise UsageError(f"--resume: the settings in {where} are not usable: {e}") from None
-    refused, changed = [], []
+    refused = []
     for k, v in given.items():
         v = check_value(k, v)
-        if v != now[k]:
-            item = f"{flag_name(k)} {_show(v)} (the run: {_show(now[k])})"
-            (refused if FLAGS[k][1].metadata.get("run", True) else changed).append((k, item))
+        if v != now[k] and FLAGS[k][1].metadata.get("run", True):
+            refused.append((k, f"{flag_name(k)} {_show(v)} (the run: {_show(now[k])})"))
     if refused:
         names = [k for k, _ in refused]
         lr_hint = "; to change the learning rate give --resume-lr LR" if "lr" in names else ""
@@ -336,4 +335,13 @@ def settings_for_resume(saved: dict[str, Any], given: dict[str, Any], where: Pat
         raise UsageError(f"--resume: {', '.join(i for _, i in refused)}: these settings "
                          f"define the run in {where.parent} and cannot change on resume; "
                          f"leave them out (--resume takes the run's own){lr_hint}{tuned}")
-    return {**now, **given}, [i for _, i in changed]
+    return {**now, **given}
+
+
+def changed_settings(ckpt: dict, cfg: TrainConfig) -> list[str]:
+    """The settings a resume changes (those a resume may change), against the checkpoint's:
+    ``--epochs 20 (the run: 14)``."""
+    saved = {**_table(ckpt, "config"), **_table(ckpt, "model_config")}
+    return [f"{flag_name(k)} {_show(v)} (the run: {_show(saved[k])})"
+            for k, v in cfg.to_dict().items()
+            if k in saved and saved[k] != v and not FLAGS[k][1].metadata.get("run", True)]
