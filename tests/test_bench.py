@@ -102,6 +102,21 @@ def test_bench_model_writes_rows(tmp_path, capsys):
     assert "img/s" in capsys.readouterr().out  # the table
 
 
+def test_bench_model_trains_torchvisions_network_and_names_each_rows_optimizer(tmp_path,
+                                                                               capsys):
+    out = tmp_path / "rows.json"
+    assert bench_main(["model", "--quick", "--batch-size", "2", "--steps", "1,1",
+                       "--layouts", "torchvision,collapsed", "--fast-paths", "none",
+                       "--modes", "train,infer", "--json", str(out)]) == 0
+    rows = {(r["layout"], r["mode"]): r for r in json.loads(out.read_text())}
+    assert rows[("torchvision", "train")]["optimizer"] == "torch.optim.SGD"
+    assert rows[("torchvision", "train")]["images_per_s"] > 0
+    assert rows[("collapsed", "train")]["optimizer"] == "PaperSGD"
+    assert rows[("torchvision", "infer")]["optimizer"] is None
+    table = capsys.readouterr().out
+    assert "optimizer" in table and "torch.optim.SGD" in table and "PaperSGD" in table
+
+
 def test_measured_and_interleaved_rows_have_the_same_columns():
     """One row builder: a row measured alone and one from an A/B group have the same keys in
     the same order, but for the one that says how they were warmed up."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -22,7 +23,8 @@ from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.network.model import TOWER_LAYERS, layout_state_dict
 from split_alexnet.tools.convert import main as convert_main
 from split_alexnet.utils.checkpoint_file import load_checkpoint
-from split_alexnet.training.options import parse_command
+from split_alexnet.training.options import parse_command, parse_config
+from split_alexnet.training.command import main as train_main
 from split_alexnet.training.recipes import FINETUNE_PRESET
 from split_alexnet.training.loader import train_loader
 from split_alexnet.training.optim import set_lr
@@ -272,7 +274,7 @@ BAD = {  # flags -> a piece of the one error line
     "NaN multiplier": (["--init-from", "{ckpt}", "--lr-mult-new", "nan"],
                        "--lr-mult-new must be a finite number, got nan"),
     "reinit without source": (["--reinit", "fc8"], "--reinit need(s) --init-from CKPT"),
-    "preset without source": (["--finetune"], "--finetune need(s) --init-from CKPT"),
+    "preset without source": (["--finetune"], "--finetune needs --init-from CKPT"),
     "frozen and new": (["--init-from", "{ckpt}", "--reinit", "conv2", "--freeze-through",
                         "conv3"], "a re-initialised layer that is frozen never learns"),
 }
@@ -287,6 +289,25 @@ def test_bad_fine_tuning_input_is_one_line_and_exit_2(case, src, tmp_path, capsy
     assert not (tmp_path / "o" / "last.pt").exists()
 
 
+def test_a_preset_batch_larger_than_the_set_is_refused_naming_batch_size(src, tmp_path,
+                                                                         capsys):
+    """--finetune's batch of 50 on a set of fewer images: the preset is printed first, then
+    one line that names --batch-size and the largest that fits."""
+    n = len(list((Path(src.data) / "train").rglob("*.jpg")))
+    assert n < 50
+    rc = run(train_main, "train", ["--data", str(src.data), "--out", str(tmp_path / "o"),
+                                   "--devices", "cpu,cpu", "--workers", "0", "--init-from",
+                                   str(src.ckpt), "--finetune"])
+    err = capsys.readouterr().err
+    (line,) = [ln for ln in err.splitlines() if "error:" in ln]
+    assert rc == 2 and line == (f"train: error: the training set has {n} images, fewer than "
+                                f"one batch of 50 (--batch-size 50); give --batch-size N with "
+                                f"N at most {n}"), err
+    assert err.index("fine-tuning preset") < err.index(line)
+    assert "--batch-size 50: batch_size: 50" in err
+    assert not (tmp_path / "o" / "config.json").exists()
+
+
 def test_resume_refuses_converted_weights_and_changed_fine_tuning_flags(converted, src,
                                                                         tmp_path, capsys):
     line = one_line(capsys, train(src.data, tmp_path / "o", "--devices", "cpu,cpu",
@@ -298,11 +319,14 @@ def test_resume_refuses_converted_weights_and_changed_fine_tuning_flags(converte
                  src.ckpt, "--freeze-through", "conv1") == 0
     capsys.readouterr()
     line = one_line(capsys, train(src.data, out, "--devices", "cpu,cpu", "--resume",
-                                  "--init-from", src.ckpt))
-    assert "holds another run: --freeze-through not set (the run: conv1)" in line
+                                  "--freeze-through", "conv2"))
+    assert "--resume: --freeze-through conv2 (the run: conv1)" in line, line
+    assert "the run is fine-tuned" not in line  # --freeze-through is not --finetune's
     line = one_line(capsys, train(src.data, out, "--devices", "cpu,cpu", "--resume",
-                                  "--freeze-through", "conv1"))
-    assert f"holds another run: --init-from not set (the run: {src.ckpt})" in line
+                                  "--init-from", converted, "--lr", "0.02"))
+    assert f"--resume: --init-from {converted} (the run: {src.ckpt}), --lr 0.02 (the run: " \
+           "0.01)" in line, line
+    assert "the run is fine-tuned: --resume keeps the values its --finetune" in line
 
 
 # ----------------------------------------------------------------------------- DDP

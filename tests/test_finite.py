@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import shutil
 import struct
 import zipfile
@@ -26,7 +27,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import BASE, CPU_PAIR, PROGRAMS, RunsCode, error_lines, run_python, train
+from helpers import (BASE, CPU_PAIR, PROGRAMS, RunsCode, error_lines, records, run_python,
+                     train)
 from split_alexnet.tools.evaluate import main as evaluate_main
 from split_alexnet.tools.predict import main as predict_main
 import split_alexnet.utils.checkpoint_file as checkpoint_file
@@ -56,8 +58,34 @@ def test_weights_made_non_finite_by_an_update_stop_before_any_save(demo_root, tm
     assert rc == 1
     assert "the weights became non-finite" in line and "at step 1 (epoch 1)" in line, line
     assert line.endswith("Last good checkpoint: none yet"), line
+    assert "try a smaller --lr (e.g. 1e+37) or --recipe bvlc" in line, line
+    assert "--init caffe" not in line  # the run's own init
     assert sorted(p.name for p in out.glob("*.pt")) == []
     assert sorted(out.glob(".*.tmp")) == []
+    (rec,) = [r for r in records(out) if r["kind"] == "divergence"]
+    assert rec["step"] == 1 and rec["reason"] == "non-finite weights"
+
+
+def test_a_loss_far_above_chance_raises_the_alarm_and_can_stop_the_run(demo_root, tmp_path,
+                                                                       capsys):
+    """--lr 0.3 on the 4-class set: finite, but the mean loss of steps 3-4 is about 6, above
+    3 x ln 4 = 4.16. The first steps' losses are logged although --log-interval is 20."""
+    out = tmp_path / "run"
+    flags = [*CPU_PAIR, "--lr", "0.3", "--max-steps", "4", "--log-interval", "20",
+             "--stop-on-divergence"]
+    rc = train(demo_root, out, *flags)
+    err = capsys.readouterr().err
+    (line,) = error_lines(err)
+    assert rc == 1, err
+    assert "the training loss diverged: " in line and " over steps 3-4 (epoch 1) is above " \
+           "3 x ln(classes) = 4.159; try a smaller --lr (e.g. 0.03)" in line, line
+    assert "Stopping (--stop-on-divergence) without saving; the last good checkpoint: none " \
+           "yet" in line, line
+    assert "epoch 1/2: 1/4 ( 25.0%)" in err and " | loss " in err.split("1/4 ( 25.0%)")[1]
+    assert sorted(p.name for p in out.glob("*.pt")) == []
+    (rec,) = [r for r in records(out) if r["kind"] == "divergence"]
+    assert rec["step"] == 4 and rec["loss"] > rec["bound"] == pytest.approx(3 * math.log(4))
+    assert [r["step"] for r in records(out) if r["kind"] == "train"] == [1, 2, 4]
 
 
 def test_poisoned_batch_stops_naming_the_step_and_the_last_good_checkpoint(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path, PurePosixPath
@@ -88,6 +89,57 @@ def test_prepare_cli_missing_val(tmp_path):
     (tmp_path / "s" / "train" / "a").mkdir(parents=True)
     r = run_python("-m", "split_alexnet.prepare", str(tmp_path / "s"), str(tmp_path / "out"))
     assert r.returncode == 2 and "val" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def single_folder(tmp_path: Path, counts=(10, 7)) -> Path:
+    """One folder of class folders (no train/ or val/), small PNGs."""
+    rng = np.random.default_rng(1)
+    root = tmp_path / "one"
+    for c, n in zip(("ant", "bee"), counts):
+        (root / c).mkdir(parents=True)
+        for k in range(n):
+            Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(
+                root / c / f"{c}{k}.png")
+    return root
+
+
+def test_val_fraction_splits_one_folder_of_classes_stratified_and_by_seed(tmp_path):
+    one = single_folder(tmp_path)
+    # Without --val-fraction: prepare and train each say what to do, in one line.
+    r = run_python("-m", "split_alexnet.prepare", one, tmp_path / "no", "--workers", "1")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"split_alexnet.prepare: error: {one} holds class folders but no train/ and val/: give "
+        "--val-fraction F to split each class into train/ and val/"], r.stderr
+    with pytest.raises(Exception, match="split-alexnet-prepare .* --val-fraction 0.1"):
+        D.check_dataset_root(one)
+    r = run_python("-m", "split_alexnet.prepare", one, tmp_path / "a", "--workers", "1",
+                   "--val-fraction", "0.3", "--seed", "4", "--quiet")
+    assert r.returncode == 0, r.stderr
+    a = tmp_path / "a"
+    names = {s: {c: sorted(p.name for p in (a / s / c).iterdir()) for c in ("ant", "bee")}
+             for s in ("train", "val")}
+    assert [len(names["val"][c]) for c in ("ant", "bee")] == [3, 2]  # round(0.3 n) per class
+    assert [len(names["train"][c]) for c in ("ant", "bee")] == [7, 5]
+    assert not set(names["val"]["ant"]) & set(names["train"]["ant"])
+    assert json.loads((a / "subset.json").read_text())["val_fraction"] == 0.3
+    assert json.loads((a / "subset.json").read_text())["seed"] == 4
+    D.check_dataset_root(a)  # a dataset the trainer takes
+    # The same seed gives the same split; another seed another one.
+    prepare(one, tmp_path / "b", workers=1, progress=False, stats=False, val_fraction=0.3,
+            seed=4)
+    prepare(one, tmp_path / "c", workers=1, progress=False, stats=False, val_fraction=0.3,
+            seed=5)
+    assert tree(tmp_path / "b").keys() == {k for k in tree(a)} - {"stats.npz"}
+    assert tree(tmp_path / "c").keys() != tree(tmp_path / "b").keys()
+    for bad, words in (("1", "--val-fraction must be between 0 and 1"),
+                       ("0", "--val-fraction must be between 0 and 1")):
+        r = run_python("-m", "split_alexnet.prepare", one, tmp_path / "d", "--val-fraction", bad)
+        assert r.returncode == 2 and words in r.stderr, r.stderr
+    two = tmp_path / "two"  # a source with its own val/ is not split again
+    (two / "train" / "a").mkdir(parents=True)
+    (two / "val" / "a").mkdir(parents=True)
+    r = run_python("-m", "split_alexnet.prepare", two, tmp_path / "e", "--val-fraction", "0.2")
+    assert r.returncode == 2 and "with its own validation set" in r.stderr, r.stderr
 
 
 def test_demo_data_deterministic(tmp_path):

@@ -386,7 +386,8 @@ def test_plan_prints_the_run_and_writes_nothing_into_out(demo_root, tmp_path):
     text = p.stdout
     assert "training images: 32; steps per epoch: 16; epochs: 3; total steps: 48" in text
     assert "/ 10 every 20 steps, at most 3 times: drops before steps 21, 41" in text
-    assert "at most 3 files" in text and "(keeping 1)" in text
+    assert "at most 2 such files and best.pt (parameters only): " in text
+    assert "(keeping 1)" in text
     # 60,965,224 float32 parameters for 4 classes' fc8 = 60,965,224 - 4096*996 - 996
     n = 60_965_224 - 4096 * 996 - 996
     assert f"checkpoint size: {2 * n * 4 / 2**20:.0f} MiB ({n * 4 / 2**20:.0f} MiB parameters" \

@@ -135,5 +135,8 @@ def test_a_checkpoint_of_another_model_names_both(reference, demo_root, tmp_path
     err = capsys.readouterr().err
     assert rc == 2
     (line,) = error_lines(err)
+    if what == "arch":  # a setting given that differs from the run's: refused naming it
+        assert "--resume: --arch half (the run: alexnet)" in line, line
+        return
     assert "holds arch=alexnet with 4 classes" in line, line
     assert f"needs arch={want[0]} with {want[1]} classes" in line, line

@@ -177,12 +177,46 @@ def test_a_resume_with_other_settings_is_refused_listing_each(one_step, demo_roo
     argv = [x for flag, (new, _) in changed.items() for x in (flag, new)]
     capsys.readouterr()
     assert train(demo_root, out, *CPU_PAIR, "--resume", *argv, "--max-steps", "2") == 2
-    line = one_error(capsys)
-    assert f"--resume: {out / 'last.pt'} holds another run: " in line, line
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err  # refused before any other work
+    line = err[0]
+    assert line.startswith("train: error: --resume: --batch-size 4 (the run: 8), "), line
     for flag, (new, old) in changed.items():
         assert f"{flag} {new} (the run: {old})" in line, (flag, line)
+    assert f"these settings define the run in {out} and cannot change on resume" in line
     assert "to change the learning rate give --resume-lr LR" in line
     assert fingerprint(out) == sums  # refused before anything was written
+
+
+def test_resume_takes_the_runs_settings_and_applies_the_flags_given(one_step, tmp_path,
+                                                                    capsys):
+    """The run was made with --batch-size 8 on a set of 32 images; a resume that gives only
+    --out (not --data, the batch or anything else) continues it with its own settings, where
+    the default batch of 128 would not fit the set."""
+    out = copy_run(one_step, tmp_path / "run")
+    capsys.readouterr()
+    assert run(train_main, "train", ["--out", str(out), "--resume", "--max-steps", "2",
+                                     "--workers", "1"]) == 0
+    err = capsys.readouterr().err
+    assert f"resumed from {out / 'last.pt'} at step 1, step 1 of epoch 1\n--resume: the " \
+           f"run's settings, changed: --workers 1 (the run: 0), --max-steps 2 (the run: 1), " \
+           f"--out {out} (the run: {one_step})\n" in err, err
+    assert "error" not in err
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["progress"]["step"] == 2
+    first = json.loads((one_step / "config.json").read_text())
+    now = json.loads((out / "config.json").read_text())  # as last started: the next resume's
+    assert ckpt["config"]["batch_size"] == 8 and ckpt["config"]["data"] == first["data"]
+    assert now == {**first, "max_steps": 2, "workers": 1, "out": str(out)}
+
+
+def test_config_reads_a_runs_config_json(one_step, tmp_path):
+    """--config OUT/config.json starts a run with another run's settings."""
+    from split_alexnet.training.options import parse_command
+    cfg, _ = parse_command(["--config", str(one_step / "config.json"), "--out",
+                            str(tmp_path / "again"), "--seed", "5"])
+    saved = json.loads((one_step / "config.json").read_text())
+    assert cfg.to_dict() == {**saved, "out": str(tmp_path / "again"), "seed": 5}
 
 
 def test_a_resume_on_renamed_classes_is_refused(one_step, demo_root, tmp_path, capsys):
@@ -256,3 +290,29 @@ def test_resume_removes_only_temporaries_whose_writer_is_gone(resumed):
     assert not temps["dead"].exists() and not temps["legacy"].exists()
     assert temps["live"].exists()   # its writer is alive: not ours to delete
     assert temps["other"].exists()  # not a checkpoint's, and no pid: someone else's file
+
+
+def test_a_resume_with_nothing_left_to_do_says_so(one_step, demo_root, tmp_path, capsys):
+    """--max-steps is not taken from the run (it ran to step 1 with --max-steps 1; a resume
+    runs on unless given one again); a resume at its --max-steps trains nothing and says so."""
+    out = copy_run(one_step, tmp_path / "run")
+    before = [r for r in records(out) if r["kind"] == "train"]
+    capsys.readouterr()
+    assert train(demo_root, out, *CPU_PAIR, "--resume", "--max-steps", "1") == 0
+    err = capsys.readouterr().err
+    assert f"nothing to do: the run in {out} is at step 1, --max-steps 1; give a larger " \
+           "--max-steps to continue it" in err, err
+    assert "training alexnet" not in err
+    assert [r for r in records(out) if r["kind"] == "train"] == before
+
+
+def test_a_one_class_dataset_is_refused(tmp_path, capsys):
+    from split_alexnet.data.demo import make_demo_dataset
+    root = make_demo_dataset(tmp_path / "one", classes=1, train_per_class=4, val_per_class=1,
+                             seed=0)
+    capsys.readouterr()
+    assert train(root, tmp_path / "run", *CPU_PAIR) == 2
+    err = capsys.readouterr().err
+    assert f"train: error: --data {root} has one class ('circle' in train/): a classifier " \
+           "needs at least two class folders" in err, err
+    assert "Traceback" not in err and not (tmp_path / "run" / "config.json").exists()

@@ -69,9 +69,16 @@ def runs(demo_root, tmp_path_factory):
 
 def test_run_writes_checkpoints_metrics_and_curves(runs):
     out = runs["split"]
-    for name in ("last.pt", "best.pt", "epoch_001.pt", "epoch_002.pt", "metrics.jsonl",
+    for name in ("last.pt", "best.pt", "epoch_002.pt", "metrics.jsonl",
                  "curves.png", "config.json"):
         assert (out / name).is_file(), name
+    # What a run keeps (docs/training.md): the last epoch's checkpoint (--keep-last 1), the
+    # same file as last.pt at the run's end, and best.pt without what only a resume reads.
+    assert not (out / "epoch_001.pt").exists()
+    assert (out / "epoch_002.pt").stat().st_ino == (out / "last.pt").stat().st_ino
+    best = load_checkpoint(out / "best.pt")
+    assert "optimizer" not in best and "rng" not in best and set(best["model"]) >= {"fc8.bias"}
+    assert (out / "best.pt").stat().st_size < 0.55 * (out / "last.pt").stat().st_size
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["progress"]["step"] == 8 and ckpt["progress"]["epoch"] == 2
     assert ckpt["classes"] == sorted(ckpt["classes"]) and len(ckpt["classes"]) == 4
@@ -275,6 +282,19 @@ def test_compare_prints_the_largest_difference(runs, tmp_path, capsys):
     assert run(compare_main, "compare", [str(runs["split"]), str(tmp_path)]) == 2
 
 
+def test_summary_of_a_checkpoint_shows_its_network_and_position(one_step, capsys):
+    from split_alexnet.tools.summary import main as summary_main
+    capsys.readouterr()
+    assert run(summary_main, "summary", ["--checkpoint", str(one_step / "last.pt")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{one_step / 'last.pt'}: 4 classes; init caffe, lrn paper, ")
+    assert "; epoch 0, step 1\n" in out
+    assert "SplitAlexNet: 56,884,612 parameters" in out and "(4,)" in out
+    assert run(summary_main, "summary", ["--checkpoint", str(one_step / "last.pt"),
+                                         "--classes", "10"]) == 2
+    assert "give --classes or --checkpoint" in capsys.readouterr().err
+
+
 def test_summary_lists_towers_and_traffic(capsys):
     from split_alexnet.tools.summary import main as summary_main
     assert run(summary_main, "summary", ["--devices", "cpu,cpu"]) == 0
@@ -296,7 +316,7 @@ def test_truncated_last_checkpoint_falls_back_to_the_previous_one(runs, demo_roo
     assert train(demo_root, out, "--devices", "cpu,cpu", "--resume") == 0
     err = capsys.readouterr().err
     assert "cannot be loaded safely" in err and "trying the previous checkpoint" in err
-    assert f"resumed from {out / 'epoch_002.pt'}: epoch 2, step 8" in err
+    assert f"resumed from {out / 'epoch_002.pt'} at step 8, the end of epoch 2" in err
 
 
 def test_class_metadata_survives_into_the_checkpoint(tmp_path):
@@ -395,8 +415,9 @@ def test_every_flag_works_in_a_toml_file(tmp_path):
               "per_process_batch": True, "backend": "gloo", "lr": 0.02, "momentum": 0.8,
               "weight_decay": 0.001, "optimizer": "torch", "lr_schedule": "step:2",
               "plateau_patience": 2, "lr_drops": 1, "pca": "sqrt", "workers": 1, "seed": 7,
-              "max_steps": 5, "checkpoint_minutes": 5.0, "keep_last": 1,
-              "log_interval": 3, "watchdog_steps": 0, "ten_crop": False, "eval_every": 2,
+              "max_steps": 5, "checkpoint_minutes": 5.0, "keep_last": 2,
+              "log_interval": 3, "watchdog_steps": 0, "stop_on_divergence": True,
+              "ten_crop": False, "eval_every": 2,
               "strict": True, "channels_last": True, "amp": "bf16", "compile": True,
               "cudnn_benchmark": True,
               "recipe": "bvlc", "bias_lr_mult": 2.5, "bias_decay": False,

@@ -111,3 +111,43 @@ def test_write_json_replaces_the_file_whole_with_the_permissions_of_open(tmp_pat
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
     assert sorted(p.name for p in path.parent.iterdir()) == ["r.json"]  # no temporary left
+
+
+# ----------------------------------------------------------------------------- the tools' parsers
+
+TOOLS = {"train": [], "evaluate": [], "predict": [], "visualize": ["curves"], "compare": [],
+         "summary": [], "experiments": [], "prepare": [], "demo-data": [], "bench": ["model"],
+         "convert": ["caffe"]}
+
+
+def test_every_tool_names_itself_as_typed_and_suggests_the_flag_meant(tmp_path):
+    """Run as the console command (a link named split-alexnet-TOOL to a small launcher): the
+    usage line names it; a misspelt or abbreviated flag is one line with "did you mean"."""
+    import subprocess
+    import sys
+    from helpers import child_env
+    for tool, sub in TOOLS.items():
+        module = {"train": "split_alexnet.train", "demo-data": "split_alexnet.demo_data"}.get(
+            tool, f"split_alexnet.{tool}")
+        exe = tmp_path / f"split-alexnet-{tool}"
+        exe.write_text(f"#!{sys.executable}\nimport runpy\n"
+                       f"runpy.run_module({module!r}, run_name='__main__')\n")
+        exe.chmod(0o755)
+        p = subprocess.run([str(exe), *sub, "--help"], capture_output=True, text=True,
+                           env=child_env(), timeout=120)
+        assert p.returncode == 0, (tool, p.stderr)
+        assert p.stdout.startswith(f"usage: split-alexnet-{tool}"), (tool, p.stdout[:200])
+        assert "python -m" not in p.stdout.split("\n")[0]
+        assert "3.4028234663852886e+38" not in p.stdout
+        words = {"evaluate": "the paper's ten crops with averaged softmax.",
+                 "demo-data": "training images per class", "compare": "a run folder"}
+        assert words.get(tool, "") in " ".join(p.stdout.split()), (tool, p.stdout)
+    for argv, words in ((["--batchsize", "40"], "did you mean --batch-size?"),
+                        (["--device", "cpu,cpu"], "did you mean --devices?"),
+                        (["--max-step", "3"], "did you mean --max-steps?")):
+        p = subprocess.run([str(tmp_path / "split-alexnet-train"), *argv], capture_output=True,
+                           text=True, env=child_env(), timeout=120)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1, p.stderr
+        assert lines[0].startswith("split-alexnet-train: error: unrecognized arguments: ")
+        assert words in lines[0], lines[0]

@@ -70,7 +70,7 @@ def spot_weight(n: int = 96) -> torch.Tensor:
 
 def test_kernel_grid_places_every_kernel():
     img, grid = kernel_image(spot_weight(), cols=16, scale=4)
-    assert grid.size == (738, 284) == img.size  # 2 blocks of 3 rows x 16, 44 px cells
+    assert grid.size == (738, 312) == img.size  # 2 blocks of 3 rows x 16, 44 px cells, labels
     a = np.asarray(img)
     for i in range(96):
         x0, y0, x1, y1 = grid.box(i)
@@ -84,17 +84,20 @@ def test_kernel_grid_places_every_kernel():
         mask[r * 4:(r + 1) * 4, c * 4:(c + 1) * 4] = False
         assert (cell[mask] == 0).all(), i
     # tower 0 on top, tower 1 below the black separator
-    assert grid.box(47)[3] < grid.block[1] <= grid.box(48)[1]
-    sep_y = grid.block[1]
+    sep_y = grid.top(0) + grid.block[1]
+    assert grid.box(47)[3] < sep_y < grid.top(1) <= grid.box(48)[1]
     assert (a[sep_y:sep_y + grid.sep] == 0).all()
     assert (a[0, :] == 255).all()  # white gap around the cells
+    for t in (0, 1):  # each block's band above it names its tower in dark text
+        band = a[grid.top(t) - grid.label:grid.top(t)]
+        assert (band < 100).all(axis=2).sum() > 20, t
 
 
 def test_kernel_grid_other_shapes():
     g = KernelGrid(cols=8)
-    assert (g.rows, g.size) == (6, (8 * 44 + 9 * 2, 2 * (6 * 44 + 7 * 2) + 4))
+    assert (g.rows, g.size) == (6, (8 * 44 + 9 * 2, 2 * (14 + 6 * 44 + 7 * 2) + 4))
     img, g1 = kernel_image(torch.randn(48, 3, 11, 11), towers=1, cols=8, scale=2)
-    assert img.size == g1.size == (8 * 22 + 9 * 2, 6 * 22 + 7 * 2)
+    assert img.size == g1.size == (8 * 22 + 9 * 2, 14 + 6 * 22 + 7 * 2)
 
 
 def test_colourfulness_grey_vs_colour_and_tower_order():
@@ -119,7 +122,7 @@ def test_colourfulness_grey_vs_colour_and_tower_order():
 def test_kernels_cli(ckpt, tmp_path, capsys):
     out = tmp_path / "k.png"
     assert run(viz_main, PROG, ["kernels", "--checkpoint", str(ckpt), "--out", str(out)]) == 0
-    assert Image.open(out).size == (738, 284)
+    assert Image.open(out).size == (738, 312)
     text = capsys.readouterr().out
     assert "tower 0 (kernels 0-47)" in text and "tower 1 (kernels 48-95)" in text
     assert run(viz_main, PROG, ["kernels", "--checkpoint", str(tmp_path / "no.pt"),
@@ -246,6 +249,61 @@ def test_curves(tmp_path, capsys):
     assert len(err) == 1 and "metrics.jsonl" in err[0]
 
 
+def test_curves_of_the_learning_rate_on_a_log_axis(tmp_path, capsys):
+    recs = [{"kind": "train", "step": s, "loss": 2.0, "top1_err": 0.5,
+             "lr": 0.01 if s <= 5 else 0.001} for s in range(1, 11)]
+    recs += [{"kind": "val", "step": 10, "loss": 2.0, "top1_err": 0.5, "lr": 0.001}]
+    a = write_records(tmp_path / "a", recs)
+    s = curve_series([a], "lr")
+    assert s[0][2] == [0.01] * 5 + [0.001] * 5 and s[1][2] == [0.001]
+    lin, log = tmp_path / "lin.png", tmp_path / "log.png"
+    assert run(viz_main, PROG, ["curves", str(a), "--out", str(lin), "--metric", "lr"]) == 0
+    assert run(viz_main, PROG, ["curves", str(a), "--out", str(log), "--metric", "lr",
+                                "--log-y"]) == 0
+    # On the log axis the drop by 10 spans the plot; on the linear one 0.001 sits near 0.
+    def rows_with_line(path):
+        img = Image.open(path).convert("RGB")
+        w, h = img.size
+        return [y for y in range(h) if any(img.getpixel((x, y)) == (31, 119, 180)
+                                           for x in range(80, w - 30, 3))]
+    assert max(rows_with_line(log)) - min(rows_with_line(log)) > 300
+    assert "learning rate (log scale)" not in capsys.readouterr().err
+    b = write_run(tmp_path / "b")  # its error reaches 0.4 and its loss 1.0: all above 0
+    assert run(viz_main, PROG, ["curves", str(b), "--out", str(log), "--metric", "loss",
+                                "--log-y"]) == 0
+    zero = write_records(tmp_path / "z", [{"kind": "train", "step": 1, "loss": 0.0,
+                                           "top1_err": 0.0}])
+    capsys.readouterr()
+    assert run(viz_main, PROG, ["curves", str(zero), "--out", str(log), "--metric", "loss",
+                                "--log-y"]) == 2
+    assert "--log-y needs values above 0; train (batches) has 0" in capsys.readouterr().err
+
+
+def test_compare_runs_logged_at_different_intervals_per_epoch(tmp_path, capsys):
+    """Run a logs every 3 steps, run b every 4, 10 steps per epoch: they share no step but
+    the epochs' last ones (10, 20); the table of settings names the difference."""
+    from split_alexnet.tools.compare import main as compare_main
+    runs = {}
+    for name, every, lr in (("a", 3, 0.01), ("b", 4, 0.02)):
+        steps = sorted({s for s in range(1, 21) if s % every == 0} | {10, 20})
+        recs = [{"kind": "train", "step": s, "epoch": (s - 1) // 10 + 1, "loss": s * lr,
+                 "top1_err": 0.5} for s in steps]
+        recs += [{"kind": "val", "step": s, "epoch": s // 10, "loss": 1.0, "top1_err": 0.5,
+                  "top5_err": 0.1} for s in (10, 20)]
+        runs[name] = write_records(tmp_path / name, recs)
+        (runs[name] / "config.json").write_text(json.dumps(
+            {"log_interval": every, "lr": lr, "seed": 0, "out": str(runs[name])}))
+    capsys.readouterr()
+    assert run(compare_main, "compare", [str(runs["a"]), str(runs["b"])]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0] == "settings that differ:" and lines[1].split() == ["flag", "a", "b"]
+    assert lines[2].split() == ["--log-interval", "3", "4"]
+    assert lines[3].split() == ["--lr", "0.01", "0.02"] and "--seed" not in out
+    assert "compared at each epoch's last step" in out
+    assert "train loss: 2 shared steps, largest difference 0.2 at step 20" in out
+
+
 def test_one_metrics_reader_for_every_tool(tmp_path, capsys):
     """visualize curves and compare read metrics.jsonl with the same reader: a damaged line
     inside the records (not a torn last one, which is skipped) is one error line naming the
@@ -266,6 +324,63 @@ def test_one_metrics_reader_for_every_tool(tmp_path, capsys):
 
 def predict_cli(*args) -> int:
     return run(predict_mod.main, predict_mod.PROG, [str(a) for a in args])
+
+
+def test_evaluate_per_class_writes_errors_and_the_confusion_matrix(ckpt, demo_root, tmp_path,
+                                                                   capsys):
+    import csv
+    from split_alexnet.tools.evaluate import main as evaluate_main
+    out = tmp_path / "pc"
+    assert run(evaluate_main, "evaluate", ["--checkpoint", str(ckpt), "--data", str(demo_root),
+                                           "--single-device", "--workers", "0",
+                                           "--per-class", str(out), "--json",
+                                           str(tmp_path / "r.json")]) == 0
+    text = capsys.readouterr().out
+    classes = find_classes(demo_root / "train")
+    rows = list(csv.DictReader(open(out / "per_class.csv")))
+    assert [r["class"] for r in rows] == classes and all(r["images"] == "4" for r in rows)
+    conf = list(csv.reader(open(out / "confusion.csv")))
+    assert conf[0][1:] == classes and [r[0] for r in conf[1:]] == classes
+    matrix = [[int(v) for v in r[1:]] for r in conf[1:]]
+    assert [sum(r) for r in matrix] == [4] * 4
+    for r, row in zip(rows, matrix):  # each class's error is its row off the diagonal
+        i = classes.index(r["class"])
+        assert float(r["top1_err"]) == pytest.approx((4 - row[i]) / 4)
+    result = json.loads((tmp_path / "r.json").read_text())
+    wrong = sum(sum(row) - row[i] for i, row in enumerate(matrix))
+    assert result["center"]["top1_err"] == pytest.approx(wrong / 16)
+    assert Image.open(out / "confusion.png").size == (128, 128)
+    assert "per class (" in text and "the worst:" in text
+    (center,) = [ln.split() for ln in text.splitlines() if ln.startswith("center")]
+    assert center[3] == "-"  # top-5 of 4 classes: always 0, not shown
+
+
+def test_evaluate_names_an_unreadable_image_in_one_plain_line(ckpt, demo_root, tmp_path,
+                                                              capsys):
+    import shutil
+    from split_alexnet.tools.evaluate import main as evaluate_main
+    root = tmp_path / "d"
+    shutil.copytree(demo_root / "val", root / "val")
+    bad = sorted((root / "val").rglob("*.jpg"))[0]
+    bad.write_bytes(b"not a jpeg")
+    capsys.readouterr()
+    assert run(evaluate_main, "evaluate", ["--checkpoint", str(ckpt), "--data", str(root),
+                                           "--single-device", "--workers", "0"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: skipping unreadable image: {bad}\n" in err
+    assert "RuntimeWarning" not in err and ".py:" not in err
+
+
+def test_predict_takes_a_folder_of_images(ckpt, demo_root, tmp_path, capsys):
+    folder = demo_root / "val" / sorted(p.name for p in (demo_root / "val").iterdir())[0]
+    files = sorted(str(p) for p in folder.rglob("*.jpg"))
+    assert predict_cli(folder, "--checkpoint", ckpt, "--json", "--top", "2") == 0
+    from_folder = json.loads(capsys.readouterr().out)
+    assert predict_cli(*files, "--checkpoint", ckpt, "--json", "--top", "2") == 0
+    assert from_folder == json.loads(capsys.readouterr().out) and len(from_folder) == len(files)
+    (tmp_path / "empty").mkdir()
+    assert predict_cli(tmp_path / "empty", "--checkpoint", ckpt) == 2
+    assert f"{tmp_path / 'empty'} is a folder without image files" in capsys.readouterr().err
 
 
 def test_predict_json_and_table(ckpt, demo_root, capsys):

@@ -9,7 +9,7 @@ import hashlib
 import os
 import signal
 import struct
-import warnings
+import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -91,6 +91,10 @@ def check_dataset_root(root: Path) -> None:
     root = Path(root)
     if not root.is_dir():
         raise UsageError(f"dataset folder not found: {root}")
+    if not (root / "train").is_dir() and not (root / "val").is_dir() and any(
+            e.is_dir() and not e.name.startswith(".") for e in os.scandir(root)):
+        raise UsageError(f"{root} holds class folders but no train/ and val/: split it with "
+                         f"split-alexnet-prepare {root} DST --val-fraction 0.1, then use DST")
     for split in ("train", "val"):
         find_classes(root / split)
 
@@ -216,14 +220,14 @@ _warned: set[str] = set()
 
 
 def collate(items: list[dict]) -> dict:
-    """Stack the readable items; unreadable ones (``ok`` False) are dropped, warned about once
-    per file (per process) and listed in ``batch["skipped"]``."""
+    """Stack the readable items; unreadable ones (``ok`` False) are dropped, named in one
+    warning line on stderr once per file (per process) and listed in ``batch["skipped"]``."""
     good = [it for it in items if it["ok"]]
     skipped = [it["path"] for it in items if not it["ok"]]
     for p in skipped:
         if p not in _warned:
             _warned.add(p)
-            warnings.warn(f"skipping unreadable image: {p}", RuntimeWarning, stacklevel=2)
+            print(f"warning: skipping unreadable image: {p}", file=sys.stderr)
     if good:
         image = torch.stack([it["image"] for it in good])
     else:

@@ -11,7 +11,6 @@ and rotation, so colour alone does not give the label. Every image is a pure fun
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -22,7 +21,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from split_alexnet.utils.cli import Abort, UsageError, run
+from split_alexnet.utils.cli import Abort, Parser, UsageError, run
 from split_alexnet.utils.fileio import atomic_write, check_output_dir, write_json
 
 __all__ = ["SHAPES", "make_demo_dataset", "draw_image", "main"]
@@ -171,13 +170,17 @@ def make_demo_dataset(root, *, classes: int = 10, train_per_class: int = 100,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m split_alexnet.demo_data",
-                                 description="Write a small generated, learnable CropFolder.")
+    ap = Parser(module="split_alexnet.demo_data",
+                description="Write a small generated, learnable CropFolder.")
     ap.add_argument("dir", type=Path, help="output folder (train/ and val/ are created)")
     ap.add_argument("--classes", type=int, default=10, help=f"number of classes (1-{len(SHAPES)})")
-    ap.add_argument("--train-per-class", type=int, default=100)
-    ap.add_argument("--val-per-class", type=int, default=20)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-per-class", type=int, default=100,
+                    help="training images per class (default 100)")
+    ap.add_argument("--val-per-class", type=int, default=20,
+                    help="validation images per class (default 20)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seeds every drawn image: the same seed writes the same files "
+                         "(default 0)")
     a = ap.parse_args(argv)
     root = make_demo_dataset(a.dir, classes=a.classes, train_per_class=a.train_per_class,
                              val_per_class=a.val_per_class, seed=a.seed)

@@ -16,6 +16,8 @@ layout, or class folders), what its archives contain, and its class metadata.
   ``SRC/train/<wnid>/`` + flat ``SRC/val/`` whose labels come from a ``LOC_val_solution.csv``
   or an ``ILSVRC2012_devkit_t12.tar.gz`` lying in ``SRC`` (``"flat-val"``).
 * ``"folders"`` - ``SRC/train/<class>/`` and ``SRC/val/<class>/`` (the original prepare).
+* ``"classes"`` - one folder of class folders, ``SRC/<class>/``, without train/ and val/:
+  prepare splits it with ``--val-fraction`` (``subset.split_val``).
 
 Every layout prepares to the same tree (``DST/{train,val}/<wnid>/<name>``, byte-identical
 JPEGs) plus ``DST/classes.json`` (:func:`write_class_metadata`, :func:`read_class_metadata`).
@@ -264,6 +266,10 @@ def detect_layout(src: Path) -> Source:
         mapping = src / KAGGLE_MAPPING
         return _flat_val(src, src / "train", src / "val", labels[0],
                          mapping if mapping.is_file() else None, layout="flat-val")
+    if not (src / "train").is_dir() and not (src / "val").is_dir() and _has_class_folders(src):
+        wnids = find_classes(src)
+        return Source("classes", src, f"one folder of class folders ({src}/<class>)", wnids,
+                      {w: w for w in wnids}, train_dir=src)
     return _folders(src)
 
 

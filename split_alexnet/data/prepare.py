@@ -36,7 +36,6 @@ so a resumed run gives a byte-identical tree.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -55,8 +54,9 @@ from split_alexnet.data.pool import WorkerPool
 from split_alexnet.data.prepare_tasks import (TMP_MARK, files_task, out_name, train_class_task,
                                              val_chunk_task)
 from split_alexnet.data.stats import load_stats, save_stats
-from split_alexnet.data.subset import SUBSET_FILE, Subset, parse_classes_arg, pick, select_classes
-from split_alexnet.utils.cli import Abort, Interrupted, UsageError, run
+from split_alexnet.data.subset import (SUBSET_FILE, Subset, parse_classes_arg, pick,
+                                      select_classes, split_val)
+from split_alexnet.utils.cli import Abort, Interrupted, Parser, UsageError, run
 from split_alexnet.utils.fileio import (atomic_write, check_output_dir, make_output_dir,
                                         write_json)
 from split_alexnet.utils.progress import Progress
@@ -149,6 +149,14 @@ def _file_jobs(source: inet.Source, dst: Path, wnids: list[str],
                 groups.setdefault(("train", w), []).append(
                     (rel.as_posix(), str(p), str(dst / "train" / w / out_name(rel))))
         report_skipped(source.train_dir, special)
+        if source.layout == "classes":  # --val-fraction: the split, then any subset of it
+            for w in wnids:
+                g = groups.pop(("train", w), [])
+                val = split_val([r for r, _, _ in g], subset.val_fraction, subset.seed, w)
+                for r, p, o in g:
+                    split = "val" if r in val else "train"
+                    groups.setdefault((split, w), []).append(
+                        (r, p, str(dst / split / w / out_name(Path(r)))))
         for p, w in source.val_files:
             groups.setdefault(("val", w), []).append(
                 (p.name, str(p), str(dst / "val" / w / out_name(Path(p.name)))))
@@ -259,7 +267,8 @@ def _write_report(dst: Path, src: Path, layout: str, n_images: int, failures: li
 
 
 def _check_args(src: Path, dst: Path, quality: int, workers: int,
-                per_class: int | None, val_per_class: int | None) -> None:
+                per_class: int | None, val_per_class: int | None,
+                val_fraction: float | None = None) -> None:
     """UsageError (one line, exit 2) for a bad argument, before anything is read or written."""
     if not src.is_dir():
         raise UsageError(f"source folder not found: {src}")
@@ -281,7 +290,20 @@ def _check_args(src: Path, dst: Path, quality: int, workers: int,
     for flag, v in (("--per-class", per_class), ("--val-per-class", val_per_class)):
         if v is not None and v < 1:
             raise UsageError(f"{flag} must be >= 1, got {v}")
+    if val_fraction is not None and not 0 < val_fraction < 1:
+        raise UsageError(f"--val-fraction must be between 0 and 1 (exclusive), got "
+                         f"{val_fraction}")
     pixel_limit()  # a bad SPLIT_ALEXNET_MAX_PIXELS is refused here, not once per image
+
+
+def _check_split(source: inet.Source, val_fraction: float | None) -> None:
+    """--val-fraction splits one folder of class folders, and such a folder needs it."""
+    if source.layout == "classes" and val_fraction is None:
+        raise UsageError(f"{source.root} holds class folders but no train/ and val/: give "
+                         "--val-fraction F to split each class into train/ and val/")
+    if source.layout != "classes" and val_fraction is not None:
+        raise UsageError(f"--val-fraction splits one folder of class folders; {source.root} "
+                         f"holds {source.description}, with its own validation set")
 
 
 @contextmanager
@@ -340,21 +362,23 @@ def _statistics(dst: Path, layout: str, record: dict, summary: dict, progress: b
 def prepare(src: Path, dst: Path, *, workers: int | None = None, quality: int = 90,
             progress: bool = True, stats: bool = True, classes: int | str | None = None,
             per_class: int | None = None, val_per_class: int | None = None,
-            seed: int = 0) -> dict:
+            seed: int = 0, val_fraction: float | None = None) -> dict:
     """Prepare SRC into DST (see the module docstring). Returns a summary dict.
 
     ``classes``: None, N (the first N sorted wnids) or a path to a wnid list file;
     ``per_class`` / ``val_per_class``: keep M train / K val images per class (chosen by
-    ``seed``). Bad arguments are refused before anything is written (UsageError); a failed
+    ``seed``); ``val_fraction``: split a folder of class folders, F of each class to val
+    (chosen by ``seed``). Bad arguments are refused before anything is written (UsageError); a failed
     write is Abort (exit 1), what is written kept. SIGTERM/SIGINT stop it within one task
     (what is written is kept, a rerun continues): the summary then has ``"interrupted"``
     (the signal's name)."""
     src, dst = Path(src), Path(dst)
     workers = (os.cpu_count() or 1) if workers is None else workers
-    _check_args(src, dst, quality, workers, per_class, val_per_class)
-    subset = Subset(classes, per_class, val_per_class, int(seed))
+    _check_args(src, dst, quality, workers, per_class, val_per_class, val_fraction)
+    subset = Subset(classes, per_class, val_per_class, int(seed), val_fraction)
     with StopOnSignal() as stop:
         source = inet.detect_layout(src)
+        _check_split(source, val_fraction)
         wnids = select_classes(source.wnids, subset.classes)
         record = subset.record(wnids)
         _check_subset(dst, record)
@@ -381,9 +405,9 @@ def prepare(src: Path, dst: Path, *, workers: int | None = None, quality: int = 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m split_alexnet.prepare",
-                                 description="Rescale to shorter side 256, keep the central "
-                                             "256x256 patch, write JPEGs + stats.npz.")
+    ap = Parser(module="split_alexnet.prepare",
+                description="Rescale to shorter side 256, keep the central 256x256 patch, "
+                            "write JPEGs + stats.npz.")
     ap.add_argument("src", type=Path,
                     help="source: the official ImageNet archives, Kaggle's layout, or "
                          "train/<class>/* + val/<class>/* (see docs/data.md)")
@@ -398,11 +422,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="subset: M training images per class (chosen by --seed)")
     ap.add_argument("--val-per-class", type=int, default=None, metavar="K",
                     help="subset: K validation images per class (default: all)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the per-class choice")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the per-class choice and of --val-fraction's split")
+    ap.add_argument("--val-fraction", type=float, default=None, metavar="F",
+                    help="SRC is one folder of class folders (no train/, val/): put F of each "
+                         "class's images into DST/val, the rest into DST/train (recorded in "
+                         "DST/subset.json)")
     a = ap.parse_args(argv)
     s = prepare(a.src, a.dst, workers=a.workers, quality=a.quality, progress=not a.quiet,
                 stats=not a.no_stats, classes=parse_classes_arg(a.classes),
-                per_class=a.per_class, val_per_class=a.val_per_class, seed=a.seed)
+                per_class=a.per_class, val_per_class=a.val_per_class, seed=a.seed,
+                val_fraction=a.val_fraction)
     if s.get("interrupted"):
         return 0
     return 1 if s["images"] and s["unreadable"] == s["images"] else 0

@@ -3,7 +3,9 @@ per class.
 
 Classes: all, the first N sorted wnids, or those of a list file. Images: M per class chosen by a
 seeded hash of the file name (deterministic, independent of listing order, of the layout and of
-the other classes; a smaller M is a subset of a larger one). The choice is recorded in
+the other classes; a smaller M is a subset of a larger one). A source of class folders without
+train/ and val/ is split by ``--val-fraction F`` (:func:`split_val`: per class, the same seeded
+hash picks round(F x n) validation images). The choice is recorded in
 ``DST/subset.json`` (:meth:`Subset.record`) so a DST is never mixed from two subsets.
 """
 
@@ -16,7 +18,7 @@ from typing import Sequence
 
 from split_alexnet.utils.cli import UsageError
 
-__all__ = ["SUBSET_FILE", "Subset", "parse_classes_arg", "select_classes", "pick"]
+__all__ = ["SUBSET_FILE", "Subset", "parse_classes_arg", "select_classes", "pick", "split_val"]
 
 SUBSET_FILE = "subset.json"
 
@@ -31,14 +33,18 @@ class Subset:
     per_class: int | None = None
     val_per_class: int | None = None
     seed: int = 0
+    val_fraction: float | None = None
 
     def record(self, wnids: Sequence[str]) -> dict:
         """The content of ``DST/subset.json`` for the selected ``wnids``."""
-        uses_seed = self.per_class is not None or self.val_per_class is not None
+        uses_seed = self.per_class is not None or self.val_per_class is not None or \
+            self.val_fraction is not None
         return {"classes": None if self.classes is None else len(wnids),
                 "wnids": list(wnids) if self.classes is not None else None,
                 "per_class": self.per_class, "val_per_class": self.val_per_class,
-                "seed": self.seed if uses_seed else None}
+                "seed": self.seed if uses_seed else None,
+                **({"val_fraction": self.val_fraction} if self.val_fraction is not None
+                   else {})}
 
 
 def parse_classes_arg(value: str | None) -> int | str | None:
@@ -93,3 +99,15 @@ def pick(rels: Sequence[str], m: int | None, seed: int, wnid: str) -> set[str]:
     if m is None or m >= len(rels):
         return set(rels)
     return set(sorted(rels, key=lambda r: _rank(seed, wnid, r))[:m])
+
+
+def split_val(rels: Sequence[str], fraction: float, seed: int, wnid: str) -> set[str]:
+    """--val-fraction F: the validation images of class ``wnid`` (relative names ``rels``),
+    round(F x n) of its n images but at least one and never all, chosen by the seeded hash
+    of :func:`pick` (stratified: every class is split alike). A class of fewer than two
+    images cannot be split: :class:`UsageError`."""
+    if len(rels) < 2:
+        raise UsageError(f"--val-fraction: class {wnid!r} has {len(rels)} image(s); a split "
+                         "needs at least 2 per class")
+    k = min(max(1, round(fraction * len(rels))), len(rels) - 1)
+    return pick(rels, k, seed, wnid)

@@ -145,8 +145,8 @@ def _default_specs(n_gpu: int, single_device: bool, default: str) -> list[str]:
     if n_gpu == 1:
         raise UsageError("one GPU found; the paper's layout needs two: use --gpus 0,0 to put "
                          "both towers on it, or --single-device")
-    raise UsageError("no GPU found: use --devices cpu,cpu to train the towers on the CPU "
-                     "(slow), or --demo for the small generated demo")
+    raise UsageError("no GPU found: use --devices cpu,cpu to run both towers on the CPU "
+                     "(slow), or --single-device for the collapsed network on the CPU")
 
 
 def _rank_devices(gpus: str | None, devices: str | None, single_device: bool,

@@ -2,22 +2,24 @@
 
     python -m split_alexnet.compare runs/split runs/single --out compare.png
 
-Prints both runs' train loss and validation errors side by side at the steps they share,
-the largest difference of each, and writes a PNG of the curves. A record it cannot read (not
+Prints the settings in which the runs differ (their config.json), both runs' train loss and
+validation errors side by side at the steps they share, the largest difference of each, and
+writes a PNG of the curves. Runs logged at different --log-interval are compared at each
+epoch's last step, which every run logs. A record it cannot read (not
 an object, a train or val record without an integer step or a finite value) stops it with
 one line naming the record.
 """
 
 from __future__ import annotations
 
-import argparse
+import json
 import math
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from split_alexnet.training.metrics import FILENAME, read_records
-from split_alexnet.utils.cli import UsageError, run
+from split_alexnet.utils.cli import Parser, first_sentence, UsageError, run
 from split_alexnet.utils.flags import Number, check_output
 from split_alexnet.utils.plot import curves_png
 
@@ -52,13 +54,38 @@ def comparable(run_dir: Path | str) -> dict[tuple[str, str], dict[int, float]]:
                              "integer step and finite numbers")
         for f in wanted:
             out[(kind, f)][step] = float(r[f])
+        if kind == "train" and isinstance(r.get("epoch"), int):
+            last = out.setdefault(("epoch_end", "step"), {})
+            last[r["epoch"]] = max(last.get(r["epoch"], 0), step)
     return out
 
 
+def per_epoch(m: dict) -> dict[int, float]:
+    """The train loss of a run's last record in each epoch, by step: what two runs with
+    different --log-interval share (every run logs at each epoch's last step)."""
+    loss = m[("train", "loss")]
+    return {s: loss[s] for s in m.get(("epoch_end", "step"), {}).values() if s in loss}
+
+
+def settings_table(dirs: Sequence[str]) -> list[tuple[str, str, str]]:
+    """(flag, run a's value, run b's) for each setting in which the runs' config.json
+    differ (none when either run has no readable config.json)."""
+    cfgs = []
+    for d in dirs:
+        try:
+            cfg = json.loads((Path(d) / "config.json").read_text())
+        except (OSError, ValueError):
+            return []
+        cfgs.append(cfg if isinstance(cfg, dict) else {})
+    a, b = cfgs
+    return [("--" + k.replace("_", "-"), str(a.get(k, "-")), str(b.get(k, "-")))
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in ("out",)]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0])
-    p.add_argument("run_a")
-    p.add_argument("run_b")
+    p = Parser(module=PROG, description=first_sentence(__doc__))
+    p.add_argument("run_a", help="a run folder (its metrics.jsonl and config.json)")
+    p.add_argument("run_b", help="the run folder to compare it with")
     p.add_argument("--out", default=None, help="PNG of both runs' curves (default: none)")
     p.add_argument("--rows", action=Number, min=1, default=20,
                    help="at most this many table rows")
@@ -66,6 +93,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_output("--out", args.out)
     a, b = comparable(args.run_a), comparable(args.run_b)
     name_a, name_b = Path(args.run_a).name, Path(args.run_b).name
+    differ = settings_table([args.run_a, args.run_b])
+    if differ:
+        wa = max(len(name_a), *(len(v) for _, v, _ in differ))
+        print(f"settings that differ:\n  {'flag':<22} {name_a:<{wa}} {name_b}")
+        for flag, va, vb in differ:
+            print(f"  {flag:<22} {va:<{wa}} {vb}")
+    by_epoch = any(f == "--log-interval" for f, _, _ in differ)
+    if by_epoch:
+        a[("train", "loss")], b[("train", "loss")] = per_epoch(a), per_epoch(b)
+        print("the runs log at different --log-interval: the train loss is compared at each "
+              "epoch's last step")
     report = {}
     for kind, field in FIELDS:
         ra, rb = a[(kind, field)], b[(kind, field)]

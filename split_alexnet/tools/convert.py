@@ -36,7 +36,7 @@ from split_alexnet.network.model import (AlexNet, ModelConfig, collapsed_shapes,
 from split_alexnet.tools.caffe import Blob, CaffeFormatError, Layer, Net, parse_blob, parse_net
 from split_alexnet.tools.predict import ILSVRC2012_WNIDS, imagenet_names
 from split_alexnet.utils.checkpoint_file import code_version, save_checkpoint
-from split_alexnet.utils.cli import Abort, UsageError, run
+from split_alexnet.utils.cli import Abort, Parser, UsageError, first_sentence, run
 from split_alexnet.utils.flags import check_input, check_output
 
 PROG = "split_alexnet.convert"
@@ -94,7 +94,7 @@ class NotConvertible(ValueError):
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0])
+    p = Parser(module=PROG, description=first_sentence(__doc__))
     sub = p.add_subparsers(dest="source", required=True, metavar="SOURCE")
     c = sub.add_parser("caffe", help="Caffe's bvlc_alexnet .caffemodel (docs/pretrained.md)",
                        description="Caffe's bvlc_alexnet .caffemodel -> a split_alexnet checkpoint")

@@ -17,6 +17,7 @@ protocol is the centre 227 crop of the 256x256 image minus the mean image, as he
 from __future__ import annotations
 
 import argparse
+import csv
 import re
 import sys
 from dataclasses import replace
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -31,16 +33,16 @@ from split_alexnet.data.dataset import CropFolder, EpochSampler, find_classes, m
 from split_alexnet.network.placement import add_device_flags, build_model, resolve_devices
 from split_alexnet.training.loop import evaluate
 from split_alexnet.utils.checkpoint_file import CheckpointError, checkpoint_stats, model_config
+from split_alexnet.utils.cli import Parser, UsageError, first_sentence, run
+from split_alexnet.utils.fileio import check_output_dir, write_json
 from split_alexnet.utils.weights_file import read_weights
-from split_alexnet.utils.cli import UsageError, run
-from split_alexnet.utils.fileio import write_json
 from split_alexnet.utils.flags import WORKERS, Number, check_number, check_output
 
 PROG = "split_alexnet.evaluate"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0])
+    p = Parser(module=PROG, description=first_sentence(__doc__))
     p.add_argument("--checkpoint", required=True,
                    help="a .pt file written by train or by split_alexnet.convert, or a "
                         ".safetensors file written by split_alexnet.export")
@@ -53,8 +55,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", action=Number, **WORKERS, default=4,
                    help="DataLoader workers (default 4)")
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--per-class", metavar="DIR", default=None,
+                   help="also write the centre crop's per-class top-1 errors and confusion "
+                        "matrix: DIR/per_class.csv, DIR/confusion.csv, DIR/confusion.png")
     args = p.parse_args(argv)
     check_output("--json", args.json)
+    if args.per_class is not None:
+        check_output_dir(Path(args.per_class), "--per-class")
     return args
 
 
@@ -114,9 +121,11 @@ class Relabelled(Dataset):
 def evaluate_checkpoint(path: Path, data: Path, *, split: str = "val", ten_crop: bool = False,
                         gpus: str | None = None, devices: str | None = None,
                         single_device: bool = False, batch_size: int = 128, workers: int = 4,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, per_class: Path | None = None) -> dict:
     """The centre-crop (and with ``ten_crop`` the ten-crop) results of a checkpoint on
-    ``data/split``, with the layout and devices used: what ``--json`` writes."""
+    ``data/split``, with the layout and devices used: what ``--json`` writes. ``per_class``:
+    a folder for the centre crop's per-class errors and confusion matrix
+    (:func:`write_per_class`)."""
     check_number("--batch-size", batch_size, min=1)
     check_number("--workers", workers, **WORKERS)
     model, ckpt, devs = load_model(Path(path), gpus=gpus, devices=devices,
@@ -131,7 +140,8 @@ def evaluate_checkpoint(path: Path, data: Path, *, split: str = "val", ten_crop:
     present = [c for c in classes if c in found]  # all of them, or a subset (of ImageNet's)
     stats = checkpoint_stats(ckpt)
     results = {"checkpoint": str(path), "layout": "collapsed" if len(devs) == 1 else "split",
-               "devices": [str(d) for d in devs], "classes": len(present)}
+               "devices": [str(d) for d in devs], "classes": len(present),
+               "checkpoint_classes": len(classes)}
     for mode in ["center"] + (["tencrop"] if ten_crop else []):
         ds = Relabelled(CropFolder(split_dir, present, mode=mode),
                         [classes.index(c) for c in present])
@@ -140,9 +150,47 @@ def evaluate_checkpoint(path: Path, data: Path, *, split: str = "val", ten_crop:
                              sampler=EpochSampler(len(ds), shuffle=False, drop_last=False),
                              pin_memory=devs[0].type == "cuda")
         key = "ten_crop" if mode == "tencrop" else "center"
+        conf = torch.zeros(len(classes), len(classes), dtype=torch.int64, device=devs[0]) \
+            if per_class is not None and key == "center" else None
         results[key] = evaluate(model, loader, stats, devs[0], ten_crop=mode == "tencrop",
-                                progress=progress)
+                                progress=progress, confusion=conf)
+        if conf is not None:
+            results["per_class"] = write_per_class(Path(per_class), conf.cpu(), classes,
+                                                   present)
     return results
+
+
+def write_per_class(out: Path, conf: torch.Tensor, classes: list[str],
+                    present: list[str]) -> list[dict]:
+    """``out/per_class.csv`` (class, images, top-1 error, the class it is most often taken
+    for), ``out/confusion.csv`` (rows: the true class, columns: the prediction, over the
+    classes evaluated) and ``out/confusion.png`` (each row scaled to its images, darker is
+    more). Returns the per-class rows."""
+    idx = [classes.index(c) for c in present]
+    sub = conf[idx][:, idx]
+    rows = []
+    for i, c in enumerate(present):
+        n, right = int(conf[idx[i]].sum()), int(conf[idx[i], idx[i]])
+        wrong = conf[idx[i]].clone()
+        wrong[idx[i]] = 0
+        rows.append({"class": c, "images": n, "top1_err": (n - right) / n if n else None,
+                     "confused_with": classes[int(wrong.argmax())] if int(wrong.sum()) else ""})
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "per_class.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["class", "images", "top1_err", "confused_with"])
+        w.writerows([[r["class"], r["images"], "" if r["top1_err"] is None else
+                      f"{r['top1_err']:.6f}", r["confused_with"]] for r in rows])
+    with open(out / "confusion.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["true \\ predicted", *present])
+        w.writerows([[c, *sub[i].tolist()] for i, c in enumerate(present)])
+    cell = max(1, min(32, 800 // max(1, len(present))))
+    frac = sub.double() / sub.sum(1, keepdim=True).clamp_min(1)
+    pixels = (255 * (1 - frac)).round().to(torch.uint8).numpy()
+    Image.fromarray(pixels, "L").resize((cell * len(present),) * 2, Image.NEAREST).save(
+        out / "confusion.png")
+    return rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -150,13 +198,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = evaluate_checkpoint(
         Path(args.checkpoint), Path(args.data), split=args.split, ten_crop=args.ten_crop,
         gpus=args.gpus, devices=args.devices, single_device=args.single_device,
-        batch_size=args.batch_size, workers=args.workers)
+        batch_size=args.batch_size, workers=args.workers,
+        per_class=None if args.per_class is None else Path(args.per_class))
     print(f"{'crop':<10} {'images':>7} {'top-1 err':>10} {'top-5 err':>10} {'loss':>8}")
     for key in ("center", "ten_crop"):
         if key in results:
             r = results[key]
-            print(f"{key:<10} {r['n']:>7} {r['top1_err']:>10.4f} {r['top5_err']:>10.4f} "
-                  f"{r['loss']:>8.4f}")
+            top5 = f"{r['top5_err']:>10.4f}" if results["checkpoint_classes"] > 5 else \
+                f"{'-':>10}"  # with 5 classes or fewer every label is in the top 5
+            print(f"{key:<10} {r['n']:>7} {r['top1_err']:>10.4f} {top5} {r['loss']:>8.4f}")
+    if "per_class" in results:
+        worst = sorted((r for r in results["per_class"] if r["images"]),
+                       key=lambda r: -r["top1_err"])[:10]
+        print(f"per class ({args.per_class}/per_class.csv, confusion.csv, confusion.png); "
+              "the worst:")
+        for r in worst:
+            print(f"  {r['class']:<24} {r['images']:>6} images  top-1 err {r['top1_err']:.4f}"
+                  + (f"  (most often taken for {r['confused_with']})" if r["confused_with"]
+                     else ""))
     if args.json:
         write_json(args.json, results)
     return 0

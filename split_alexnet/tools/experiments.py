@@ -45,9 +45,9 @@ from split_alexnet.tools.experiment_numbers import (aggregate, chance_threshold,
                                                     first_crossing, smooth, summarise_run)
 from split_alexnet.training.config import TrainConfig, to_flags
 from split_alexnet.training.options import parse_config
-from split_alexnet.training.loop import Diverged
+from split_alexnet.training.metrics import Diverged
 from split_alexnet.training.trainer import train
-from split_alexnet.utils.cli import UsageError, run
+from split_alexnet.utils.cli import Parser, UsageError, run
 from split_alexnet.utils.fileio import atomic_write, write_json
 from split_alexnet.utils.flags import WORKERS, Number
 from split_alexnet.utils.plot import curves_png
@@ -191,7 +191,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     if "--" in argv:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1:]
-    p = argparse.ArgumentParser(prog=f"python -m {PROG}",
+    p = Parser(module=PROG,
                                 description="Rerun one of the paper's comparisons.")
     p.add_argument("name", choices=sorted(EXPERIMENTS), help="which experiment")
     p.add_argument("--data", help="dataset root with train/ and val/ (default: --demo)")

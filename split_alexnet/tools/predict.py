@@ -2,6 +2,7 @@
 
     python -m split_alexnet.predict cat.jpg dog.png --checkpoint runs/alexnet/best.pt
     python -m split_alexnet.predict photos/*.jpg --checkpoint C --ten-crop --top 3 --json
+    python -m split_alexnet.predict photos/ --checkpoint C      # every image under the folder
     python -m split_alexnet.predict img.jpg --checkpoint C --devices cpu,cpu
 
 Each image is prepared as in evaluation: shorter side to 256 and the central 256x256 patch
@@ -30,12 +31,12 @@ import numpy as np
 import torch
 from torchvision.models import AlexNet_Weights
 
-from split_alexnet.data.images import UnreadableImage, load_rgb256
+from split_alexnet.data.images import UnreadableImage, list_images, load_rgb256
 from split_alexnet.network.placement import add_device_flags
 from split_alexnet.tools.evaluate import load_model
 from split_alexnet.tools.features import prepare_input
 from split_alexnet.utils.checkpoint_file import checkpoint_stats
-from split_alexnet.utils.cli import UsageError, run
+from split_alexnet.utils.cli import Parser, first_sentence, UsageError, run
 from split_alexnet.utils.flags import Number
 
 PROG = "split_alexnet.predict"
@@ -45,9 +46,10 @@ __all__ = ["ILSVRC2012_WNIDS", "imagenet_names", "class_names", "load_images", "
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0])
+    p = Parser(module=PROG, description=first_sentence(__doc__))
     p.add_argument("images", nargs="+", metavar="IMAGE",
-                   help="image files (any format Pillow reads)")
+                   help="image files (any format Pillow reads), or folders: every image "
+                        "under them, sorted")
     p.add_argument("--checkpoint", required=True,
                    help="a .pt file written by train or by split_alexnet.convert, or a "
                         ".safetensors file written by split_alexnet.export")
@@ -102,7 +104,7 @@ def load_images(paths: Sequence[str], *, skip_unreadable: bool = False
     """Decode every path to (256, 256, 3) uint8; UsageError on the first unreadable one, or
     (``skip_unreadable``) a warning on stderr and the path left out."""
     ok, arrays = [], []
-    for p in paths:
+    for p in expand_folders(paths):
         try:
             arrays.append(load_rgb256(p))
         except UnreadableImage as e:
@@ -112,6 +114,21 @@ def load_images(paths: Sequence[str], *, skip_unreadable: bool = False
             continue
         ok.append(str(p))
     return ok, arrays
+
+
+def expand_folders(paths: Sequence[str]) -> list[str]:
+    """The paths with each folder replaced by the image files under it (recursive, sorted;
+    ``images.list_images``). A folder without images is a :class:`UsageError`."""
+    out: list[str] = []
+    for p in paths:
+        if Path(p).is_dir():
+            found = list_images(Path(p))
+            if not found:
+                raise UsageError(f"{p} is a folder without image files")
+            out += [str(f) for f in found]
+        else:
+            out.append(str(p))
+    return out
 
 
 @torch.no_grad()

@@ -2,19 +2,20 @@
 
     python -m split_alexnet.summary                      # towers on cpu,cpu
     python -m split_alexnet.summary --gpus 0,1           # or any two devices: --devices cuda:0,cpu
+    python -m split_alexnet.summary --checkpoint runs/alexnet/best.pt   # the network it holds
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from split_alexnet.network.model import INPUT_SIZE, TOWER_LAYERS, SplitAlexNet, count_parameters
 from split_alexnet.network.placement import add_device_flags, place, resolve_devices
-from split_alexnet.utils.cli import run
+from split_alexnet.utils.cli import Parser, UsageError, first_sentence, run
 from split_alexnet.utils.flags import Number
 
 PROG = "split_alexnet.summary"
@@ -59,13 +60,34 @@ def summarize(net: SplitAlexNet) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0])
+    p = Parser(module=PROG, description=first_sentence(__doc__))
     add_device_flags(p, default="cpu", single_device=False)
-    p.add_argument("--classes", action=Number, min=1, max=MAX_CLASSES, default=1000,
+    p.add_argument("--classes", action=Number, min=1, max=MAX_CLASSES, default=None,
                    help="units in fc8 (default 1000)")
+    p.add_argument("--checkpoint", default=None,
+                   help="summarise the network this checkpoint holds (its classes, its "
+                        "settings, its weights), with the run's position")
     args = p.parse_args(argv)
-    devices = resolve_devices(args.gpus, args.devices, default="cpu")
-    net = place(SplitAlexNet(args.classes, init=None), devices)
+    if args.checkpoint is None:
+        devices = resolve_devices(args.gpus, args.devices, default="cpu")
+        net = place(SplitAlexNet(args.classes or 1000, init=None), devices)
+        print(summarize(net))
+        return 0
+    if args.classes is not None:
+        raise UsageError("give --classes or --checkpoint (its network has its own classes), "
+                         "not both")
+    from split_alexnet.tools.evaluate import load_model  # the one checkpoint -> network path
+    net, ckpt, _ = load_model(Path(args.checkpoint), gpus=args.gpus, devices=args.devices,
+                              default="cpu")
+    if not isinstance(net, SplitAlexNet):
+        raise UsageError(f"{args.checkpoint} holds arch={ckpt['model_config'].get('arch')}, "
+                         "a one-column network; summary shows the two towers")
+    cfg = ckpt["model_config"]
+    where = ckpt.get("progress") or {}
+    at = f"; epoch {where['epoch']}, step {where['step']}" if where else ""
+    print(f"{args.checkpoint}: {len(ckpt.get('classes', []))} classes; "
+          + ", ".join(f"{k} {cfg[k]}" for k in ("init", "lrn", "lrn_span", "activation",
+                                                "pool", "dropout") if k in cfg) + at)
     print(summarize(net))
     return 0
 

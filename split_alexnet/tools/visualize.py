@@ -25,15 +25,15 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from split_alexnet.network.placement import add_device_flags
 from split_alexnet.tools.evaluate import load_model
 from split_alexnet.tools.retrieval import RetrievalLayout, retrieval_image, retrieve
 from split_alexnet.training.metrics import by_step, read_records
 from split_alexnet.utils.checkpoint_file import CheckpointError, model_config
+from split_alexnet.utils.cli import Parser, UsageError, first_sentence, run
 from split_alexnet.utils.weights_file import read_weights
-from split_alexnet.utils.cli import UsageError, run
 from split_alexnet.utils.fileio import atomic_write
 from split_alexnet.utils.flags import WORKERS, Number, check_output
 from split_alexnet.utils.plot import curves_png
@@ -83,7 +83,8 @@ class KernelGrid:
 
     Each tower's kernels fill a block of ``rows`` x ``cols`` cells in row-major order; tower
     blocks are stacked top to bottom (tower 0 on top), with a black band of ``sep`` pixels
-    between them. A cell is ``k * scale`` pixels square; cells are ``gap`` pixels apart and
+    between them, and above each block a band of ``label`` pixels naming its tower and
+    kernels. A cell is ``k * scale`` pixels square; cells are ``gap`` pixels apart and
     ``gap`` from the block's edge; the background is white."""
 
     n: int = 96
@@ -93,6 +94,7 @@ class KernelGrid:
     k: int = 11
     gap: int = 2
     sep: int = 4
+    label: int = 14  # a band above each block naming its tower
 
     @property
     def per_tower(self) -> int:
@@ -114,14 +116,18 @@ class KernelGrid:
     @property
     def size(self) -> tuple[int, int]:
         bw, bh = self.block
-        return bw, self.towers * bh + (self.towers - 1) * self.sep
+        return bw, self.towers * (self.label + bh) + (self.towers - 1) * self.sep
+
+    def top(self, t: int) -> int:
+        """The first pixel row of tower ``t``'s block (below its label band)."""
+        return t * (self.label + self.block[1] + self.sep) + self.label
 
     def box(self, i: int) -> tuple[int, int, int, int]:
         """(x0, y0, x1, y1) of kernel ``i`` (end-exclusive)."""
         t, j = divmod(i, self.per_tower)
         r, c = divmod(j, self.cols)
         x0 = self.gap + c * (self.cell + self.gap)
-        y0 = t * (self.block[1] + self.sep) + self.gap + r * (self.cell + self.gap)
+        y0 = self.top(t) + self.gap + r * (self.cell + self.gap)
         return x0, y0, x0 + self.cell, y0 + self.cell
 
 
@@ -134,14 +140,20 @@ def kernel_image(weight: torch.Tensor, *, towers: int = 2, cols: int = 16,
     canvas = np.full((h, w, 3), 255, np.uint8)
     bh = grid.block[1]
     for t in range(1, towers):
-        y = t * bh + (t - 1) * grid.sep
+        y = grid.top(t - 1) + bh
         canvas[y:y + grid.sep] = 0
     pix = (normalise_kernels(weight) * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
     for i in range(n):
         x0, y0, x1, y1 = grid.box(i)
         big = pix[i].transpose(1, 2, 0).repeat(scale, axis=0).repeat(scale, axis=1)
         canvas[y0:y1, x0:x1] = big
-    return Image.fromarray(canvas, "RGB"), grid
+    img = Image.fromarray(canvas, "RGB")
+    draw = ImageDraw.Draw(img)
+    for t in range(towers):
+        lo, hi = t * grid.per_tower, (t + 1) * grid.per_tower - 1
+        text = f"tower {t}: kernels {lo}-{hi}" if towers > 1 else f"kernels {lo}-{hi}"
+        draw.text((grid.gap, grid.top(t) - grid.label + 1), text, fill=(0, 0, 0))
+    return img, grid
 
 
 def _conv1_weight(ckpt: dict) -> torch.Tensor:
@@ -257,10 +269,16 @@ def cmd_curves(args: argparse.Namespace) -> int:
     _image_format(args.out)
     series = curve_series(args.runs, args.metric)
     err = args.metric.endswith("_err")
-    what = {"top1_err": "top-1 error", "top5_err": "top-5 error", "loss": "loss"}[args.metric]
+    what = {"top1_err": "top-1 error", "top5_err": "top-5 error", "loss": "loss",
+            "lr": "learning rate"}[args.metric]
+    if args.log_y:
+        bad = next(((label, y) for label, _, ys in series for y in ys if not y > 0), None)
+        if bad:
+            raise UsageError(f"--log-y needs values above 0; {bad[0]} has {bad[1]:g}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     curves_png(args.out, series, title=f"{what}: " + ", ".join(Path(r).name for r in args.runs),
-               xlabel="step", ylabel=what, size=size, ylim=(0.0, 1.0) if err else None)
+               xlabel="step", ylabel=what + (" (log scale)" if args.log_y else ""), size=size,
+               ylim=(0.0, 1.0) if err else None, log_y=args.log_y)
     for label, xs, ys in series:
         print(f"  {label}: {len(xs)} points, last {ys[-1]:.4f} at step {xs[-1]:g}")
     print(f"{args.out}: {size[0]}x{size[1]} px")
@@ -289,7 +307,7 @@ def _save(img: Image.Image, out: str | Path) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0])
+    p = Parser(module=PROG, description=first_sentence(__doc__))
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     k = sub.add_parser("kernels", help="Figure 3: the conv1 kernels of both towers")
@@ -327,8 +345,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     c = sub.add_parser("curves", help="training and validation error curves")
     c.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders with metrics.jsonl")
     c.add_argument("--out", required=True, help="PNG to write")
-    c.add_argument("--metric", default="top1_err", choices=("top1_err", "top5_err", "loss"),
-                   help="what to plot (default top1_err; train records have no top5_err)")
+    c.add_argument("--metric", default="top1_err", choices=("top1_err", "top5_err", "loss", "lr"),
+                   help="what to plot (default top1_err; train records have no top5_err; lr: "
+                        "the learning rate of the train and val records)")
+    c.add_argument("--log-y", action="store_true",
+                   help="a logarithmic y axis (loss, lr: values above 0)")
     c.add_argument("--size", default="800x500", help="WIDTHxHEIGHT in px (default 800x500)")
     c.set_defaults(func=cmd_curves)
     return p.parse_args(argv)

@@ -16,9 +16,10 @@ the classes, the statistics, the versions, the checksum):
     layout, world_size   how the run was laid out
 
 Saved as ``OUT/last.pt`` (temporary files named by :func:`runfolder.temp_suffix`, so that a
-later --resume can remove those of a killed writer), with ``epoch_NNN.pt`` and ``best.pt`` as
-links or copies of it. A failed write (a full disk) or a second signal leaves the previous
-checkpoint and one line.
+later --resume can remove those of a killed writer), with ``epoch_NNN.pt`` as a link or copy
+of it; ``best.pt`` is written apart, without the optimizer state and RNG states (a file to
+evaluate and fine-tune from, half the size). A failed write (a full disk) or a second signal
+leaves the previous checkpoint and one line.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from split_alexnet.network.model import layout_state_dict
 from split_alexnet.training.config import PROG
 from split_alexnet.training.optim import (load_named_optimizer_state, named_optimizer_state,
                                           set_lr)
-from split_alexnet.training.runfolder import check_same_run, remove_stale_temps, temp_suffix
+from split_alexnet.training.runfolder import (changed_settings, check_resumable, check_same_run,
+                                              remove_stale_temps, temp_suffix)
 from split_alexnet.training.towerstate import gather_state, replica_states
 from split_alexnet.utils.checkpoint_file import (CheckpointError, check_compatible, code_version,
                                                  load_checkpoint, save_checkpoint)
@@ -111,19 +113,26 @@ def payload(t: "Trainer") -> dict:
     }
 
 
+#: What only a resume reads; best.pt leaves it out (half the size: the velocity is as large
+#: as the weights).
+RESUME_ONLY = ("optimizer", "rng")
+
+
 def save(t: "Trainer", *, epoch_end: bool = False, best: bool = False) -> None:
     """OUT/last.pt, and at an epoch's end OUT/epoch_NNN.pt (the last --keep-last of them) and,
     for a new best validation error, OUT/best.pt. Every rank calls it; rank 0 writes."""
     data = payload(t)  # every rank joins the RNG gather
     if not t.is_main:
         return
-    extra = ([f"epoch_{t.pos.epoch:03d}.pt"] if epoch_end else []) + \
-        (["best.pt"] if best else [])
+    extra = [f"epoch_{t.pos.epoch:03d}.pt"] if epoch_end else []
     target = t.out / "last.pt"
     try:
         save_checkpoint(target, data, suffix=temp_suffix())
         for name in extra:  # the same bytes: link (or copy) last.pt, then rename atomically
             copy_atomic(target, t.out / name)
+        if best:  # for evaluation and --init-from: the weights without what resumes
+            save_checkpoint(t.out / "best.pt", {k: v for k, v in data.items()
+                                                if k not in RESUME_ONLY}, suffix=temp_suffix())
     except (OSError, RuntimeError, KeyboardInterrupt) as e:
         if t.stop.forced:  # a second signal, wherever it landed (torch reports it in a write
             # callback as a RuntimeError)
@@ -186,16 +195,6 @@ def resume(t: "Trainer", spec: str, resume_lr: float | None = None) -> None:
     raise UsageError(errors[-1] if errors else f"--resume: nothing usable at {spec}")
 
 
-def check_resumable(ckpt: dict, path: Path) -> None:
-    """A checkpoint that --resume can continue: one with training state, not converted
-    weights. Else one :class:`UsageError`."""
-    if "optimizer" not in ckpt or "progress" not in ckpt:
-        what = "converted weights" if "source" in ckpt else "weights"
-        raise UsageError(f"--resume: {path} holds {what} without training state (no "
-                         f"optimizer, schedule or position); start a run from them with "
-                         f"--init-from {path}")
-
-
 def restore(t: "Trainer", ckpt: dict, path: Path, resume_lr: float | None = None) -> None:
     """Put a loaded checkpoint's state into the trainer: weights, optimizer, schedule,
     position and this rank's RNG states; then --resume-lr, recorded as an "lr_change"."""
@@ -211,8 +210,14 @@ def restore(t: "Trainer", ckpt: dict, path: Path, resume_lr: float | None = None
     t.pos.best_top1 = s["best_top1"]
     set_rng_state(ckpt["rng"].get(f"rank{t.ctx.data_rank}", ckpt["rng"]["rank0"]))
     if t.is_main:
-        print(f"resumed from {path}: epoch {t.pos.epoch}, step {t.pos.step} "
-              f"(step {t.pos.epoch_step} of the epoch)", file=sys.stderr)
+        pos = t.pos  # epochs counted from 1, as the progress line counts them
+        where = f"the end of epoch {pos.epoch}" if pos.epoch_step == 0 and pos.epoch else \
+            f"step {pos.epoch_step} of epoch {pos.epoch + 1}"
+        print(f"resumed from {path} at step {pos.step}, {where}", file=sys.stderr)
+        changed = changed_settings(ckpt, t.cfg)
+        if changed:
+            print(f"--resume: the run's settings, changed: {', '.join(changed)}",
+                  file=sys.stderr)
         t.metrics.log({"kind": "resume", "step": t.pos.step, "epoch": t.pos.epoch,
                        "from": str(path)})
     new_lr, old_lr = resume_lr, t.schedule.lr

@@ -203,8 +203,10 @@ class CheckpointSettings:
     checkpoint_minutes: float = setting(30.0, "Also save OUT/last.pt every this many minutes "
                                               "inside an epoch (0: after every step).",
                                         run=False, min=0)
-    keep_last: int = setting(3, "Keep the last K epoch checkpoints (OUT/epoch_NNN.pt) besides "
-                                "last.pt and best.pt (0: keep them all).", run=False, min=0)
+    keep_last: int = setting(1, "Keep the last K epoch checkpoints (OUT/epoch_NNN.pt) besides "
+                                "last.pt and best.pt (0: keep them all); the newest is the "
+                                "fallback of --resume when last.pt is damaged.", run=False,
+                             min=0)
 
 
 @dataclass(frozen=True)
@@ -220,6 +222,11 @@ class LoggingSettings:
     tensorboard: bool = setting(False, "Also write the training records as TensorBoard events "
                                        "in OUT/tensorboard (needs the tensorboard package: the "
                                        "'tensorboard' extra).", run=False)
+    stop_on_divergence: bool = setting(False, "Stop the run (exit 1, nothing saved after the "
+                                              "last good checkpoint) when a log window's mean "
+                                              "training loss exceeds 3 x ln(classes); without "
+                                              "it one warning line. A non-finite loss or weight "
+                                              "always stops the run.", run=False)
 
 
 #: The sections of :class:`TrainConfig`, by attribute name, in --help order.

@@ -4,10 +4,11 @@ training and ``split_alexnet.evaluate`` share.
 
 Host syncs: a step queues its work and never waits for the device. Its loss and error count
 stay on the device (:class:`StepWindow`) until the window is read: at every
---log-interval, at the epoch's end and before every save. That one read (one host sync)
+--log-interval, at the epoch's end and before every save (and at steps 1, 2, 4, ... before
+the first interval, so that the log shows the first losses). That one read (one host sync)
 checks every step's loss and the weights for NaN and infinity, so a diverged run is caught
 within one log interval, and nothing non-finite is ever saved. The watchdog sees each
-step's loss then too.
+step's loss then too, and the divergence alarm each window's mean.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ import split_alexnet.training.distributed as dist_util
 from split_alexnet.data.augment import finish_batch
 from split_alexnet.network.parallelize import autocast_context, to_input_format
 from split_alexnet.training.config import PROG
+from split_alexnet.training.metrics import Diverged, divergence_advice
 from split_alexnet.training.optim import set_lr
 from split_alexnet.training.state import StopReason
-from split_alexnet.utils.cli import Abort
 from split_alexnet.utils.progress import Progress
 
 if TYPE_CHECKING:  # the trainer imports this module
@@ -43,14 +44,16 @@ def topk_wrong(logits_or_probs: torch.Tensor, labels: torch.Tensor, k: int) -> t
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, stats, device: torch.device, *, ten_crop: bool = False,
-             progress: bool = False, stop=None) -> dict[str, float]:
+             progress: bool = False, stop=None,
+             confusion: torch.Tensor | None = None) -> dict[str, float]:
     """Top-1 and top-5 error and loss over ``loader``; with ``ten_crop`` the softmax outputs
     of the ten crops are averaged (the paper), and the loss is that average's NLL.
     Under torch.distributed the sums are all-reduced, so each image counts exactly once.
 
     ``stop`` (e.g. the trainer's :class:`~split_alexnet.utils.signals.StopOnSignal`): once
     it is true the loop ends after the batch in progress, and the result, over the images
-    seen so far, has ``"stopped": True``. The all-reduce still runs, so under torchrun every
+    seen so far, has ``"stopped": True``. ``confusion`` (classes x classes, int64, on
+    ``device``): each image adds 1 at (its label, its top-1 prediction). The all-reduce still runs, so under torchrun every
     rank must then agree on the stop (``distributed.any_rank_flags``)."""
     was_training = model.training
     model.eval()
@@ -82,6 +85,8 @@ def evaluate(model: nn.Module, loader, stats, device: torch.device, *, ten_crop:
                 continue
             scores = logits.float()
             loss = F.cross_entropy(scores, y, reduction="sum")
+        if confusion is not None:
+            confusion.index_put_((y, scores.argmax(1)), torch.ones_like(y), accumulate=True)
         sums += torch.stack([torch.tensor(float(y.numel()), device=device, dtype=torch.float64),
                              topk_wrong(scores, y, 1).double(), topk_wrong(scores, y, 5).double(),
                              loss.double()])
@@ -101,10 +106,6 @@ def weight_sum(net: nn.Module, device: torch.device) -> torch.Tensor:
     when every parameter is (a NaN or an infinity anywhere carries into the sum; finite
     float32 weights would need a sum beyond 3e38 to overflow). One read of the weights."""
     return torch.stack([p.detach().sum().to(device) for p in net.parameters()]).sum()
-
-
-class Diverged(Abort):
-    """The run diverged: a non-finite loss, or weights an update made non-finite (exit 1)."""
 
 
 class StepWindow:
@@ -142,18 +143,30 @@ class StepWindow:
              weight_sum(t.net, t.device).float()]).tolist()
         steps = range(self.first_step, self.first_step + len(self.counts))
         last = f"Last good checkpoint: {t.last_checkpoint()}"
-        why = next((f"loss is {value} at step {step} (epoch {t.pos.epoch + 1}); stopping "
-                    f"without saving. {last}"
-                    for step, value in zip(steps, losses) if not math.isfinite(value)), None)
+        epoch, advice = t.pos.epoch + 1, divergence_advice(t.schedule.lr, t.cfg)
+        why = None
+        for step, value in zip(steps, losses):
+            if not math.isfinite(value):
+                _diverged(t, step, value, "non-finite loss")
+                why = (f"loss is {value} at step {step} (epoch {epoch}); stopping without "
+                       f"saving; {advice}. {last}")
+                break
         if why is None and not math.isfinite(weights):
             when = f"the update at step {steps[-1]}" if len(steps) == 1 else \
                 f"the updates of steps {steps[0]}-{steps[-1]}"
+            _diverged(t, steps[-1], None, "non-finite weights")
             why = (f"the weights became non-finite (their sum is {weights}) in {when} "
-                   f"(epoch {t.pos.epoch + 1}); stopping without saving. {last}")
+                   f"(epoch {epoch}); stopping without saving; {advice}. {last}")
         if dist_util.any_rank_flags([why is not None], t.ctx)[0]:
             raise Diverged(why or f"another process diverged by step {steps[-1]} (epoch "
-                                  f"{t.pos.epoch + 1}); stopping without saving. {last}")
+                                  f"{epoch}); stopping without saving. {last}")
         return losses, mistakes, weights
+
+
+def _diverged(t: "Trainer", step: int, loss: float | None, reason: str) -> None:
+    """The "divergence" record of a non-finite value (the loss as text: JSON has no NaN)."""
+    t.metrics.log({"kind": "divergence", "step": step, "epoch": t.pos.epoch + 1,
+                   "loss": None if loss is None else str(loss), "reason": reason})
 
 
 def log_lr_drop(t: "Trainer", old: float, reason: str) -> None:
@@ -185,7 +198,15 @@ def close_window(t: "Trainer", window: StepWindow, bar: Progress) -> StepWindow:
                     f"lr {rec['lr']:g} {rec['images_per_s']:.0f} img/s"
         for i, loss in enumerate(losses):
             t.watchdog.observe(window.first_step + i, loss)
+        t.alarm.observe(range(window.first_step, t.pos.step + 1), t.pos.epoch + 1,
+                        rec["loss"], t.schedule.lr, t.last_checkpoint())
     return StepWindow(t.pos.step + 1)
+
+
+def first_steps(step: int, log_every: int) -> bool:
+    """Before the first log interval, the window is also read at steps 1, 2, 4, 8, ...: the
+    log shows the first losses early, at a handful of extra host syncs per run."""
+    return step < log_every and step & (step - 1) == 0
 
 
 def train_step(t: "Trainer", batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -235,7 +256,8 @@ def train_epoch(t: "Trainer", loader) -> StopReason:
         window.add(*train_step(t, batch))
         pos.step += 1
         pos.epoch_step += 1
-        if pos.step % log_every == 0 or pos.epoch_step == t.data.steps_per_epoch:
+        if pos.step % log_every == 0 or pos.epoch_step == t.data.steps_per_epoch or \
+                first_steps(pos.step, log_every):
             window = close_window(t, window, bar)
         bar.update(1)
         if cfg.schedule.max_steps is not None and pos.step >= cfg.schedule.max_steps:

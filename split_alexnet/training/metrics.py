@@ -1,10 +1,11 @@
 """metrics.jsonl, a run's record of what it measured: the one writer (the trainer's) and the
 one reader (compare, experiments, visualize, and the trainer's own curves.png), and the
-:class:`Watchdog` that reads the training loss as it goes.
+two readers of the training loss as it goes: the :class:`Watchdog` (still at chance) and the
+:class:`DivergenceAlarm` (far above it, or not finite).
 
 One JSON object per line, each with a ``kind``: ``train`` (per --log-interval: step, epoch,
 loss, top1_err, lr, images_per_s), ``val`` (per evaluation: step, epoch, n, top1_err,
-top5_err, loss, lr), ``val_ten_crop``, ``watchdog``, ``resume`` and ``lr_change`` (step, epoch,
+top5_err, loss, lr), ``val_ten_crop``, ``watchdog``, ``divergence`` (step, epoch, loss, bound, reason), ``resume`` and ``lr_change`` (step, epoch,
 old, new: --resume-lr); the writer adds ``time``. A resumed run appends, so a step can appear
 more than once: :func:`by_step` keeps the latest.
 
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from split_alexnet.training.config import PROG
+from split_alexnet.training.config import PROG, TrainConfig
 from split_alexnet.utils.cli import Abort, UsageError
 from split_alexnet.utils.plot import curves_png
 
@@ -178,3 +179,62 @@ class Watchdog:
                   "--lr; see docs/experiments.md (init, input scale)", file=sys.stderr)
             self.log({"kind": "watchdog", "step": step, "loss": mean, "chance_loss": chance,
                       "window": len(self.recent)})
+
+
+#: The divergence rule: a log window's mean training loss above this many times chance,
+#: ln(classes). A run that learns stays below chance after its first steps; cross-entropy
+#: three times chance means the network is confidently wrong: its weights are blowing up.
+DIVERGENCE_X_CHANCE = 3.0
+
+
+class Diverged(Abort):
+    """The run diverged and stops: a non-finite loss or weight, or (with
+    --stop-on-divergence) a loss far above chance. Exit 1; nothing newer is saved."""
+
+
+def divergence_advice(lr: float, cfg: TrainConfig) -> str:
+    """What to try when a run diverges at rate ``lr``: a smaller --lr, and the recipe and
+    initialisation with a published result where the run has others."""
+    tries = [f"a smaller --lr (e.g. {lr / 10:g})"]
+    if cfg.recipe != "bvlc":
+        tries.append("--recipe bvlc (Caffe's recipe with a published result)")
+    if cfg.model.init != "caffe":
+        tries.append("--init caffe (biases 0.1)")
+    return f"try {', '.join(tries[:-1]) + ' or ' if len(tries) > 1 else ''}{tries[-1]} " \
+           "(docs/training.md, \"Divergence\")"
+
+
+class DivergenceAlarm:
+    """Reads each log window's mean training loss: above :data:`DIVERGENCE_X_CHANCE` x
+    ln(classes) it prints one loud line with what to try and writes a ``divergence`` record,
+    once until the loss comes back below the bound; with ``stop`` (--stop-on-divergence) it
+    raises :class:`Diverged` instead of letting the run go on. Non-finite values are the
+    loop's (:func:`nonfinite`): the run cannot go on from those."""
+
+    def __init__(self, cfg: TrainConfig, num_classes: int, log: Callable[[dict], None], *,
+                 enabled: bool = True) -> None:
+        self.bound = DIVERGENCE_X_CHANCE * math.log(num_classes) if num_classes > 1 else None
+        self.cfg, self.log, self.enabled = cfg, log, enabled
+        self.stop = cfg.logging.stop_on_divergence
+        self.raised = False
+
+    def observe(self, steps: range, epoch: int, loss: float, lr: float, last: str) -> None:
+        """A log window of ``steps`` (in ``epoch``, counted from 1) with mean ``loss``;
+        ``last``: the last good checkpoint, for the message."""
+        if self.bound is None or loss <= self.bound:
+            self.raised = False
+            return
+        if self.raised and not self.stop:
+            return
+        self.raised = True
+        where = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]}"
+        what = (f"the training loss diverged: {loss:.4g} over {where} (epoch {epoch}) is above "
+                f"3 x ln(classes) = {self.bound:.3f}; {divergence_advice(lr, self.cfg)}")
+        self.log({"kind": "divergence", "step": steps[-1], "epoch": epoch, "loss": loss,
+                  "bound": self.bound, "reason": "loss above 3 x chance"})
+        if self.stop:
+            raise Diverged(f"{what}. Stopping (--stop-on-divergence) without saving; the last "
+                           f"good checkpoint: {last}")
+        if self.enabled:
+            print(f"{PROG}: DIVERGENCE: {what}; --stop-on-divergence stops such a run",
+                  file=sys.stderr)

@@ -3,7 +3,9 @@ settings) and a :class:`Command` (this invocation's own switches, never saved wi
 
 Flags are flat (``--lr``, whatever the setting's section); a TOML file given with ``--config``
 may set them flat or under their section's table (``[optim] lr = 0.02``), with dashes or
-underscores. Order of precedence, later wins: defaults <- ``--recipe`` <- the ``--demo``
+underscores (a ``.json`` file, such as a run's ``config.json``, the same way). With
+``--resume`` the run's own settings are the base and the settings given are applied over
+them (``runfolder.settings_for_resume``). Order of precedence, later wins: defaults <- ``--recipe`` <- the ``--demo``
 preset <- the ``--finetune`` preset <- a calling tool's settings <- TOML file <- command
 line. The recipe is the one named last in that order; a preset applies when its switch is
 set anywhere. The parser, its help and its checks come from the fields' metadata
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -23,7 +26,8 @@ from split_alexnet.training.config import (FLAGS, PROG, SECTIONS, TrainConfig, b
                                            check_value, flag_name, kind, negatable)
 from split_alexnet.training.optim import SCHEDULES
 from split_alexnet.training.recipes import PRESETS, recipe_settings, values
-from split_alexnet.utils.cli import UsageError
+from split_alexnet.training.runfolder import saved_settings, settings_for_resume
+from split_alexnet.utils.cli import Parser, UsageError
 from split_alexnet.utils.flags import Number, check_number
 
 try:  # Python 3.11+; on 3.10 the optional dependency tomli reads --config files
@@ -121,8 +125,8 @@ def _add(p: argparse.ArgumentParser, name: str, f: dataclasses.Field, k: type) -
 
 def build_parser() -> argparse.ArgumentParser:
     """Every setting and switch as a flag; unset flags are left out of the namespace."""
-    p = argparse.ArgumentParser(
-        prog=f"python -m {PROG}",
+    p = Parser(
+        module=PROG,
         description="Train the 2012 two-tower AlexNet with the paper's recipe.",
         argument_default=argparse.SUPPRESS)
     for name, (_, f) in FLAGS.items():
@@ -134,8 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_toml(path: str) -> dict[str, Any]:
-    """A TOML file's settings, flat: top-level keys and keys under a section's table, and the
-    preset switches (``demo``, ``finetune``); each checked for type and range."""
+    """A settings file's settings, flat: TOML, or JSON when the name ends in ``.json`` (a run's
+    ``config.json``); top-level keys and keys under a section's table, and the preset switches
+    (``demo``, ``finetune``); each checked for type and range."""
+    if path.endswith(".json"):
+        try:
+            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UsageError(f"config file {path} does not exist") from None
+        except UnicodeDecodeError as e:
+            raise UsageError(f"config file {path} is not UTF-8 text (byte {e.start})") from None
+        except (OSError, json.JSONDecodeError) as e:
+            raise UsageError(f"config file {path} is not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise UsageError(f"config file {path} is not a JSON object of settings")
+        return _settings_of(raw, path)
     if tomllib is None:  # pragma: no cover - Python 3.10 without tomli
         raise UsageError("--config needs Python 3.11+ or 'pip install tomli'")
     try:
@@ -148,6 +165,10 @@ def load_toml(path: str) -> dict[str, Any]:
                          "are UTF-8") from None
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise UsageError(f"config file {path} is not valid TOML: {e}") from None
+    return _settings_of(raw, path)
+
+
+def _settings_of(raw: dict[str, Any], path: str) -> dict[str, Any]:
     where = f"config file {path}: "
     out: dict[str, Any] = {}
     for key, value in raw.items():
@@ -197,19 +218,31 @@ def parse_command(argv: Sequence[str] | None = None, *,
         on = cmd_values.get(name, from_file.pop(name, base.pop(name, False)))
         cmd_values[name] = on
     cmd = Command(**cmd_values)
-    recipe = ns.get("recipe", from_file.get("recipe", base.get("recipe", "paper")))
-    settings: dict[str, Any] = recipe_settings(check_value("recipe", recipe))
-    for name, preset in PRESETS.items():  # --demo, then --finetune
-        if getattr(cmd, name):
-            settings.update(values(preset))
-    settings.update(base)
-    settings.update(from_file)
-    settings.update(ns)
+    given = {**base, **from_file, **ns}
+    if cmd.resume:
+        settings = resume_settings(cmd.resume, given)
+    else:
+        recipe = given.get("recipe", "paper")
+        settings = recipe_settings(check_value("recipe", recipe))
+        for name, preset in PRESETS.items():  # --demo, then --finetune
+            if getattr(cmd, name):
+                settings.update(values(preset))
+        settings.update(given)
     if cmd.demo:
         settings.update(demo_defaults(settings))
-    if cmd.finetune and settings.get("init_from") is None:  # before the preset's settings
-        raise UsageError("--finetune need(s) --init-from CKPT, the checkpoint to start from")
+    if cmd.finetune and settings.get("init_from") is None:  # before the preset's own flags
+        raise UsageError("--finetune needs --init-from CKPT, the checkpoint to start from")
     return TrainConfig.from_flat(settings), cmd
+
+
+def resume_settings(spec: str, given: dict[str, Any]) -> dict[str, Any]:
+    """--resume: the run's own settings (``runfolder.saved_settings``) with the ``given`` ones
+    applied (a different value of one that defines the run is refused); the recipe's and
+    presets' values are not applied again (the run's settings hold them). The resume says
+    which settings it changed once it holds the run folder (``checkpoint.restore``)."""
+    out = Path(given.get("out", FLAGS["out"][1].default))
+    saved, where = saved_settings(out, spec)
+    return settings_for_resume(saved, given, where)
 
 
 def parse_config(argv: Sequence[str] | None = None, *,

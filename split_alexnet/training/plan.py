@@ -93,7 +93,8 @@ def plan(cfg: TrainConfig, cmd: Command) -> str:
         total = min(total, s.max_steps)
     ckpt = params + opt
     kept = c.keep_last if c.keep_last else s.epochs
-    n_files = 2 + min(kept, s.epochs)  # last.pt, best.pt and the kept epoch checkpoints
+    n_files = 1 + min(kept, s.epochs)  # last.pt and the kept epoch checkpoints, full size
+    disk = n_files * ckpt + params     # and best.pt: the weights alone
     lines = [
         f"plan for {c.out} (nothing written there):",
         f"  training images: {n_train}; steps per epoch: {per_epoch}; epochs: {s.epochs}; "
@@ -103,8 +104,8 @@ def plan(cfg: TrainConfig, cmd: Command) -> str:
         f"  checkpoints: last.pt every {c.checkpoint_minutes:g} minutes and at each epoch's "
         f"end, epoch_NNN.pt each epoch (keeping {c.keep_last or 'all'}), best.pt",
         f"  checkpoint size: {ckpt / 2**20:.0f} MiB ({params / 2**20:.0f} MiB parameters + "
-        f"{opt / 2**20:.0f} MiB optimizer state); at most {n_files} files: "
-        f"{n_files * ckpt / 2**30:.2f} GiB",
+        f"{opt / 2**20:.0f} MiB optimizer state); at most {n_files} such files and "
+        f"best.pt (parameters only): {disk / 2**30:.2f} GiB",
         f"  memory per process: {memory}",
     ]
     if secs:

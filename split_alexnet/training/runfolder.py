@@ -15,6 +15,10 @@ the settings a resumed run must share with its checkpoint.
 * Temporaries: every temporary file the trainer writes ends in ``.<pid>.tmp``
   (:func:`temp_suffix`). A --resume deletes those whose writer is no longer alive, and the
   pid-less ``.*.pt.*.tmp`` of older versions (it holds the lock: no trainer writes them).
+* Resume's settings: a --resume takes the run's own settings (:func:`saved_settings`:
+  ``OUT/config.json``, the settings as last started, or a checkpoint's) and applies the
+  flags given over them (:func:`settings_for_resume`): one that defines the run and differs
+  is refused naming the flag.
 * Same run: every setting that defines the run (its field's metadata ``run``:
   ``training/config.py``) and the class list must equal the checkpoint's
   (:func:`check_same_run`); the others may differ on resume.
@@ -23,13 +27,16 @@ the settings a resumed run must share with its checkpoint.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import socket
 import sys
 from pathlib import Path
 from typing import Any
 
-from split_alexnet.training.config import PROG, TrainConfig, flag_name
+from split_alexnet.training.config import FLAGS, PROG, TrainConfig, check_value, flag_name
+from split_alexnet.training.recipes import FINETUNE_PRESET, recipe_settings
+from split_alexnet.utils.checkpoint_file import CheckpointError, load_checkpoint
 from split_alexnet.utils.cli import Abort, UsageError
 from split_alexnet.utils.fileio import write_json
 
@@ -139,6 +146,12 @@ def start_fresh(out: Path, cfg: TrainConfig, *, overwrite: bool) -> None:
     run's settings, flat, to ``OUT/config.json``."""
     if overwrite:
         delete_previous_run(out)
+    write_config(out, cfg)
+
+
+def write_config(out: Path, cfg: TrainConfig) -> None:
+    """``OUT/config.json``: the run's settings as this start uses them, flat (a file
+    ``--config`` reads, and what the next ``--resume`` starts from)."""
     try:
         write_json(out / "config.json", cfg.to_dict(), suffix=temp_suffix())
     except OSError as e:
@@ -233,5 +246,102 @@ def check_same_run(ckpt: dict, cfg: TrainConfig, classes: list[str], path: Path)
     if diffs:
         lr_hint = "; to change the learning rate give --resume-lr LR" \
             if any(d.startswith("--lr ") for d in diffs) else ""
-        raise UsageError(f"--resume: {path} holds another run: {', '.join(diffs)}; give the "
-                         f"run's settings (its config.json lists them){lr_hint}")
+        raise UsageError(f"--resume: {path} holds another run: {', '.join(diffs)}; leave "
+                         f"these flags out (--resume takes the run's settings){lr_hint}")
+
+
+def check_resumable(ckpt: dict, path: Path) -> None:
+    """A checkpoint that --resume can continue: one with training state, not converted
+    weights. Else one :class:`UsageError`."""
+    if "optimizer" not in ckpt or "progress" not in ckpt:
+        what = "converted weights" if "source" in ckpt else "weights"
+        raise UsageError(f"--resume: {path} holds {what} without training state (no "
+                         f"optimizer, schedule or position); start a run from them with "
+                         f"--init-from {path}")
+
+
+# ----------------------------------------------------------------------------- resume's settings
+
+#: Where the towers run: given on resume, these replace the run's as a group (a run on --gpus
+#: resumed with --devices cpu,cpu is not a run with both).
+DEVICE_SETTINGS = ("gpus", "devices", "single_device")
+
+
+def _read_config_json(path: Path) -> dict[str, Any] | None:
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # a damaged config.json: the checkpoints hold the settings too
+    return raw if isinstance(raw, dict) else None
+
+
+def saved_settings(out: Path, spec: str) -> tuple[dict[str, Any], Path]:
+    """The flat settings of the run that ``--resume spec`` continues, and the file they come
+    from: for 'auto', ``OUT/config.json`` (the run's settings as last started), or without
+    a readable one the newest checkpoint that loads; for a path, that checkpoint's
+    ``config`` and ``model_config``. Nothing to read is one :class:`UsageError`."""
+    if spec == "auto":
+        found = _read_config_json(out / "config.json")
+        if found is not None:
+            return found, out / "config.json"
+        candidates = [out / "last.pt"] + sorted(out.glob("epoch_*.pt"), reverse=True)
+        candidates = [p for p in candidates if p.exists()]
+        if not candidates:
+            raise UsageError(f"--resume: no checkpoint in {out} (looked for last.pt and "
+                             "epoch_*.pt)")
+    else:
+        candidates = [Path(spec)]
+    error = ""
+    for path in candidates:
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as e:
+            error = str(e)
+            continue
+        check_resumable(ckpt, path)
+        return {**_table(ckpt, "config"), **_table(ckpt, "model_config")}, path
+    raise UsageError(error)
+
+
+def settings_for_resume(saved: dict[str, Any], given: dict[str, Any], where: Path) \
+        -> dict[str, Any]:
+    """A resume's flat settings: the run's (``saved``, read from ``where``) with the settings
+    ``given`` (TOML file, command line) applied over them. A given setting that defines the
+    run (metadata ``run``) and differs from the run's is one :class:`UsageError` naming every
+    such flag."""
+    run = {k: v for k, v in saved.items() if k in FLAGS}
+    # --max-steps is where one invocation stops (a smoke run, a cut): a resume runs on to
+    # --epochs unless given one again; a recipe's own limit (bvlc's max_iter) stays.
+    run["max_steps"] = recipe_settings(str(run.get("recipe", "paper"))).get("max_steps")
+    if any(k in given for k in DEVICE_SETTINGS):
+        for k in DEVICE_SETTINGS:
+            run.pop(k, None)
+    try:
+        now = TrainConfig.from_flat(run).to_dict()
+    except UsageError as e:
+        raise UsageError(f"--resume: the settings in {where} are not usable: {e}") from None
+    refused = []
+    for k, v in given.items():
+        v = check_value(k, v)
+        if v != now[k] and FLAGS[k][1].metadata.get("run", True):
+            refused.append((k, f"{flag_name(k)} {_show(v)} (the run: {_show(now[k])})"))
+    if refused:
+        names = [k for k, _ in refused]
+        lr_hint = "; to change the learning rate give --resume-lr LR" if "lr" in names else ""
+        tuned = ""
+        if now.get("init_from") is not None and set(names) & set(FINETUNE_PRESET):
+            tuned = ("; the run is fine-tuned: --resume keeps the values its --finetune and "
+                     "flags set, give none of them again")
+        raise UsageError(f"--resume: {', '.join(i for _, i in refused)}: these settings "
+                         f"define the run in {where.parent} and cannot change on resume; "
+                         f"leave them out (--resume takes the run's own){lr_hint}{tuned}")
+    return {**now, **given}
+
+
+def changed_settings(ckpt: dict, cfg: TrainConfig) -> list[str]:
+    """The settings a resume changes (those a resume may change), against the checkpoint's:
+    ``--epochs 20 (the run: 14)``."""
+    saved = {**_table(ckpt, "config"), **_table(ckpt, "model_config")}
+    return [f"{flag_name(k)} {_show(v)} (the run: {_show(saved[k])})"
+            for k, v in cfg.to_dict().items()
+            if k in saved and saved[k] != v and not FLAGS[k][1].metadata.get("run", True)]

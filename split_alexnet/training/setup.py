@@ -84,6 +84,9 @@ def load_data(cfg: TrainConfig, ctx: dist_util.Context, listed: Listing | None) 
     if stats is None:
         stats = load_stats(root, progress=False)
     classes = list(stats.classes)
+    if len(classes) < 2:
+        raise UsageError(f"--data {root} has one class ({classes[0]!r} in train/): a "
+                         "classifier needs at least two class folders")
     seed, strict = cfg.runtime.seed, cfg.data.strict
     train_set = CropFolder(root / "train", classes, mode="train", seed=seed, pca=cfg.data.pca,
                            strict=strict,
@@ -92,8 +95,10 @@ def load_data(cfg: TrainConfig, ctx: dist_util.Context, listed: Listing | None) 
     batch = dist_util.local_batch_size(cfg, ctx)
     steps_per_epoch = len(train_set) // (batch * ctx.data_size)
     if steps_per_epoch < 1:
+        most = len(train_set) // (ctx.data_size if cfg.optim.per_process_batch else 1)
         raise UsageError(f"the training set has {len(train_set)} images, fewer than one "
-                         f"batch of {batch * ctx.data_size}")
+                         f"batch of {batch * ctx.data_size} (--batch-size "
+                         f"{cfg.optim.batch_size}); give --batch-size N with N at most {most}")
     return RunData(
         root=root, stats=stats, classes=classes,
         # wnid, index and human-readable name (from the devkit or Kaggle's mapping, when

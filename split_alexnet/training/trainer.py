@@ -28,10 +28,11 @@ from split_alexnet.training import checkpoint, loop
 from split_alexnet.training.config import PROG, TrainConfig
 from split_alexnet.training.finetune import read_source
 from split_alexnet.training.loader import train_loader, val_loader, worker_error
-from split_alexnet.training.metrics import MetricsLog, Watchdog, write_curves
+from split_alexnet.training.metrics import (DivergenceAlarm, MetricsLog, Watchdog,
+                                            read_records, write_curves)
 from split_alexnet.training.optim import set_lr
 from split_alexnet.training.options import Command
-from split_alexnet.training.runfolder import RunLock, claim, start_fresh
+from split_alexnet.training.runfolder import RunLock, claim, start_fresh, write_config
 from split_alexnet.training.setup import build_learner, list_for_holdout, load_data
 from split_alexnet.training.state import Position, RunData, StopReason, TrainResult
 from split_alexnet.training.tensorboard import TensorBoardLog
@@ -68,6 +69,8 @@ class Trainer:
         self.metrics = MetricsLog(self.out, enabled=self.is_main)
         self.watchdog = Watchdog(cfg.logging.watchdog_steps, len(data.classes), self.metrics.log,
                                  enabled=self.is_main)
+        self.alarm = DivergenceAlarm(cfg, len(data.classes), self.metrics.log,
+                                     enabled=self.is_main)
         self.pos = Position(last_save=time.monotonic())
         self.stop = StopOnSignal()      # entered by fit()
         self.lock = lock                # OUT/train.lock, held on rank 0 for the whole run
@@ -104,6 +107,8 @@ class Trainer:
                 t.metrics.tensorboard = TensorBoardLog(t.out, resuming=bool(cmd.resume))
             if cmd.resume:
                 checkpoint.resume(t, cmd.resume, cmd.resume_lr)
+                if t.is_main:  # the settings as now started: what the next --resume takes
+                    write_config(t.out, cfg)
             elif t.is_main:
                 start_fresh(t.out, cfg, overwrite=cmd.overwrite)
                 if learner.tuning.record:
@@ -176,7 +181,8 @@ class Trainer:
             where = {"val": f"epoch {epoch}: val", "holdout": f"epoch {epoch}: hold-out",
                      "val_ten_crop": "ten-crop: val"}[kind]
             lr = f" (lr {self.schedule.lr:g})" if kind == "val" else ""
-            print(f"{where} top-1 {result['top1_err']:.4f} top-5 {result['top5_err']:.4f} "
+            top5 = f" top-5 {result['top5_err']:.4f}" if len(self.data.classes) > 5 else ""
+            print(f"{where} top-1 {result['top1_err']:.4f}{top5} "
                   f"loss {result['loss']:.4f}{lr}", file=sys.stderr)
         return result
 
@@ -219,6 +225,11 @@ class Trainer:
         test. Returns why it stopped, where, and the last evaluations."""
         pos, s = self.pos, self.cfg.schedule
         set_lr(self.optimizer, self.schedule.lr)
+        done = self.finished()
+        if done:
+            if self.is_main:
+                print(f"{PROG}: nothing to do: {done}", file=sys.stderr)
+            return TrainResult(StopReason.DONE, pos.step, pos.epoch)
         if self.is_main:
             d = self.data
             print(f"training {self.cfg.model.arch} ({self.layout} on "
@@ -254,6 +265,23 @@ class Trainer:
                               file=sys.stderr)
                     return self._ended(result, StopReason.SIGNAL)
         return self._ended(result, StopReason.DONE)
+
+    def finished(self) -> str | None:
+        """Why a resumed run has nothing left to do (all its epochs and its ten-crop test
+        done, or --max-steps reached), in words; None while it has work."""
+        pos, s = self.pos, self.cfg.schedule
+        if s.max_steps is not None and pos.step >= s.max_steps:
+            return (f"the run in {self.out} is at step {pos.step}, --max-steps {s.max_steps}; "
+                    "give a larger --max-steps to continue it")
+        if pos.epoch < s.epochs or pos.epoch_step:
+            return None
+        tested = any(r.get("kind") == "val_ten_crop" and r.get("step") == pos.step
+                     for r in read_records(self.out, missing_ok=True, warn=False))
+        if s.ten_crop and not tested:
+            return None  # the ten-crop test is still to run
+        return (f"the run in {self.out} has trained its {s.epochs} epochs (step {pos.step})"
+                f"{' and run the ten-crop test' if s.ten_crop else ''}; give a larger "
+                "--epochs to continue it")
 
     def _ended(self, result: TrainResult, reason: StopReason) -> TrainResult:
         result.stopped, result.step, result.epoch = reason, self.pos.step, self.pos.epoch

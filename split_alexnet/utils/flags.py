@@ -31,7 +31,13 @@ WORKERS: dict[str, int] = {"min": 0, "max": 256}
 def describe(bounds: dict[str, Any]) -> str:
     """``{"min": 0, "below": 1}`` -> ``"at least 0 and less than 1"``."""
     words = {"min": "at least", "above": "greater than", "max": "at most", "below": "less than"}
-    return " and ".join(f"{words[k]} {bounds[k]}" for k in BOUNDS if k in bounds)
+    return " and ".join(f"{words[k]} {show_bound(bounds[k])}" for k in BOUNDS if k in bounds)
+
+
+def show_bound(value: Any) -> str:
+    """A bound as a person reads it: ``3.4e+38`` for float32's largest value, not its 17
+    digits."""
+    return f"{value:.2g}" if isinstance(value, float) and abs(value) >= 1e6 else str(value)
 
 
 def problem(value: Any, kind: type, bounds: dict[str, Any]) -> str | None:

@@ -32,8 +32,13 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 
 def curves_png(path: Path | str, series: Sequence[tuple[str, Sequence[float], Sequence[float]]],
                *, title: str = "", xlabel: str = "", ylabel: str = "",
-               size: tuple[int, int] = (800, 500), ylim: tuple[float, float] | None = None) -> None:
-    """Write a PNG of ``series`` = [(label, xs, ys), ...] to ``path``."""
+               size: tuple[int, int] = (800, 500), ylim: tuple[float, float] | None = None,
+               log_y: bool = False) -> None:
+    """Write a PNG of ``series`` = [(label, xs, ys), ...] to ``path``; ``log_y``: the y axis
+    in decades (every y must be above 0), its ticks labelled with the values."""
+    if log_y:
+        series = [(label, xs, [math.log10(y) for y in ys]) for label, xs, ys in series]
+        ylim = None
     w, h = size
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
@@ -56,7 +61,7 @@ def curves_png(path: Path | str, series: Sequence[tuple[str, Sequence[float], Se
     for t in _ticks(y0, y1):
         _, py = px(x0, t)
         d.line([left, py, left + pw, py], fill=(230, 230, 230))
-        d.text((5, py - 6), f"{t:g}", fill="black", font=font)
+        d.text((5, py - 6), f"{10 ** t:.2g}" if log_y else f"{t:g}", fill="black", font=font)
     for t in _ticks(x0, x1):
         qx, _ = px(t, y0)
         d.line([qx, top, qx, top + ph], fill=(230, 230, 230))

@@ -31,7 +31,7 @@ class Progress:
         self.n = 0
         self.start = time.monotonic()
         self._last = 0.0
-        self._shown = -1
+        self._shown: tuple[int, str] | None = None
         self.extra = ""
 
     def __enter__(self) -> "Progress":
@@ -64,7 +64,7 @@ class Progress:
             self._emit()
 
     def _emit(self) -> None:
-        self._shown = self.n
+        self._shown = (self.n, self.extra)
         if self.tty:
             self.stream.write("\r" + self.line()[:200].ljust(100))
         else:
@@ -73,7 +73,7 @@ class Progress:
 
     def close(self) -> None:
         if self.enabled:
-            if self._shown != self.n:
+            if self._shown != (self.n, self.extra):  # the last count or extra not yet shown
                 self._emit()
             if self.tty:
                 self.stream.write("\n")

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from split_alexnet.utils.cli import Parser, first_sentence
 from split_alexnet.network.lrn import LocalResponseNorm
 from split_alexnet.network.model import AlexNet
 
@@ -207,7 +208,7 @@ def run(args) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(module="split_alexnet.tools.bench.lrn", description=first_sentence(__doc__))
     add_arguments(p)
     run(p.parse_args(argv))
 

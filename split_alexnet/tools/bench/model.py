@@ -272,7 +272,8 @@ TABLE = [("layout", "layout"), ("devices", "devices"), ("mode", "mode"),
          ("fast_path", "fast path"), ("batch_size", "batch"), ("images_per_s", "img/s"),
          ("images_per_s_best", "best img/s"),
          ("step_ms", "step ms"), ("gflops", "GFLOP/s"), ("fraction_of_peak", "of peak"),
-         ("bytes_between_towers", "tower bytes/step"), ("peak_mem", "peak mem")]
+         ("bytes_between_towers", "tower bytes/step"), ("peak_mem", "peak mem"),
+         ("optimizer", "optimizer")]
 
 
 def _fmt(v) -> str:

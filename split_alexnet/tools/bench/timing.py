@@ -3,7 +3,8 @@ and makes the result row (:class:`Row`, the one place the row's keys are made).
 
 A configuration is (layout, mode, fast path). A step is timed between device
 synchronisations (``torch.cuda.synchronize`` on every CUDA device the model uses, before and
-after). Training step = the paper's optimizer (``build_optimizer`` -> PaperSGD) +
+after). Training step = the paper's optimizer (``build_optimizer`` -> PaperSGD; torchvision's
+network: ``torch.optim.SGD`` with the same settings, :func:`optimizer_of`) +
 cross-entropy on random ``(B, 3, 227, 227) * 60`` inputs and random labels, ``train()`` mode
 (dropout on). Inference = ``eval()`` under ``torch.no_grad()``. Each row is set against a
 matmul ceiling measured right after its timed steps, on its devices, in its compute dtype.
@@ -24,6 +25,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 import torchvision
+from torchvision.models import AlexNet as TorchvisionNet
 
 from split_alexnet.network.flops import default_input_size, flops_per_step
 from split_alexnet.network.model import ModelConfig
@@ -228,6 +230,7 @@ class Row:
                 "fraction_of_peak": self.flops / med / self.peak_flops,
                 "bytes_between_towers": self.bytes_between_towers, "peak_mem": self.peak_mem,
                 **self.tf32, "kind": "model", "rounds": self.rounds,
+                "optimizer": optimizer_of(self.layout, self.mode),
                 "torch": torch.__version__, "device_name": self.device_name}
 
 
@@ -292,7 +295,10 @@ def _step_fn(net, mode: str, fp: dict, x, y, devices) -> Callable[[], None]:
                 net(x)
         return step
     net.train()
-    opt = build_optimizer(unwrap(net))
+    if isinstance(unwrap(net), TorchvisionNet):  # its own layer names: torch's SGD, same settings
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    else:
+        opt = build_optimizer(unwrap(net))
     scaler = grad_scaler(devices[0], dtype)
 
     def step():
@@ -304,6 +310,16 @@ def _step_fn(net, mode: str, fp: dict, x, y, devices) -> Callable[[], None]:
         scaler.step(opt)
         scaler.update()
     return step
+
+
+def optimizer_of(layout: str, mode: str) -> str | None:
+    """The optimizer a training row steps with: the paper's update (``PaperSGD``) on this
+    repository's networks; ``torch.optim.SGD`` (momentum 0.9, weight decay 5e-4, lr 0.01:
+    the paper's settings) on torchvision's, whose layers have other names. None for
+    inference."""
+    if mode != "train":
+        return None
+    return "torch.optim.SGD" if layout == "torchvision" else "PaperSGD"
 
 
 @contextlib.contextmanager
