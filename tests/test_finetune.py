@@ -23,7 +23,7 @@ from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.network.model import TOWER_LAYERS, layout_state_dict
 from split_alexnet.tools.convert import main as convert_main
 from split_alexnet.utils.checkpoint_file import load_checkpoint
-from split_alexnet.training.options import parse_command, parse_config
+from split_alexnet.training.options import parse_command
 from split_alexnet.training.command import main as train_main
 from split_alexnet.training.recipes import FINETUNE_PRESET
 from split_alexnet.training.loader import train_loader
