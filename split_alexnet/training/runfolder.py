@@ -7,7 +7,8 @@ the settings a resumed run must share with its checkpoint.
   --resume, is refused naming that pid. The kernel drops the lock when the holder exits,
   however it exits (SIGKILL included). A forked child (a DataLoader worker) closes its copy
   of the descriptor at fork, so a worker that outlives a killed trainer for a few seconds
-  does not keep the folder locked.
+  does not keep the folder locked. A ``train.lock`` that is a symbolic link or not a
+  regular file is refused before anything is written (``fileio.open_own_file``).
 * Fresh start: without --resume, an --out that holds a run (``config.json``,
   ``metrics.jsonl`` or a checkpoint) is refused before any work; with ``--overwrite`` that run
   is deleted once the new one is set up, before its first write (:func:`start_fresh`, which
@@ -31,13 +32,15 @@ from typing import Any
 
 from split_alexnet.training.config import PROG, TrainConfig, flag_name
 from split_alexnet.utils.cli import Abort, UsageError
-from split_alexnet.utils.fileio import write_json
+from split_alexnet.utils.fileio import check_own_file, open_own_file, write_json
 
 LOCK_NAME = "train.lock"
 #: The files that mean an --out holds a run (with ``epoch_NNN.pt``).
 RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "best.pt")
 #: Drawn from a run's files; ``--overwrite`` deletes it with them.
 DERIVED_FILES = ("curves.png",)
+#: The files a run writes in place (appends to), besides the lock: never through a link.
+APPENDED_FILES = ("metrics.jsonl",)
 
 _HELD: set[int] = set()  # descriptors of the run locks this process holds
 
@@ -67,7 +70,7 @@ class RunLock:
     def acquire(self) -> "RunLock":
         out = self.path.parent
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_own_file(self.path, os.O_RDWR | os.O_CREAT)
         except OSError as e:
             raise UsageError(f"--out {out}: cannot open {self.path}: {e.strerror or e}") \
                 from None
@@ -109,6 +112,12 @@ def claim(out: Path, *, resume: bool, overwrite: bool) -> RunLock:
     """Rank 0, before any work: take the lock; then, unless resuming or overwriting, refuse
     an ``out`` that holds a run. Returns the held lock."""
     lock = RunLock(out).acquire()
+    try:
+        for name in APPENDED_FILES:
+            check_own_file(out / name)
+    except UsageError:
+        lock.release()
+        raise
     found = [] if resume or overwrite else run_files(out)
     if found:
         lock.release()

@@ -1,0 +1,76 @@
+"""The files a run writes belong to it (docs/reliability.md, "Run files are the run's
+own"): none is written through a symbolic link, no tool's output is one of its inputs, and
+the run folder and the data never hold each other.
+
+Every case is refused before any work, with one line and exit 2; the ones that continue a
+run work on a copy of ``one_step`` (conftest.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from helpers import CPU_PAIR, copy_run, train
+
+
+def one_error(capsys) -> str:
+    """The one line the last run printed on stderr (asserting it was one line)."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+# ----------------------------------------------------------------------------- no symlinks
+
+
+@pytest.mark.parametrize("holds_a_run", [False, True])
+def test_a_lock_file_that_is_a_symlink_is_refused_and_its_target_untouched(
+        one_step, demo_root, tmp_path, capsys, holds_a_run):
+    out = copy_run(one_step, tmp_path / "run") if holds_a_run else tmp_path / "run"
+    out.mkdir(exist_ok=True)
+    (out / "train.lock").unlink(missing_ok=True)
+    victim = tmp_path / "precious.txt"
+    victim.write_text("do not touch\n")
+    (out / "train.lock").symlink_to(victim)
+    capsys.readouterr()
+    assert train(demo_root, out, *CPU_PAIR, "--max-steps", "1") == 2
+    line = one_error(capsys)
+    assert f"{out / 'train.lock'} is a symbolic link" in line, line
+    assert victim.read_text() == "do not touch\n"
+    assert (out / "train.lock").is_symlink()
+
+
+def test_a_lock_file_that_is_a_fifo_is_refused_without_hanging(demo_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    os.mkfifo(out / "train.lock")
+    capsys.readouterr()
+    assert train(demo_root, out, *CPU_PAIR, "--max-steps", "1") == 2
+    assert f"{out / 'train.lock'} is not a regular file" in one_error(capsys)
+
+
+@pytest.mark.parametrize("dangling", [False, True])
+def test_records_are_never_appended_through_a_symlink(one_step, demo_root, tmp_path, capsys,
+                                                       dangling):
+    victim = tmp_path / "elsewhere.jsonl"
+    if dangling:  # a fresh start: the link points at nothing yet
+        out = tmp_path / "run"
+        out.mkdir()
+        extra = []
+    else:  # --resume appends its records
+        out = copy_run(one_step, tmp_path / "run")
+        os.replace(out / "metrics.jsonl", victim)
+        extra = ["--resume"]
+    before = victim.read_bytes() if victim.exists() else None
+    (out / "metrics.jsonl").symlink_to(victim)
+    last = (out / "last.pt").stat() if not dangling else None
+    capsys.readouterr()
+    assert train(demo_root, out, *CPU_PAIR, "--max-steps", "2", *extra) == 2
+    assert f"{out / 'metrics.jsonl'} is a symbolic link" in one_error(capsys)
+    assert (victim.read_bytes() if victim.exists() else None) == before
+    if last is not None:  # nothing trained: the checkpoint is the same file
+        assert (out / "last.pt").stat().st_mtime_ns == last.st_mtime_ns
+    else:
+        assert not (out / "last.pt").exists()
