@@ -13,6 +13,9 @@ import os
 import pytest
 
 from helpers import CPU_PAIR, copy_run, train
+from split_alexnet.tools.evaluate import main as evaluate_main
+from split_alexnet.utils.checkpoint_file import load_checkpoint
+from split_alexnet.utils.cli import run
 
 
 def one_error(capsys) -> str:
@@ -74,3 +77,47 @@ def test_records_are_never_appended_through_a_symlink(one_step, demo_root, tmp_p
         assert (out / "last.pt").stat().st_mtime_ns == last.st_mtime_ns
     else:
         assert not (out / "last.pt").exists()
+
+
+# ----------------------------------------------------------------------------- outputs, inputs
+
+
+@pytest.mark.parametrize("via_link", [False, True])
+def test_overwrite_refuses_to_start_from_a_checkpoint_it_would_delete(one_step, demo_root,
+                                                                      tmp_path, capsys,
+                                                                      via_link):
+    out = copy_run(one_step, tmp_path / "run")
+    os.link(out / "last.pt", out / "best.pt")
+    source = out / "best.pt"
+    if via_link:  # a link elsewhere that points into the run
+        source = tmp_path / "start.pt"
+        source.symlink_to(out / "best.pt")
+    capsys.readouterr()
+    assert train(demo_root, out, *CPU_PAIR, "--overwrite", "--init-from", source,
+                 "--max-steps", "1") == 2
+    line = one_error(capsys)
+    assert f"--init-from {source} is a file of the run in --out {out}, which --overwrite " \
+           "deletes" in line, line
+    assert load_checkpoint(out / "best.pt")["progress"]["step"] == 1  # still there
+    assert (out / "last.pt").exists() and (out / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("same", ["path", "symlink", "hard link"])
+def test_evaluate_refuses_to_write_its_json_over_the_checkpoint(one_step, demo_root, tmp_path,
+                                                                capsys, same):
+    ckpt = tmp_path / "c.pt"
+    os.link(one_step / "last.pt", ckpt)
+    json_path = {"path": ckpt, "symlink": tmp_path / "r.json",
+                 "hard link": tmp_path / "h.json"}[same]
+    if same == "symlink":
+        json_path.symlink_to(ckpt)
+    elif same == "hard link":
+        os.link(ckpt, json_path)
+    before = ckpt.read_bytes()
+    capsys.readouterr()
+    assert run(evaluate_main, "evaluate", ["--checkpoint", str(ckpt), "--data", str(demo_root),
+                                           "--devices", "cpu,cpu", "--workers", "0",
+                                           "--json", str(json_path)]) == 2
+    line = one_error(capsys)
+    assert f"--json {json_path} is --checkpoint {ckpt}, an input of this command" in line
+    assert ckpt.read_bytes() == before

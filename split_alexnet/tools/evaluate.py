@@ -53,7 +53,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="DataLoader workers (default 4)")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
-    check_output("--json", args.json)
+    check_output("--json", args.json, {"--checkpoint": args.checkpoint})
     return args
 
 

@@ -129,6 +129,19 @@ def claim(out: Path, *, resume: bool, overwrite: bool) -> RunLock:
     return lock
 
 
+def check_overwrite_keeps(out: Path, source: str | Path | None) -> None:
+    """--overwrite, before any work: the run it deletes must not hold the checkpoint the new
+    run starts from (``--init-from``, after symbolic links), which would be loaded and then
+    deleted. Else one :class:`UsageError`."""
+    if source is None:
+        return
+    doomed = {p.resolve() for p in run_files(out) + [out / n for n in DERIVED_FILES]}
+    if Path(source).resolve() in doomed:
+        raise UsageError(f"--init-from {source} is a file of the run in --out {out}, which "
+                         f"--overwrite deletes; copy it out of {out} first, or give another "
+                         "--out")
+
+
 def delete_previous_run(out: Path) -> None:
     """--overwrite, once the new run is set up (so that a typo in another flag deletes
     nothing): delete the run files and curves.png that ``out`` holds, and say so."""

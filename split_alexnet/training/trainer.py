@@ -31,7 +31,7 @@ from split_alexnet.training.loader import train_loader, val_loader, worker_error
 from split_alexnet.training.metrics import MetricsLog, Watchdog, write_curves
 from split_alexnet.training.optim import set_lr
 from split_alexnet.training.options import Command
-from split_alexnet.training.runfolder import RunLock, claim, start_fresh
+from split_alexnet.training.runfolder import RunLock, check_overwrite_keeps, claim, start_fresh
 from split_alexnet.training.setup import build_learner, list_for_holdout, load_data
 from split_alexnet.training.state import Position, RunData, StopReason, TrainResult
 from split_alexnet.utils.fileio import check_output_dir, make_output_dir
@@ -79,9 +79,11 @@ class Trainer:
         optimizer after it, and the resumed state or the new run's config.json. On an error
         the lock is released."""
         cmd = cmd or Command()
+        out = Path(cfg.checkpoint.out)
+        if cmd.overwrite:
+            check_overwrite_keeps(out, cfg.finetune.init_from)
         listed = list_for_holdout(cfg)  # before any work
         ctx, devices = dist_util.setup(cfg)
-        out = Path(cfg.checkpoint.out)
         lock = None
         if ctx.rank == 0:
             check_output_dir(out, "--out")
