@@ -9,6 +9,7 @@ run work on a copy of ``one_step`` (conftest.py).
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
@@ -121,3 +122,38 @@ def test_evaluate_refuses_to_write_its_json_over_the_checkpoint(one_step, demo_r
     line = one_error(capsys)
     assert f"--json {json_path} is --checkpoint {ckpt}, an input of this command" in line
     assert ckpt.read_bytes() == before
+
+
+# ----------------------------------------------------------------------------- out and data
+
+
+@pytest.mark.parametrize("where", ["out in data", "data in out", "the same"])
+def test_out_and_data_inside_each_other_are_refused_before_anything_is_made(
+        demo_root, tmp_path, capsys, where):
+    data = tmp_path / "data"
+    shutil.copytree(demo_root, data)
+    if where == "out in data":  # the run's curves.png would be a training image of class 0
+        out = data / "train" / sorted(os.listdir(data / "train"))[0] / "run"
+    elif where == "data in out":
+        out, data = tmp_path, data
+    else:
+        out = data
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    capsys.readouterr()
+    assert train(data, out, *CPU_PAIR, "--max-steps", "1") == 2
+    line = one_error(capsys)
+    assert ("is inside --data" if where != "data in out" else "is inside --out") in line, line
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing made
+
+
+def test_a_refused_start_leaves_no_folder_behind(demo_root, tmp_path, capsys):
+    out = tmp_path / "new" / "run"  # neither folder exists yet
+    capsys.readouterr()
+    assert train(tmp_path / "no-such-data", out, *CPU_PAIR, "--max-steps", "1") == 2
+    one_error(capsys)
+    assert not (tmp_path / "new").exists()
+    # A folder that existed keeps what it held, and no more than a lock file.
+    out.mkdir(parents=True)
+    (out / "notes.txt").write_text("mine\n")
+    assert train(tmp_path / "no-such-data", out, *CPU_PAIR, "--max-steps", "1") == 2
+    assert sorted(p.name for p in out.iterdir()) in (["notes.txt"], ["notes.txt", "train.lock"])

@@ -103,6 +103,47 @@ class RunLock:
             self.fd = None
 
 
+def check_apart(out: Path, data: str | Path | None, *, demo: bool = False) -> None:
+    """Before any work: --out and --data never inside each other (after symbolic links),
+    or one :class:`UsageError`. A run folder inside the data would have its files read as
+    data (``curves.png`` in ``DATA/train/CLASS`` becomes a training image); data inside the
+    run folder mixes what the run owns with what it reads. The one exception is the demo's
+    own generated set, ``OUT/demo_data`` with ``--demo``."""
+    if not data:
+        return
+    o, d = Path(out).resolve(), Path(data).resolve()
+    if o == d or o.is_relative_to(d):
+        raise UsageError(f"--out {out} is inside --data {data}: the run's files would be read "
+                         "as data; give an --out outside it")
+    if d.is_relative_to(o) and not (demo and d == o / "demo_data"):
+        raise UsageError(f"--data {data} is inside --out {out}: a run folder holds only its "
+                         "run; give a --data outside it")
+
+
+def missing_folders(out: Path) -> list[Path]:
+    """``out`` and those of its parents that do not exist yet, deepest first: what creating
+    it creates, and what :func:`remove_created` removes when the start is refused."""
+    missing, p = [], Path(out).absolute()
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    return missing
+
+
+def remove_created(out: Path, created: list[Path]) -> None:
+    """A refused start leaves nothing behind: when it created ``out`` (``created``, from
+    :func:`missing_folders`), delete the lock file it made and each created folder left
+    empty (call it after the lock is released)."""
+    if not created:
+        return
+    try:
+        (Path(out) / LOCK_NAME).unlink(missing_ok=True)
+        for d in created:
+            d.rmdir()
+    except OSError:  # a folder the start filled (the demo's data): it stays
+        pass
+
+
 def run_files(out: Path) -> list[Path]:
     """The files of a run that ``out`` holds, if any."""
     return [out / n for n in RUN_FILES if (out / n).exists()] + sorted(out.glob("epoch_*.pt"))

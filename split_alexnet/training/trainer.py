@@ -31,7 +31,9 @@ from split_alexnet.training.loader import train_loader, val_loader, worker_error
 from split_alexnet.training.metrics import MetricsLog, Watchdog, write_curves
 from split_alexnet.training.optim import set_lr
 from split_alexnet.training.options import Command
-from split_alexnet.training.runfolder import RunLock, check_overwrite_keeps, claim, start_fresh
+from split_alexnet.training.runfolder import (RunLock, check_apart, check_overwrite_keeps,
+                                             claim, missing_folders, remove_created,
+                                             start_fresh)
 from split_alexnet.training.setup import build_learner, list_for_holdout, load_data
 from split_alexnet.training.state import Position, RunData, StopReason, TrainResult
 from split_alexnet.utils.fileio import check_output_dir, make_output_dir
@@ -77,19 +79,21 @@ class Trainer:
         (joining the process group under torchrun), the run folder (rank 0 takes its lock),
         the data and its statistics, the model (seeded, built, placed, parallelized), the
         optimizer after it, and the resumed state or the new run's config.json. On an error
-        the lock is released."""
+        the lock is released, and a run folder this start created is removed."""
         cmd = cmd or Command()
         out = Path(cfg.checkpoint.out)
         if cmd.overwrite:
             check_overwrite_keeps(out, cfg.finetune.init_from)
+        check_apart(out, cfg.data.data, demo=cmd.demo)
         listed = list_for_holdout(cfg)  # before any work
         ctx, devices = dist_util.setup(cfg)
-        lock = None
-        if ctx.rank == 0:
-            check_output_dir(out, "--out")
-            make_output_dir(out, "--out")
-            lock = claim(out, resume=bool(cmd.resume), overwrite=cmd.overwrite)
+        lock, created = None, []
         try:
+            if ctx.rank == 0:
+                check_output_dir(out, "--out")
+                created = missing_folders(out)
+                make_output_dir(out, "--out")
+                lock = claim(out, resume=bool(cmd.resume), overwrite=cmd.overwrite)
             if cmd.demo:
                 ensure_demo_data(cfg, ctx)
             source = read_source(cfg, resume=bool(cmd.resume))  # checked before the data
@@ -108,6 +112,7 @@ class Trainer:
         except BaseException:
             if lock is not None:
                 lock.release()
+            remove_created(out, created)  # a refused start leaves nothing behind
             raise
 
     # ------------------------------------------------------------------ state
