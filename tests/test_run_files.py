@@ -1,15 +1,16 @@
 """The files a run writes belong to it (docs/reliability.md, "Run files are the run's
-own"): none is written through a symbolic link, no tool's output is one of its inputs, and
-the run folder and the data never hold each other.
+own"): none is written through a symbolic link, no tool's output is one of its inputs, the
+run folder and the data never hold each other, and epoch checkpoints go by their number.
 
-Every case is refused before any work, with one line and exit 2; the ones that continue a
-run work on a copy of ``one_step`` (conftest.py).
+The refusals come before any work, with one line and exit 2; the cases that continue a run
+work on a copy of ``one_step`` (conftest.py).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -157,3 +158,38 @@ def test_a_refused_start_leaves_no_folder_behind(demo_root, tmp_path, capsys):
     (out / "notes.txt").write_text("mine\n")
     assert train(tmp_path / "no-such-data", out, *CPU_PAIR, "--max-steps", "1") == 2
     assert sorted(p.name for p in out.iterdir()) in (["notes.txt"], ["notes.txt", "train.lock"])
+
+
+# ----------------------------------------------------------------------------- epoch order
+
+
+def epoch_links(out: Path, *epochs: int) -> None:
+    """``epoch_NNN.pt`` for each epoch, hard links of ``out``/last.pt."""
+    for e in epochs:
+        os.link(out / "last.pt", out / f"epoch_{e:03d}.pt")
+
+
+def test_keep_last_prunes_by_epoch_number_not_by_name(one_step, demo_root, tmp_path, capsys):
+    out = copy_run(one_step, tmp_path / "run")
+    epoch_links(out, 998, 999, 1000, 1001)
+    # The resumed run ends epoch 1 (epoch_001.pt) and keeps the two highest epoch numbers.
+    assert train(demo_root, out, *CPU_PAIR, "--resume", "--epochs", "1",
+                 "--keep-last", "2") == 0
+    assert sorted(p.name for p in out.glob("epoch_*.pt")) == ["epoch_1000.pt", "epoch_1001.pt"]
+
+
+def test_the_resume_fallback_and_the_listing_go_by_epoch_number(one_step, demo_root, tmp_path,
+                                                                capsys):
+    out = copy_run(one_step, tmp_path / "run")
+    epoch_links(out, 999, 1002)
+    (out / "epoch_x.pt").write_bytes(b"not the run's")
+    # The listing of a refused fresh start, oldest first.
+    capsys.readouterr()
+    assert train(demo_root, out, *CPU_PAIR, "--max-steps", "1") == 2
+    assert "last.pt, epoch_999.pt, epoch_1002.pt)" in one_error(capsys)
+    # A damaged last.pt: --resume falls back to the newest epoch, 1002.
+    (out / "last.pt").unlink()
+    (out / "last.pt").write_bytes(b"truncated")
+    assert train(demo_root, out, *CPU_PAIR, "--resume", "--max-steps", "2") == 0
+    err = capsys.readouterr().err
+    assert f"resumed from {out / 'epoch_1002.pt'}" in err, err

@@ -38,7 +38,8 @@ from split_alexnet.network.model import layout_state_dict
 from split_alexnet.training.config import PROG
 from split_alexnet.training.optim import (load_named_optimizer_state, named_optimizer_state,
                                           set_lr)
-from split_alexnet.training.runfolder import check_same_run, remove_stale_temps, temp_suffix
+from split_alexnet.training.runfolder import (check_same_run, epoch_checkpoints,
+                                             remove_stale_temps, temp_suffix)
 from split_alexnet.utils.checkpoint_file import (CheckpointError, check_compatible, code_version,
                                                  load_checkpoint, save_checkpoint)
 from split_alexnet.utils.cli import Abort, Interrupted, UsageError
@@ -131,7 +132,7 @@ def save(t: "Trainer", *, epoch_end: bool = False, best: bool = False) -> None:
                     "previous checkpoint is intact, stopping") from None
     keep = t.cfg.checkpoint.keep_last
     if epoch_end and keep > 0:
-        for old in sorted(t.out.glob("epoch_*.pt"))[:-keep]:
+        for old in epoch_checkpoints(t.out)[:-keep]:
             old.unlink(missing_ok=True)
     t.pos.last_save = time.monotonic()
 
@@ -159,7 +160,7 @@ def resume(t: "Trainer", spec: str, resume_lr: float | None = None) -> None:
     if t.is_main:  # half-written temporaries of a save that was killed (SIGKILL, OOM)
         remove_stale_temps(t.out)
     candidates = [Path(spec)] if spec != "auto" else \
-        [t.out / "last.pt"] + sorted(t.out.glob("epoch_*.pt"), reverse=True)
+        [t.out / "last.pt"] + epoch_checkpoints(t.out)[::-1]
     errors = []
     for path in candidates:
         try:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import socket
 import sys
 from pathlib import Path
@@ -37,6 +38,8 @@ from split_alexnet.utils.fileio import check_own_file, open_own_file, write_json
 LOCK_NAME = "train.lock"
 #: The files that mean an --out holds a run (with ``epoch_NNN.pt``).
 RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "best.pt")
+#: An epoch's checkpoint, ``epoch_NNN.pt``: its epoch number, at least 3 digits.
+EPOCH_NAME = re.compile(r"epoch_(\d+)\.pt")
 #: Drawn from a run's files; ``--overwrite`` deletes it with them.
 DERIVED_FILES = ("curves.png",)
 #: The files a run writes in place (appends to), besides the lock: never through a link.
@@ -144,9 +147,18 @@ def remove_created(out: Path, created: list[Path]) -> None:
         pass
 
 
+def epoch_checkpoints(out: Path) -> list[Path]:
+    """The run's ``epoch_NNN.pt`` in ``out``, oldest first: ordered by the epoch number in
+    the name (``epoch_999.pt`` before ``epoch_1000.pt``), the one order of every listing,
+    pruning and fallback. Files that only look alike (``epoch_x.pt``) are not the run's."""
+    found = [(int(m.group(1)), p) for p in Path(out).glob("epoch_*.pt")
+             if (m := EPOCH_NAME.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
 def run_files(out: Path) -> list[Path]:
     """The files of a run that ``out`` holds, if any."""
-    return [out / n for n in RUN_FILES if (out / n).exists()] + sorted(out.glob("epoch_*.pt"))
+    return [out / n for n in RUN_FILES if (out / n).exists()] + epoch_checkpoints(out)
 
 
 def claim(out: Path, *, resume: bool, overwrite: bool) -> RunLock:
