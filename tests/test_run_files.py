@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import CPU_PAIR, copy_run, train
+from helpers import CPU_PAIR, copy_run, records, train
 from split_alexnet.tools.evaluate import main as evaluate_main
 from split_alexnet.utils.checkpoint_file import load_checkpoint
 from split_alexnet.utils.cli import run
@@ -193,3 +193,25 @@ def test_the_resume_fallback_and_the_listing_go_by_epoch_number(one_step, demo_r
     assert train(demo_root, out, *CPU_PAIR, "--resume", "--max-steps", "2") == 0
     err = capsys.readouterr().err
     assert f"resumed from {out / 'epoch_1002.pt'}" in err, err
+
+
+# ----------------------------------------------------------------------------- --max-steps
+
+
+@pytest.mark.parametrize("max_steps", [1, 2])
+def test_a_run_at_or_past_max_steps_trains_nothing_and_says_so(one_step, demo_root, tmp_path,
+                                                               capsys, max_steps):
+    out = copy_run(one_step, tmp_path / "run")
+    if max_steps == 2:  # a run past it: continued to step 2, then asked for 1
+        assert train(demo_root, out, *CPU_PAIR, "--resume", "--max-steps", "2") == 0
+        max_steps = 1
+    step = load_checkpoint(out / "last.pt")["progress"]["step"]
+    last = (out / "last.pt").stat().st_mtime_ns
+    n = len(records(out))
+    for _ in range(2):  # every call: no step
+        capsys.readouterr()
+        assert train(demo_root, out, *CPU_PAIR, "--resume", "--max-steps", max_steps) == 0
+        assert f"the run is at step {step}, at or past --max-steps {max_steps}: nothing to " \
+               "train" in capsys.readouterr().err
+    assert (out / "last.pt").stat().st_mtime_ns == last
+    assert [r["kind"] for r in records(out)[n:]] == ["resume", "resume"]

@@ -217,6 +217,12 @@ class Trainer:
         """Train as the config says: per epoch train and evaluate, then the paper's ten-crop
         test. Returns why it stopped, where, and the last evaluations."""
         pos, s = self.pos, self.cfg.schedule
+        result = TrainResult(StopReason.DONE, pos.step, pos.epoch)
+        if s.max_steps is not None and pos.step >= s.max_steps:  # checked before a step too
+            if self.is_main:
+                print(f"{PROG}: the run is at step {pos.step}, at or past --max-steps "
+                      f"{s.max_steps}: nothing to train", file=sys.stderr)
+            return self._ended(result, StopReason.MAX_STEPS)
         set_lr(self.optimizer, self.schedule.lr)
         if self.is_main:
             d = self.data
@@ -225,7 +231,6 @@ class Trainer:
                   f"{len(d.train_set)} train / {len(d.val_set)} val images, batch "
                   f"{d.batch}x{self.ctx.world_size}, {d.steps_per_epoch} steps/epoch, "
                   f"out {self.out}", file=sys.stderr)
-        result = TrainResult(StopReason.DONE, pos.step, pos.epoch)
         with self.stop:
             while pos.epoch < s.epochs:
                 reason = self.train_epoch()
