@@ -16,7 +16,7 @@ import pytest
 
 from helpers import CPU_PAIR, copy_run, records, train
 from split_alexnet.tools.evaluate import main as evaluate_main
-from split_alexnet.utils.checkpoint_file import load_checkpoint
+from split_alexnet.utils.checkpoint_file import load_checkpoint, save_checkpoint
 from split_alexnet.utils.cli import run
 
 
@@ -215,3 +215,35 @@ def test_a_run_at_or_past_max_steps_trains_nothing_and_says_so(one_step, demo_ro
                "train" in capsys.readouterr().err
     assert (out / "last.pt").stat().st_mtime_ns == last
     assert [r["kind"] for r in records(out)[n:]] == ["resume", "resume"]
+
+
+# ----------------------------------------------------------------------------- checkpoint fields
+
+
+def _drop_best(c):
+    del c["progress"]["best_top1"]
+
+
+@pytest.mark.parametrize("field, change", [
+    ("progress.best_top1", _drop_best),
+    ("progress.epoch_step", lambda c: c["progress"].update(epoch_step=-3)),
+    ("rng.rank0.cpu", lambda c: c["rng"]["rank0"].update(cpu=c["rng"]["rank0"]["cpu"].float())),
+    ("rng.rank0.cpu", lambda c: c["rng"]["rank0"].update(cpu=c["rng"]["rank0"]["cpu"][:100])),
+    ("schedule", lambda c: c.update(schedule=["junk"])),
+    ("schedule.lr", lambda c: c["schedule"].update(lr="fast")),
+    ("config", lambda c: c.update(config="abc")),
+    ("optimizer.groups", lambda c: c["optimizer"].update(groups=[{"params": [1]}])),
+])
+def test_a_checkpoint_field_of_the_wrong_type_or_range_is_one_line_naming_it(
+        one_step, demo_root, tmp_path, capsys, field, change):
+    ckpt = dict(load_checkpoint(one_step / "last.pt"))
+    ckpt = {k: dict(v) if isinstance(v, dict) else v for k, v in ckpt.items()}
+    ckpt["rng"] = {r: dict(v) for r, v in ckpt["rng"].items()}
+    change(ckpt)
+    bad = tmp_path / "bad.pt"
+    save_checkpoint(bad, ckpt)  # a valid checksum over the changed fields
+    out = copy_run(one_step, tmp_path / "run")
+    capsys.readouterr()
+    assert train(demo_root, out, *CPU_PAIR, "--resume", bad, "--max-steps", "2") == 2
+    line = one_error(capsys)
+    assert f"checkpoint {bad}: {field} is" in line, line
