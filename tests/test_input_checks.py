@@ -1,16 +1,19 @@
 """Every input is checked before it is used, and read within bounds (docs/reliability.md,
-"Inputs are checked and bounded"): the fields of DATA/stats.npz.
+"Inputs are checked and bounded"): the fields of DATA/stats.npz, the size of an image file
+before it is read, a --config file's kind and size and the paths it gives.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import zipfile
 
 import numpy as np
 import pytest
 
-from helpers import CPU_PAIR, train
+from helpers import CPU_PAIR, PROGRAMS, run_python, train
 from split_alexnet.data.stats import load_stats
 
 
@@ -73,3 +76,44 @@ def test_a_stats_file_with_a_bad_field_is_one_line_naming_it(demo_root, tmp_path
     assert train(data, tmp_path / "run", *CPU_PAIR, "--max-steps", "1") == 2
     line = one_error(capsys)
     assert f"statistics file {data / 'stats.npz'}: {words}" in line, line
+
+
+# ----------------------------------------------------------------------------- bounded reads
+
+
+def test_an_image_file_larger_than_any_allowed_image_is_refused_unread(tmp_path):
+    big = tmp_path / "huge.jpg"  # a JPEG's first bytes, then a 2 GB hole (sparse: no disk)
+    with open(big, "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0" + bytes(60))
+        f.truncate(2 << 30)
+    p = run_python(PROGRAMS / "load_image.py", big, timeout=120)
+    report = json.loads(p.stdout)
+    assert f"cannot read image {big}: the file holds 2,147,483,648 bytes, more than any " \
+           "image within the limit of 89,478,485 pixels" in report["error"], report
+    assert report["grown_mb"] < 100 and report["seconds"] < 5, report
+
+
+@pytest.mark.parametrize("case, words", [
+    ("/dev/zero", "is not a regular file"),
+    ("fifo", "is not a regular file"),
+    ("2 MB", "holds 2,097,152 bytes, more than the 1,048,576 it may"),
+    ("empty out", "out must be a non-empty string without NUL characters, got ''"),
+    ("NUL in out", "out must be a non-empty string without NUL characters, got 'a\\x00b'"),
+])
+def test_a_config_file_is_read_only_if_regular_and_small_and_its_paths_are_checked(
+        tmp_path, case, words):
+    path = tmp_path / "run.toml"
+    if case == "/dev/zero":
+        path = "/dev/zero"
+    elif case == "fifo":
+        os.mkfifo(path)  # nobody writes it: a read would wait for ever
+    elif case == "2 MB":
+        path.write_bytes(b"#" * (2 << 20))
+    else:
+        path.write_text('out = ""\n' if case == "empty out" else 'out = "a\\u0000b"\n')
+    p = run_python("-m", "split_alexnet.train", "--config", path, "--max-steps", "1",
+                   cwd=tmp_path, timeout=120)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        f"split_alexnet.train: error: config file {path}{':' if 'out' in case else ''} "
+        f"{words}"], p.stderr
+    assert sorted(os.listdir(tmp_path)) == (["run.toml"] if case != "/dev/zero" else [])

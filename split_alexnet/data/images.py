@@ -84,7 +84,8 @@ class UnreadableImage(UsageError):
 
 
 class _TooLarge(ValueError):
-    """A declared image size over the pixel limit."""
+    """An image over the pixel limit: its declared size, or a file larger than any image
+    within it (:func:`max_file_bytes`)."""
 
 
 class _NotRegular(ValueError):
@@ -283,18 +284,32 @@ def _decode_tv(data: bytes, size: int, decode: Decode,
 
 # ----------------------------------------------------------------------------- the decoder
 
-def _read_regular(path: str | os.PathLike) -> bytes:
-    """The bytes of a regular file (after resolving symlinks); :class:`_NotRegular` for
-    anything else, checked before opening and again on the opened file (non-blocking open,
-    so a FIFO that appears in between cannot block)."""
+def max_file_bytes(limit: int) -> int:
+    """The largest image file read for a pixel limit of ``limit``: 8 bytes per pixel (16-bit
+    RGBA, uncompressed) plus 1 MiB of headers and metadata. No image within the limit is
+    larger; a larger file is refused by its size, before a byte of it is read."""
+    return 8 * limit + (1 << 20)
+
+
+def _read_regular(path: str | os.PathLike, limit: int) -> bytes:
+    """The bytes of a regular file (after resolving symlinks) of at most
+    :func:`max_file_bytes` (``limit``), checked on the opened file before reading;
+    :class:`_NotRegular` for anything else, checked before opening and again on the opened
+    file (non-blocking open, so a FIFO that appears in between cannot block), and
+    :class:`_TooLarge` for a larger file."""
     kind = file_kind(os.stat(path).st_mode)
     if kind == "regular file":
         flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
         fd = os.open(path, flags)
         with os.fdopen(fd, "rb") as f:
-            kind = file_kind(os.fstat(fd).st_mode)
+            st = os.fstat(fd)
+            kind = file_kind(st.st_mode)
             if kind == "regular file":
-                return f.read()
+                if st.st_size > max_file_bytes(limit):
+                    raise _TooLarge(f"the file holds {st.st_size:,} bytes, more than any image "
+                                    f"within the limit of {limit:,} pixels "
+                                    f"({max_file_bytes(limit):,} bytes)")
+                return f.read(max_file_bytes(limit) + 1)
     raise _NotRegular(f"not a regular file (a {kind})")
 
 
@@ -314,7 +329,7 @@ def load_rgb(source: ImageSource, *, name: str | None = None, size: int = SIZE,
     is_bytes = isinstance(source, (bytes, bytearray, memoryview))
     label = name if name is not None else ("image bytes" if is_bytes else os.fspath(source))
     try:
-        data = bytes(source) if is_bytes else _read_regular(source)
+        data = bytes(source) if is_bytes else _read_regular(source, limit)
         out = None
         decode = _tv_decoder() if decoder == "auto" and data[:3] == JPEG_MAGIC else None
         if decode is not None:

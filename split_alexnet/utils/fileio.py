@@ -1,8 +1,8 @@
 """One atomic file writer for everything the project writes (checkpoints, statistics,
 metadata, prepared images), the one JSON writer on it, the one opener of files written in
-place (:func:`open_own_file`: never through a symbolic link), and the check that an output
-folder can be written: standard library only, so worker processes can use it without
-importing torch."""
+place (:func:`open_own_file`: never through a symbolic link), the one bounded reader of
+small inputs (:func:`read_bounded`), and the check that an output folder can be written:
+standard library only, so worker processes can use it without importing torch."""
 
 from __future__ import annotations
 
@@ -108,6 +108,27 @@ def open_own_file(path: Path | str, flags: int, mode: int = 0o644) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def read_bounded(path: Path | str, limit: int, what: str) -> bytes:
+    """The bytes of the regular file ``path`` (after symbolic links), of at most ``limit``
+    bytes: a FIFO, a device (``/dev/zero``) or a folder, and a larger file, are one-line
+    :class:`UsageError` s naming it as ``what``, checked on the opened file before reading
+    (a non-blocking open: a FIFO cannot hang it). A missing file raises
+    ``FileNotFoundError``."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"{what} {path} is not a regular file")
+        if st.st_size > limit:
+            raise UsageError(f"{what} {path} holds {st.st_size:,} bytes, more than the "
+                             f"{limit:,} it may")
+        os.set_blocking(fd, True)
+        data = f.read(limit + 1)
+    if len(data) > limit:  # it grew since
+        raise UsageError(f"{what} {path} holds more than the {limit:,} bytes it may")
+    return data
 
 
 def write_json(path: Path | str, obj: Any, *, indent: int | None = 2, sort_keys: bool = False,
