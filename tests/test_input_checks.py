@@ -1,6 +1,7 @@
 """Every input is checked before it is used, and read within bounds (docs/reliability.md,
 "Inputs are checked and bounded"): the fields of DATA/stats.npz, the size of an image file
-before it is read, a --config file's kind and size and the paths it gives.
+before it is read, a --config file's kind and size and the paths it gives; predict opens the checkpoint
+first, streams its images and prints names with their control characters escaped.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import pytest
 
 from helpers import CPU_PAIR, PROGRAMS, run_python, train
 from split_alexnet.data.stats import load_stats
+from split_alexnet.tools.predict import main as predict_main
+from split_alexnet.utils.checkpoint_file import load_checkpoint, save_checkpoint
+from split_alexnet.utils.cli import run
 
 
 def one_error(capsys) -> str:
@@ -117,3 +121,48 @@ def test_a_config_file_is_read_only_if_regular_and_small_and_its_paths_are_check
         f"split_alexnet.train: error: config file {path}{':' if 'out' in case else ''} "
         f"{words}"], p.stderr
     assert sorted(os.listdir(tmp_path)) == (["run.toml"] if case != "/dev/zero" else [])
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+def _predict(*args) -> int:
+    return run(predict_main, "predict", [*map(str, args), "--single-device"])
+
+
+def test_predict_opens_the_checkpoint_before_decoding_any_image(tmp_path, capsys):
+    bad_ckpt, bad_image = tmp_path / "c.pt", tmp_path / "x.jpg"
+    bad_ckpt.write_bytes(b"not a checkpoint")
+    bad_image.write_bytes(b"not an image")
+    assert _predict(bad_image, "--checkpoint", bad_ckpt) == 2
+    assert f"checkpoint {bad_ckpt} cannot be loaded" in one_error(capsys)
+
+
+def test_predict_streams_its_images_batch_by_batch(one_step, demo_root, tmp_path, capsys):
+    good = sorted((demo_root / "val").glob("*/*.jpg"))[:3]
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff broken")
+    capsys.readouterr()
+    assert _predict(*good, bad, "--checkpoint", one_step / "last.pt", "--batch-size", "2",
+                    "--top", "1") == 2
+    out, err = capsys.readouterr()
+    # The first batch was predicted and printed before the second was read.
+    assert [ln for ln in out.splitlines() if not ln.startswith(" ")] == [str(p) for p in good[:2]]
+    assert err.strip().splitlines() == [f"predict: error: cannot read image {bad}: "
+                                        + err.split(f"{bad}: ", 1)[1].strip()]
+
+
+def test_predict_escapes_control_characters_in_class_names(one_step, demo_root, tmp_path,
+                                                           capsys):
+    ckpt = dict(load_checkpoint(one_step / "last.pt"))
+    hostile = ["\x1b[2J\x1b[31mred", "two\nlines", "back\rspace", "fine"]
+    ckpt["class_names"] = hostile
+    path = tmp_path / "names.pt"
+    save_checkpoint(path, ckpt)
+    image = sorted((demo_root / "val").glob("*/*.jpg"))[0]
+    capsys.readouterr()
+    assert _predict(image, "--checkpoint", path, "--top", "4") == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\r" not in out and len(out.splitlines()) == 5, out
+    for shown in ("\\x1b[2J\\x1b[31mred", "two\\nlines", "back\\rspace", "fine"):
+        assert shown in out, out
