@@ -1,6 +1,8 @@
 """The files a run writes belong to it (docs/reliability.md, "Run files are the run's
 own"): none is written through a symbolic link, no tool's output is one of its inputs, the
-run folder and the data never hold each other, and epoch checkpoints go by their number.
+run folder and the data never hold each other, epoch checkpoints go by their number, a
+resume at --max-steps trains nothing, a checkpoint's fields are checked, and interrupted
+work is finished.
 
 The refusals come before any work, with one line and exit 2; the cases that continue a run
 work on a copy of ``one_step`` (conftest.py).
@@ -10,11 +12,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from helpers import CPU_PAIR, copy_run, records, train
+from helpers import CPU_PAIR, REPO, child_env, copy_run, records, train
 from split_alexnet.tools.evaluate import main as evaluate_main
 from split_alexnet.utils.checkpoint_file import load_checkpoint, save_checkpoint
 from split_alexnet.utils.cli import run
@@ -35,7 +40,6 @@ def test_a_lock_file_that_is_a_symlink_is_refused_and_its_target_untouched(
         one_step, demo_root, tmp_path, capsys, holds_a_run):
     out = copy_run(one_step, tmp_path / "run") if holds_a_run else tmp_path / "run"
     out.mkdir(exist_ok=True)
-    (out / "train.lock").unlink(missing_ok=True)
     victim = tmp_path / "precious.txt"
     victim.write_text("do not touch\n")
     (out / "train.lock").symlink_to(victim)
@@ -247,3 +251,41 @@ def test_a_checkpoint_field_of_the_wrong_type_or_range_is_one_line_naming_it(
     assert train(demo_root, out, *CPU_PAIR, "--resume", bad, "--max-steps", "2") == 2
     line = one_error(capsys)
     assert f"checkpoint {bad}: {field} is" in line, line
+
+
+# ----------------------------------------------------------------------------- interrupted work
+
+
+def test_a_folder_named_like_a_stale_temporary_does_not_stop_a_resume(one_step, demo_root,
+                                                                      tmp_path, capsys):
+    out = copy_run(one_step, tmp_path / "run")
+    odd = out / ".last.pt.x.999999.tmp"
+    odd.mkdir()
+    (odd / "inside").write_text("not the trainer's\n")
+    assert train(demo_root, out, *CPU_PAIR, "--resume", "--max-steps", "2") == 0
+    assert (odd / "inside").read_text() == "not the trainer's\n"
+    assert load_checkpoint(out / "last.pt")["progress"]["step"] == 2
+
+
+def test_demo_data_cut_short_by_sigkill_is_finished_by_the_next_run(tmp_path):
+    out = tmp_path / "demo"
+    data = out / "demo_data"
+    cmd = [sys.executable, "-m", "split_alexnet.train", "--demo", "--out", str(out),
+           "--max-steps", "1", "--workers", "0", "--no-ten-crop"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=child_env(), cwd=REPO)
+    try:
+        deadline = time.monotonic() + 300
+        while len(list(data.glob("train/*/*.jpg"))) < 50:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (data / "val").exists() and not (data / "demo.json").exists()
+    p = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), cwd=REPO,
+                       timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "generating the demo dataset" in p.stderr
+    assert len(list(data.glob("val/*/*.jpg"))) == 200 and (data / "demo.json").is_file()
+    assert not (data / "demo.partial").exists()

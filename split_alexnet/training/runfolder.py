@@ -27,6 +27,7 @@ import fcntl
 import os
 import re
 import socket
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -250,10 +251,13 @@ def alive(pid: int) -> bool:
 
 def remove_stale_temps(out: Path) -> list[Path]:
     """Delete the temporaries in ``out`` whose writer is gone: ``.*.<pid>.tmp`` of a pid
-    that is not alive, and the pid-less ``.*.pt.*.tmp`` of older versions. Call it holding
-    the lock. Returns the deleted files."""
+    that is not alive, and the pid-less ``.*.pt.*.tmp`` of older versions. Only regular
+    files: a folder or a link named like one is not a temporary of the trainer's, and stays.
+    Call it holding the lock. Returns the deleted files."""
     gone = []
     for p in sorted(Path(out).glob(".*.tmp")):
+        if not stat.S_ISREG(p.lstat().st_mode):
+            continue
         pid = writer_pid(p.name)
         if (".pt." in p.name if pid is None else pid != os.getpid() and not alive(pid)):
             p.unlink(missing_ok=True)

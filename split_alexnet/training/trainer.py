@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import split_alexnet.training.distributed as dist_util
-from split_alexnet.data.demo import make_demo_dataset
+from split_alexnet.data.demo import demo_unfinished, make_demo_dataset
 from split_alexnet.network.placement import layout_of
 from split_alexnet.training import checkpoint, loop
 from split_alexnet.training.config import PROG, TrainConfig
@@ -41,10 +41,10 @@ from split_alexnet.utils.signals import StopOnSignal
 
 
 def ensure_demo_data(cfg: TrainConfig, ctx: dist_util.Context) -> None:
-    """--demo: rank 0 generates the demo dataset where --data points when it is missing;
-    every rank waits for it."""
+    """--demo: rank 0 generates the demo dataset where --data points when it is missing or
+    its generation was cut short (it finishes it); every rank waits for it."""
     data = Path(cfg.data.data)
-    if ctx.rank == 0 and not (data / "train").is_dir():
+    if ctx.rank == 0 and demo_unfinished(data):
         print(f"generating the demo dataset in {data} ...", file=sys.stderr)
         make_demo_dataset(data, seed=0)
     dist_util.barrier()
