@@ -10,11 +10,13 @@ import json
 import os
 import shutil
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from helpers import CPU_PAIR, PROGRAMS, run_python, train
+from split_alexnet.data.dataset import list_samples
 from split_alexnet.data.stats import load_stats
 from split_alexnet.tools.predict import main as predict_main
 from split_alexnet.utils.checkpoint_file import load_checkpoint, save_checkpoint
@@ -166,3 +168,45 @@ def test_predict_escapes_control_characters_in_class_names(one_step, demo_root, 
     assert "\x1b" not in out and "\r" not in out and len(out.splitlines()) == 5, out
     for shown in ("\\x1b[2J\\x1b[31mred", "two\\nlines", "back\\rspace", "fine"):
         assert shown in out, out
+
+
+# ----------------------------------------------------------------------------- folders
+
+
+def _too_deep(folder: Path, image: Path) -> Path:
+    """A chain of folders under ``folder`` whose path passes PATH_MAX (4096), an image at its
+    end: made through folder descriptors, as no path can name it. Returns its first folder."""
+    name = "d" * 250
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        for _ in range(18):
+            os.mkdir(name, dir_fd=fd)
+            nxt = os.open(name, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        with open(os.open("deep.jpg", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as f:
+            f.write(image.read_bytes())
+    finally:
+        os.close(fd)
+    return folder / name
+
+
+def test_a_folder_that_cannot_be_scanned_is_counted_or_fatal_with_strict(demo_root, tmp_path,
+                                                                         capsys):
+    data = tmp_path / "data"
+    shutil.copytree(demo_root, data)
+    cls = sorted((data / "train").iterdir())[0]
+    _too_deep(cls, sorted(cls.glob("*.jpg"))[0])
+    capsys.readouterr()
+    samples = list_samples(data / "train", sorted(p.name for p in (data / "train").iterdir()))
+    assert len(samples) == 32  # the deep image is not listed, and that is said
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"warning: 1 folder(s) under {data / 'train'} could not be scanned: ") \
+        and "(File name too long)" in lines[0], lines
+    assert train(data, tmp_path / "run", *CPU_PAIR, "--max-steps", "1", "--strict") == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and [ln for ln in err.splitlines() if "error:" in ln] == [
+        f"train: error: 1 folder(s) under {data / 'train'} could not be scanned: "
+        f"{(cls.name + '/' + 'd' * 60)[:28]}...{'d' * 28} (File name too long); --strict "
+        "stops on them"], err

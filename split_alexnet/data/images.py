@@ -121,20 +121,28 @@ def file_kind(mode: int) -> str:
     return "special file"
 
 
-def list_images(directory: Path, skipped: list[Path] | None = None) -> list[Path]:
+def list_images(directory: Path, skipped: list[Path] | None = None,
+                unscanned: list[tuple[Path, str]] | None = None) -> list[Path]:
     """All image files under ``directory`` (recursive), sorted by relative path.
 
     Only regular files (after resolving symlinks) are listed; an entry with an image name that
     is a FIFO, a device, a socket or a dangling symlink is appended to ``skipped`` (when
-    given) and never opened. Symlinked folders are not followed."""
+    given) and never opened. Symlinked folders are not followed. A folder that cannot be
+    scanned (no permission, a path too long) is appended with its reason to ``unscanned``
+    when given, else counted in one warning line (:func:`report_unscanned`): never dropped
+    in silence."""
     directory = Path(directory)
     out: list[Path] = []
     todo = [directory]
+    lost: list[tuple[Path, str]] = [] if unscanned is None else unscanned
     while todo:
         d = todo.pop()
         try:
             entries = list(os.scandir(d))
-        except OSError:  # an unreadable or vanished folder holds no images
+        except FileNotFoundError:  # vanished since it was listed
+            continue
+        except OSError as e:
+            lost.append((Path(d), e.strerror or type(e).__name__))
             continue
         for e in entries:
             try:
@@ -151,7 +159,25 @@ def list_images(directory: Path, skipped: list[Path] | None = None) -> list[Path
             elif skipped is not None:
                 skipped.append(Path(e.path))
     out.sort(key=lambda p: p.relative_to(directory).as_posix())
+    if unscanned is None:
+        report_unscanned(directory, lost)
     return out
+
+
+def report_unscanned(where: Path, lost: list[tuple[Path, str]], *, strict: bool = False) -> None:
+    """One line for the folders :func:`list_images` could not scan: a warning on stderr, or
+    with ``strict`` a :class:`UsageError`."""
+    if not lost:
+        return
+    def short(p: Path) -> str:  # relative, and at most 60 characters: paths may be huge
+        rel = Path(p).relative_to(where).as_posix() if Path(p).is_relative_to(where) else str(p)
+        return rel if len(rel) <= 60 else f"{rel[:28]}...{rel[-28:]}"
+    names = ", ".join(f"{short(p)} ({why})" for p, why in sorted(lost)[:2]) + \
+        (" ..." if len(lost) > 2 else "")
+    text = f"{len(lost)} folder(s) under {where} could not be scanned: {names}"
+    if strict:
+        raise UsageError(f"{text}; --strict stops on them")
+    print(f"warning: {text}; their images are left out", file=sys.stderr)
 
 
 def report_skipped(where: Path, skipped: list[Path]) -> None:
