@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from helpers import CPU_PAIR, REPO, child_env, copy_run, records, train
+from helpers import CPU_PAIR, REPO, child_env, copy_run, records, train, train_command
 from split_alexnet.tools.evaluate import main as evaluate_main
 from split_alexnet.utils.checkpoint_file import load_checkpoint, save_checkpoint
 from split_alexnet.utils.cli import run
@@ -289,3 +290,35 @@ def test_demo_data_cut_short_by_sigkill_is_finished_by_the_next_run(tmp_path):
     assert "generating the demo dataset" in p.stderr
     assert len(list(data.glob("val/*/*.jpg"))) == 200 and (data / "demo.json").is_file()
     assert not (data / "demo.partial").exists()
+
+
+# ----------------------------------------------------------------------------- thread count
+
+
+def test_a_resume_with_the_same_thread_count_is_bitwise_and_another_warns(demo_root, tmp_path,
+                                                                         capsys):
+    threads = child_env(OMP_NUM_THREADS="2")
+
+    def run_to(out: Path, *extra) -> str:
+        p = subprocess.run(train_command(demo_root, out, *CPU_PAIR, *extra), env=threads,
+                           cwd=REPO, capture_output=True, text=True, timeout=900)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return p.stderr
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    run_to(whole, "--max-steps", "2")
+    run_to(cut, "--max-steps", "1")
+    assert "thread" not in run_to(cut, "--resume", "--max-steps", "2")  # 2 threads, as the run
+    a, b = load_checkpoint(whole / "last.pt"), load_checkpoint(cut / "last.pt")
+    assert a["threads"] == b["threads"] == 2
+    for name, t in a["model"].items():
+        assert torch.equal(t, b["model"][name]), name
+    # Another thread count: the run goes on, and says it is not bitwise.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        capsys.readouterr()
+        assert train(demo_root, cut, *CPU_PAIR, "--resume", "--max-steps", "3") == 0
+    finally:
+        torch.set_num_threads(before)
+    assert "this process uses 1 intra-op thread(s), the run 2 (" in capsys.readouterr().err

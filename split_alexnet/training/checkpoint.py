@@ -12,6 +12,7 @@ the classes, the statistics, the versions, the checksum):
                  optimizer steps in total; epoch_step is the position inside the epoch, for
                  mid-epoch resume)
     rng          every random state that training draws from (CPU, each CUDA device), per rank
+    threads      the intra-op thread count (a resume with another warns: not bitwise)
     config       the full training config (a flat dict of every setting)
     layout, world_size   how the run was laid out
 
@@ -102,6 +103,7 @@ def payload(t: "Trainer") -> dict:
         "stats_fingerprint": d.stats.fingerprint,
         "stats": {"mean": d.stats.mean, "eigval": d.stats.eigval, "eigvec": d.stats.eigvec},
         "world_size": t.ctx.world_size,
+        "threads": torch.get_num_threads(),  # the CPU sums' order: bitwise only with the same
         "code_version": code_version(),
         "torch_version": str(torch.__version__),
     }
@@ -261,6 +263,13 @@ def restore(t: "Trainer", ckpt: dict, path: Path, resume_lr: float | None = None
     if ckpt.get("stats_fingerprint") != t.data.stats.fingerprint and t.is_main:
         print(f"{PROG}: warning: the dataset changed since {path} was written "
               "(statistics fingerprint differs)", file=sys.stderr)
+    saved_threads = ckpt.get("threads")
+    if isinstance(saved_threads, int) and saved_threads != torch.get_num_threads() \
+            and t.is_main and any(torch.device(d).type == "cpu" for d in t.devices):
+        print(f"{PROG}: warning: this process uses {torch.get_num_threads()} intra-op "
+              f"thread(s), the run {saved_threads} ({path}): the CPU's sums run in another "
+              "order, so the continuation is not bitwise identical to an uninterrupted run "
+              f"(give OMP_NUM_THREADS={saved_threads} for that)", file=sys.stderr)
     t.net.load_state_dict(ckpt["model"])
     load_named_optimizer_state(t.net, t.optimizer, ckpt["optimizer"])
     t.schedule.load_state_dict(ckpt["schedule"])
