@@ -20,11 +20,13 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from helpers import PROGRAMS, REPO, rank_reports, records, torchrun
+from split_alexnet.data.dataset import EpochSampler, find_classes, list_samples
 from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.utils.checkpoint_file import load_checkpoint
 from split_alexnet.utils.cli import run
@@ -344,3 +346,22 @@ def test_holdout_under_torchrun_counts_each_image_once(tmp_path):
     assert hold["loss"] == pytest.approx(hold1["loss"], rel=1e-4)
     (val,) = [r for r in records(out) if r["kind"] == "val"]
     assert val["n"] == N_VAL
+
+
+@pytest.mark.slow
+def test_a_rank_whose_whole_batch_is_unreadable_stays_in_step(tmp_path):
+    """Rank 1's first batch is 3 unreadable files (real ones, garbage bytes): every rank skips
+    that step together, and the job ends, exit 0, the ranks holding the same parameters."""
+    data = make_demo_dataset(tmp_path / "data", classes=3, train_per_class=4, val_per_class=3,
+                             seed=0)
+    classes = find_classes(data / "train")
+    samples = list_samples(data / "train", classes)
+    first = EpochSampler(len(samples), epoch=0, seed=5, rank=1, world_size=2).indices()[:3]
+    for i in first:
+        Path(samples[i][0]).write_bytes(b"not an image at all")
+    p, seconds = torchrun(DRIVER, tmp_path / "report", ["--data", str(data), "--out",
+                                                        str(tmp_path / "run"), *COMMON])
+    assert p.returncode == 0, p.stderr[-4000:]
+    reports = rank_reports(tmp_path / "report")
+    assert reports[0]["params"] == reports[1]["params"]
+    assert [r["step"] for r in records(tmp_path / "run") if r["kind"] == "train"] == [1]
