@@ -365,3 +365,27 @@ def test_a_rank_whose_whole_batch_is_unreadable_stays_in_step(tmp_path):
     reports = rank_reports(tmp_path / "report")
     assert reports[0]["params"] == reports[1]["params"]
     assert [r["step"] for r in records(tmp_path / "run") if r["kind"] == "train"] == [1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["dies", "stops"])
+def test_a_lost_peer_ends_the_job_with_one_line_naming_the_rank(dist_runs, how):
+    """Rank 1 dies after joining the group, or stops (SIGSTOP) before its second step: the
+    job ends within the collective timeout, rank 0 saying so in one line naming rank 1 (or,
+    when torchrun stops rank 0 first, torchrun's report naming rank 1)."""
+    base = dist_runs["base"]
+    env = {"DIE_RANK" if how == "dies" else "STOP_RANK": "1",
+           "SPLIT_ALEXNET_DIST_TIMEOUT": "20"}
+    p, dt = torchrun(DRIVER, base / f"report_{how}",
+                     ["--data", str(dist_runs["data"]), "--out", str(base / how), *COMMON],
+                     env_extra=env, timeout=180)
+    assert p.returncode != 0 and dt < 120, f"rc {p.returncode}, {dt:.0f} s"
+    lines = [ln for ln in p.stderr.splitlines() if "split_alexnet.train: error:" in ln]
+    # A silent peer: rank 0 reaches the timeout and says who. A dead one: torchrun may stop
+    # rank 0 (SIGTERM) before its collective fails; its report names rank 1 then.
+    assert len(lines) == (1 if how == "stops" else len(lines)) <= 1, p.stderr[-3000:]
+    assert all("rank 0: rank 1 of the job died or stopped answering" in ln for ln in lines)
+    if not lines:
+        assert re.search(r"rank\s*:\s*1\b", p.stderr[p.stderr.index("Root Cause"):])
+    # No traceback through the trainer's code on any rank (torchrun's own report stays).
+    assert f'File "{REPO / "split_alexnet"}' not in p.stderr, p.stderr[-3000:]

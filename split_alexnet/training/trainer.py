@@ -287,6 +287,11 @@ def train(cfg: TrainConfig, cmd: Command | None = None) -> TrainResult:
     try:
         t = Trainer.setup(cfg, cmd)
         return t.fit()
+    except RuntimeError as e:  # a peer rank gone: one line naming it, not a traceback
+        lost = dist_util.lost_peer(e)
+        if lost is None:
+            raise
+        raise lost from None
     finally:
         if t is not None:
             t.close()
