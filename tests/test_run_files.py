@@ -41,6 +41,7 @@ def test_a_lock_file_that_is_a_symlink_is_refused_and_its_target_untouched(
         one_step, demo_root, tmp_path, capsys, holds_a_run):
     out = copy_run(one_step, tmp_path / "run") if holds_a_run else tmp_path / "run"
     out.mkdir(exist_ok=True)
+    (out / "train.lock").unlink(missing_ok=True)
     victim = tmp_path / "precious.txt"
     victim.write_text("do not touch\n")
     (out / "train.lock").symlink_to(victim)
