@@ -1,7 +1,8 @@
 """Every input is checked before it is used, and read within bounds (docs/reliability.md,
 "Inputs are checked and bounded"): the fields of DATA/stats.npz, the size of an image file
-before it is read, a --config file's kind and size and the paths it gives; predict opens the checkpoint
-first, streams its images and prints names with their control characters escaped.
+before it is read, a --config file's kind and size and the paths it gives, folders that
+cannot be scanned; predict opens the checkpoint first, streams its images and prints names
+with their control characters escaped.
 """
 
 from __future__ import annotations
