@@ -20,11 +20,13 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from helpers import PROGRAMS, REPO, rank_reports, records, torchrun
+from split_alexnet.data.dataset import EpochSampler, find_classes, list_samples
 from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.utils.checkpoint_file import load_checkpoint
 from split_alexnet.utils.cli import run
@@ -367,3 +369,46 @@ def test_holdout_under_torchrun_counts_each_image_once(tmp_path):
     assert hold["loss"] == pytest.approx(hold1["loss"], rel=1e-4)
     (val,) = [r for r in records(out) if r["kind"] == "val"]
     assert val["n"] == N_VAL
+
+
+@pytest.mark.slow
+def test_a_rank_whose_whole_batch_is_unreadable_stays_in_step(tmp_path):
+    """Rank 1's first batch is 3 unreadable files (real ones, garbage bytes): every rank skips
+    that step together, and the job ends, exit 0, the ranks holding the same parameters."""
+    data = make_demo_dataset(tmp_path / "data", classes=3, train_per_class=4, val_per_class=3,
+                             seed=0)
+    classes = find_classes(data / "train")
+    samples = list_samples(data / "train", classes)
+    first = EpochSampler(len(samples), epoch=0, seed=5, rank=1, world_size=2).indices()[:3]
+    for i in first:
+        Path(samples[i][0]).write_bytes(b"not an image at all")
+    p, seconds = torchrun(DRIVER, tmp_path / "report", ["--data", str(data), "--out",
+                                                        str(tmp_path / "run"), *COMMON])
+    assert p.returncode == 0, p.stderr[-4000:]
+    reports = rank_reports(tmp_path / "report")
+    assert reports[0]["params"] == reports[1]["params"]
+    assert [r["step"] for r in records(tmp_path / "run") if r["kind"] == "train"] == [1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["dies", "stops"])
+def test_a_lost_peer_ends_the_job_with_one_line_naming_the_rank(dist_runs, how):
+    """Rank 1 dies after joining the group, or stops (SIGSTOP) before its second step: the
+    job ends within the collective timeout, rank 0 saying so in one line naming rank 1 (or,
+    when torchrun stops rank 0 first, torchrun's report naming rank 1)."""
+    base = dist_runs["base"]
+    env = {"DIE_RANK" if how == "dies" else "STOP_RANK": "1",
+           "SPLIT_ALEXNET_DIST_TIMEOUT": "20"}
+    p, dt = torchrun(DRIVER, base / f"report_{how}",
+                     ["--data", str(dist_runs["data"]), "--out", str(base / how), *COMMON],
+                     env_extra=env, timeout=180)
+    assert p.returncode != 0 and dt < 120, f"rc {p.returncode}, {dt:.0f} s"
+    lines = [ln for ln in p.stderr.splitlines() if "split_alexnet.train: error:" in ln]
+    # A silent peer: rank 0 reaches the timeout and says who. A dead one: torchrun may stop
+    # rank 0 (SIGTERM) before its collective fails; its report names rank 1 then.
+    assert len(lines) == (1 if how == "stops" else len(lines)) <= 1, p.stderr[-3000:]
+    assert all("rank 0: rank 1 of the job died or stopped answering" in ln for ln in lines)
+    if not lines:
+        assert re.search(r"rank\s*:\s*1\b", p.stderr[p.stderr.index("Root Cause"):])
+    # No traceback through the trainer's code on any rank (torchrun's own report stays).
+    assert f'File "{REPO / "split_alexnet"}' not in p.stderr, p.stderr[-3000:]

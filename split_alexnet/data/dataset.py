@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from split_alexnet.data.images import (SIZE, UnreadableImage, list_images, load_rgb256,
-                                       report_skipped)
+                                       report_skipped, report_unscanned)
 from split_alexnet.utils.cli import UsageError
 
 CROP = 227                   # the network's input side (section 4.1; 55x55 after conv1)
@@ -49,13 +49,15 @@ _reported: set[tuple[str, ...]] = set()
 
 
 def list_samples(split_dir: Path, classes: Sequence[str],
-                 skipped: list[Path] | None = None) -> list[tuple[str, int]]:
+                 skipped: list[Path] | None = None, *,
+                 strict: bool = False) -> list[tuple[str, int]]:
     """``[(path, label)]`` sorted by class then relative path; UsageError for a missing or
     empty class folder, or a class folder that is not in ``classes``.
 
     Only regular files are samples (:func:`split_alexnet.data.images.list_images`): FIFOs,
     devices, sockets and dangling links are left out, appended to ``skipped`` (when given)
-    and counted in one line on stderr (once per process for the same set)."""
+    and counted in one line on stderr (once per process for the same set); so are folders
+    that cannot be scanned, which with ``strict`` are a :class:`UsageError`."""
     split_dir = Path(split_dir)
     special: list[Path] = []
     present = set(find_classes(split_dir))
@@ -65,21 +67,25 @@ def list_samples(split_dir: Path, classes: Sequence[str],
                          f"(the training classes): {', '.join(extra[:5])}"
                          + (" ..." if len(extra) > 5 else ""))
     samples: list[tuple[str, int]] = []
+    lost: list[tuple[Path, str]] = []  # folders that could not be scanned
     for label, c in enumerate(classes):
         d = split_dir / c
         if not d.is_dir():
             raise UsageError(f"class folder missing: {d}")
         n_special = len(special)
-        files = list_images(d, special)
+        files = list_images(d, special, lost)
         if not files:
             extra = len(special) - n_special
             raise UsageError(f"empty class folder (no image files): {d}" + (
                 f" ({extra} entries that are not regular files)" if extra else ""))
         samples.extend((str(p), label) for p in files)
-    key = (str(split_dir), *map(str, special))
-    if special and key not in _reported:
+    key = (str(split_dir), *map(str, special), *(str(p) for p, _ in lost))
+    if strict:
+        report_unscanned(split_dir, lost, strict=True)
+    if (special or lost) and key not in _reported:
         _reported.add(key)
         report_skipped(split_dir, special)
+        report_unscanned(split_dir, lost)
     if skipped is not None:
         skipped.extend(special)
     return samples
@@ -156,7 +162,7 @@ class CropFolder(Dataset):
         # ``samples``: list_samples(split_dir, classes) made already (the trainer's up-front
         # --holdout check), so that a folder of a million images is not listed twice
         self.samples = list(samples) if samples is not None else \
-            list_samples(self.split_dir, self.classes, self.skipped)
+            list_samples(self.split_dir, self.classes, self.skipped, strict=strict)
         self.targets = [t for _, t in self.samples]
 
     def __len__(self) -> int:

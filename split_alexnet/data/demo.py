@@ -24,12 +24,21 @@ from PIL import Image, ImageDraw
 from split_alexnet.utils.cli import Abort, Parser, UsageError, run
 from split_alexnet.utils.fileio import atomic_write, check_output_dir, write_json
 
-__all__ = ["SHAPES", "make_demo_dataset", "draw_image", "main"]
+__all__ = ["SHAPES", "make_demo_dataset", "demo_unfinished", "draw_image", "main"]
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "stripes_h", "stripes_v",
           "checkerboard", "ring", "dots", "hexagon", "stripes_diag")
 S = 256
 QUALITY = 90
+#: Present from the first image written to the last: a generation that did not finish.
+PARTIAL = "demo.partial"
+
+
+def demo_unfinished(root) -> bool:
+    """Whether ``root`` needs the demo set generated: no ``train/`` yet, or a generation
+    that was cut short (``demo.partial`` left)."""
+    return not (Path(root) / "train").is_dir() or (Path(root) / PARTIAL).exists()
+
 
 
 def _colours(rng: np.random.Generator) -> tuple[tuple[int, ...], np.ndarray]:
@@ -131,7 +140,10 @@ def make_demo_dataset(root, *, classes: int = 10, train_per_class: int = 100,
     """Write the demo CropFolder under ``root`` and return ``root`` as a Path.
 
     If ``root/demo.json`` records the same parameters and all files exist, nothing is
-    rewritten (so ``train --demo`` can call this every time). Bad arguments (a ``root`` that
+    rewritten (so ``train --demo`` can call this every time). ``root/demo.partial`` is
+    written before the first image and removed after ``demo.json``, the last file: a
+    generation cut short (SIGKILL) leaves it, and the next call finishes the set
+    (:func:`demo_unfinished`). Bad arguments (a ``root`` that
     is not a writable folder, a negative seed, ...) are UsageError; a failed write (full
     disk) is Abort (one line, exit 1), the files written before it complete."""
     if not 1 <= classes <= len(SHAPES):
@@ -153,17 +165,23 @@ def make_demo_dataset(root, *, classes: int = 10, train_per_class: int = 100,
     try:
         if marker.is_file() and json.loads(marker.read_text()) == params \
                 and all(p.is_file() for *_, p in plan):
+            try:
+                (root / PARTIAL).unlink(missing_ok=True)  # a cut after the last file
+            except OSError:
+                pass
             return root
     except (OSError, ValueError):
         pass
     check_output_dir(root, "demo data folder")  # only now: a complete one may be read-only
     try:
+        write_json(root / PARTIAL, params, indent=None, sort_keys=True, fsync=False)
         for split_idx, kind, j, path in plan:
             rng = np.random.default_rng([seed, split_idx, SHAPES.index(kind), j])
             buf = io.BytesIO()  # encoded in memory: Pillow ignores short writes to a file
             draw_image(kind, rng).save(buf, "JPEG", quality=QUALITY)
             atomic_write(path, lambda f: f.write(buf.getvalue()), fsync=False, private=False)
         write_json(marker, params, indent=None, sort_keys=True, fsync=False)
+        (root / PARTIAL).unlink()
     except OSError as e:  # full disk, file too large: the files written so far are complete
         raise Abort(f"could not write {e.filename or root}: {e.strerror or e}") from None
     return root

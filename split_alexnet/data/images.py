@@ -84,7 +84,8 @@ class UnreadableImage(UsageError):
 
 
 class _TooLarge(ValueError):
-    """A declared image size over the pixel limit."""
+    """An image over the pixel limit: its declared size, or a file larger than any image
+    within it (:func:`max_file_bytes`)."""
 
 
 class _NotRegular(ValueError):
@@ -120,20 +121,28 @@ def file_kind(mode: int) -> str:
     return "special file"
 
 
-def list_images(directory: Path, skipped: list[Path] | None = None) -> list[Path]:
+def list_images(directory: Path, skipped: list[Path] | None = None,
+                unscanned: list[tuple[Path, str]] | None = None) -> list[Path]:
     """All image files under ``directory`` (recursive), sorted by relative path.
 
     Only regular files (after resolving symlinks) are listed; an entry with an image name that
     is a FIFO, a device, a socket or a dangling symlink is appended to ``skipped`` (when
-    given) and never opened. Symlinked folders are not followed."""
+    given) and never opened. Symlinked folders are not followed. A folder that cannot be
+    scanned (no permission, a path too long) is appended with its reason to ``unscanned``
+    when given, else counted in one warning line (:func:`report_unscanned`): never dropped
+    in silence."""
     directory = Path(directory)
     out: list[Path] = []
     todo = [directory]
+    lost: list[tuple[Path, str]] = [] if unscanned is None else unscanned
     while todo:
         d = todo.pop()
         try:
             entries = list(os.scandir(d))
-        except OSError:  # an unreadable or vanished folder holds no images
+        except FileNotFoundError:  # vanished since it was listed
+            continue
+        except OSError as e:
+            lost.append((Path(d), e.strerror or type(e).__name__))
             continue
         for e in entries:
             try:
@@ -150,7 +159,25 @@ def list_images(directory: Path, skipped: list[Path] | None = None) -> list[Path
             elif skipped is not None:
                 skipped.append(Path(e.path))
     out.sort(key=lambda p: p.relative_to(directory).as_posix())
+    if unscanned is None:
+        report_unscanned(directory, lost)
     return out
+
+
+def report_unscanned(where: Path, lost: list[tuple[Path, str]], *, strict: bool = False) -> None:
+    """One line for the folders :func:`list_images` could not scan: a warning on stderr, or
+    with ``strict`` a :class:`UsageError`."""
+    if not lost:
+        return
+    def short(p: Path) -> str:  # relative, and at most 60 characters: paths may be huge
+        rel = Path(p).relative_to(where).as_posix() if Path(p).is_relative_to(where) else str(p)
+        return rel if len(rel) <= 60 else f"{rel[:28]}...{rel[-28:]}"
+    names = ", ".join(f"{short(p)} ({why})" for p, why in sorted(lost)[:2]) + \
+        (" ..." if len(lost) > 2 else "")
+    text = f"{len(lost)} folder(s) under {where} could not be scanned: {names}"
+    if strict:
+        raise UsageError(f"{text}; --strict stops on them")
+    print(f"warning: {text}; their images are left out", file=sys.stderr)
 
 
 def report_skipped(where: Path, skipped: list[Path]) -> None:
@@ -283,18 +310,32 @@ def _decode_tv(data: bytes, size: int, decode: Decode,
 
 # ----------------------------------------------------------------------------- the decoder
 
-def _read_regular(path: str | os.PathLike) -> bytes:
-    """The bytes of a regular file (after resolving symlinks); :class:`_NotRegular` for
-    anything else, checked before opening and again on the opened file (non-blocking open,
-    so a FIFO that appears in between cannot block)."""
+def max_file_bytes(limit: int) -> int:
+    """The largest image file read for a pixel limit of ``limit``: 8 bytes per pixel (16-bit
+    RGBA, uncompressed) plus 1 MiB of headers and metadata. No image within the limit is
+    larger; a larger file is refused by its size, before a byte of it is read."""
+    return 8 * limit + (1 << 20)
+
+
+def _read_regular(path: str | os.PathLike, limit: int) -> bytes:
+    """The bytes of a regular file (after resolving symlinks) of at most
+    :func:`max_file_bytes` (``limit``), checked on the opened file before reading;
+    :class:`_NotRegular` for anything else, checked before opening and again on the opened
+    file (non-blocking open, so a FIFO that appears in between cannot block), and
+    :class:`_TooLarge` for a larger file."""
     kind = file_kind(os.stat(path).st_mode)
     if kind == "regular file":
         flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
         fd = os.open(path, flags)
         with os.fdopen(fd, "rb") as f:
-            kind = file_kind(os.fstat(fd).st_mode)
+            st = os.fstat(fd)
+            kind = file_kind(st.st_mode)
             if kind == "regular file":
-                return f.read()
+                if st.st_size > max_file_bytes(limit):
+                    raise _TooLarge(f"the file holds {st.st_size:,} bytes, more than any image "
+                                    f"within the limit of {limit:,} pixels "
+                                    f"({max_file_bytes(limit):,} bytes)")
+                return f.read(max_file_bytes(limit) + 1)
     raise _NotRegular(f"not a regular file (a {kind})")
 
 
@@ -314,7 +355,7 @@ def load_rgb(source: ImageSource, *, name: str | None = None, size: int = SIZE,
     is_bytes = isinstance(source, (bytes, bytearray, memoryview))
     label = name if name is not None else ("image bytes" if is_bytes else os.fspath(source))
     try:
-        data = bytes(source) if is_bytes else _read_regular(source)
+        data = bytes(source) if is_bytes else _read_regular(source, limit)
         out = None
         decode = _tv_decoder() if decoder == "auto" and data[:3] == JPEG_MAGIC else None
         if decode is not None:

@@ -8,6 +8,7 @@ import hashlib
 import os
 import sys
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -129,9 +130,55 @@ def save_stats(path: Path, arrays: dict) -> None:
     atomic_write(path, lambda f: np.savez(f, **arrays), fsync=False, private=False)
 
 
+#: What a ``stats.npz`` holds and may be: member -> (shape, or None for any 1-D, kind).
+STATS_FIELDS = {"mean": ((3, SIZE, SIZE), "f"), "eigval": ((3,), "f"), "eigvec": ((3, 3), "f"),
+                "fingerprint": ((), "U"), "classes": (None, "U")}
+#: The most bytes one member of a ``stats.npz`` may inflate to (the mean: 0.8 MB in float32,
+#: 1.6 MB in float64), checked from the archive's directory before anything is inflated.
+MAX_MEMBER_BYTES = 8 << 20
+
+
+class StatsError(UsageError):
+    """A ``stats.npz`` whose fields are not the statistics: one line naming the file and the
+    field (exit 2)."""
+
+
+def check_stats_archive(path: Path) -> None:
+    """Before inflating anything: each member of the ``.npz`` (a zip archive) the statistics
+    read declares at most :data:`MAX_MEMBER_BYTES`. A :class:`StatsError` otherwise; an
+    archive that cannot be read propagates its own error."""
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            name = info.filename.removesuffix(".npy")
+            if name in STATS_FIELDS and info.file_size > MAX_MEMBER_BYTES:
+                raise StatsError(f"statistics file {path}: field {name} declares "
+                                 f"{info.file_size:,} bytes (at most {MAX_MEMBER_BYTES:,}); "
+                                 "delete the file to compute the statistics again")
+
+
+def check_stats_fields(z, path: Path) -> None:
+    """Every field the statistics use: its shape, kind and range (the mean within 0-255,
+    every number finite). A :class:`StatsError` naming the first that is not."""
+    for name, (shape, kind) in STATS_FIELDS.items():
+        a = z[name] if name in z.files else None
+        why = "missing" if a is None else \
+            f"of dtype {a.dtype}" if a.dtype.kind != kind and not (kind == "f" and
+                                                                    a.dtype.kind in "iu") else \
+            f"of shape {a.shape}, not {shape}" if (a.shape != shape if shape is not None
+                                                   else a.ndim != 1) else \
+            "not finite (NaN or infinity)" if kind == "f" and not np.isfinite(a).all() else \
+            "outside 0-255" if name == "mean" and (a.min() < 0 or a.max() > 255) else None
+        if why:
+            raise StatsError(f"statistics file {path}: field {name} is {why}; delete the file "
+                             "to compute the statistics again")
+
+
 def read_stats(path: Path) -> Stats:
-    """The :class:`Stats` in a ``stats.npz`` file."""
+    """The :class:`Stats` in a ``stats.npz`` file, every field checked first
+    (:func:`check_stats_archive`, :func:`check_stats_fields`)."""
+    check_stats_archive(path)
     with np.load(path, allow_pickle=False) as z:
+        check_stats_fields(z, path)
         return Stats(mean=torch.from_numpy(z["mean"].astype(np.float32)),
                      eigval=torch.from_numpy(z["eigval"].astype(np.float32)),
                      eigvec=torch.from_numpy(z["eigvec"].astype(np.float32)),
@@ -165,6 +212,8 @@ def _try_read(path: Path, fp: str) -> Stats | None:
         return None
     try:
         s = read_stats(path)
+    except StatsError:  # well-formed, but not the statistics: said, never silently replaced
+        raise
     except Exception:  # noqa: BLE001 - a damaged cache is recomputed
         return None
     return s if s.fingerprint == fp else None

@@ -107,7 +107,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     check_input("MODEL.caffemodel", args.model)
     check_input("--mean", args.mean)
-    check_output("OUT.pt", args.out)
+    check_output("OUT.pt", args.out, {"MODEL.caffemodel": args.model, "--mean": args.mean})
     return args
 
 

@@ -59,7 +59,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="also write the centre crop's per-class top-1 errors and confusion "
                         "matrix: DIR/per_class.csv, DIR/confusion.csv, DIR/confusion.png")
     args = p.parse_args(argv)
-    check_output("--json", args.json)
+    check_output("--json", args.json, {"--checkpoint": args.checkpoint})
     if args.per_class is not None:
         check_output_dir(Path(args.per_class), "--per-class")
     return args

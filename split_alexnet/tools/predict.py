@@ -15,8 +15,13 @@ Class names: the checkpoint's ``class_names`` list if it has one; else, for clas
 ILSVRC-2012 wnids (``n01440764``), ImageNet's human-readable names from torchvision's bundled
 metadata (no download); else the run's class-folder names.
 
-An image that cannot be read stops the command before any prediction (one line, exit code
-2); with ``--skip-unreadable`` it is reported on stderr and the others are classified.
+The checkpoint is opened first; the images are then decoded a batch (``--batch-size``) at a
+time, and each batch's predictions printed before the next is read, so memory does not grow
+with the number of images. An image that cannot be read stops the command there (one line,
+exit code 2; the predictions already printed stand); with ``--skip-unreadable`` it is
+reported on stderr and the others are classified. Names are printed with their control
+characters escaped (:func:`shown`): a checkpoint's class names cannot move the cursor or
+forge lines.
 """
 
 from __future__ import annotations
@@ -41,8 +46,8 @@ from split_alexnet.utils.flags import Number
 
 PROG = "split_alexnet.predict"
 
-__all__ = ["ILSVRC2012_WNIDS", "imagenet_names", "class_names", "load_images", "predict",
-           "main"]
+__all__ = ["ILSVRC2012_WNIDS", "imagenet_names", "class_names", "load_images", "batches",
+           "shown", "predict", "main"]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -149,34 +154,57 @@ def predict(model, ckpt: dict, arrays: Sequence[np.ndarray], device, *, ten_crop
     return torch.cat(out) if out else torch.zeros((0, len(ckpt["classes"])))
 
 
+def batches(paths: Sequence[str], size: int, *, skip_unreadable: bool = False):
+    """The images in batches of ``size`` paths, decoded one batch at a time: (paths read,
+    their arrays) per batch, as :func:`load_images` reads them."""
+    for i in range(0, len(paths), size):
+        yield load_images(paths[i:i + size], skip_unreadable=skip_unreadable)
+
+
+def shown(text: str) -> str:
+    """``text`` safe to print on a terminal: control characters (ANSI escapes, newlines,
+    carriage returns) written as Python escapes (``\\x1b``, ``\\n``)."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    paths, arrays = load_images(args.images, skip_unreadable=args.skip_unreadable)
-    if not arrays:
-        raise UsageError("none of the images could be read")
+    # The checkpoint first (a wrong one costs no decoding); then the images a batch at a
+    # time, each batch's predictions printed before the next is read.
     model, ckpt, devs = load_model(Path(args.checkpoint), gpus=args.gpus, devices=args.devices,
                                    single_device=args.single_device, default="collapse")
-    probs = predict(model, ckpt, arrays, devs[0], ten_crop=args.ten_crop,
-                    batch_size=args.batch_size)
     classes = [str(c) for c in ckpt["classes"]]
     names = class_names(ckpt)
     k = min(args.top, len(classes))
-    top = probs.topk(k, dim=1)
     results = []
-    for path, p, idx in zip(paths, top.values.tolist(), top.indices.tolist()):
-        results.append({"image": path, "crops": "ten" if args.ten_crop else "center",
-                        "predictions": [{"rank": r + 1, "index": i, "class": classes[i],
-                                         "name": names[i], "probability": q}
-                                        for r, (q, i) in enumerate(zip(p, idx))]})
-    if args.json:
+    for paths, arrays in batches(args.images, args.batch_size,
+                                 skip_unreadable=args.skip_unreadable):
+        if not arrays:
+            continue
+        top = predict(model, ckpt, arrays, devs[0], ten_crop=args.ten_crop,
+                      batch_size=args.batch_size).topk(k, dim=1)
+        for path, p, idx in zip(paths, top.values.tolist(), top.indices.tolist()):
+            res = {"image": path, "crops": "ten" if args.ten_crop else "center",
+                   "predictions": [{"rank": r + 1, "index": i, "class": classes[i],
+                                    "name": names[i], "probability": q}
+                                   for r, (q, i) in enumerate(zip(p, idx))]}
+            results.append(res)
+            if not args.json:
+                print_result(res)
+    if not results:
+        raise UsageError("none of the images could be read")
+    if args.json:  # JSON escapes every control character
         print(json.dumps(results, indent=2))
-        return 0
-    for res in results:
-        print(res["image"])
-        for pr in res["predictions"]:
-            extra = f" ({pr['class']})" if pr["class"] != pr["name"] else ""
-            print(f"  {pr['rank']:>2}. {pr['probability']:7.4f}  {pr['name']}{extra}")
     return 0
+
+
+def print_result(res: dict) -> None:
+    """One image's predictions as table lines, every name :func:`shown`."""
+    print(shown(res["image"]))
+    for pr in res["predictions"]:
+        extra = f" ({shown(pr['class'])})" if pr["class"] != pr["name"] else ""
+        print(f"  {pr['rank']:>2}. {pr['probability']:7.4f}  {shown(pr['name'])}{extra}",
+              flush=True)
 
 
 # ----------------------------------------------------------------------------- the wnids

@@ -173,7 +173,7 @@ def check_image_size(size: tuple[int, int], flags: str) -> None:
 
 
 def cmd_kernels(args: argparse.Namespace) -> int:
-    _image_format(args.out)
+    _image_format(args.out, {"--checkpoint": args.checkpoint})
     # The largest grid the flags can give (the two-tower net's 96 kernels of 11x11).
     check_image_size(KernelGrid(cols=min(args.cols, 48), scale=args.scale).size,
                      f"--cols {args.cols} --scale {args.scale}")
@@ -201,7 +201,7 @@ def cmd_kernels(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- Figure 4
 
 def cmd_retrieval(args: argparse.Namespace) -> int:
-    _image_format(args.out)
+    _image_format(args.out, {"--checkpoint": args.checkpoint})
     check_image_size(RetrievalLayout(args.queries, args.neighbours, tile=args.tile).size,
                      f"--queries {args.queries} --neighbours {args.neighbours} --tile "
                      f"{args.tile}")
@@ -287,10 +287,10 @@ def cmd_curves(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- CLI
 
-def _image_format(out: str | Path) -> str:
+def _image_format(out: str | Path, inputs: dict | None = None) -> str:
     """The image format of ``--out`` (its suffix; PNG without one), after checking that the
     file can be written: a :class:`UsageError` before any work otherwise."""
-    check_output("--out", out)
+    check_output("--out", out, inputs)
     out, formats = Path(out), Image.registered_extensions()
     if out.suffix and out.suffix.lower() not in formats:
         raise UsageError(f"cannot write {out}: unknown file extension: {out.suffix}")

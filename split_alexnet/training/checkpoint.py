@@ -12,6 +12,7 @@ the classes, the statistics, the versions, the checksum):
                  optimizer steps in total; epoch_step is the position inside the epoch, for
                  mid-epoch resume)
     rng          every random state that training draws from (CPU, each CUDA device), per rank
+    threads      the intra-op thread count (a resume with another warns: not bitwise)
     config       the full training config (a flat dict of every setting)
     layout, world_size   how the run was laid out
 
@@ -40,7 +41,8 @@ from split_alexnet.training.config import PROG
 from split_alexnet.training.optim import (load_named_optimizer_state, named_optimizer_state,
                                           set_lr)
 from split_alexnet.training.runfolder import (changed_settings, check_resumable, check_same_run,
-                                              remove_stale_temps, temp_suffix)
+                                              epoch_checkpoints, remove_stale_temps,
+                                              temp_suffix)
 from split_alexnet.training.towerstate import gather_state, replica_states
 from split_alexnet.utils.checkpoint_file import (CheckpointError, check_compatible, code_version,
                                                  load_checkpoint, save_checkpoint)
@@ -108,6 +110,8 @@ def payload(t: "Trainer") -> dict:
         "stats_fingerprint": d.stats.fingerprint,
         "stats": {"mean": d.stats.mean, "eigval": d.stats.eigval, "eigvec": d.stats.eigvec},
         "world_size": t.ctx.data_size,
+        # the CPU sums' order: a resume is bitwise only at the same thread count
+        "threads": torch.get_num_threads(),
         "code_version": code_version(),
         "torch_version": str(torch.__version__),
     }
@@ -145,7 +149,7 @@ def save(t: "Trainer", *, epoch_end: bool = False, best: bool = False) -> None:
                     "previous checkpoint is intact, stopping") from None
     keep = t.cfg.checkpoint.keep_last
     if epoch_end and keep > 0:
-        for old in sorted(t.out.glob("epoch_*.pt"))[:-keep]:
+        for old in epoch_checkpoints(t.out)[:-keep]:
             old.unlink(missing_ok=True)
     t.pos.last_save = time.monotonic()
 
@@ -173,12 +177,13 @@ def resume(t: "Trainer", spec: str, resume_lr: float | None = None) -> None:
     if t.is_main:  # half-written temporaries of a save that was killed (SIGKILL, OOM)
         remove_stale_temps(t.out)
     candidates = [Path(spec)] if spec != "auto" else \
-        [t.out / "last.pt"] + sorted(t.out.glob("epoch_*.pt"), reverse=True)
+        [t.out / "last.pt"] + epoch_checkpoints(t.out)[::-1]
     errors = []
     for path in candidates:
         try:
             ckpt = load_checkpoint(path)
             check_resumable(ckpt, path)
+            check_training_state(ckpt, path)
             check_compatible(ckpt, arch=t.cfg.model.arch, num_classes=len(t.data.classes),
                              path=path)
         except CheckpointError as e:
@@ -195,12 +200,80 @@ def resume(t: "Trainer", spec: str, resume_lr: float | None = None) -> None:
     raise UsageError(errors[-1] if errors else f"--resume: nothing usable at {spec}")
 
 
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _rate(v) -> bool:  # an error rate, or inf before the first evaluation
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and \
+        (0 <= v <= 1 or v == float("inf"))
+
+
+#: The training state's fields: (table, key) -> (what it must be, the check). A check of
+#: None (the table itself) needs a dict.
+_FIELDS = {
+    ("progress", "epoch"): ("a count (an integer >= 0)", _count),
+    ("progress", "step"): ("a count (an integer >= 0)", _count),
+    ("progress", "epoch_step"): ("a count (an integer >= 0)", _count),
+    ("progress", "best_top1"): ("an error rate in [0, 1] (or inf)", _rate),
+    ("schedule", "lr"): ("a finite number > 0", lambda v: isinstance(v, (int, float)) and
+                         not isinstance(v, bool) and 0 < v < float("inf")),
+    ("schedule", "best"): ("an error rate in [0, 1] (or inf)", _rate),
+    ("schedule", "bad_epochs"): ("a count (an integer >= 0)", _count),
+    ("schedule", "drops"): ("a count (an integer >= 0)", _count),
+    ("schedule", "epochs"): ("a count (an integer >= 0)", _count),
+}
+
+
+def check_training_state(ckpt: dict, path: Path) -> None:
+    """Every field of a run's training state before any of it is used: ``progress``,
+    ``schedule``, ``rng`` (per rank, uint8 generator states), the optimizer's groups and the
+    flat ``config``. A :class:`CheckpointError`, ``checkpoint P: FIELD is ...``, for the first
+    field that is missing or of another type, shape or range."""
+    def bad(field: str, what: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {path}: {field} is missing or not {what}")
+    for table in ("progress", "schedule", "rng", "config", "optimizer"):
+        if not isinstance(ckpt.get(table), dict):
+            raise bad(table, "a table (dict)")
+    for (table, key), (what, ok) in _FIELDS.items():
+        if key not in ckpt[table] or not ok(ckpt[table][key]):
+            raise bad(f"{table}.{key}", what)
+    if "epochs_at_rate" in ckpt["schedule"] and not _count(ckpt["schedule"]["epochs_at_rate"]):
+        raise bad("schedule.epochs_at_rate", "a count (an integer >= 0)")
+    cpu_state = torch.get_rng_state().shape
+    if "rank0" not in ckpt["rng"]:
+        raise bad("rng.rank0", "a table of random states")
+    for rank, states in ckpt["rng"].items():
+        if not isinstance(states, dict) or "cpu" not in states:
+            raise bad(f"rng.{rank}", "a table of random states with 'cpu'")
+        for dev, st in states.items():
+            if not (isinstance(st, torch.Tensor) and st.dtype == torch.uint8 and st.dim() == 1
+                    and (dev != "cpu" or st.shape == cpu_state)):
+                raise bad(f"rng.{rank}.{dev}", "a generator state (a 1-D uint8 tensor"
+                          + (f" of {cpu_state[0]} bytes)" if dev == "cpu" else ")"))
+    groups = ckpt["optimizer"].get("groups")
+    simple = (int, float, bool, str, type(None))
+    if not isinstance(groups, list) or not all(
+            isinstance(g, dict) and "params" not in g and all(
+                isinstance(v, simple) or (isinstance(v, (list, tuple)) and
+                                          all(isinstance(x, simple) for x in v))
+                for v in g.values()) for g in groups):
+        raise bad("optimizer.groups", "a list of hyper-parameter tables")
+
+
 def restore(t: "Trainer", ckpt: dict, path: Path, resume_lr: float | None = None) -> None:
     """Put a loaded checkpoint's state into the trainer: weights, optimizer, schedule,
     position and this rank's RNG states; then --resume-lr, recorded as an "lr_change"."""
     if ckpt.get("stats_fingerprint") != t.data.stats.fingerprint and t.is_main:
         print(f"{PROG}: warning: the dataset changed since {path} was written "
               "(statistics fingerprint differs)", file=sys.stderr)
+    saved_threads = ckpt.get("threads")
+    if isinstance(saved_threads, int) and saved_threads != torch.get_num_threads() \
+            and t.is_main and any(torch.device(d).type == "cpu" for d in t.devices):
+        print(f"{PROG}: warning: this process uses {torch.get_num_threads()} intra-op "
+              f"thread(s), the run {saved_threads} ({path}): the CPU's sums run in another "
+              "order, so the continuation is not bitwise identical to an uninterrupted run "
+              f"(give OMP_NUM_THREADS={saved_threads} for that)", file=sys.stderr)
     t.net.load_state_dict(ckpt["model"])
     load_named_optimizer_state(t.net, t.optimizer, ckpt["optimizer"])
     t.schedule.load_state_dict(ckpt["schedule"])

@@ -370,9 +370,10 @@ def bounds(f: dataclasses.Field) -> dict[str, Any]:
 
 def check_value(name: str, value: Any, where: str = "") -> Any:
     """``value`` for setting ``name``, checked (a float where a float is due: an int 1 is
-    1.0): the wrong type, not finite, out of the
-    field's range or not one of its choices is a :class:`UsageError` that names ``--flag``
-    (or the TOML key after ``where``). None passes where the field's default is None."""
+    1.0): the wrong type, not finite, out of the field's range, not one of its choices, or
+    an empty string or one holding a NUL (a path that would be the current folder, or that
+    no system call takes) is a :class:`UsageError` that names ``--flag`` (or the TOML key
+    after ``where``). None passes where the field's default is None."""
     if name not in FLAGS:
         raise UsageError(f"{where or ''}unknown setting {name!r}")
     _, f = FLAGS[name]
@@ -387,6 +388,9 @@ def check_value(name: str, value: Any, where: str = "") -> Any:
     if not isinstance(value, k):
         raise UsageError(f"{label} must be {'true or false' if k is bool else 'a string'}, "
                          f"got {value!r}")
+    if k is str and (not value or "\0" in value):  # "" would mean the current folder
+        raise UsageError(f"{label} must be a non-empty string without NUL characters, got "
+                         f"{value!r}")
     if allowed and value not in allowed:
         raise UsageError(f"{label} must be one of {', '.join(allowed)}; got {value!r}")
     return value

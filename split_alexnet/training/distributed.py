@@ -43,7 +43,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from split_alexnet.network.placement import layout_of, resolve_devices, tower_rank_device
-from split_alexnet.utils.cli import UsageError
+from split_alexnet.utils.cli import Abort, UsageError
 
 BACKENDS = ("auto", "nccl", "gloo")
 #: How the processes share the work (--parallel; docs/scaling.md): ``pair``, both towers in
@@ -242,3 +242,22 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     _SETUP_GROUP = _CONTROL_GROUP = None
+
+
+#: Words of the errors a collective raises when a peer is gone or silent (gloo, NCCL).
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "timed out",
+              "Timed out", "Broken pipe", "NCCL communicator was aborted")
+
+
+def lost_peer(e: BaseException) -> Abort | None:
+    """Under torchrun, the one-line :class:`Abort` (exit 1) for a collective that failed
+    because another rank died or stopped answering (the process group's timeout): it names
+    this rank and, with two ranks, the other one. None for any other error."""
+    ctx = env_context()
+    if ctx.world_size == 1 or not isinstance(e, RuntimeError) or not (
+            isinstance(e, dist.DistError) or any(w in str(e) for w in _PEER_LOST)):
+        return None
+    peer = f"rank {1 - ctx.rank}" if ctx.world_size == 2 else "another rank"
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    return Abort(f"rank {ctx.rank}: {peer} of the job died or stopped answering (a collective "
+                 f"failed: {first}); this rank stops too, the checkpoints are untouched")

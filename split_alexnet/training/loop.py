@@ -251,7 +251,10 @@ def train_epoch(t: "Trainer", loader) -> StopReason:
         if pos.epoch_step >= t.data.steps_per_epoch:
             break  # whole batches only: the permutation's remainder is dropped (drop_last)
         skipped += len(batch.get("skipped", []))
-        if batch["label"].numel() == 0:
+        # A batch of unreadable images only: skipped. Under DDP every rank skips it together
+        # (a rank that skipped alone would pair its next step's all-reduce with the others'
+        # current one, and the ranks would fall out of step): one all-reduce of the flag.
+        if dist_util.any_rank_flags([batch["label"].numel() == 0], t.ctx)[0]:
             continue
         window.add(*train_step(t, batch))
         pos.step += 1

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Callable
 
 from split_alexnet.training.config import PROG, TrainConfig
 from split_alexnet.utils.cli import Abort, UsageError
+from split_alexnet.utils.fileio import open_own_file
 from split_alexnet.utils.plot import curves_png
 
 FILENAME = "metrics.jsonl"
@@ -34,7 +36,8 @@ FILENAME = "metrics.jsonl"
 class MetricsLog:
     """Appends records to ``run_dir/metrics.jsonl``, stamped with the time. Disabled (every
     rank but 0 under torchrun) it writes nothing. Its first record starts on a new line when
-    the file ends in a torn one (with a warning)."""
+    the file ends in a torn one (with a warning). A ``metrics.jsonl`` that is a symbolic link
+or not a regular file is refused (:class:`UsageError`) before anything is appended."""
 
     def __init__(self, run_dir: Path | str, *, enabled: bool = True) -> None:
         self.path = Path(run_dir) / FILENAME
@@ -46,7 +49,7 @@ class MetricsLog:
         """'' if the file is missing, empty or ends a line; else a newline (and a warning)."""
         self._tail_checked = True
         try:
-            with open(self.path, "rb") as f:
+            with os.fdopen(open_own_file(self.path, os.O_RDONLY), "rb") as f:
                 f.seek(0, 2)
                 if f.tell() == 0:
                     return ""
@@ -68,7 +71,8 @@ class MetricsLog:
         try:
             if not self._tail_checked:
                 line = self._line_start() + line
-            with open(self.path, "a") as f:
+            fd = open_own_file(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            with os.fdopen(fd, "a") as f:
                 f.write(line)  # one write per record: a crash loses at most the last line
         except OSError as e:
             raise Abort(f"could not write {self.path}: {e.strerror or e}; the checkpoints are "

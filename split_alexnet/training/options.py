@@ -28,6 +28,7 @@ from split_alexnet.training.optim import SCHEDULES
 from split_alexnet.training.recipes import PRESETS, recipe_settings, values
 from split_alexnet.training.runfolder import saved_settings, settings_for_resume
 from split_alexnet.utils.cli import Parser, UsageError
+from split_alexnet.utils.fileio import read_bounded
 from split_alexnet.utils.flags import Number, check_number
 
 try:  # Python 3.11+; on 3.10 the optional dependency tomli reads --config files
@@ -98,6 +99,8 @@ def _command_kinds() -> dict[str, type]:
 
 
 _COMMAND_KINDS = _command_kinds()
+#: The largest --config file read (a TOML of every setting is about 4 KB).
+MAX_CONFIG_BYTES = 1 << 20
 COMMAND_FLAGS = tuple(f.name for f in fields(Command))
 
 
@@ -156,8 +159,7 @@ def load_toml(path: str) -> dict[str, Any]:
     if tomllib is None:  # pragma: no cover - Python 3.10 without tomli
         raise UsageError("--config needs Python 3.11+ or 'pip install tomli'")
     try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
+        raw = tomllib.loads(read_bounded(path, MAX_CONFIG_BYTES, "config file").decode())
     except FileNotFoundError:
         raise UsageError(f"config file {path} does not exist") from None
     except UnicodeDecodeError as e:

@@ -7,7 +7,8 @@ the settings a resumed run must share with its checkpoint.
   --resume, is refused naming that pid. The kernel drops the lock when the holder exits,
   however it exits (SIGKILL included). A forked child (a DataLoader worker) closes its copy
   of the descriptor at fork, so a worker that outlives a killed trainer for a few seconds
-  does not keep the folder locked.
+  does not keep the folder locked. A ``train.lock`` that is a symbolic link or not a
+  regular file is refused before anything is written (``fileio.open_own_file``).
 * Fresh start: without --resume, an --out that holds a run (``config.json``,
   ``metrics.jsonl`` or a checkpoint) is refused before any work; with ``--overwrite`` that run
   is deleted once the new one is set up, before its first write (:func:`start_fresh`, which
@@ -29,7 +30,9 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import socket
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,13 +41,17 @@ from split_alexnet.training.config import FLAGS, PROG, TrainConfig, check_value,
 from split_alexnet.training.recipes import FINETUNE_PRESET, recipe_settings
 from split_alexnet.utils.checkpoint_file import CheckpointError, load_checkpoint
 from split_alexnet.utils.cli import Abort, UsageError
-from split_alexnet.utils.fileio import write_json
+from split_alexnet.utils.fileio import check_own_file, open_own_file, write_json
 
 LOCK_NAME = "train.lock"
 #: The files that mean an --out holds a run (with ``epoch_NNN.pt``).
 RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "best.pt")
+#: An epoch's checkpoint, ``epoch_NNN.pt``: its epoch number, at least 3 digits.
+EPOCH_NAME = re.compile(r"epoch_(\d+)\.pt")
 #: Drawn from a run's files; ``--overwrite`` deletes it with them.
 DERIVED_FILES = ("curves.png",)
+#: The files a run writes in place (appends to), besides the lock: never through a link.
+APPENDED_FILES = ("metrics.jsonl",)
 
 _HELD: set[int] = set()  # descriptors of the run locks this process holds
 
@@ -74,7 +81,7 @@ class RunLock:
     def acquire(self) -> "RunLock":
         out = self.path.parent
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_own_file(self.path, os.O_RDWR | os.O_CREAT)
         except OSError as e:
             raise UsageError(f"--out {out}: cannot open {self.path}: {e.strerror or e}") \
                 from None
@@ -107,15 +114,71 @@ class RunLock:
             self.fd = None
 
 
+def check_apart(out: Path, data: str | Path | None, *, demo: bool = False) -> None:
+    """Before any work: --out and --data never inside each other (after symbolic links),
+    or one :class:`UsageError`. A run folder inside the data would have its files read as
+    data (``curves.png`` in ``DATA/train/CLASS`` becomes a training image); data inside the
+    run folder mixes what the run owns with what it reads. The one exception is the demo's
+    own generated set, ``OUT/demo_data`` with ``--demo``."""
+    if not data:
+        return
+    o, d = Path(out).resolve(), Path(data).resolve()
+    if o == d or o.is_relative_to(d):
+        raise UsageError(f"--out {out} is inside --data {data}: the run's files would be read "
+                         "as data; give an --out outside it")
+    if d.is_relative_to(o) and not (demo and d == o / "demo_data"):
+        raise UsageError(f"--data {data} is inside --out {out}: a run folder holds only its "
+                         "run; give a --data outside it")
+
+
+def missing_folders(out: Path) -> list[Path]:
+    """``out`` and those of its parents that do not exist yet, deepest first: what creating
+    it creates, and what :func:`remove_created` removes when the start is refused."""
+    missing, p = [], Path(out).absolute()
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    return missing
+
+
+def remove_created(out: Path, created: list[Path]) -> None:
+    """A refused start leaves nothing behind: when it created ``out`` (``created``, from
+    :func:`missing_folders`), delete the lock file it made and each created folder left
+    empty (call it after the lock is released)."""
+    if not created:
+        return
+    try:
+        (Path(out) / LOCK_NAME).unlink(missing_ok=True)
+        for d in created:
+            d.rmdir()
+    except OSError:  # a folder the start filled (the demo's data): it stays
+        pass
+
+
+def epoch_checkpoints(out: Path) -> list[Path]:
+    """The run's ``epoch_NNN.pt`` in ``out``, oldest first: ordered by the epoch number in
+    the name (``epoch_999.pt`` before ``epoch_1000.pt``), the one order of every listing,
+    pruning and fallback. Files that only look alike (``epoch_x.pt``) are not the run's."""
+    found = [(int(m.group(1)), p) for p in Path(out).glob("epoch_*.pt")
+             if (m := EPOCH_NAME.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
 def run_files(out: Path) -> list[Path]:
     """The files of a run that ``out`` holds, if any."""
-    return [out / n for n in RUN_FILES if (out / n).exists()] + sorted(out.glob("epoch_*.pt"))
+    return [out / n for n in RUN_FILES if (out / n).exists()] + epoch_checkpoints(out)
 
 
 def claim(out: Path, *, resume: bool, overwrite: bool) -> RunLock:
     """Rank 0, before any work: take the lock; then, unless resuming or overwriting, refuse
     an ``out`` that holds a run. Returns the held lock."""
     lock = RunLock(out).acquire()
+    try:
+        for name in APPENDED_FILES:
+            check_own_file(out / name)
+    except UsageError:
+        lock.release()
+        raise
     found = [] if resume or overwrite else run_files(out)
     if found:
         lock.release()
@@ -125,6 +188,19 @@ def claim(out: Path, *, resume: bool, overwrite: bool) -> RunLock:
         raise UsageError(f"--out {out} already holds a run "
                          f"({', '.join(p.name for p in found)}); {how}, or give another --out")
     return lock
+
+
+def check_overwrite_keeps(out: Path, source: str | Path | None) -> None:
+    """--overwrite, before any work: the run it deletes must not hold the checkpoint the new
+    run starts from (``--init-from``, after symbolic links), which would be loaded and then
+    deleted. Else one :class:`UsageError`."""
+    if source is None:
+        return
+    doomed = {p.resolve() for p in run_files(out) + [out / n for n in DERIVED_FILES]}
+    if Path(source).resolve() in doomed:
+        raise UsageError(f"--init-from {source} is a file of the run in --out {out}, which "
+                         f"--overwrite deletes; copy it out of {out} first, or give another "
+                         "--out")
 
 
 def delete_previous_run(out: Path) -> None:
@@ -188,10 +264,13 @@ def alive(pid: int) -> bool:
 
 def remove_stale_temps(out: Path) -> list[Path]:
     """Delete the temporaries in ``out`` whose writer is gone: ``.*.<pid>.tmp`` of a pid
-    that is not alive, and the pid-less ``.*.pt.*.tmp`` of older versions. Call it holding
-    the lock. Returns the deleted files."""
+    that is not alive, and the pid-less ``.*.pt.*.tmp`` of older versions. Only regular
+    files: a folder or a link named like one is not a temporary of the trainer's, and stays.
+    Call it holding the lock. Returns the deleted files."""
     gone = []
     for p in sorted(Path(out).glob(".*.tmp")):
+        if not stat.S_ISREG(p.lstat().st_mode):
+            continue
         pid = writer_pid(p.name)
         if (".pt." in p.name if pid is None else pid != os.getpid() and not alive(pid)):
             p.unlink(missing_ok=True)

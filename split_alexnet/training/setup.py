@@ -48,7 +48,7 @@ def list_for_holdout(cfg: TrainConfig) -> Listing | None:
     if not (cfg.data.holdout and data and (Path(data) / "train").is_dir()):
         return None
     classes = find_classes(Path(data) / "train")
-    samples = list_samples(Path(data) / "train", classes)
+    samples = list_samples(Path(data) / "train", classes, strict=cfg.data.strict)
     check_holdout(cfg.data.holdout, [t for _, t in samples], classes)
     return classes, samples
 

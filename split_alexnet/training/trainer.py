@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import split_alexnet.training.distributed as dist_util
-from split_alexnet.data.demo import make_demo_dataset
+from split_alexnet.data.demo import demo_unfinished, make_demo_dataset
 from split_alexnet.network.placement import layout_of
 from split_alexnet.training import checkpoint, loop
 from split_alexnet.training.config import PROG, TrainConfig
@@ -32,7 +32,9 @@ from split_alexnet.training.metrics import (DivergenceAlarm, MetricsLog, Watchdo
                                             read_records, write_curves)
 from split_alexnet.training.optim import set_lr
 from split_alexnet.training.options import Command
-from split_alexnet.training.runfolder import RunLock, claim, start_fresh, write_config
+from split_alexnet.training.runfolder import (RunLock, check_apart, check_overwrite_keeps,
+                                              claim, missing_folders, remove_created,
+                                              start_fresh, write_config)
 from split_alexnet.training.setup import build_learner, list_for_holdout, load_data
 from split_alexnet.training.state import Position, RunData, StopReason, TrainResult
 from split_alexnet.training.tensorboard import TensorBoardLog
@@ -42,10 +44,10 @@ from split_alexnet.utils.signals import StopOnSignal
 
 
 def ensure_demo_data(cfg: TrainConfig, ctx: dist_util.Context) -> None:
-    """--demo: rank 0 generates the demo dataset where --data points when it is missing;
-    every rank waits for it."""
+    """--demo: rank 0 generates the demo dataset where --data points when it is missing or
+    its generation was cut short (it finishes it); every rank waits for it."""
     data = Path(cfg.data.data)
-    if ctx.rank == 0 and not (data / "train").is_dir():
+    if ctx.rank == 0 and demo_unfinished(data):
         print(f"generating the demo dataset in {data} ...", file=sys.stderr)
         make_demo_dataset(data, seed=0)
     dist_util.barrier()
@@ -82,19 +84,23 @@ class Trainer:
         (joining the process group under torchrun), the run folder (rank 0 takes its lock),
         the data and its statistics, the model (seeded, built, placed, parallelized), the
         optimizer after it, and the resumed state or the new run's config.json. On an error
-        the lock is released."""
+        the lock is released, and a run folder this start created is removed."""
         cmd = cmd or Command()
         if cfg.logging.tensorboard:  # the optional package, before any work
             require_tensorboard()
+        out = Path(cfg.checkpoint.out)
+        if cmd.overwrite:
+            check_overwrite_keeps(out, cfg.finetune.init_from)
+        check_apart(out, cfg.data.data, demo=cmd.demo)
         listed = list_for_holdout(cfg)  # before any work
         ctx, devices = dist_util.setup(cfg)
-        out = Path(cfg.checkpoint.out)
-        lock = None
-        if ctx.rank == 0:
-            check_output_dir(out, "--out")
-            make_output_dir(out, "--out")
-            lock = claim(out, resume=bool(cmd.resume), overwrite=cmd.overwrite)
+        lock, created = None, []
         try:
+            if ctx.rank == 0:
+                check_output_dir(out, "--out")
+                created = missing_folders(out)
+                make_output_dir(out, "--out")
+                lock = claim(out, resume=bool(cmd.resume), overwrite=cmd.overwrite)
             if cmd.demo:
                 ensure_demo_data(cfg, ctx)
             source = read_source(cfg, resume=bool(cmd.resume))  # checked before the data
@@ -119,6 +125,7 @@ class Trainer:
         except BaseException:
             if lock is not None:
                 lock.release()
+            remove_created(out, created)  # a refused start leaves nothing behind
             raise
 
     # ------------------------------------------------------------------ state
@@ -224,6 +231,12 @@ class Trainer:
         """Train as the config says: per epoch train and evaluate, then the paper's ten-crop
         test. Returns why it stopped, where, and the last evaluations."""
         pos, s = self.pos, self.cfg.schedule
+        result = TrainResult(StopReason.DONE, pos.step, pos.epoch)
+        if s.max_steps is not None and pos.step >= s.max_steps:  # checked before a step too
+            if self.is_main:
+                print(f"{PROG}: the run is at step {pos.step}, at or past --max-steps "
+                      f"{s.max_steps}: nothing to train", file=sys.stderr)
+            return self._ended(result, StopReason.MAX_STEPS)
         set_lr(self.optimizer, self.schedule.lr)
         done = self.finished()
         if done:
@@ -237,7 +250,6 @@ class Trainer:
                   f"{len(d.train_set)} train / {len(d.val_set)} val images, batch "
                   f"{d.batch}x{self.ctx.data_size}, {d.steps_per_epoch} steps/epoch, "
                   f"out {self.out}", file=sys.stderr)
-        result = TrainResult(StopReason.DONE, pos.step, pos.epoch)
         with self.stop:
             while pos.epoch < s.epochs:
                 reason = self.train_epoch()
@@ -311,6 +323,11 @@ def train(cfg: TrainConfig, cmd: Command | None = None) -> TrainResult:
     try:
         t = Trainer.setup(cfg, cmd)
         return t.fit()
+    except RuntimeError as e:  # a peer rank gone: one line naming it, not a traceback
+        lost = dist_util.lost_peer(e)
+        if lost is None:
+            raise
+        raise lost from None
     finally:
         if t is not None:
             t.close()

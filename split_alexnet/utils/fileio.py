@@ -1,13 +1,16 @@
 """One atomic file writer for everything the project writes (checkpoints, statistics,
-metadata, prepared images), the one JSON writer on it, and the check that an output folder
-can be written: standard library only, so worker processes can use it without importing
-torch."""
+metadata, prepared images), the one JSON writer on it, the one opener of files written in
+place (:func:`open_own_file`: never through a symbolic link), the one bounded reader of
+small inputs (:func:`read_bounded`), and the check that an output folder can be written:
+standard library only, so worker processes can use it without importing torch."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -68,6 +71,64 @@ def atomic_write(path: Path | str, write: Callable[[BinaryIO], None], *,
                 os.close(dfd)
         except OSError:  # some filesystems cannot fsync a folder; the rename is still atomic
             pass
+
+
+def check_own_file(path: Path | str) -> None:
+    """One-line :class:`UsageError` if ``path`` is a symbolic link or exists as anything but a
+    regular file: what :func:`open_own_file` refuses, checked before any work."""
+    path = Path(path)
+    if path.is_symlink():
+        raise UsageError(f"{path} is a symbolic link (to {os.readlink(path)}): refusing to "
+                         "write through it; remove it")
+    if path.exists() and not path.is_file():
+        raise UsageError(f"{path} is not a regular file: refusing to write into it; remove it")
+
+
+def open_own_file(path: Path | str, flags: int, mode: int = 0o644) -> int:
+    """``os.open(path, flags | O_NOFOLLOW, mode)`` for a file a tool writes in place (a lock,
+    an appended log): a descriptor of a regular file, or the one-line :class:`UsageError` of
+    :func:`check_own_file` when ``path`` is a symbolic link (the write would land wherever it
+    points) or not a regular file (a FIFO, a device, a folder), before anything is written.
+    Other ``OSError`` s propagate. (Files replaced whole go through :func:`atomic_write`,
+    whose rename replaces a link instead of following it.)"""
+    path = Path(path)
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0),
+                     mode)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):  # a link, a FIFO, a folder
+            check_own_file(path)
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            check_own_file(path)  # raises, unless the path changed since the open
+            raise UsageError(f"{path} is not a regular file: refusing to write into it")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_bounded(path: Path | str, limit: int, what: str) -> bytes:
+    """The bytes of the regular file ``path`` (after symbolic links), of at most ``limit``
+    bytes: a FIFO, a device (``/dev/zero``) or a folder, and a larger file, are one-line
+    :class:`UsageError` s naming it as ``what``, checked on the opened file before reading
+    (a non-blocking open: a FIFO cannot hang it). A missing file raises
+    ``FileNotFoundError``."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"{what} {path} is not a regular file")
+        if st.st_size > limit:
+            raise UsageError(f"{what} {path} holds {st.st_size:,} bytes, more than the "
+                             f"{limit:,} it may")
+        os.set_blocking(fd, True)
+        data = f.read(limit + 1)
+    if len(data) > limit:  # it grew since
+        raise UsageError(f"{what} {path} holds more than the {limit:,} bytes it may")
+    return data
 
 
 def write_json(path: Path | str, obj: Any, *, indent: int | None = 2, sort_keys: bool = False,

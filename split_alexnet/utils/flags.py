@@ -87,14 +87,32 @@ class Number(argparse.Action):
                 check_number(option_string, value, self.kind, **self.bounds))
 
 
-def check_output(flag: str, path: str | Path | None) -> None:
-    """An output file ``path`` (given with ``flag``) that can be written: not a folder, and
-    its nearest existing parent a writable folder (missing folders below it are created when
-    the file is written). Checked before the work, which would otherwise end in a failed
-    write. ``None`` (the flag not given) passes."""
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether the paths ``a`` and ``b`` name one file: the same path after symbolic links,
+    or (both existing) the same inode, as a hard link."""
+    a, b = Path(a), Path(b)
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output(flag: str, path: str | Path | None,
+                 inputs: dict[str, str | Path | None] | None = None) -> None:
+    """An output file ``path`` (given with ``flag``) that can be written: not one of the
+    command's ``inputs`` (flag -> path: writing it would replace what the command reads), not
+    a folder, and its nearest existing parent a writable folder (missing folders below it are
+    created when the file is written). Checked before the work, which would otherwise end in
+    a failed write. ``None`` (the flag not given) passes."""
     if path is None:
         return
     path = Path(path)
+    for in_flag, in_path in (inputs or {}).items():
+        if in_path is not None and same_file(path, in_path):
+            raise UsageError(f"{flag} {path} is {in_flag} {in_path}, an input of this command: "
+                             f"writing it would replace what it reads; give another {flag}")
     if path.is_dir():
         raise UsageError(f"{flag} {path} is a folder, not a file")
     parent = path.absolute().parent

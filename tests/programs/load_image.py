@@ -2,7 +2,8 @@
 loaded), the seconds it took and how many MB the process's peak memory grew by.
 
 Usage: load_image.py IMAGE (run by tests/test_data_hardening.py::
-test_image_over_the_pixel_limit_is_refused_before_decoding)
+test_image_over_the_pixel_limit_is_refused_before_decoding,
+tests/test_input_checks.py::test_an_image_file_larger_than_any_allowed_image_is_refused_unread)
 """
 
 import json

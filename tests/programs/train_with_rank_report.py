@@ -2,8 +2,8 @@
 each rank writes $REPORT/rank<R>.json with how many checkpoints it saved, the RNG state it
 resumed with and the one its checkpoint held for each rank, and (if the run succeeded) a
 digest of its parameters after training and the traffic its network recorded in its last
-forward pass. DIE_RANK=R: rank R exits with code 3 right after
-joining the process group.
+forward pass. DIE_RANK=R: rank R exits with code 3 right after joining the process group;
+STOP_RANK=R: rank R stops itself (SIGSTOP) before its second step.
 
 Usage: torchrun ... train_with_rank_report.py TRAIN-FLAGS... (run by tests/test_distributed.py
 tests/test_finetune.py::test_frozen_layers_under_ddp and tests/test_towers.py through
@@ -69,6 +69,18 @@ if os.environ.get("DIE_RANK") == str(rank):  # this rank dies after joining the 
         """Exits with code 3 instead of placing the model."""
         os._exit(3)
     setup_module.parallelize = parallelize
+if os.environ.get("STOP_RANK") == str(rank):  # this rank stops (SIGSTOP) at its 2nd step
+    import signal
+
+    import split_alexnet.training.loop as loop_module
+    _step = loop_module.train_step
+
+    def train_step(t, batch):
+        """The training step; at step 2 the process stops itself, as a hung peer."""
+        if t.pos.step == 1:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return _step(t, batch)
+    loop_module.train_step = train_step
 rc = run(main, "split_alexnet.train")
 if rc == 0:  # the parameters after training
     net = trainers[-1].net
