@@ -62,7 +62,8 @@ def tower_runs(tmp_path_factory):
     res["towers"] = towers("towers", "--max-steps", "2")
     res["all_ref"] = here("all_ref", "--max-steps", "2", *LRN_ALL)
     towers("t2p", "--max-steps", "1", *LRN_ALL)
-    res["t2p"] = here("t2p", "--max-steps", "2", "--resume", *LRN_ALL)
+    # a resume takes the run's settings: --parallel pair brings the towers into one process
+    res["t2p"] = here("t2p", "--max-steps", "2", "--resume", "--parallel", "pair", *LRN_ALL)
     here("p2t", "--max-steps", "1")
     res["p2t"] = towers("p2t", "--max-steps", "2", "--resume")
     torch.set_num_threads(threads)

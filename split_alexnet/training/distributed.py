@@ -145,7 +145,7 @@ def check_parallel(cfg, ctx: Context) -> None:
     if ctx.world_size == 1:
         raise UsageError("--parallel towers runs one process per tower: start it with torchrun "
                          "(torchrun --nproc-per-node 2 -m split_alexnet.train --parallel towers "
-                         "...)")
+                         "...), or give --parallel pair for both towers in this process")
     if ctx.world_size % 2:
         raise UsageError(f"--parallel towers needs an even number of processes (a pair per "
                          f"replica); torchrun started {ctx.world_size}")
