@@ -39,7 +39,8 @@ from typing import Any
 
 from split_alexnet.training.config import FLAGS, PROG, TrainConfig, check_value, flag_name
 from split_alexnet.training.recipes import FINETUNE_PRESET, recipe_settings
-from split_alexnet.utils.checkpoint_file import CheckpointError, load_checkpoint
+from split_alexnet.utils.checkpoint_file import (CheckpointError, check_training_state,
+                                                 load_checkpoint)
 from split_alexnet.utils.cli import Abort, UsageError
 from split_alexnet.utils.fileio import check_own_file, open_own_file, write_json
 
@@ -374,10 +375,11 @@ def saved_settings(out: Path, spec: str) -> tuple[dict[str, Any], Path]:
     for path in candidates:
         try:
             ckpt = load_checkpoint(path)
+            check_resumable(ckpt, path)
+            check_training_state(ckpt, path)  # every field, before the settings are read
         except CheckpointError as e:
             error = str(e)
             continue
-        check_resumable(ckpt, path)
         return {**_table(ckpt, "config"), **_table(ckpt, "model_config")}, path
     raise UsageError(error)
 

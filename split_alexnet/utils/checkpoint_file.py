@@ -288,3 +288,67 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         sha = ""
     return f"{__version__}+{sha}" if sha else __version__
+
+
+# ----------------------------------------------------------------------------- training state
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _rate(v) -> bool:  # an error rate, or inf before the first evaluation
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and \
+        (0 <= v <= 1 or v == float("inf"))
+
+
+#: The training state's fields: (table, key) -> (what it must be, the check). A check of
+#: None (the table itself) needs a dict.
+_FIELDS = {
+    ("progress", "epoch"): ("a count (an integer >= 0)", _count),
+    ("progress", "step"): ("a count (an integer >= 0)", _count),
+    ("progress", "epoch_step"): ("a count (an integer >= 0)", _count),
+    ("progress", "best_top1"): ("an error rate in [0, 1] (or inf)", _rate),
+    ("schedule", "lr"): ("a finite number > 0", lambda v: isinstance(v, (int, float)) and
+                         not isinstance(v, bool) and 0 < v < float("inf")),
+    ("schedule", "best"): ("an error rate in [0, 1] (or inf)", _rate),
+    ("schedule", "bad_epochs"): ("a count (an integer >= 0)", _count),
+    ("schedule", "drops"): ("a count (an integer >= 0)", _count),
+    ("schedule", "epochs"): ("a count (an integer >= 0)", _count),
+}
+
+
+def check_training_state(ckpt: dict, path: Path) -> None:
+    """Every field of a run's training state before any of it is used: ``progress``,
+    ``schedule``, ``rng`` (per rank, uint8 generator states), the optimizer's groups and the
+    flat ``config``. A :class:`CheckpointError`, ``checkpoint P: FIELD is ...``, for the first
+    field that is missing or of another type, shape or range."""
+    def bad(field: str, what: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {path}: {field} is missing or not {what}")
+    for table in ("progress", "schedule", "rng", "config", "optimizer"):
+        if not isinstance(ckpt.get(table), dict):
+            raise bad(table, "a table (dict)")
+    for (table, key), (what, ok) in _FIELDS.items():
+        if key not in ckpt[table] or not ok(ckpt[table][key]):
+            raise bad(f"{table}.{key}", what)
+    if "epochs_at_rate" in ckpt["schedule"] and not _count(ckpt["schedule"]["epochs_at_rate"]):
+        raise bad("schedule.epochs_at_rate", "a count (an integer >= 0)")
+    cpu_state = torch.get_rng_state().shape
+    if "rank0" not in ckpt["rng"]:
+        raise bad("rng.rank0", "a table of random states")
+    for rank, states in ckpt["rng"].items():
+        if not isinstance(states, dict) or "cpu" not in states:
+            raise bad(f"rng.{rank}", "a table of random states with 'cpu'")
+        for dev, st in states.items():
+            if not (isinstance(st, torch.Tensor) and st.dtype == torch.uint8 and st.dim() == 1
+                    and (dev != "cpu" or st.shape == cpu_state)):
+                raise bad(f"rng.{rank}.{dev}", "a generator state (a 1-D uint8 tensor"
+                          + (f" of {cpu_state[0]} bytes)" if dev == "cpu" else ")"))
+    groups = ckpt["optimizer"].get("groups")
+    simple = (int, float, bool, str, type(None))
+    if not isinstance(groups, list) or not all(
+            isinstance(g, dict) and "params" not in g and all(
+                isinstance(v, simple) or (isinstance(v, (list, tuple)) and
+                                          all(isinstance(x, simple) for x in v))
+                for v in g.values()) for g in groups):
+        raise bad("optimizer.groups", "a list of hyper-parameter tables")
