@@ -217,8 +217,8 @@ def test_a_run_at_or_past_max_steps_trains_nothing_and_says_so(one_step, demo_ro
     for _ in range(2):  # every call: no step
         capsys.readouterr()
         assert train(demo_root, out, *CPU_PAIR, "--resume", "--max-steps", max_steps) == 0
-        assert f"the run is at step {step}, at or past --max-steps {max_steps}: nothing to " \
-               "train" in capsys.readouterr().err
+        assert f"nothing to do: the run in {out} is at step {step}, --max-steps {max_steps}; " \
+               "give a larger --max-steps" in capsys.readouterr().err
     assert (out / "last.pt").stat().st_mtime_ns == last
     assert [r["kind"] for r in records(out)[n:]] == ["resume", "resume"]
 

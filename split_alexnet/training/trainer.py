@@ -232,13 +232,8 @@ class Trainer:
         test. Returns why it stopped, where, and the last evaluations."""
         pos, s = self.pos, self.cfg.schedule
         result = TrainResult(StopReason.DONE, pos.step, pos.epoch)
-        if s.max_steps is not None and pos.step >= s.max_steps:  # checked before a step too
-            if self.is_main:
-                print(f"{PROG}: the run is at step {pos.step}, at or past --max-steps "
-                      f"{s.max_steps}: nothing to train", file=sys.stderr)
-            return self._ended(result, StopReason.MAX_STEPS)
         set_lr(self.optimizer, self.schedule.lr)
-        done = self.finished()
+        done = self.finished()  # --max-steps is checked before a step too
         if done:
             if self.is_main:
                 print(f"{PROG}: nothing to do: {done}", file=sys.stderr)
@@ -284,7 +279,7 @@ class Trainer:
         pos, s = self.pos, self.cfg.schedule
         if s.max_steps is not None and pos.step >= s.max_steps:
             return (f"the run in {self.out} is at step {pos.step}, --max-steps {s.max_steps}; "
-                    "give a larger --max-steps to continue it")
+                    "give a larger --max-steps to continue it")  # at or past it: no step
         if pos.epoch < s.epochs or pos.epoch_step:
             return None
         tested = any(r.get("kind") == "val_ten_crop" and r.get("step") == pos.step
