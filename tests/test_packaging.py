@@ -15,6 +15,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from helpers import PROGRAMS, REPO, run_python
 import split_alexnet
@@ -77,6 +80,35 @@ def test_licence_and_pytest_settings():
     assert ini["tmp_path_retention_policy"] == "failed"
 
 
+def _lower_bounds() -> dict[str, Version]:
+    """pyproject's dependencies with a ``>=`` bound: name -> that version."""
+    bounds = {}
+    for dep in PYPROJECT["project"]["dependencies"]:
+        req = Requirement(dep)
+        for spec in req.specifier:
+            if spec.operator == ">=":
+                bounds[canonicalize_name(req.name)] = Version(spec.version)
+    return bounds
+
+
+def test_the_floor_pins_are_the_lower_bounds_of_pyproject():
+    """.ci/floor.txt, the constraints of .ci/run's second environment, pins torch, torchvision
+    and numpy to exactly the lowest versions pyproject.toml accepts: the claimed floor is the
+    tested one, and neither file can move without the other."""
+    pins = {}
+    for line in (REPO / ".ci" / "floor.txt").read_text().splitlines():
+        line = line.partition("#")[0].strip()
+        if not line:
+            continue
+        req = Requirement(line)
+        (spec,) = req.specifier
+        assert spec.operator == "==" and "*" not in spec.version, f"not an exact pin: {line}"
+        pins[canonicalize_name(req.name)] = Version(spec.version)
+    assert set(pins) == {"torch", "torchvision", "numpy"}
+    bounds = _lower_bounds()
+    assert {name: bounds.get(name) for name in pins} == pins
+
+
 def _copy_sources(dest: Path) -> None:
     """What the sdist holds: pyproject, README, LICENSE and the package (no caches)."""
     for name in ("pyproject.toml", "README.md", "LICENSE"):
@@ -121,7 +153,8 @@ def test_wheel_contents_and_metadata(wheel):
     assert meta["Version"] == split_alexnet.__version__
     assert meta["License-Expression"] == "MIT"
     requires = meta.get_all("Requires-Dist")
-    for req in ("ninja", "pillow>=9.1", 'tomli; python_version < "3.11"', "torch>=2.4"):
+    for req in ("ninja", "pillow>=9.1", 'tomli; python_version < "3.11"', "torch>=2.4.1",
+                "torchvision>=0.19.1", "numpy>=2.0"):
         assert req in requires, requires
     for script, target in SCRIPTS.items():
         assert f"{script} = {target}" in entry_points

@@ -22,8 +22,8 @@ forward(x, lo, hi, alpha, beta, k, groups) -> y
 backward(x, g, lo, hi, alpha, beta, k, groups) -> grad_x
     grad_j = g_j d_j^-beta - 2 alpha beta x_j * sum_{i=j-hi}^{j+lo} g_i x_i d_i^(-beta-1)
 
-On top of them this module registers, with ``torch.library`` (torch >= 2.4, the oldest torch
-the package supports, has both calls):
+On top of them this module registers, with ``torch.library`` (torch 2.4 has both calls; the
+package's floor is 2.4.1):
 
 * ``register_autograd`` for ``forward``: saves x only, its backward is the ``backward`` op
   (d is recomputed from x). ``backward`` is first-order only: differentiating it raises.
