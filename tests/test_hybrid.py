@@ -33,6 +33,7 @@ from split_alexnet.training.distributed import Context, check_parallel
 from split_alexnet.training.optim import build_optimizer
 from split_alexnet.training.options import parse_config
 from split_alexnet.utils.checkpoint_file import load_checkpoint
+from split_alexnet.tools.bench.comm import bytes_per_step
 from split_alexnet.training.command import main as train_main
 from split_alexnet.utils.cli import UsageError, run
 
@@ -123,6 +124,20 @@ def test_sequential_each_equals_k_sequential_fc_updates(hybrid_steps, k):
     # and it is another run: the K updates move fc8 elsewhere than one update does
     once = states["sequential-once"]["fc8.weight"]
     assert (states["sequential-each"]["fc8.weight"] - once).abs().max() > 100 * ATOL
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_bench_comm_counts_what_the_collectives_send(hybrid_steps, k):
+    """bench comm's hybrid rows are the bytes the real steps' collectives sent (per process
+    per step, as ring algorithms send them); and the pair row is DDP's all-reduce of the
+    whole network's 60,965,224 parameters at 1000 classes."""
+    classes, b, states = hybrid_steps[k]
+    for schedule in ("gather", "sequential"):
+        want = bytes_per_step(f"hybrid {schedule}", k, b, classes)["total"]
+        for variant in [v for v in ("gather", "sequential-once", "sequential-each")
+                        if v.startswith(schedule)]:
+            assert states[f"{variant} bytes"].item() == pytest.approx(want, rel=1e-12)
+    assert bytes_per_step("pair", 2, 128, 1000)["total"] == 60_965_224 * 4
 
 
 # ----------------------------------------------------------------------------- the network
