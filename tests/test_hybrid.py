@@ -19,6 +19,7 @@ the unit, DDP in each replica, so the masks differ (the same distribution).
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from helpers import PROGRAMS, records, torchrun
 from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.network.hybrid import HybridAlexNet, check_parts
-from split_alexnet.network.model import AlexNet, ModelConfig, _act
+from split_alexnet.network.model import AlexNet, ModelConfig, _act, collapsed_shapes
 from split_alexnet.training.distributed import Context, check_parallel
 from split_alexnet.training.optim import build_optimizer
 from split_alexnet.training.options import parse_config
@@ -197,7 +198,8 @@ def test_fc_updates_each_needs_the_sequential_hybrid():
 def hybrid_runs(tmp_path_factory):
     """One epoch (2 steps of 4 images, the centre-crop evaluation and the ten-crop test) of
     the same run as pair DDP, as hybrid 'gather' and as hybrid 'sequential', two processes
-    each; then the pair and the hybrid run each resumed in one process for one more step.
+    each; a hybrid --plan; then the pair and the hybrid run each resumed in one process for
+    one more step.
     Validation: 5 images, so the processes' shares differ (3 and 2)."""
     base = tmp_path_factory.mktemp("hybrid")
     data = make_demo_dataset(base / "data", classes=2, train_per_class=4, val_per_class=3,
@@ -212,6 +214,11 @@ def hybrid_runs(tmp_path_factory):
                         timeout=300)
         assert p.returncode == 0, f"{name}: rc {p.returncode}\n{p.stderr[-4000:]}"
         runs[name] = base / name
+    p, _ = torchrun(DRIVER, base / "report_plan",
+                    ["--data", str(data), "--out", str(base / "plan"), *COMMON, "--parallel",
+                     "hybrid", "--plan", "--plan-steps", "1"], timeout=300)
+    assert p.returncode == 0, p.stderr[-4000:]
+    runs["plan_err"] = p.stderr
     for name in ("pair", "gather"):  # a hybrid checkpoint resumed by the one-process pair
         assert run(train_main, "train", ["--out", str(base / name), "--resume", "--parallel",
                                          "pair", "--epochs", "2", "--max-steps", "3",
@@ -243,6 +250,15 @@ def test_hybrid_trains_what_pair_ddp_trains(hybrid_runs):
             assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
 
 
+def test_plan_under_hybrid_states_the_whole_networks_checkpoint(hybrid_runs):
+    """--plan with --parallel hybrid trains its steps in a scratch folder, writes nothing in
+    --out, and sizes the checkpoint of the whole network (not one process's part)."""
+    assert not (hybrid_runs["base"] / "plan").exists()
+    whole = sum(math.prod(s) for s in collapsed_shapes(2).values()) * 4
+    assert f"checkpoint size: {2 * whole / 2**20:.0f} MiB ({whole / 2**20:.0f} MiB " \
+        "parameters" in hybrid_runs["plan_err"]
+
+
 def test_a_hybrid_checkpoint_resumes_in_one_process(hybrid_runs):
     """The hybrid run's checkpoint, resumed by --parallel pair in one process for a third
     step, lands where pair DDP's checkpoint resumed the same way lands."""
@@ -250,3 +266,43 @@ def test_a_hybrid_checkpoint_resumes_in_one_process(hybrid_runs):
     b = load_checkpoint(hybrid_runs["pair_resumed"] / "last.pt")
     assert a["progress"]["step"] == b["progress"]["step"] == 3
     assert_close_states(a["model"], b["model"])
+
+
+# ----------------------------------------------------------------------------- lr and batch
+
+
+def test_lr_batch_rule_scales_each_layer_by_the_batch_it_sees():
+    """sqrt: conv layers at K*b, fc6-fc8 at b under --fc-updates each; the line says so."""
+    from split_alexnet.training.setup import batch_lr_mults, describe_lr_batch_rule
+    cfg = parse_config(["--parallel", "hybrid", "--hybrid-schedule", "sequential",
+                        "--fc-updates", "each", "--lr-batch-rule", "sqrt",
+                        "--batch-size", "512"])
+    ctx = Context(rank=0, world_size=4)
+    mults = batch_lr_mults(cfg, ctx, 128)
+    assert mults["conv1"] == mults["conv5"] == pytest.approx(2.0)  # sqrt(512 / 128)
+    assert mults["fc6"] == mults["fc8"] == 1.0                     # 128 images per update
+    assert describe_lr_batch_rule(cfg, ctx, 128) == (
+        "--lr-batch-rule sqrt (reference batch 128): conv1-conv5 see 512 images: lr x 2; "
+        "fc6-fc8 see 128 images: lr x 1")
+    linear = parse_config(["--lr-batch-rule", "linear", "--lr-batch-reference", "64"])
+    assert batch_lr_mults(linear, Context(rank=0, world_size=2), 64)["fc7"] == 2.0
+    assert describe_lr_batch_rule(parse_config([]), ctx, 128) is None
+    assert set(batch_lr_mults(parse_config([]), ctx, 128).values()) == {1.0}
+
+
+def test_the_rule_reaches_the_optimizer_and_the_log(tmp_path, capsys):
+    """A one-process run with --lr-batch-rule sqrt at batch 8: every group's rate is lr x
+    sqrt(8 / 128) = lr / 4, and the start says it."""
+    from helpers import BASE, CPU_PAIR
+    from split_alexnet.training.trainer import Trainer
+    data = make_demo_dataset(tmp_path / "data", classes=2, train_per_class=4, val_per_class=1,
+                             seed=0)
+    argv = ["--data", str(data), "--out", str(tmp_path / "run"), *BASE, *CPU_PAIR,
+            "--lr-batch-rule", "sqrt"]
+    t = Trainer.setup(parse_config(argv))
+    try:
+        assert {round(g["lr"] / 0.01, 6) for g in t.optimizer.param_groups} == {0.25}
+    finally:
+        t.close()
+    assert "--lr-batch-rule sqrt (reference batch 128): conv1-fc8 see 8 images: lr x 0.25" \
+        in capsys.readouterr().err

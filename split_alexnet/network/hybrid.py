@@ -3,7 +3,7 @@ implements it): :class:`HybridAlexNet`, the whole convolutional part, trained da
 and 1/K of the output units of fc6, fc7 and fc8, trained model-parallel, with the exchanges
 between the K processes as collectives that autograd runs backwards.
 
-The convolutional layers hold about 6% of the parameters and do about 95% of the arithmetic
+The convolutional layers hold about 4% of the parameters and do about 92% of the arithmetic
 (``split_alexnet.network.flops``), so each of the K processes runs all of them on its own
 share of the batch and the gradients are summed across processes (:meth:`reduce_conv_grads`).
 The fully connected layers hold the rest of the parameters, so each process holds rows
