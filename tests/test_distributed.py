@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import PROGRAMS, REPO, rank_reports, records, torchrun
+from helpers import BASE, PROGRAMS, REPO, rank_reports, records, torchrun
 from split_alexnet.data.dataset import EpochSampler, find_classes, list_samples
 from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.utils.checkpoint_file import load_checkpoint
@@ -178,6 +178,36 @@ def test_a_dead_rank_stops_the_job_quickly(dist_runs):
     # torchrun names the root cause: rank 1, our exit code 3.
     root = p.stderr[p.stderr.index("Root Cause"):]
     assert re.search(r"rank\s*:\s*1\b", root) and re.search(r"exitcode\s*:\s*3\b", root), root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["pair", "towers"])
+def test_stop_on_divergence_stops_every_rank_together(demo_root, tmp_path, parallel):
+    """--lr 0.3 with --stop-on-divergence on the 4-class set (as test_finite's one process):
+    the loss leaves 3 x ln 4 within 4 steps. Every rank judges the same loss, the highest of
+    the replicas' (under --parallel towers tower 1's process holds none), so every rank
+    stops with exit 1 at the same step: rank 0 says so in one line, nothing is saved after
+    the last good last.pt (saved every step: --checkpoint-minutes 0)."""
+    out, report = tmp_path / "run", tmp_path / "report"
+    p, dt = torchrun(DRIVER, report, ["--data", str(demo_root), "--out", str(out), *BASE,
+                                      "--devices", "cpu,cpu", "--parallel", parallel,
+                                      "--lr", "0.3", "--max-steps", "4",
+                                      "--stop-on-divergence", "--checkpoint-minutes", "0"],
+                     timeout=240)
+    assert p.returncode == 1 and dt < 150, f"rc {p.returncode}, {dt:.0f} s\n{p.stderr[-3000:]}"
+    # Both ranks ended their main with exit 1 (neither was left to torchrun to stop).
+    assert {r: rep["rc"] for r, rep in rank_reports(report).items()} == {0: 1, 1: 1}, \
+        p.stderr[-3000:]
+    (line,) = [ln for ln in p.stderr.splitlines() if "split_alexnet.train: error:" in ln]
+    assert "error: the training loss diverged: " in line, line
+    assert ("(the highest of 2 replicas')" in line) == (parallel == "pair"), line
+    assert f"the last good checkpoint: {out / 'last.pt'}" in line, line
+    assert "DIVERGENCE:" not in p.stderr
+    assert f'File "{REPO / "split_alexnet"}' not in p.stderr, p.stderr[-3000:]
+    (rec,) = [r for r in records(out) if r["kind"] == "divergence"]
+    assert rec["loss"] > rec["bound"]
+    assert load_checkpoint(out / "last.pt")["progress"]["step"] == rec["step"] - 1
+    assert sorted(p.name for p in out.glob("*.pt")) == ["last.pt"]
 
 
 DIST_ENV = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}

@@ -14,6 +14,7 @@ from torch import nn
 
 from helpers import REPO, records, run_python
 import split_alexnet.data.dataset as D
+from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.data.dataset import CropFolder, holdout_indices
 from split_alexnet.network.model import WEIGHT_LAYERS, SplitAlexNet, collapse_state_dict
 from split_alexnet.utils.checkpoint_file import load_checkpoint
@@ -395,3 +396,25 @@ def test_plan_prints_the_run_and_writes_nothing_into_out(demo_root, tmp_path):
     assert "CPU: growth of this process's peak resident set size" in text
     assert "step time over 3 timed steps (after 1 warm-up)" in text and "median" in text
     assert "projected training time for 48 steps" in text
+
+
+@pytest.mark.parametrize("plan", [True, False], ids=["plan", "start"])
+def test_a_preset_is_printed_before_the_refusal_its_batch_causes(plan, tmp_path):
+    """--demo's batch of 32 on 8 training images, with --plan and at a run's start: the demo
+    preset's table comes first on stderr, then the one line that names --batch-size (exit 2,
+    no traceback), and nothing is left in --out."""
+    small = make_demo_dataset(tmp_path / "small", classes=2, train_per_class=4,
+                              val_per_class=2, seed=0)
+    out = tmp_path / "run"
+    p = _train(*(["--plan"] if plan else []), "--demo", "--data", str(small), "--out", str(out),
+               "--workers", "0", cwd=tmp_path)
+    err = p.stderr
+    assert p.returncode == 2 and "Traceback" not in err, err
+    (line,) = [ln for ln in err.splitlines() if ": error: " in ln]
+    assert line.endswith("error: the training set has 8 images, fewer than one batch of 32 "
+                         "(--batch-size 32); give --batch-size N with N at most 8"), err
+    title = err.index("demo preset (flags given on the command line win):")
+    batch = err.index(f"  --batch-size 32: {DEMO_PRESET['batch_size'][1]}")
+    assert title < batch < err.index(line)
+    assert "  --workers 2 (this run: 0): " in err
+    assert not out.exists()

@@ -1,5 +1,6 @@
-"""The ``split_alexnet.train`` command: parse the flags, print the recipe and presets in use,
-then print the recipe, plan the run, or train it and print its result.
+"""The ``split_alexnet.train`` command: parse the flags, then print the recipe, or print the
+recipe and presets in use (before any check that uses their values) and plan the run or
+train it and print its result.
 
     python -m split_alexnet.train --demo                                # generated data, 2 CPU cores, < 10 min
     python -m split_alexnet.train --data /data/ilsvrc12 --gpus 0,1      # the paper: one tower per GPU
@@ -29,8 +30,9 @@ from split_alexnet.utils.cli import run
 
 
 def announce(cfg: TrainConfig, cmd: Command) -> None:
-    """Rank 0, before the run: the recipe (unless the paper's) and each preset in use, every
-    setting with its source and the value the run uses."""
+    """Rank 0, before the plan or the run and so before any of their checks (the data, the
+    batch against the training set): the recipe (unless the paper's) and each preset in
+    use, every setting with its source and the value the run uses."""
     if dist_util.env_context().rank != 0:
         return
     if cfg.recipe != "paper":
@@ -47,12 +49,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cmd.print_recipe:
         print(f"recipe {cfg.recipe}:\n{describe(RECIPES[cfg.recipe], cfg)}")
         return 0
+    announce(cfg, cmd)  # a refusal that follows names what the table showed
     if cmd.plan:
         text = plan(cfg, cmd)  # every process takes part in the timed steps
         if dist_util.env_context().rank == 0:
             print(text)
         return 0
-    announce(cfg, cmd)
     result = train(cfg, cmd)
     if dist_util.env_context().rank == 0:
         print(json.dumps(result.to_json()), file=sys.stdout)

@@ -244,6 +244,19 @@ def any_rank_flags(flags: Sequence[bool], ctx: Context) -> list[bool]:
     return [bool(v > 0) for v in t.tolist()]
 
 
+def max_over_ranks(values: Sequence[float], ctx: Context) -> list[float]:
+    """Each value's maximum over every rank, in one all-reduce: a flag sent as 1.0 or 0.0 is
+    set on any rank; a rank's own training loss becomes the highest of the job's (a rank
+    without one sends -inf). Every rank must call it at the same point, and then holds the
+    same values, so that a decision taken from them is the same on every rank. The values
+    travel as a CPU float64 tensor over the control gloo group: no GPU stream waits."""
+    if ctx.world_size == 1 or not dist.is_initialized():
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_CONTROL_GROUP)
+    return t.tolist()
+
+
 def gather_objects(obj: Any, ctx: Context) -> list[Any]:
     if ctx.world_size == 1 or not dist.is_initialized():
         return [obj]

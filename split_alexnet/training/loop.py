@@ -8,7 +8,8 @@ stay on the device (:class:`StepWindow`) until the window is read: at every
 the first interval, so that the log shows the first losses). That one read (one host sync)
 checks every step's loss and the weights for NaN and infinity, so a diverged run is caught
 within one log interval, and nothing non-finite is ever saved. The watchdog sees each
-step's loss then too, and the divergence alarm each window's mean.
+step's loss then too, and the divergence alarm each window's mean (under torchrun the
+highest of the processes', so that they all stop together).
 """
 
 from __future__ import annotations
@@ -164,12 +165,15 @@ class StepWindow:
         wrong = topk_wrong(logits.detach(), labels, 1)
         self.wrong = wrong if self.wrong is None else self.wrong + wrong
 
-    def read(self, t: "Trainer") -> tuple[list[float], float, float]:
-        """(each step's loss, top-1 mistakes, the weights' sum), in one host sync. A
-        non-finite loss, or finite losses but non-finite weights, stops the run
-        (:class:`Diverged`, exit 1) before anything is saved, naming the step and the last
-        good checkpoint. Every process decides together (one flag, all-reduced), so that
-        no process goes on alone."""
+    def read(self, t: "Trainer") -> tuple[list[float], float, float, float]:
+        """(each step's loss, top-1 mistakes, the weights' sum, the window's mean loss judged
+        by the divergence alarm), in one host sync. A non-finite loss, or finite losses but
+        non-finite weights, stops the run (:class:`Diverged`, exit 1) before anything is
+        saved, naming the step and the last good checkpoint. Every process decides together,
+        from one all-reduce (``distributed.max_over_ranks``) of its flag and its window's mean
+        loss, so that no process goes on alone: the mean returned is the highest of every
+        process's (-inf from a process without the loss, tower 1's under --parallel towers),
+        the same on every rank."""
         wrong = self.wrong if self.wrong is not None else torch.zeros((), device=t.device)
         *losses, mistakes, weights = torch.stack(
             [*[v.to(t.device) for v in self.losses], wrong.float(),
@@ -190,10 +194,16 @@ class StepWindow:
             _diverged(t, steps[-1], None, "non-finite weights")
             why = (f"the weights became non-finite (their sum is {weights}) in {when} "
                    f"(epoch {epoch}); stopping without saving; {advice}. {last}")
-        if dist_util.any_rank_flags([why is not None], t.ctx)[0]:
+        mean = self.mean(losses) if losses and why is None else -math.inf
+        flag, worst = dist_util.max_over_ranks([1.0 if why else 0.0, mean], t.ctx)
+        if flag:
             raise Diverged(why or f"another process diverged by step {steps[-1]} (epoch "
                                   f"{epoch}); stopping without saving. {last}")
-        return losses, mistakes, weights
+        return losses, mistakes, weights, worst
+
+    def mean(self, losses: list[float]) -> float:
+        """The window's mean loss over its images (``losses``: each step's, as read)."""
+        return sum(v * n for v, n in zip(losses, self.counts)) / sum(self.counts)
 
 
 def _diverged(t: "Trainer", step: int, loss: float | None, reason: str) -> None:
@@ -215,24 +225,25 @@ def log_lr_drop(t: "Trainer", old: float, reason: str) -> None:
 
 def close_window(t: "Trainer", window: StepWindow, bar: Progress) -> StepWindow:
     """Read the window (one host sync, checking every value), feed the watchdog each step's
-    loss, write a "train" record and the progress line; return a new, empty window."""
+    loss, write a "train" record and the progress line, and let the divergence alarm judge
+    the window; return a new, empty window. Under torchrun every process reads its window at
+    the same step, so the alarm, given the same loss everywhere, stops every process alike."""
     if window.counts:
-        losses, mistakes, _ = window.read(t)
-        if not losses:  # a process without the loss (tower 1 under --parallel towers)
-            return StepWindow(t.pos.step + 1)
-        images = sum(window.counts)
-        dt = time.monotonic() - window.t
-        rec = {"kind": "train", "step": t.pos.step, "epoch": t.pos.epoch + 1,
-               "loss": sum(v * n for v, n in zip(losses, window.counts)) / images,
-               "top1_err": mistakes / images, "lr": t.schedule.lr,
-               "images_per_s": images * t.ctx.data_size / max(dt, 1e-9)}
-        t.metrics.log(rec)
-        bar.extra = f"loss {rec['loss']:.3f} err {rec['top1_err']:.3f} " \
-                    f"lr {rec['lr']:g} {rec['images_per_s']:.0f} img/s"
-        for i, loss in enumerate(losses):
-            t.watchdog.observe(window.first_step + i, loss)
+        losses, mistakes, _, worst = window.read(t)
+        if losses:  # a process with the loss (not tower 1's under --parallel towers)
+            images = sum(window.counts)
+            dt = time.monotonic() - window.t
+            rec = {"kind": "train", "step": t.pos.step, "epoch": t.pos.epoch + 1,
+                   "loss": window.mean(losses), "top1_err": mistakes / images,
+                   "lr": t.schedule.lr,
+                   "images_per_s": images * t.ctx.data_size / max(dt, 1e-9)}
+            t.metrics.log(rec)
+            bar.extra = f"loss {rec['loss']:.3f} err {rec['top1_err']:.3f} " \
+                        f"lr {rec['lr']:g} {rec['images_per_s']:.0f} img/s"
+            for i, loss in enumerate(losses):
+                t.watchdog.observe(window.first_step + i, loss)
         t.alarm.observe(range(window.first_step, t.pos.step + 1), t.pos.epoch + 1,
-                        rec["loss"], t.schedule.lr, t.last_checkpoint())
+                        worst, t.schedule.lr, t.last_checkpoint())
     return StepWindow(t.pos.step + 1)
 
 

@@ -213,18 +213,24 @@ class DivergenceAlarm:
     ln(classes) it prints one loud line with what to try and writes a ``divergence`` record,
     once until the loss comes back below the bound; with ``stop`` (--stop-on-divergence) it
     raises :class:`Diverged` instead of letting the run go on. Non-finite values are the
-    loop's (:func:`nonfinite`): the run cannot go on from those."""
+    loop's (:func:`nonfinite`): the run cannot go on from those.
+
+    Under torchrun every process observes the same loss at the same step, the highest of the
+    ``replicas``' own window means (``StepWindow.read``), so every process decides alike and
+    they all stop together; only the ``enabled`` one (rank 0) prints and records it, and the
+    others' :class:`Diverged` is quiet."""
 
     def __init__(self, cfg: TrainConfig, num_classes: int, log: Callable[[dict], None], *,
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, replicas: int = 1) -> None:
         self.bound = DIVERGENCE_X_CHANCE * math.log(num_classes) if num_classes > 1 else None
-        self.cfg, self.log, self.enabled = cfg, log, enabled
+        self.cfg, self.log, self.enabled, self.replicas = cfg, log, enabled, replicas
         self.stop = cfg.logging.stop_on_divergence
         self.raised = False
 
     def observe(self, steps: range, epoch: int, loss: float, lr: float, last: str) -> None:
-        """A log window of ``steps`` (in ``epoch``, counted from 1) with mean ``loss``;
-        ``last``: the last good checkpoint, for the message."""
+        """A log window of ``steps`` (in ``epoch``, counted from 1) with mean ``loss`` (under
+        torchrun the highest of the replicas'); ``last``: the last good checkpoint, for the
+        message."""
         if self.bound is None or loss <= self.bound:
             self.raised = False
             return
@@ -232,13 +238,16 @@ class DivergenceAlarm:
             return
         self.raised = True
         where = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]}"
-        what = (f"the training loss diverged: {loss:.4g} over {where} (epoch {epoch}) is above "
-                f"3 x ln(classes) = {self.bound:.3f}; {divergence_advice(lr, self.cfg)}")
+        of = f" (the highest of {self.replicas} replicas')" if self.replicas > 1 else ""
+        what = (f"the training loss diverged: {loss:.4g}{of} over {where} (epoch {epoch}) is "
+                f"above 3 x ln(classes) = {self.bound:.3f}; {divergence_advice(lr, self.cfg)}")
         self.log({"kind": "divergence", "step": steps[-1], "epoch": epoch, "loss": loss,
                   "bound": self.bound, "reason": "loss above 3 x chance"})
         if self.stop:
-            raise Diverged(f"{what}. Stopping (--stop-on-divergence) without saving; the last "
-                           f"good checkpoint: {last}")
+            stop = Diverged(f"{what}. Stopping (--stop-on-divergence) without saving; the "
+                            f"last good checkpoint: {last}")
+            stop.quiet = not self.enabled  # rank 0 says it for the job
+            raise stop
         if self.enabled:
             print(f"{PROG}: DIVERGENCE: {what}; --stop-on-divergence stops such a run",
                   file=sys.stderr)

@@ -73,7 +73,7 @@ class Trainer:
         self.watchdog = Watchdog(cfg.logging.watchdog_steps, len(data.classes), self.metrics.log,
                                  enabled=self.is_main)
         self.alarm = DivergenceAlarm(cfg, len(data.classes), self.metrics.log,
-                                     enabled=self.is_main)
+                                     enabled=self.is_main, replicas=ctx.data_size)
         self.pos = Position(last_save=time.monotonic())
         self.stop = StopOnSignal()      # entered by fit()
         self.lock = lock                # OUT/train.lock, held on rank 0 for the whole run

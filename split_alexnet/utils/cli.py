@@ -21,9 +21,12 @@ from typing import Callable, NoReturn, Sequence
 
 
 class Abort(Exception):
-    """A run that must stop (NaN loss, a dead rank): one line on stderr, exit code 1."""
+    """A run that must stop (NaN loss, a dead rank): one line on stderr, exit code 1. With
+    ``quiet`` set (a rank of a torchrun job whose rank 0 reports the same stop) the exit code
+    alone, so that the job prints its line once."""
 
     code = 1
+    quiet = False
 
 
 class UsageError(Abort):
@@ -47,11 +50,13 @@ class Interrupted(Abort):
 def run(main: Callable[[Sequence[str] | None], int | None], prog: str,
         argv: Sequence[str] | None = None) -> int:
     """Call ``main(argv)``; turn an :class:`Abort` (its subclasses included) into one stderr
-    line and its exit code, and a ``KeyboardInterrupt`` into ``interrupted`` and 130."""
+    line (none when it is ``quiet``) and its exit code, and a ``KeyboardInterrupt`` into
+    ``interrupted`` and 130."""
     try:
         rc = main(argv)
     except Abort as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        if not e.quiet:
+            print(f"{prog}: error: {e}", file=sys.stderr)
         return e.code
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

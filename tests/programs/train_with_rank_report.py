@@ -1,9 +1,10 @@
 """``split_alexnet.train``'s main under torchrun, plus a report of what only the ranks see:
-each rank writes $REPORT/rank<R>.json with how many checkpoints it saved, the RNG state it
-resumed with and the one its checkpoint held for each rank, and (if the run succeeded) a
-digest of its parameters after training and the traffic its network recorded in its last
-forward pass. DIE_RANK=R: rank R exits with code 3 right after joining the process group;
-STOP_RANK=R: rank R stops itself (SIGSTOP) before its second step.
+each rank that ends its main writes $REPORT/rank<R>.json with its exit code, how many
+checkpoints it saved, the RNG state it resumed with and the one its checkpoint held for each
+rank, and (if the run succeeded) a digest of its parameters after training and the traffic
+its network recorded in its last forward pass. DIE_RANK=R: rank R exits with code 3 right
+after joining the process group; STOP_RANK=R: rank R stops itself (SIGSTOP) before its
+second step.
 
 Usage: torchrun ... train_with_rank_report.py TRAIN-FLAGS... (run by tests/test_distributed.py
 tests/test_finetune.py::test_frozen_layers_under_ddp and tests/test_towers.py through
@@ -82,10 +83,11 @@ if os.environ.get("STOP_RANK") == str(rank):  # this rank stops (SIGSTOP) at its
         return _step(t, batch)
     loop_module.train_step = train_step
 rc = run(main, "split_alexnet.train")
+report["rc"] = rc
 if rc == 0:  # the parameters after training
     net = trainers[-1].net
     report["params"] = digest(net.state_dict())
     report["traffic"] = [[t.layer, t.src, t.dst, list(t.shape), t.bytes]
                          for t in getattr(net, "traffic", [])]
-    out.write_text(json.dumps(report))
+out.write_text(json.dumps(report))
 sys.exit(rc)
