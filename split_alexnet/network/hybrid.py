@@ -112,24 +112,29 @@ class _GatherUnits(torch.autograd.Function):
 
 
 class _BroadcastRows(torch.autograd.Function):
-    """Forward: process ``src``'s rows in every process (``x`` is that process's tensor, or
-    a buffer of its shape elsewhere). Backward: the gradient summed onto ``src`` (a
-    reduce); the other processes get none."""
+    """Forward: ``received``, process ``src``'s rows, once their broadcast (``work``, started
+    earlier by :func:`start_broadcast`) has arrived. ``x`` is process src's own tensor there,
+    elsewhere a placeholder that requires grad, so that every process runs the backward.
+    Backward: the gradient summed onto ``src`` (a reduce); the others get none."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, group: Any, src: int) -> Tensor:
+    def forward(ctx, x: Tensor, received: Tensor, work: Any, group: Any, src: int) -> Tensor:
         ctx.group, ctx.src = group, src
-        out = x.detach().clone().contiguous()
-        dist.broadcast(out, dist.get_global_rank(group, src) if group is not None else src,
-                       group=group)
-        return out
+        work.wait()
+        return received.clone()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         grad = grad.contiguous().clone()
-        dst = dist.get_global_rank(ctx.group, ctx.src) if ctx.group is not None else ctx.src
-        dist.reduce(grad, dst, group=ctx.group)
-        return (grad if dist.get_rank(ctx.group) == ctx.src else None), None, None
+        dist.reduce(grad, dist.get_global_rank(ctx.group, ctx.src), group=ctx.group)
+        mine = dist.get_rank(ctx.group) == ctx.src
+        return (grad if mine else None), None, None, None, None
+
+
+def start_broadcast(t: Tensor, group: Any, src: int) -> Any:
+    """Start sending process ``src``'s ``t`` into every process's ``t`` (same shape), without
+    waiting: the returned work's ``wait()`` (in :func:`broadcast_rows`) ends it."""
+    return dist.broadcast(t, dist.get_global_rank(group, src), group=group, async_op=True)
 
 
 def gather_rows(x: Tensor, group: Any, parts: int) -> Tensor:
@@ -140,8 +145,8 @@ def gather_units(x: Tensor, group: Any, parts: int, *, mean: bool = False) -> Te
     return _GatherUnits.apply(x, group, parts, mean)
 
 
-def broadcast_rows(x: Tensor, group: Any, src: int) -> Tensor:
-    return _BroadcastRows.apply(x, group, src)
+def broadcast_rows(x: Tensor, received: Tensor, work: Any, group: Any, src: int) -> Tensor:
+    return _BroadcastRows.apply(x, received, work, group, src)
 
 
 # ----------------------------------------------------------------------------- the network
@@ -177,6 +182,7 @@ class HybridAlexNet(nn.Module):
             setattr(self, layer, part)
         self.group: Any = None
         self.host_group: Any = None
+        self.ahead_group: Any = None
         self.train(net.training)
 
     def rows(self, layer: str) -> slice:

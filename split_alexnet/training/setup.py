@@ -176,6 +176,10 @@ def build_learner(cfg: TrainConfig, layout: str, ctx: dist_util.Context,
         tuning = prepare(whole, cfg, source, classes, is_main=ctx.rank == 0)
         net = HybridAlexNet(whole, rank=ctx.rank, parts=ctx.world_size)
         net.group, net.host_group = ctx.group("hybrid"), dist_util.control_group()
+        # the sequential schedule's broadcasts run ahead on a group of their own (every
+        # process creates it, in the same order)
+        net.ahead_group = torch.distributed.new_group(
+            backend=torch.distributed.get_backend(net.group))
         del whole
     else:  # --parallel towers: the whole net built alike in both processes, one tower kept
         whole = build_model(cfg.model, "split", ("cpu", "cpu"))

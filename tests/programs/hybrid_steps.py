@@ -61,13 +61,14 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, k = dist.get_rank(), dist.get_world_size()
     host = dist.new_group(backend="gloo")
+    ahead = dist.new_group(backend="gloo")
     count_collectives()
     results = {}
     for variant in ("gather", "sequential-once", "sequential-each"):
         torch.manual_seed(0)
         net = HybridAlexNet(AlexNet(ModelConfig(num_classes=classes, dropout=0.0, init="caffe")),
                             rank=rank, parts=k)
-        net.group, net.host_group = dist.group.WORLD, host
+        net.group, net.host_group, net.ahead_group = dist.group.WORLD, host, ahead
         opt = build_optimizer(net, lr=0.01)
         SENT[0] = 0.0
         for step in range(STEPS):
