@@ -218,7 +218,7 @@ def hybrid_runs(tmp_path_factory):
                     ["--data", str(data), "--out", str(base / "plan"), *COMMON, "--parallel",
                      "hybrid", "--plan", "--plan-steps", "1"], timeout=300)
     assert p.returncode == 0, p.stderr[-4000:]
-    runs["plan_err"] = p.stderr
+    runs["plan_out"] = p.stdout + p.stderr
     for name in ("pair", "gather"):  # a hybrid checkpoint resumed by the one-process pair
         assert run(train_main, "train", ["--out", str(base / name), "--resume", "--parallel",
                                          "pair", "--epochs", "2", "--max-steps", "3",
@@ -256,7 +256,7 @@ def test_plan_under_hybrid_states_the_whole_networks_checkpoint(hybrid_runs):
     assert not (hybrid_runs["base"] / "plan").exists()
     whole = sum(math.prod(s) for s in collapsed_shapes(2).values()) * 4
     assert f"checkpoint size: {2 * whole / 2**20:.0f} MiB ({whole / 2**20:.0f} MiB " \
-        "parameters" in hybrid_runs["plan_err"]
+        "parameters" in hybrid_runs["plan_out"]
 
 
 def test_a_hybrid_checkpoint_resumes_in_one_process(hybrid_runs):
