@@ -168,6 +168,17 @@ def test_a_process_count_that_does_not_divide_the_units_is_refused(k, classes, w
         check_parts(k, classes)
 
 
+def test_the_trainer_refuses_such_a_count_before_building_anything():
+    """Under --parallel hybrid the trainer checks K against the class count first: one
+    UsageError line (exit 2), before any network is built or any group is used."""
+    from split_alexnet.training.setup import build_learner
+    cfg = parse_config(["--parallel", "hybrid"]).with_classes(10)
+    with pytest.raises(UsageError, match=r"--parallel hybrid: 4 processes cannot share "
+                                         r"fc8's 10 units"):
+        build_learner(cfg, "split", Context(rank=0, world_size=4), (torch.device("cpu"),),
+                      None, [str(c) for c in range(10)])
+
+
 @pytest.mark.parametrize("ctx, argv, words", [
     (Context(), [], "start it with torchrun"),
     (Context(rank=0, world_size=2), ["--arch", "half"], "--arch half has one column"),
