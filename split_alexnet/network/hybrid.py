@@ -43,8 +43,9 @@ from torch import Tensor, nn
 
 from split_alexnet.network.model import AlexNet, _act, collapse_state_dict
 
-#: The layers split by output units across the processes, and their widths in units.
+#: The layers split by output units across the processes (their widths: :func:`fc_widths`).
 FC_LAYERS = ("fc6", "fc7", "fc8")
+#: --hybrid-schedule: how fc6-fc8 meet the K processes' images (docs/scaling.md).
 HYBRID_SCHEDULES = ("gather", "sequential")
 
 
@@ -55,6 +56,7 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 
 
 def fc_widths(num_classes: int) -> dict[str, int]:
+    """Each fully connected layer's output units."""
     return {"fc6": 4096, "fc7": 4096, "fc8": num_classes}
 
 
