@@ -27,14 +27,15 @@ gpus_from_nvidia_smi() {  # gpus_from_nvidia_smi VAR: VAR = the GPUs `nvidia-smi
 }
 
 # processes_for NAME COUNT ARGS...: NPROC = processes for COUNT GPUs, one per GPU pair (the two
-# towers), or one per GPU with --single-device or --parallel towers among ARGS (a process per
-# tower: the pairs are ranks 2k, 2k+1); dies on a count that does not split.
+# towers), or one per GPU with --single-device, --parallel towers (a process per tower: the
+# pairs are ranks 2k, 2k+1) or --parallel hybrid (K processes) among ARGS; dies on a count
+# that does not split.
 processes_for() {
     local name=$1 count=$2 per=2 a prev=
     shift 2
     for a in "$@"; do
-        [[ $a == --single-device || $a == --parallel=towers ]] && per=1
-        [[ $prev == --parallel && $a == towers ]] && per=1
+        [[ $a == --single-device || $a == --parallel=towers || $a == --parallel=hybrid ]] && per=1
+        [[ $prev == --parallel && ( $a == towers || $a == hybrid ) ]] && per=1
         prev=$a
     done
     [[ $count =~ ^[0-9]+$ ]] || die "$name must be a whole number of GPUs (got '$count')"

@@ -307,6 +307,10 @@ def test_launch_one_node_of_8(script_env):
                                 "--single-device --data /d")
     p = sh("train_node.sh", script_env, "--data", "/d", CUDA_VISIBLE_DEVICES="4,5,6,7")
     assert "--nproc-per-node 2 " in p.stdout
+    for mode in (["--parallel", "hybrid"], ["--parallel=hybrid"], ["--parallel", "towers"]):
+        p = sh("train_node.sh", script_env, *mode, "--data", "/d")
+        assert p.stdout.strip() == ("torchrun --standalone --nproc-per-node 8 -m "
+                                    f"split_alexnet.train {' '.join(mode)} --data /d")
 
 
 def test_launch_two_nodes_of_8(script_env):

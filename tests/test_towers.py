@@ -160,17 +160,19 @@ def rank_pid(launcher: int, rank: int) -> int | None:
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_tower_process_saves_once_and_every_process_exits_0(tmp_path):
-    """SIGTERM to tower 1's process alone: the pair agrees on the stop at the end of the
-    step, rank 0 saves last.pt once, and the job ends with exit 0."""
-    data = make_demo_dataset(tmp_path / "data", classes=3, train_per_class=4, val_per_class=3,
+@pytest.mark.parametrize("mode", ["towers", "hybrid"])
+def test_sigterm_to_one_tower_process_saves_once_and_every_process_exits_0(tmp_path, mode):
+    """SIGTERM to rank 1's process alone (tower 1; under --parallel hybrid, the second half
+    of fc6-fc8): the processes agree on the stop at the end of the step, rank 0 saves
+    last.pt once, and the job ends with exit 0."""
+    data = make_demo_dataset(tmp_path / "data", classes=4, train_per_class=4, val_per_class=3,
                              seed=0)
     out, report = tmp_path / "run", tmp_path / "report"
     report.mkdir()
     env = {k: v for k, v in child_env().items() if k not in DIST_VARS}
     env.update(REPORT=str(report), OMP_NUM_THREADS="1", SPLIT_ALEXNET_DIST_TIMEOUT="60")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           "2", str(DRIVER), "--data", str(data), "--out", str(out), "--parallel", "towers",
+           "2", str(DRIVER), "--data", str(data), "--out", str(out), "--parallel", mode,
            *CPU_PAIR, *COMMON, "--epochs", "1000", "--checkpoint-minutes", "1e6"]
     job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True)

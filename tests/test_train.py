@@ -422,7 +422,9 @@ def test_every_flag_works_in_a_toml_file(tmp_path):
               "cudnn_benchmark": True,
               "recipe": "bvlc", "bias_lr_mult": 2.5, "bias_decay": False,
               "plateau_min_epochs": 2, "plateau_threshold": 0.01,
-              "holdout": 1, "tensorboard": True, "parallel": "towers",
+              "holdout": 1, "tensorboard": True, "parallel": "hybrid",
+              "hybrid_schedule": "sequential", "fc_updates": "each", "lr_batch_rule": "sqrt",
+              "lr_batch_reference": 256,
               "init_from": "c.pt", "reinit": "fc8", "freeze_through": "conv2", "lr_mult_new": 5.0}
     # Every setting but --gpus (it excludes --devices).
     assert set(values) == set(TrainConfig().to_dict()) - {"gpus"}

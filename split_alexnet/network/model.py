@@ -300,7 +300,8 @@ class AlexNet(nn.Module):
         # One mask per half, drawn in tower order: the towers draw the same masks.
         return _halves(lambda h: F.dropout(h, self.cfg.dropout, self.training), x)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def features(self, x: Tensor) -> Tensor:
+        """conv1 to pool5, both halves: (B, 3, 227, 227) -> (B, 9216), fc6's input."""
         check_input(x)
         cfg = self.cfg
         x = _by_output_half(self.conv1, x)                           # (B, 96, 55, 55)
@@ -309,7 +310,11 @@ class AlexNet(nn.Module):
         x = _act(_by_output_half(self.conv3, x), cfg)                # (B, 384, 13, 13)
         x = _act(self.conv4(x), cfg)                                 # (B, 384, 13, 13)
         x = _pool(_act(self.conv5(x), cfg), cfg)                     # (B, 256, 6, 6)
-        x = x.flatten(1)                                             # (B, 9216)
+        return x.flatten(1)                                          # (B, 9216)
+
+    def forward(self, x: Tensor) -> Tensor:
+        cfg = self.cfg
+        x = self.features(x)                                         # (B, 9216)
         x = self._dropout(_act(_by_output_half(self.fc6, x), cfg))   # (B, 4096)
         x = self._dropout(_act(_by_output_half(self.fc7, x), cfg))   # (B, 4096)
         return self.fc8(x)                                           # (B, num_classes)

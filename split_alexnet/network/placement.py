@@ -187,8 +187,8 @@ def _rank_devices(gpus: str | None, devices: str | None, single_device: bool,
 
 
 def tower_rank_device(gpus: str | None, devices: str | None, local_rank: int,
-                      local_world_size: int) -> torch.device:
-    """--parallel towers: this process's one device, entry ``local_rank`` of ``--devices``
+                      local_world_size: int, mode: str = "towers") -> torch.device:
+    """--parallel towers or hybrid (``mode``): this process's one device, entry ``local_rank`` of ``--devices``
     or ``--gpus`` (one entry per process of this node), or without either the GPU of its
     local rank. A list of another length is a :class:`UsageError`."""
     try:
@@ -200,13 +200,13 @@ def tower_rank_device(gpus: str | None, devices: str | None, local_rank: int,
                 raise UsageError(f"--gpus takes GPU indices such as 0,1; got {gpus!r}")
             if len(specs) != local_world_size:
                 raise UsageError(
-                    f"--parallel towers: {flag} {devices if devices is not None else gpus} "
+                    f"--parallel {mode}: {flag} {devices if devices is not None else gpus} "
                     f"names {len(specs)} device(s) for the {local_world_size} processes of this "
                     f"node; give one per process (process r runs on entry r)")
             return parse_device(specs[local_rank])
         n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if local_rank >= n_gpu:
-            raise UsageError(f"--parallel towers: process {local_rank} of this node needs GPU "
+            raise UsageError(f"--parallel {mode}: process {local_rank} of this node needs GPU "
                              f"{local_rank} but {n_gpu} are visible; give --devices (e.g. "
                              f"{','.join(['cpu'] * local_world_size)})")
         return torch.device("cuda", local_rank)

@@ -32,8 +32,9 @@ from split_alexnet.data.dataset import PCA_MODES
 from split_alexnet.network.model import TOWER_LAYERS, WEIGHT_LAYERS, ModelConfig, layers_through
 from split_alexnet.network.parallelize import AMP_CHOICES
 from split_alexnet.network.placement import DEVICE_HELP
+from split_alexnet.network.hybrid import HYBRID_SCHEDULES
 from split_alexnet.training.distributed import BACKENDS, PARALLEL
-from split_alexnet.training.optim import OPTIMIZERS, parse_schedule
+from split_alexnet.training.optim import FC_UPDATES, LR_BATCH_RULES, OPTIMIZERS, parse_schedule
 from split_alexnet.utils.cli import UsageError
 from split_alexnet.utils.flags import BOUNDS, WORKERS, check_number
 
@@ -104,6 +105,14 @@ class OptimSettings:
                                    "torchrun unless --per-process-batch.", run=True, min=1)
     per_process_batch: bool = setting(False, "Under torchrun: --batch-size is per process "
                                              "instead of global.", run=True)
+    lr_batch_rule: str = setting("off", "Scale each layer's learning rate with the batch it "
+                                        "sees, relative to --lr-batch-reference: 'sqrt' "
+                                        "(Krizhevsky 2014: lr x sqrt(k) for a k times larger "
+                                        "batch), 'linear' (lr x k, Goyal et al. 2017) or 'off' "
+                                        "(the paper's 2012 run; docs/scaling.md).", run=True,
+                                 choices=LR_BATCH_RULES)
+    lr_batch_reference: int = setting(128, "The batch --lr is meant for under --lr-batch-rule "
+                                           "(the paper: 128).", run=True, min=1)
 
 
 @dataclass(frozen=True)
@@ -177,6 +186,16 @@ class RuntimeSettings:
                                     "across processes) or 'towers' (one process per tower, "
                                     "the towers' links as collectives, DDP across pairs; "
                                     "docs/scaling.md).", run=False, choices=PARALLEL)
+    hybrid_schedule: str = setting("gather", "--parallel hybrid: how the fully connected layers "
+                                             "meet the K processes' images: 'gather' (all K*b "
+                                             "at once) or 'sequential' (one process's b at a "
+                                             "time, K passes per step; docs/scaling.md).",
+                                   run=False, choices=HYBRID_SCHEDULES)
+    fc_updates: str = setting("once", "How often the fully connected layers update in a step: "
+                                      "'once' (every other mode; cuda-convnet2's updatePeriod "
+                                      "K) or 'each' (after each of the K passes of "
+                                      "--hybrid-schedule sequential, updatePeriod 1).",
+                              run=True, choices=FC_UPDATES)
     backend: str = setting("auto", "Under torchrun: the torch.distributed backend, 'auto' "
                                    "(nccl when every device is a GPU, gloo otherwise), 'nccl' "
                                    "or 'gloo'.", run=False, choices=BACKENDS)
@@ -271,8 +290,13 @@ class TrainConfig:
             parse_schedule(self.schedule.lr_schedule)
         except ValueError as e:
             raise UsageError(str(e)) from None
-        if self.runtime.gpus is not None and self.runtime.devices is not None:
+        rt = self.runtime
+        if rt.gpus is not None and rt.devices is not None:
             raise UsageError("give --gpus or --devices, not both")
+        if rt.fc_updates == "each" and (rt.parallel, rt.hybrid_schedule) != ("hybrid",
+                                                                             "sequential"):
+            raise UsageError("--fc-updates each needs --parallel hybrid --hybrid-schedule "
+                             "sequential (the K passes it updates after)")
         check_fine_tuning(self.finetune)
 
     # ---------------------------------------------------------------- flat views

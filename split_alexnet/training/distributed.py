@@ -48,8 +48,9 @@ from split_alexnet.utils.cli import Abort, UsageError
 BACKENDS = ("auto", "nccl", "gloo")
 #: How the processes share the work (--parallel; docs/scaling.md): ``pair``, both towers in
 #: each process and DDP across processes; ``towers``, one process per tower on a data x tower
-#: mesh.
-PARALLEL = ("pair", "towers")
+#: mesh; ``hybrid``, Krizhevsky's 2014 scheme on a one-dimensional mesh of K processes (the
+#: convolutional layers data-parallel, the fully connected ones split by units).
+PARALLEL = ("pair", "towers", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class Context:
     data_rank: int = -1         # -1: the rank (a process is a replica)
     data_size: int = -1         # -1: the world size
     tower: int | None = None
-    mesh: Any = None            # --parallel towers: the (data, tower) DeviceMesh
+    mesh: Any = None            # --parallel towers: the (data, tower) DeviceMesh; hybrid: (hybrid,)
 
     def __post_init__(self) -> None:
         if self.data_rank < 0:
@@ -75,8 +76,14 @@ class Context:
             object.__setattr__(self, "data_size", self.world_size)
 
     def group(self, dim: str) -> Any:
-        """The process group of mesh dimension ``dim`` ('data' or 'tower')."""
+        """The process group of mesh dimension ``dim`` ('data' or 'tower'; 'hybrid')."""
         return self.mesh.get_group(dim)
+
+
+def control_group() -> Any:
+    """The gloo group of every process, for small host-side exchanges (CPU tensors: no
+    device stream waits for them); None without torchrun."""
+    return _CONTROL_GROUP
 
 
 _SETUP_GROUP: Any = None  # a gloo group with a long timeout, for set-up barriers
@@ -138,21 +145,34 @@ def _seconds(var: str, default: float) -> datetime.timedelta:
 
 def check_parallel(cfg, ctx: Context) -> None:
     """--parallel towers needs torchrun with an even number of processes, and the paper's
-    two-tower network in the split layout: else one :class:`UsageError` line, before any
-    network traffic."""
-    if cfg.runtime.parallel != "towers":
+    two-tower network in the split layout; --parallel hybrid needs torchrun (K >= 2
+    processes), the two-tower network, and for its sequential schedule no fp16 scaler and no
+    compile: else one :class:`UsageError` line, before any network traffic. (That K divides
+    the fully connected layers' units is checked once the class count is known.)"""
+    rt, mode = cfg.runtime, cfg.runtime.parallel
+    if mode == "pair":
         return
     if ctx.world_size == 1:
-        raise UsageError("--parallel towers runs one process per tower: start it with torchrun "
-                         "(torchrun --nproc-per-node 2 -m split_alexnet.train --parallel towers "
-                         "...), or give --parallel pair for both towers in this process")
-    if ctx.world_size % 2:
+        what = "one process per tower" if mode == "towers" else \
+            "K >= 2 processes, the convolutions data-parallel and fc6-fc8 split across them"
+        raise UsageError(f"--parallel {mode} runs {what}: start it with torchrun "
+                         f"(torchrun --nproc-per-node 2 -m split_alexnet.train --parallel "
+                         f"{mode} ...), or give --parallel pair for both towers in this "
+                         f"process")
+    if mode == "towers" and ctx.world_size % 2:
         raise UsageError(f"--parallel towers needs an even number of processes (a pair per "
                          f"replica); torchrun started {ctx.world_size}")
-    if cfg.runtime.single_device or cfg.model.arch == "half":
-        what = "--single-device" if cfg.runtime.single_device else "--arch half"
-        raise UsageError(f"--parallel towers splits the paper's two towers across processes; "
-                         f"{what} has one column: use --parallel pair")
+    if cfg.model.arch == "half" or (mode == "towers" and rt.single_device):
+        what = "--single-device" if rt.single_device else "--arch half"
+        raise UsageError(f"--parallel {mode} splits the paper's two-tower network across "
+                         f"processes; {what} has one column: use --parallel pair")
+    if mode == "hybrid" and rt.compile:
+        raise UsageError("--parallel hybrid runs eager: its exchanges are collectives inside "
+                         "autograd; drop --compile")
+    if mode == "hybrid" and rt.hybrid_schedule == "sequential" and rt.amp == "fp16":
+        raise UsageError("--hybrid-schedule sequential updates several times per step, which "
+                         "a GradScaler cannot follow: use --amp bf16 or off, or --hybrid-"
+                         "schedule gather")
 
 
 def setup(cfg) -> tuple[Context, tuple[torch.device, ...]]:
@@ -167,12 +187,13 @@ def setup(cfg) -> tuple[Context, tuple[torch.device, ...]]:
     rt = cfg.runtime
     check_parallel(cfg, ctx)
     towers = rt.parallel == "towers"
-    if towers:
+    if rt.parallel in ("towers", "hybrid"):  # one device per process
         devices: tuple[torch.device, ...] = (tower_rank_device(
-            rt.gpus, rt.devices, ctx.local_rank, ctx.local_world_size),)
+            rt.gpus, rt.devices, ctx.local_rank, ctx.local_world_size, rt.parallel),)
+    if towers:
         ctx = replace(ctx, data_rank=ctx.rank // 2, data_size=ctx.world_size // 2,
                       tower=ctx.rank % 2)
-    else:
+    elif rt.parallel == "pair":
         devices = resolve_devices(rt.gpus, rt.devices, layout_of(cfg.model.arch,
                                                                  rt.single_device)
                                   == "collapsed", default="paper",
@@ -193,6 +214,10 @@ def setup(cfg) -> tuple[Context, tuple[torch.device, ...]]:
         mesh = init_device_mesh("cuda" if backend == "nccl" else "cpu", (ctx.data_size, 2),
                                 mesh_dim_names=("data", "tower"))
         ctx = replace(ctx, mesh=mesh)
+    elif rt.parallel == "hybrid":  # every process a data replica and a part of fc6-fc8
+        ctx = replace(ctx, mesh=init_device_mesh("cuda" if backend == "nccl" else "cpu",
+                                                 (ctx.world_size,),
+                                                 mesh_dim_names=("hybrid",)))
     return ctx, devices
 
 

@@ -25,8 +25,11 @@ from torch import nn
 
 import split_alexnet.training.distributed as dist_util
 from split_alexnet.data.augment import finish_batch
+from split_alexnet.network.hybrid import HybridAlexNet
+from split_alexnet.network.model import INPUT_SIZE
 from split_alexnet.network.parallelize import autocast_context, to_input_format
 from split_alexnet.training.config import PROG
+from split_alexnet.training.hybrid_step import sequential_step
 from split_alexnet.training.metrics import Diverged, divergence_advice
 from split_alexnet.training.optim import set_lr
 from split_alexnet.training.state import StopReason
@@ -43,10 +46,29 @@ def topk_wrong(logits_or_probs: torch.Tensor, labels: torch.Tensor, k: int) -> t
     return (top != labels[:, None]).all(dim=1).sum()
 
 
+def in_lockstep(loader, stop, ctx: dist_util.Context):
+    """``loader``'s batches, then None while another process still has batches: every
+    process takes the same number of turns (a model whose forward is a collective, --parallel
+    hybrid, needs every process in every call). Each turn the processes agree on whether any
+    has a batch left and whether ``stop`` (a signal) is set anywhere: one CPU all-reduce.
+    The generator's return value is True when a signal ended it, False when every process
+    ran out of batches."""
+    it = iter(loader)
+    while True:
+        batch = next(it, None)
+        more, stopping = dist_util.any_rank_flags([batch is not None, bool(stop)], ctx)
+        if stopping:
+            return True
+        if not more:
+            return False
+        yield batch
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, stats, device: torch.device, *, ten_crop: bool = False,
              progress: bool = False, stop=None,
-             confusion: torch.Tensor | None = None) -> dict[str, float]:
+             confusion: torch.Tensor | None = None,
+             lockstep: dist_util.Context | None = None) -> dict[str, float]:
     """Top-1 and top-5 error and loss over ``loader``; with ``ten_crop`` the softmax outputs
     of the ten crops are averaged (the paper), and the loss is that average's NLL.
     Under torch.distributed the sums are all-reduced, so each image counts exactly once.
@@ -54,19 +76,30 @@ def evaluate(model: nn.Module, loader, stats, device: torch.device, *, ten_crop:
     ``stop`` (e.g. the trainer's :class:`~split_alexnet.utils.signals.StopOnSignal`): once
     it is true the loop ends after the batch in progress, and the result, over the images
     seen so far, has ``"stopped": True``. ``confusion`` (classes x classes, int64, on
-    ``device``): each image adds 1 at (its label, its top-1 prediction). The all-reduce still runs, so under torchrun every
-    rank must then agree on the stop (``distributed.any_rank_flags``)."""
+    ``device``): each image adds 1 at (its label, its top-1 prediction). The all-reduce still
+    runs, so under torchrun every rank must then agree on the stop
+    (``distributed.any_rank_flags``). ``lockstep`` (the context of a --parallel hybrid run):
+    every process calls the model the same number of times (:func:`in_lockstep`), with an
+    empty batch once its share is done, and the processes agree on the stop."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # n, top1 wrong, top5 wrong, loss
     bar = Progress(len(loader), "eval (10 crops)" if ten_crop else "eval", unit="batch",
                    enabled=progress)
     stopped = False
-    for batch in loader:
-        if stop:
+    turns = in_lockstep(loader, stop, lockstep) if lockstep is not None else iter(loader)
+    while True:
+        try:
+            batch = next(turns)
+        except StopIteration as end:
+            stopped = bool(end.value)
+            break
+        if stop and lockstep is None:
             stopped = True
             break
-        if batch["label"].numel() == 0:
+        if batch is None or batch["label"].numel() == 0:
+            if lockstep is not None:  # an empty turn: the model's collectives still run
+                model(torch.empty((0, 3, INPUT_SIZE, INPUT_SIZE), device=device))
             continue
         x = finish_batch(batch, stats, device)
         y = batch["label"].to(device, non_blocking=True)
@@ -225,22 +258,31 @@ def train_step(t: "Trainer", batch: dict) -> tuple[torch.Tensor, torch.Tensor, t
     device, the forward (and loss) under autocast (off by default), backward, the paper's
     update. Returns (loss, logits, labels), still on the device; under --parallel towers the
     process of tower 1 has no logits and no loss (None, None, labels): its backward starts
-    from the gradient fc8's process sends back."""
+    from the gradient fc8's process sends back. Under --parallel hybrid the convolutional
+    gradients are summed across the processes before the update, and the sequential schedule
+    takes its own step (``hybrid_step.sequential_step``)."""
     x = finish_batch(batch, t.data.stats, t.device)                     # (B, 3, 227, 227)
     y = batch["label"].to(t.device, non_blocking=True)
     x = to_input_format(x, t.cfg.runtime.channels_last)
-    with autocast_context(t.devices, t.cfg.runtime.amp):
-        logits = t.model(x)                                              # (B, classes)
-        loss = None if logits is None else F.cross_entropy(logits, y)
     t.optimizer.zero_grad(set_to_none=True)
     old_lr = t.schedule.lr
     if t.schedule.at_step(t.pos.step):  # step-iters:N only (Caffe's step policy)
         set_lr(t.optimizer, t.schedule.lr)
         log_lr_drop(t, old_lr, t.schedule.reason)
+    rt = t.cfg.runtime
+    if rt.parallel == "hybrid" and rt.hybrid_schedule == "sequential":
+        with autocast_context(t.devices, rt.amp):
+            loss, logits = sequential_step(t.net, t.optimizer, x, y, rt.fc_updates)
+        return loss, logits, y
+    with autocast_context(t.devices, rt.amp):
+        logits = t.model(x)                                              # (B, classes)
+        loss = None if logits is None else F.cross_entropy(logits, y)
     if loss is None:
         t.net.backward_from_fc8()
     else:
         t.scaler.scale(loss).backward()
+    if isinstance(t.net, HybridAlexNet):  # the logits' gather already averaged: a sum here
+        t.net.reduce_conv_grads(mean=False)
     t.scaler.step(t.optimizer)  # plain optimizer.step() unless fp16 on CUDA
     t.scaler.update()
     return loss, logits, y

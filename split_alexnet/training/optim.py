@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from split_alexnet.network.model import (WEIGHT_LAYERS, SplitAlexNet, collapse_state_dict,
                                          split_state_dict)
 from split_alexnet.network.parallelize import unwrap
+from split_alexnet.network.hybrid import HybridAlexNet
 from split_alexnet.network.towers import RankTower
 
 OPTIMIZERS = ("paper", "torch")
@@ -52,6 +53,23 @@ class PaperSGD(torch.optim.Optimizer):
                 v.mul_(m).add_(p, alpha=-wd * lr).add_(p.grad, alpha=-lr)
                 p.add_(v)
         return loss
+
+
+#: --lr-batch-rule: how a layer's learning rate follows the batch it sees (docs/scaling.md).
+LR_BATCH_RULES = ("off", "sqrt", "linear")
+#: --fc-updates: the fully connected layers update once per step, or after each of the K
+#: passes of the hybrid's sequential schedule.
+FC_UPDATES = ("once", "each")
+
+
+def batch_lr_mult(rule: str, batch: int, reference: int) -> float:
+    """The learning-rate multiplier of a layer that sees ``batch`` images per update, for
+    an lr meant for ``reference``: 1 ('off'), sqrt(batch / reference) ('sqrt', Krizhevsky
+    2014) or batch / reference ('linear', Goyal et al. 2017)."""
+    if rule not in LR_BATCH_RULES:
+        raise ValueError(f"rule must be one of {', '.join(LR_BATCH_RULES)}; got {rule!r}")
+    k = batch / reference
+    return {"off": 1.0, "sqrt": k ** 0.5, "linear": k}[rule]
 
 
 def param_groups(net: nn.Module, *, layer_lr_mult: dict[str, float] | None = None,
@@ -240,6 +258,8 @@ def load_named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimize
             named = split_state_dict(named)
         if isinstance(model, RankTower):  # this process's tower (and fc8 with tower 0)
             named = {k: v for k, v in named.items() if k in set(dict(model.named_parameters()))}
+        if isinstance(model, HybridAlexNet):  # this process's rows of fc6-fc8
+            named = model.part_of(named)
         if set(named) != set(params):
             raise ValueError("optimizer state does not match this model's parameters")
         for name, value in named.items():

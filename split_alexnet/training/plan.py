@@ -3,6 +3,7 @@ measured from a few real steps in a scratch folder, without writing anything int
 
 from __future__ import annotations
 
+import math
 import resource
 import statistics
 import tempfile
@@ -10,6 +11,9 @@ from pathlib import Path
 
 import torch
 
+from split_alexnet.network.hybrid import HybridAlexNet
+from split_alexnet.network.model import collapsed_shapes
+from split_alexnet.network.towers import RankTower
 from split_alexnet.training.config import TrainConfig
 from split_alexnet.training.metrics import read_records
 from split_alexnet.training.optim import parse_schedule, step_iters
@@ -43,10 +47,16 @@ def schedule_text(cfg: TrainConfig, steps_per_epoch: int, total: int) -> str:
 
 
 def state_bytes(t) -> tuple[int, int]:
-    """(bytes of the parameters, bytes of the optimizer's per-parameter state)."""
+    """(bytes of the parameters, bytes of the optimizer's per-parameter state) of the whole
+    network, as a checkpoint holds them: a process under --parallel towers or hybrid holds
+    part of it, so its own bytes are scaled to the whole network's parameter count."""
+    mine = sum(p.numel() for p in t.net.parameters())
     params = sum(p.numel() * p.element_size() for p in t.net.parameters())
     opt = sum(v.numel() * v.element_size() for st in t.optimizer.state.values()
               for v in st.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+    if isinstance(t.net, (RankTower, HybridAlexNet)):
+        whole = sum(math.prod(s) for s in collapsed_shapes(len(t.data.classes)).values())
+        params, opt = params * whole // mine, opt * whole // mine
     return params, opt
 
 

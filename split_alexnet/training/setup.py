@@ -19,10 +19,12 @@ from split_alexnet.data.imagenet import read_class_metadata
 from split_alexnet.data.stats import load_stats
 from split_alexnet.network.parallelize import grad_scaler, parallelize
 from split_alexnet.network.placement import build_model
+from split_alexnet.network.hybrid import FC_LAYERS, HybridAlexNet, check_parts
+from split_alexnet.network.model import WEIGHT_LAYERS
 from split_alexnet.network.towers import RankTower, TowerLink
 from split_alexnet.training.config import TrainConfig
 from split_alexnet.training.finetune import FineTuning, prepare
-from split_alexnet.training.optim import LRSchedule, build_optimizer
+from split_alexnet.training.optim import LRSchedule, batch_lr_mult, build_optimizer
 from split_alexnet.training.state import RunData
 from split_alexnet.utils.cli import UsageError
 
@@ -120,16 +122,65 @@ class Learner:
     tuning: FineTuning               # what --init-from and --freeze-through did
 
 
+def layer_batches(cfg: TrainConfig, ctx: dist_util.Context, batch: int) -> dict[str, int]:
+    """The images each layer's update sees: the global batch (``batch`` per replica), except
+    the fully connected layers under --fc-updates each (one process's ``batch``)."""
+    each = cfg.runtime.fc_updates == "each"
+    return {layer: batch if each and layer in FC_LAYERS else batch * ctx.data_size
+            for layer in WEIGHT_LAYERS}
+
+
+def batch_lr_mults(cfg: TrainConfig, ctx: dist_util.Context, batch: int) -> dict[str, float]:
+    """--lr-batch-rule: each layer's learning-rate multiplier for the batch it sees
+    (:func:`layer_batches`); all 1 with 'off'."""
+    o = cfg.optim
+    return {layer: batch_lr_mult(o.lr_batch_rule, n, o.lr_batch_reference)
+            for layer, n in layer_batches(cfg, ctx, batch).items()}
+
+
+def describe_lr_batch_rule(cfg: TrainConfig, ctx: dist_util.Context, batch: int) -> str | None:
+    """The line that says what --lr-batch-rule does to this run's learning rates (None when
+    it is off): each distinct batch, its layers and their multiplier."""
+    o = cfg.optim
+    if o.lr_batch_rule == "off":
+        return None
+    batches, mults = layer_batches(cfg, ctx, batch), batch_lr_mults(cfg, ctx, batch)
+    parts = []
+    for n in dict.fromkeys(batches.values()):
+        layers = [layer for layer in WEIGHT_LAYERS if batches[layer] == n]
+        parts.append(f"{layers[0]}-{layers[-1]} see {n} images: lr x {mults[layers[0]]:.4g}")
+    return (f"--lr-batch-rule {o.lr_batch_rule} (reference batch {o.lr_batch_reference}): "
+            + "; ".join(parts))
+
+
 def build_learner(cfg: TrainConfig, layout: str, ctx: dist_util.Context,
-                  devices: tuple[torch.device, ...], source, classes: list[str]) -> Learner:
+                  devices: tuple[torch.device, ...], source, classes: list[str],
+                  batch: int = 0) -> Learner:
     """The model: seeded, built on the CPU and placed; the --init-from weights (``source``)
     and frozen layers; then the fast paths and DDP, in parallelize's fixed order; the
-    optimizer last, over the placed parameters."""
+    optimizer last, over the placed parameters (each layer's learning rate times its
+    --lr-batch-rule multiplier for ``batch`` images per replica)."""
     rt, o, s = cfg.runtime, cfg.optim, cfg.schedule
+    hybrid = rt.parallel == "hybrid"
+    if hybrid:
+        try:
+            check_parts(ctx.world_size, len(classes))
+        except ValueError as e:
+            raise UsageError(f"--parallel hybrid: {e} (torchrun --nproc-per-node)") from None
     torch.manual_seed(rt.seed)
-    if ctx.tower is None:
+    if ctx.tower is None and not hybrid:
         net = build_model(cfg.model, layout, devices)
         tuning = prepare(net, cfg, source, classes, is_main=ctx.rank == 0)
+    elif hybrid:  # the whole net built alike in every process, this process's part kept
+        whole = build_model(cfg.model, "collapsed", ("cpu",))
+        tuning = prepare(whole, cfg, source, classes, is_main=ctx.rank == 0)
+        net = HybridAlexNet(whole, rank=ctx.rank, parts=ctx.world_size)
+        net.group, net.host_group = ctx.group("hybrid"), dist_util.control_group()
+        # the sequential schedule's broadcasts run ahead on a group of their own (every
+        # process creates it, in the same order)
+        net.ahead_group = torch.distributed.new_group(
+            backend=torch.distributed.get_backend(net.group))
+        del whole
     else:  # --parallel towers: the whole net built alike in both processes, one tower kept
         whole = build_model(cfg.model, "split", ("cpu", "cpu"))
         tuning = prepare(whole, cfg, source, classes, is_main=ctx.rank == 0)
@@ -142,12 +193,14 @@ def build_learner(cfg: TrainConfig, layout: str, ctx: dist_util.Context,
     # two processes of a pair are one replica: they draw alike).
     torch.manual_seed(rt.seed + 1 + 1_000_003 * ctx.data_rank)
     model = parallelize(net, devices, channels_last=rt.channels_last,
-                        ddp=ctx.data_size > 1, compile=rt.compile,
+                        ddp=ctx.data_size > 1 and not hybrid, compile=rt.compile,
                         cudnn_benchmark=True if rt.cudnn_benchmark else None,
                         ddp_group=ctx.group("data") if ctx.tower is not None else None)
+    lr_mult = batch_lr_mults(cfg, ctx, batch or o.batch_size // max(ctx.data_size, 1))
+    lr_mult = {layer: m * (tuning.layer_lr_mult or {}).get(layer, 1.0) for layer, m in lr_mult.items()}
     optimizer = build_optimizer(net, kind=o.optimizer, lr=o.lr, momentum=o.momentum,
                                 weight_decay=o.weight_decay, bias_lr_mult=o.bias_lr_mult,
-                                bias_decay=o.bias_decay, layer_lr_mult=tuning.layer_lr_mult)
+                                bias_decay=o.bias_decay, layer_lr_mult=lr_mult)
     schedule = LRSchedule(s.lr_schedule, o.lr, patience=s.plateau_patience,
                           max_drops=s.lr_drops, min_epochs=s.plateau_min_epochs,
                           threshold=s.plateau_threshold)

@@ -35,7 +35,8 @@ from split_alexnet.training.options import Command
 from split_alexnet.training.runfolder import (RunLock, check_apart, check_overwrite_keeps,
                                               claim, missing_folders, remove_created,
                                               start_fresh, write_config)
-from split_alexnet.training.setup import build_learner, list_for_holdout, load_data
+from split_alexnet.training.setup import (build_learner, describe_lr_batch_rule,
+                                          list_for_holdout, load_data)
 from split_alexnet.training.state import Position, RunData, StopReason, TrainResult
 from split_alexnet.training.tensorboard import TensorBoardLog
 from split_alexnet.training.tensorboard import require as require_tensorboard
@@ -107,7 +108,10 @@ class Trainer:
             data = load_data(cfg, ctx, listed)
             cfg = cfg.with_classes(len(data.classes))  # the one place the count is set
             learner = build_learner(cfg, layout_of(cfg.model.arch, cfg.runtime.single_device),
-                                    ctx, devices, source, data.classes)
+                                    ctx, devices, source, data.classes, data.batch)
+            rule = describe_lr_batch_rule(cfg, ctx, data.batch)
+            if rule and ctx.rank == 0:  # never silent: what the rule did to the rates
+                print(f"{PROG}: {rule}", file=sys.stderr)
             t = cls(cfg, ctx, devices, data, learner, lock)
             if cfg.logging.tensorboard and t.is_main:  # the same records as TensorBoard events
                 t.metrics.tensorboard = TensorBoardLog(t.out, resuming=bool(cmd.resume))
@@ -178,7 +182,9 @@ class Trainer:
         epoch = self.pos.epoch + (kind != "val_ten_crop")  # the epoch it closes, or the last
         result = loop.evaluate(self.eval_model, val_loader(self, ten_crop, dataset),
                                self.data.stats, self.device, ten_crop=ten_crop,
-                               progress=self.is_main, stop=self.stop)
+                               progress=self.is_main, stop=self.stop,
+                               lockstep=self.ctx if self.cfg.runtime.parallel == "hybrid"
+                               else None)
         if dist_util.any_rank_flags([bool(result.pop("stopped", False))], self.ctx)[0]:
             return None
         pos = self.pos

@@ -6,6 +6,10 @@
 * ``loop``:  the training loop's per-step overhead of reading the device (bench/loop.py)
 * ``towers``: --parallel towers (a process per tower, torchrun) beside the in-process pair,
   on the CPU: images/s, their ratio, bytes per link per step (bench/towers.py)
+* ``comm``:  the bytes each process sends per step under pair, towers and hybrid, at K = 2,
+  4, 8 processes, computed from the networks' shapes (bench/comm.py)
+* ``hybrid``: --parallel hybrid (both schedules) beside pair DDP at K = 2, on the CPU:
+  images/s and their ratios (bench/hybrid.py)
 * ``onnx``:  onnxruntime against the PyTorch forward, CPU inference (bench/onnx.py; the
   ``export`` extra)
 * ``all``:   model, then lrn, then data; ``--json`` gets every row in one list
@@ -19,7 +23,9 @@ import argparse
 import sys
 from typing import Sequence
 
+import split_alexnet.tools.bench.comm as comm
 import split_alexnet.tools.bench.data as data
+import split_alexnet.tools.bench.hybrid as hybrid
 import split_alexnet.tools.bench.loop as loop
 import split_alexnet.tools.bench.lrn as lrn
 import split_alexnet.tools.bench.model as model
@@ -98,9 +104,11 @@ def _all(args: argparse.Namespace) -> list[dict]:
 
 
 COMMANDS = {"model": _model, "data": _data, "lrn": _lrn, "loop": _own(loop),
-            "towers": _own(towers), "onnx": _own(onnx_bench), "all": _all}
+            "towers": _own(towers), "comm": _own(comm), "hybrid": _own(hybrid),
+            "onnx": _own(onnx_bench), "all": _all}
 #: The benchmarks that add their own options to their sub-command's parser.
-OWN_OPTIONS = {"lrn": lrn, "loop": loop, "towers": towers, "onnx": onnx_bench}
+OWN_OPTIONS = {"lrn": lrn, "loop": loop, "towers": towers, "comm": comm, "hybrid": hybrid,
+               "onnx": onnx_bench}
 
 
 def build_parser() -> argparse.ArgumentParser:
