@@ -10,8 +10,11 @@ by units across K processes (real torchrun, gloo, CPU).
   settings are refused up front.
 
 Tolerances: the fully connected layers sum K*b images in one product where the references
-sum K products of b (or one), so the states agree to float32 rounding, not bit for bit:
-|a - b| <= 1e-7 + 1e-5 |b| after two steps (the largest difference seen: 7.5e-9).
+sum K products of b (or one), and the processes convolve b images each where the one-process
+references convolve K*b, so the states agree to float32 rounding, not bit for bit:
+|a - b| <= 1e-6 + 1e-5 |b| after two steps. The largest differences seen: 7.5e-9 on torch
+2.14.1, 5.0e-7 on torch 2.4.1 (conv weights); the steps move the weights by about 1e-4, and
+an error in the exchanges or in the gradients' scale by 1e-5 or more.
 Dropout is 0 in the comparisons: the hybrid draws each unit's mask in the process that owns
 the unit, DDP in each replica, so the masks differ (the same distribution).
 """
@@ -39,7 +42,7 @@ from split_alexnet.training.command import main as train_main
 from split_alexnet.utils.cli import UsageError, run
 
 STEPS_PROGRAM = PROGRAMS / "hybrid_steps.py"
-RTOL, ATOL = 1e-5, 1e-7
+RTOL, ATOL = 1e-5, 1e-6
 DRIVER = PROGRAMS / "train_with_rank_report.py"
 COMMON = ["--batch-size", "4", "--epochs", "1", "--workers", "0", "--log-interval", "1",
           "--init", "caffe", "--seed", "5", "--checkpoint-minutes", "0", "--dropout", "0",
