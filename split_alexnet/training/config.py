@@ -36,7 +36,7 @@ from split_alexnet.network.hybrid import HYBRID_SCHEDULES
 from split_alexnet.training.distributed import BACKENDS, PARALLEL
 from split_alexnet.training.optim import FC_UPDATES, LR_BATCH_RULES, OPTIMIZERS, parse_schedule
 from split_alexnet.utils.cli import UsageError
-from split_alexnet.utils.flags import BOUNDS, WORKERS, check_number
+from split_alexnet.utils.flags import BOUNDS, WORKERS, check_number, layer_names
 
 PROG = "split_alexnet.train"
 
@@ -105,12 +105,10 @@ class OptimSettings:
                                    "torchrun unless --per-process-batch.", run=True, min=1)
     per_process_batch: bool = setting(False, "Under torchrun: --batch-size is per process "
                                              "instead of global.", run=True)
-    lr_batch_rule: str = setting("off", "Scale each layer's learning rate with the batch it "
-                                        "sees, relative to --lr-batch-reference: 'sqrt' "
-                                        "(Krizhevsky 2014: lr x sqrt(k) for a k times larger "
-                                        "batch), 'linear' (lr x k, Goyal et al. 2017) or 'off' "
-                                        "(the paper's 2012 run; docs/scaling.md).", run=True,
-                                 choices=LR_BATCH_RULES)
+    lr_batch_rule: str = setting("off", "Each layer's lr times sqrt(k) ('sqrt', Krizhevsky 2014) "
+                                        "or k ('linear', Goyal et al. 2017) for a batch k times "
+                                        "--lr-batch-reference; 'off' (docs/scaling.md).",
+                                 run=True, choices=LR_BATCH_RULES)
     lr_batch_reference: int = setting(128, "The batch --lr is meant for under --lr-batch-rule "
                                            "(the paper: 128).", run=True, min=1)
 
@@ -183,19 +181,17 @@ class RuntimeSettings:
     devices: str | None = setting(None, DEVICE_HELP["devices"], run=False)
     single_device: bool = setting(False, DEVICE_HELP["single_device"], run=False)
     parallel: str = setting("pair", "Under torchrun: 'pair' (both towers in each process, DDP "
-                                    "across processes) or 'towers' (one process per tower, "
-                                    "the towers' links as collectives, DDP across pairs; "
-                                    "docs/scaling.md).", run=False, choices=PARALLEL)
-    hybrid_schedule: str = setting("gather", "--parallel hybrid: how the fully connected layers "
-                                             "meet the K processes' images: 'gather' (all K*b "
-                                             "at once) or 'sequential' (one process's b at a "
-                                             "time, K passes per step; docs/scaling.md).",
-                                   run=False, choices=HYBRID_SCHEDULES)
-    fc_updates: str = setting("once", "How often the fully connected layers update in a step: "
-                                      "'once' (every other mode; cuda-convnet2's updatePeriod "
-                                      "K) or 'each' (after each of the K passes of "
-                                      "--hybrid-schedule sequential, updatePeriod 1).",
-                              run=True, choices=FC_UPDATES)
+                                    "across processes), 'towers' (a process per tower, DDP "
+                                    "across pairs) or 'hybrid' (Krizhevsky 2014: convolutions "
+                                    "data-parallel, fc6-fc8 split; docs/scaling.md).",
+                            run=False, choices=PARALLEL)
+    hybrid_schedule: str = setting("gather", "--parallel hybrid: fc6-fc8 on all K*b images at "
+                                             "once ('gather') or on each process's b in turn "
+                                             "('sequential', K passes).", run=False,
+                                   choices=HYBRID_SCHEDULES)
+    fc_updates: str = setting("once", "fc6-fc8 update once per step ('once') or after each "
+                                      "pass of the sequential hybrid ('each'; cuda-convnet2's "
+                                      "updatePeriod K or 1).", run=True, choices=FC_UPDATES)
     backend: str = setting("auto", "Under torchrun: the torch.distributed backend, 'auto' "
                                    "(nccl when every device is a GPU, gloo otherwise), 'nccl' "
                                    "or 'gloo'.", run=False, choices=BACKENDS)
@@ -451,16 +447,6 @@ def format_value(value: Any) -> str:
         short = f"{value:g}"
         return short if float(short) == value else repr(value)
     return str(value)
-
-
-def layer_names(spec: str | None, flag: str, allowed: Sequence[str]) -> tuple[str, ...]:
-    """A comma list of layer names (``"fc7,fc8"``), in network order; a name not in
-    ``allowed`` is a :class:`UsageError`."""
-    names = [n.strip() for n in (spec or "").split(",") if n.strip()]
-    unknown = [n for n in names if n not in allowed]
-    if unknown or (spec is not None and not names):
-        raise UsageError(f"{flag} takes layer names from {', '.join(allowed)}; got {spec!r}")
-    return tuple(n for n in allowed if n in names)
 
 
 def check_fine_tuning(ft: FineTuneSettings) -> None:

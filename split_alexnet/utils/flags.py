@@ -17,7 +17,7 @@ import argparse
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from split_alexnet.utils.cli import UsageError
 
@@ -135,3 +135,13 @@ def check_input(flag: str, path: str | Path | None) -> None:
         what = "a folder" if Path(path).is_dir() else \
             "a dangling link" if not Path(path).exists() else "not a regular file"
         raise UsageError(f"{flag} {path} is {what}")
+
+
+def layer_names(spec: str | None, flag: str, allowed: Sequence[str]) -> tuple[str, ...]:
+    """A comma list of layer names (``"fc7,fc8"``), in network order; a name not in
+    ``allowed`` is a :class:`UsageError`."""
+    names = [n.strip() for n in (spec or "").split(",") if n.strip()]
+    unknown = [n for n in names if n not in allowed]
+    if unknown or (spec is not None and not names):
+        raise UsageError(f"{flag} takes layer names from {', '.join(allowed)}; got {spec!r}")
+    return tuple(n for n in allowed if n in names)
