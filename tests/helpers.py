@@ -73,6 +73,15 @@ def train(root, out, *extra) -> int:
                                      *map(str, extra)])
 
 
+def run_main(main, prog: str, argv, capsys) -> tuple[int, str, str]:
+    """A command's ``main`` run here as its console command runs it (:func:`run`: one-line
+    errors and exit codes), ``argv`` as strings: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    rc = run(main, prog, [str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
 def train_command(root, out, *extra) -> list[str]:
     """``python -m split_alexnet.train`` on ``root`` into ``out`` with BASE, then ``extra``."""
     return [sys.executable, "-m", "split_alexnet.train", "--data", str(root), "--out",

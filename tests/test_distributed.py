@@ -167,12 +167,27 @@ def test_towers_over_two_pairs_equal_ddp_over_pairs(dist_runs):
 # ------------------------------------------------------------------------------ failures
 
 
-def test_a_dead_rank_stops_the_job_quickly(dist_runs):
-    """Rank 1 dies right after joining the group; rank 0 must not hang."""
+def lose_rank_1(dist_runs, how: str):
+    """A job whose rank 1 dies after joining the group (``how="dies"``), or stops (SIGSTOP)
+    before its second step (``"stops"``), with a collective timeout of 20 s: (process,
+    seconds)."""
     base = dist_runs["base"]
-    p, dt = torchrun(DRIVER, base / "report_die",
-                     ["--data", str(dist_runs["data"]), "--out", str(base / "die"), *COMMON],
-                     env_extra={"DIE_RANK": "1"}, timeout=120)
+    env = {"DIE_RANK" if how == "dies" else "STOP_RANK": "1",
+           "SPLIT_ALEXNET_DIST_TIMEOUT": "20"}
+    return torchrun(DRIVER, base / f"report_{how}",
+                    ["--data", str(dist_runs["data"]), "--out", str(base / how), *COMMON],
+                    env_extra=env, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def rank_1_dies(dist_runs):
+    """The job whose rank 1 dies (:func:`lose_rank_1`), for the two tests that judge it."""
+    return lose_rank_1(dist_runs, "dies")
+
+
+def test_a_dead_rank_stops_the_job_quickly(rank_1_dies):
+    """Rank 1 dies right after joining the group; rank 0 must not hang."""
+    p, dt = rank_1_dies
     assert p.returncode != 0
     assert dt < 90, f"took {dt:.0f} s"
     # torchrun names the root cause: rank 1, our exit code 3.
@@ -427,16 +442,12 @@ def test_a_rank_whose_whole_batch_is_unreadable_stays_in_step(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["dies", "stops"])
-def test_a_lost_peer_ends_the_job_with_one_line_naming_the_rank(dist_runs, how):
+def test_a_lost_peer_ends_the_job_with_one_line_naming_the_rank(dist_runs, request, how):
     """Rank 1 dies after joining the group, or stops (SIGSTOP) before its second step: the
     job ends within the collective timeout, rank 0 saying so in one line naming rank 1 (or,
     when torchrun stops rank 0 first, torchrun's report naming rank 1)."""
-    base = dist_runs["base"]
-    env = {"DIE_RANK" if how == "dies" else "STOP_RANK": "1",
-           "SPLIT_ALEXNET_DIST_TIMEOUT": "20"}
-    p, dt = torchrun(DRIVER, base / f"report_{how}",
-                     ["--data", str(dist_runs["data"]), "--out", str(base / how), *COMMON],
-                     env_extra=env, timeout=180)
+    p, dt = request.getfixturevalue("rank_1_dies") if how == "dies" else \
+        lose_rank_1(dist_runs, how)
     assert p.returncode != 0 and dt < 120, f"rc {p.returncode}, {dt:.0f} s"
     lines = [ln for ln in p.stderr.splitlines() if "split_alexnet.train: error:" in ln]
     # A silent peer: rank 0 reaches the timeout and says who. A dead one: torchrun may stop

@@ -1,9 +1,9 @@
 """Fine-tuning (``--init-from``, ``--reinit``, ``--freeze-through``, ``--lr-mult-new``,
 ``--finetune``): real training runs on generated JPEG folders, a few steps each.
 
-The source checkpoints: a short run of ours on 4 classes (module fixture), and Caffe's
-bvlc_alexnet layout converted from a synthetic .caffemodel (tests/caffe_reference.py's writer,
-random weights). The fine-tuning runs train on 3 other classes, so fc8 is re-initialised.
+The source checkpoints: a short run of ours on 4 classes (``one_step``, conftest.py), and
+Caffe's bvlc_alexnet layout converted from a synthetic .caffemodel (tests/caffe_reference.py's
+writer, random weights). The fine-tuning runs train on 3 other classes, so fc8 is re-initialised.
 """
 
 from __future__ import annotations
@@ -40,15 +40,15 @@ def same(a: dict, b: dict) -> bool:
 
 
 @pytest.fixture(scope="module")
-def src(demo_root, tmp_path_factory):
-    """A source run of ours (4 classes, 4 steps, split layout) and a folder of 3 other
-    classes (8 training images each: 3 steps per epoch of 8) to fine-tune on."""
+def src(one_step, tmp_path_factory):
+    """A source run of ours (``one_step``, conftest.py: 4 classes, 1 step, split layout) and a
+    folder of 3 other classes (8 training images each: 3 steps per epoch of 8) to fine-tune
+    on."""
     base = tmp_path_factory.mktemp("ft")
-    assert train(demo_root, base / "pre", "--devices", "cpu,cpu", "--epochs", "1") == 0
     other = make_demo_dataset(base / "other", classes=3, train_per_class=8, val_per_class=2,
                               seed=11)
-    return SimpleNamespace(base=base, ckpt=base / "pre" / "last.pt", data=other,
-                           state=load_checkpoint(base / "pre" / "last.pt")["model"])
+    return SimpleNamespace(base=base, ckpt=one_step / "last.pt", data=other,
+                           state=load_checkpoint(one_step / "last.pt")["model"])
 
 
 @pytest.fixture(scope="module")
@@ -180,20 +180,20 @@ def test_lr_mult_new_scales_only_the_new_layers_steps(src, tmp_path, optimizer):
 
 
 def test_resume_of_a_fine_tuning_run_is_exact(src, tmp_path):
-    """6 steps uninterrupted vs 4 + --resume 2 (mid-epoch), with frozen layers and a rate
-    multiplier: bitwise the same weights, velocities, groups and RNG. The resume does not
-    read the --init-from file (it is gone by then)."""
+    """One epoch (3 steps) uninterrupted vs 2 + --resume 1 (mid-epoch), with frozen layers and
+    a rate multiplier: bitwise the same weights, velocities, groups and RNG. The resume does
+    not read the --init-from file (it is gone by then)."""
     source = tmp_path / "source.pt"
     shutil.copy(src.ckpt, source)
     flags = ["--devices", "cpu,cpu", "--init-from", source, "--freeze-through", "conv2",
-             "--lr-mult-new", "10"]
+             "--lr-mult-new", "10", "--epochs", "1"]
     assert train(src.data, tmp_path / "full", *flags) == 0
-    assert train(src.data, tmp_path / "cut", *flags, "--max-steps", "4") == 0
+    assert train(src.data, tmp_path / "cut", *flags, "--max-steps", "2") == 0
     source.unlink()
     assert train(src.data, tmp_path / "cut", *flags, "--resume") == 0
     full = load_checkpoint(tmp_path / "full" / "last.pt")
     cut = load_checkpoint(tmp_path / "cut" / "last.pt")
-    assert full["progress"] == cut["progress"] and full["progress"]["step"] == 6
+    assert full["progress"] == cut["progress"] and full["progress"]["step"] == 3
     assert same(full["model"], cut["model"])
     for name, buf in full["optimizer"]["buffers"].items():
         assert same(buf, cut["optimizer"]["buffers"][name]), name

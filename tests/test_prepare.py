@@ -14,9 +14,12 @@ from PIL import Image
 from helpers import run_python
 import split_alexnet.data.dataset as D
 import split_alexnet.data.stats as DS
+from split_alexnet.data.demo import main as demo_main
 from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.data.prepare import REPORT, TMP_MARK, prepare
+from split_alexnet.data.prepare import main as prepare_main
 from split_alexnet.data.prepare_tasks import out_name
+from split_alexnet.utils.cli import run
 from split_alexnet.utils.fileio import atomic_write
 
 
@@ -78,17 +81,21 @@ def test_prepare_outputs_report_and_resume(src, tmp_path):
     assert np.abs(a - b).mean() < 12
 
 
-def test_prepare_cli_missing_src(tmp_path):
-    r = run_python("-m", "split_alexnet.prepare", str(tmp_path / "missing"), str(tmp_path / "out"))
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "missing" in lines[0] and "Traceback" not in r.stderr
+def test_prepare_cli_missing_src(tmp_path, capsys):
+    """(The command as its own process: test_val_fraction_splits_one_folder_of_classes_
+    stratified_and_by_seed.)"""
+    rc = run(prepare_main, "split_alexnet.prepare", [str(tmp_path / "missing"),
+                                                     str(tmp_path / "out")])
+    assert rc == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "missing" in lines[0] and "Traceback" not in lines[0]
 
 
-def test_prepare_cli_missing_val(tmp_path):
+def test_prepare_cli_missing_val(tmp_path, capsys):
     (tmp_path / "s" / "train" / "a").mkdir(parents=True)
-    r = run_python("-m", "split_alexnet.prepare", str(tmp_path / "s"), str(tmp_path / "out"))
-    assert r.returncode == 2 and "val" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    rc = run(prepare_main, "split_alexnet.prepare", [str(tmp_path / "s"), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "val" in err and len(err.strip().splitlines()) == 1
 
 
 def single_folder(tmp_path: Path, counts=(10, 7)) -> Path:
@@ -103,7 +110,7 @@ def single_folder(tmp_path: Path, counts=(10, 7)) -> Path:
     return root
 
 
-def test_val_fraction_splits_one_folder_of_classes_stratified_and_by_seed(tmp_path):
+def test_val_fraction_splits_one_folder_of_classes_stratified_and_by_seed(tmp_path, capsys):
     one = single_folder(tmp_path)
     # Without --val-fraction: prepare and train each say what to do, in one line.
     r = run_python("-m", "split_alexnet.prepare", one, tmp_path / "no", "--workers", "1")
@@ -112,9 +119,16 @@ def test_val_fraction_splits_one_folder_of_classes_stratified_and_by_seed(tmp_pa
         "--val-fraction F to split each class into train/ and val/"], r.stderr
     with pytest.raises(Exception, match="split-alexnet-prepare .* --val-fraction 0.1"):
         D.check_dataset_root(one)
-    r = run_python("-m", "split_alexnet.prepare", one, tmp_path / "a", "--workers", "1",
-                   "--val-fraction", "0.3", "--seed", "4", "--quiet")
-    assert r.returncode == 0, r.stderr
+
+    def prepare_cli(*argv) -> tuple[int, str]:
+        """The command's main as its console runs it: exit code and stderr."""
+        capsys.readouterr()
+        rc = run(prepare_main, "split_alexnet.prepare", [str(a) for a in argv])
+        return rc, capsys.readouterr().err
+
+    rc, err = prepare_cli(one, tmp_path / "a", "--workers", "1", "--val-fraction", "0.3",
+                          "--seed", "4", "--quiet")
+    assert rc == 0, err
     a = tmp_path / "a"
     names = {s: {c: sorted(p.name for p in (a / s / c).iterdir()) for c in ("ant", "bee")}
              for s in ("train", "val")}
@@ -133,13 +147,13 @@ def test_val_fraction_splits_one_folder_of_classes_stratified_and_by_seed(tmp_pa
     assert tree(tmp_path / "c").keys() != tree(tmp_path / "b").keys()
     for bad, words in (("1", "--val-fraction must be between 0 and 1"),
                        ("0", "--val-fraction must be between 0 and 1")):
-        r = run_python("-m", "split_alexnet.prepare", one, tmp_path / "d", "--val-fraction", bad)
-        assert r.returncode == 2 and words in r.stderr, r.stderr
+        rc, err = prepare_cli(one, tmp_path / "d", "--val-fraction", bad)
+        assert rc == 2 and words in err, err
     two = tmp_path / "two"  # a source with its own val/ is not split again
     (two / "train" / "a").mkdir(parents=True)
     (two / "val" / "a").mkdir(parents=True)
-    r = run_python("-m", "split_alexnet.prepare", two, tmp_path / "e", "--val-fraction", "0.2")
-    assert r.returncode == 2 and "with its own validation set" in r.stderr, r.stderr
+    rc, err = prepare_cli(two, tmp_path / "e", "--val-fraction", "0.2")
+    assert rc == 2 and "with its own validation set" in err, err
 
 
 def test_demo_data_deterministic(tmp_path):
@@ -155,9 +169,9 @@ def test_demo_data_deterministic(tmp_path):
 
 
 def test_demo_data_cli(tmp_path):
-    r = run_python("-m", "split_alexnet.demo_data", str(tmp_path / "d"), "--classes", "2",
-             "--train-per-class", "2", "--val-per-class", "1")
-    assert r.returncode == 0, r.stderr
+    assert run(demo_main, "split_alexnet.demo_data", [str(tmp_path / "d"), "--classes", "2",
+                                                      "--train-per-class", "2",
+                                                      "--val-per-class", "1"]) == 0
     assert len(list((tmp_path / "d").rglob("*.jpg"))) == 6
     r = run_python("-m", "split_alexnet.demo_data", str(tmp_path / "d"), "--classes", "99")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1

@@ -5,14 +5,13 @@ layouts, the recipes' resolution and precedence, --print-recipe, the step-iters 
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from helpers import REPO, records, run_python
+from helpers import records, run_main
 import split_alexnet.data.dataset as D
 from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.data.dataset import CropFolder, holdout_indices
@@ -174,16 +173,20 @@ def test_new_settings_are_classified():
     assert "print_recipe" not in TrainConfig().to_dict()  # a switch of the command
 
 
-def _train(*args: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
-    return run_python("-m", "split_alexnet.train", *args, cwd=cwd, timeout=timeout,
-                      env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+@pytest.fixture
+def train_here(tmp_path, capsys, monkeypatch):
+    """The trainer's command run here in ``tmp_path`` as its console runs it: (exit code,
+    stdout, stderr). (Its own process: tests/test_train.py::test_real_entry_point_prints_no_
+    traceback.)"""
+    monkeypatch.chdir(tmp_path)
+    return lambda *args: run_main(train_main, "split_alexnet.train", args, capsys)
 
 
-def test_print_recipe_lists_the_settings_and_does_nothing_else(tmp_path):
-    p = _train("--recipe", "bvlc", "--print-recipe", "--out", str(tmp_path / "run"),
-               "--batch-size", "64", cwd=tmp_path)
-    assert p.returncode == 0, p.stderr
-    lines = p.stdout.splitlines()
+def test_print_recipe_lists_the_settings_and_does_nothing_else(tmp_path, train_here):
+    rc, out, err = train_here("--recipe", "bvlc", "--print-recipe", "--out", tmp_path / "run",
+                              "--batch-size", "64")
+    assert rc == 0, err
+    lines = out.splitlines()
     assert lines[0] == "recipe bvlc:"
     assert len(lines) == 1 + len(RECIPES["bvlc"])
     assert lines[1].startswith("  --init caffe: BVLC/caffe models/bvlc_alexnet/")
@@ -198,11 +201,11 @@ def test_print_recipe_lists_the_settings_and_does_nothing_else(tmp_path):
     (["--bias-lr-mult", "-1"], "--bias-lr-mult must be at least 0"),
     (["--lr-schedule", "step-iters:0"], "--lr-schedule must be"),
 ])
-def test_bad_recipe_input_is_one_line_and_exit_2(tmp_path, args, words):
-    p = _train(*args, "--out", str(tmp_path / "run"), cwd=tmp_path)
-    assert p.returncode == 2
-    err = p.stderr.strip().splitlines()
-    assert len(err) == 1 and words in err[0] and "Traceback" not in p.stderr, p.stderr
+def test_bad_recipe_input_is_one_line_and_exit_2(tmp_path, train_here, args, words):
+    rc, _, err = train_here(*args, "--out", tmp_path / "run")
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0] and "Traceback" not in err, err
     assert not (tmp_path / "run").exists()
     with pytest.raises(UsageError):
         recipe_settings("caffenet")
@@ -287,26 +290,28 @@ def test_bad_plateau_settings_are_usage_errors():
 
 
 @pytest.mark.slow
-def test_every_lr_drop_is_a_record_and_a_log_line(demo_root, tmp_path, capsys):
-    """Patience 0: every evaluation drops the rate (epochs 1 and 2), each drop a record
-    with its reason and a log line."""
+def test_every_lr_drop_is_a_record_and_a_log_line(tmp_path, capsys):
+    """Patience 0: every evaluation drops the rate (epochs 1 and 2, one step each), each drop
+    a record with its reason and a log line."""
+    data = make_demo_dataset(tmp_path / "data", classes=2, train_per_class=4, val_per_class=1,
+                             seed=0)
     out = tmp_path / "run"
     rc = run(train_main, "train", [
-        "--data", str(demo_root), "--out", str(out), "--batch-size", "8", "--epochs", "2",
+        "--data", str(data), "--out", str(out), "--batch-size", "8", "--epochs", "2",
         "--workers", "0", "--log-interval", "1", "--init", "caffe", "--no-ten-crop",
         "--devices", "cpu,cpu", "--plateau-patience", "0"])
     assert rc == 0
     recs = records(out)
     drops = [r for r in recs if r["kind"] == "lr_drop"]
-    assert [(r["step"], r["epoch"]) for r in drops] == [(4, 1), (8, 2)]
+    assert [(r["step"], r["epoch"]) for r in drops] == [(1, 1), (2, 2)]
     assert [r["old"] for r in drops] == pytest.approx([0.01, 0.001])
     assert [r["new"] for r in drops] == pytest.approx([0.001, 0.0001])
     assert all(r["reason"].startswith("plateau: ") and r["reason"].endswith("(on the val set)")
                for r in drops)
     lrs = {r["step"]: r["lr"] for r in recs if r["kind"] == "train"}
-    assert lrs[4] == 0.01 and lrs[5] == pytest.approx(0.001)
+    assert lrs[1] == 0.01 and lrs[2] == pytest.approx(0.001)
     err = capsys.readouterr().err
-    assert err.count("learning rate 0.01 -> 0.001 at step 4 (epoch 1): plateau: ") == 1
+    assert err.count("learning rate 0.01 -> 0.001 at step 1 (epoch 1): plateau: ") == 1
 
 
 # ----------------------------------------------------------------------------- hold-out
@@ -330,12 +335,12 @@ def test_holdout_is_deterministic_per_class_and_disjoint(demo_root):
     assert split_holdout(full, TrainConfig(), False) == (full, None)
 
 
-def test_holdout_as_large_as_a_class_is_one_line_and_exit_2(demo_root, tmp_path):
-    p = _train("--data", str(demo_root), "--out", str(tmp_path / "run"), "--holdout", "8",
-               "--workers", "0", "--devices", "cpu,cpu", cwd=tmp_path)
-    assert p.returncode == 2
-    err = p.stderr.strip().splitlines()
-    assert len(err) == 1 and "--holdout 8: the smallest class" in err[0], p.stderr
+def test_holdout_as_large_as_a_class_is_one_line_and_exit_2(demo_root, tmp_path, train_here):
+    rc, _, err = train_here("--data", demo_root, "--out", tmp_path / "run", "--holdout", "8",
+                            "--workers", "0", "--devices", "cpu,cpu")
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "--holdout 8: the smallest class" in lines[0], err
     assert not (tmp_path / "run" / "config.json").exists()
 
 
@@ -376,15 +381,14 @@ def test_holdout_drives_the_schedule_and_val_is_still_reported(demo_root, tmp_pa
 
 
 @pytest.mark.slow
-def test_plan_prints_the_run_and_writes_nothing_into_out(demo_root, tmp_path):
+def test_plan_prints_the_run_and_writes_nothing_into_out(demo_root, tmp_path, train_here):
     out = tmp_path / "run"
-    p = _train("--plan", "--data", str(demo_root), "--out", str(out), "--batch-size", "2",
-               "--epochs", "3", "--workers", "0", "--devices", "cpu,cpu", "--keep-last", "1",
-               "--lr-schedule", "step-iters:20", "--lr-drops", "3", "--init", "caffe",
-               "--plan-steps", "3", cwd=tmp_path, timeout=400)
-    assert p.returncode == 0, p.stderr
+    rc, text, err = train_here("--plan", "--data", demo_root, "--out", out, "--batch-size", "2",
+                               "--epochs", "3", "--workers", "0", "--devices", "cpu,cpu",
+                               "--keep-last", "1", "--lr-schedule", "step-iters:20",
+                               "--lr-drops", "3", "--init", "caffe", "--plan-steps", "3")
+    assert rc == 0, err
     assert not out.exists()  # not even the lock or config.json
-    text = p.stdout
     assert "training images: 32; steps per epoch: 16; epochs: 3; total steps: 48" in text
     assert "/ 10 every 20 steps, at most 3 times: drops before steps 21, 41" in text
     assert "at most 2 such files and best.pt (parameters only): " in text
@@ -399,17 +403,16 @@ def test_plan_prints_the_run_and_writes_nothing_into_out(demo_root, tmp_path):
 
 
 @pytest.mark.parametrize("plan", [True, False], ids=["plan", "start"])
-def test_a_preset_is_printed_before_the_refusal_its_batch_causes(plan, tmp_path):
+def test_a_preset_is_printed_before_the_refusal_its_batch_causes(plan, tmp_path, train_here):
     """--demo's batch of 32 on 8 training images, with --plan and at a run's start: the demo
     preset's table comes first on stderr, then the one line that names --batch-size (exit 2,
     no traceback), and nothing is left in --out."""
     small = make_demo_dataset(tmp_path / "small", classes=2, train_per_class=4,
                               val_per_class=2, seed=0)
     out = tmp_path / "run"
-    p = _train(*(["--plan"] if plan else []), "--demo", "--data", str(small), "--out", str(out),
-               "--workers", "0", cwd=tmp_path)
-    err = p.stderr
-    assert p.returncode == 2 and "Traceback" not in err, err
+    rc, _, err = train_here(*(["--plan"] if plan else []), "--demo", "--data", small, "--out",
+                            out, "--workers", "0")
+    assert rc == 2 and "Traceback" not in err, err
     (line,) = [ln for ln in err.splitlines() if ": error: " in ln]
     assert line.endswith("error: the training set has 8 images, fewer than one batch of 32 "
                          "(--batch-size 32); give --batch-size N with N at most 8"), err

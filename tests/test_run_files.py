@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import CPU_PAIR, REPO, child_env, copy_run, records, train, train_command
+from helpers import CPU_PAIR, REPO, child_env, copy_run, records, train
 from split_alexnet.tools.evaluate import main as evaluate_main
+from split_alexnet.training.command import main as train_main
 from split_alexnet.utils.checkpoint_file import load_checkpoint, save_checkpoint
 from split_alexnet.utils.cli import run
 
@@ -269,12 +270,12 @@ def test_a_folder_named_like_a_stale_temporary_does_not_stop_a_resume(one_step, 
     assert load_checkpoint(out / "last.pt")["progress"]["step"] == 2
 
 
-def test_demo_data_cut_short_by_sigkill_is_finished_by_the_next_run(tmp_path):
+def test_demo_data_cut_short_by_sigkill_is_finished_by_the_next_run(tmp_path, capsys):
     out = tmp_path / "demo"
     data = out / "demo_data"
-    cmd = [sys.executable, "-m", "split_alexnet.train", "--demo", "--out", str(out),
-           "--max-steps", "1", "--workers", "0", "--no-ten-crop"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    args = ["--demo", "--out", str(out), "--max-steps", "1", "--workers", "0", "--no-ten-crop"]
+    proc = subprocess.Popen([sys.executable, "-m", "split_alexnet.train", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=child_env(), cwd=REPO)
     try:
         deadline = time.monotonic() + 300
@@ -285,10 +286,9 @@ def test_demo_data_cut_short_by_sigkill_is_finished_by_the_next_run(tmp_path):
         proc.kill()
         proc.wait()
     assert not (data / "val").exists() and not (data / "demo.json").exists()
-    p = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), cwd=REPO,
-                       timeout=900)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "generating the demo dataset" in p.stderr
+    capsys.readouterr()
+    assert run(train_main, "split_alexnet.train", args) == 0  # the same command, here
+    assert "generating the demo dataset" in capsys.readouterr().err
     assert len(list(data.glob("val/*/*.jpg"))) == 200 and (data / "demo.json").is_file()
     assert not (data / "demo.partial").exists()
 
@@ -298,13 +298,16 @@ def test_demo_data_cut_short_by_sigkill_is_finished_by_the_next_run(tmp_path):
 
 def test_a_resume_with_the_same_thread_count_is_bitwise_and_another_warns(demo_root, tmp_path,
                                                                          capsys):
-    threads = child_env(OMP_NUM_THREADS="2")
+    before = torch.get_num_threads()
 
-    def run_to(out: Path, *extra) -> str:
-        p = subprocess.run(train_command(demo_root, out, *CPU_PAIR, *extra), env=threads,
-                           cwd=REPO, capture_output=True, text=True, timeout=900)
-        assert p.returncode == 0, p.stderr[-3000:]
-        return p.stderr
+    def run_to(out: Path, *extra, threads: int = 2) -> str:
+        torch.set_num_threads(threads)  # as OMP_NUM_THREADS would start a process with
+        try:
+            capsys.readouterr()
+            assert train(demo_root, out, *CPU_PAIR, *extra) == 0
+        finally:
+            torch.set_num_threads(before)
+        return capsys.readouterr().err
 
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     run_to(whole, "--max-steps", "2")
@@ -315,11 +318,5 @@ def test_a_resume_with_the_same_thread_count_is_bitwise_and_another_warns(demo_r
     for name, t in a["model"].items():
         assert torch.equal(t, b["model"][name]), name
     # Another thread count: the run goes on, and says it is not bitwise.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        capsys.readouterr()
-        assert train(demo_root, cut, *CPU_PAIR, "--resume", "--max-steps", "3") == 0
-    finally:
-        torch.set_num_threads(before)
-    assert "this process uses 1 intra-op thread(s), the run 2 (" in capsys.readouterr().err
+    err = run_to(cut, "--resume", "--max-steps", "3", threads=1)
+    assert "this process uses 1 intra-op thread(s), the run 2 (" in err

@@ -8,8 +8,11 @@ perform the same arithmetic, and a resumed run restores every state it draws fro
 from __future__ import annotations
 
 import compileall
+import contextlib
 import dataclasses
+import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import records, repeated_tiny_set, run_python, train
+from helpers import copy_run, records, repeated_tiny_set, run_python, train
 
 import split_alexnet
 from split_alexnet.data.dataset import PCA_MODES
@@ -52,17 +55,22 @@ def assert_same_tensors(a: dict, b: dict, what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(demo_root, tmp_path_factory):
+def runs(demo_root, reference, tmp_path_factory):
+    """The demo run (8 steps, 2 epochs) uninterrupted in the split layout (``reference``,
+    conftest.py) and in the collapsed one, and cut and resumed twice."""
     base = tmp_path_factory.mktemp("runs")
-    out = {name: base / name for name in ("split", "single", "cut_mid", "cut_edge")}
-    assert train(demo_root, out["split"], "--devices", "cpu,cpu") == 0
+    out = {"split": reference, **{name: base / name for name in ("single", "cut_mid",
+                                                                  "cut_edge")}}
     assert train(demo_root, out["single"], "--single-device") == 0
-    # Interrupted mid-epoch (step 6 of 8: 2 steps into epoch 2), resumed with 2 real workers.
-    assert train(demo_root, out["cut_mid"], "--devices", "cpu,cpu", "--max-steps", "6") == 0
-    assert train(demo_root, out["cut_mid"], "--devices", "cpu,cpu", "--resume",
-                 "--workers", "2") == 0
     # Interrupted exactly at the end of epoch 1 (step 4).
     assert train(demo_root, out["cut_edge"], "--devices", "cpu,cpu", "--max-steps", "4") == 0
+    # Interrupted mid-epoch (step 6 of 8: 2 steps into epoch 2), resumed with 2 real workers
+    # (the same run to step 4: a copy of cut_edge's, continued to step 6).
+    copy_run(out["cut_edge"], out["cut_mid"])
+    assert train(demo_root, out["cut_mid"], "--devices", "cpu,cpu", "--resume",
+                 "--max-steps", "6") == 0
+    assert train(demo_root, out["cut_mid"], "--devices", "cpu,cpu", "--resume",
+                 "--workers", "2") == 0
     assert train(demo_root, out["cut_edge"], "--devices", "cpu,cpu", "--resume") == 0
     return out
 
@@ -107,21 +115,44 @@ def test_resume_equals_uninterrupted(runs, cut):
     assert losses(runs[cut]) == losses(runs["split"])
 
 
-def test_loss_falls_on_a_tiny_set(tmp_path):
+@pytest.fixture(scope="module")
+def learning(tmp_path_factory):
+    """The split layout on 8 images, each in 8 files (8 steps per epoch), 3 epochs, the
+    watchdog judging at step 16: (run folder, what it wrote on stderr)."""
+    base = tmp_path_factory.mktemp("learning")
+    root = repeated_tiny_set(base / "d", copies=8)
+    out = base / "run"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = run(train_main, "train", ["--data", str(root), "--out", str(out), "--batch-size",
+                                       "8", "--epochs", "3", "--workers", "0", "--log-interval",
+                                       "1", "--init", "caffe", "--no-ten-crop", "--lr", "0.02",
+                                       "--lr-schedule", "step:100", "--pca", "off", "--dropout",
+                                       "0", "--devices", "cpu,cpu", "--watchdog-steps", "16",
+                                       "--eval-every", "100"])
+    assert rc == 0, err.getvalue()[-3000:]
+    return out, err.getvalue()
+
+
+def test_loss_falls_on_a_tiny_set(learning):
     """The split layout overfits 8 images (each in 8 files: 24 steps in 3 epochs). (The
     collapsed layout computes the same losses bit for bit:
     test_split_and_single_device_runs_agree_step_by_step.)"""
-    root = repeated_tiny_set(tmp_path / "d", copies=8)
-    out = tmp_path / "run"
-    rc = run(train_main, "train", ["--data", str(root), "--out", str(out), "--batch-size", "8",
-                                   "--epochs", "3", "--workers", "0", "--log-interval", "1",
-                                   "--init", "caffe", "--no-ten-crop", "--lr", "0.02",
-                                   "--lr-schedule", "step:100", "--pca", "off", "--dropout", "0",
-                                   "--devices", "cpu,cpu"])
-    assert rc == 0
+    out, _ = learning
     ls = losses(out)
     last5 = [ls[s] for s in range(20, 25)]
     assert min(last5) < 0.3 * ls[1] and sum(last5) / 5 < ls[1], ls
+
+
+def test_watchdog_stays_silent_on_a_run_that_learns(learning):
+    """The run of test_loss_falls_on_a_tiny_set (it learns), judged at step 16 over steps
+    12-16."""
+    out, err = learning
+    assert "warning" not in err
+    assert [r for r in records(out) if r["kind"] == "watchdog"] == []
+    ls = losses(out)
+    assert len(ls) == 24
+    assert sum(ls[s] for s in range(12, 17)) / 5 < 0.98 * math.log(2)  # the window judged
 
 
 @pytest.mark.parametrize("ckpt_run", ["split", "single"])

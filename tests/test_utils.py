@@ -120,34 +120,66 @@ TOOLS = {"train": [], "evaluate": [], "predict": [], "visualize": ["curves"], "c
          "convert": ["caffe"]}
 
 
-def test_every_tool_names_itself_as_typed_and_suggests_the_flag_meant(tmp_path):
+def launcher(tmp_path: Path, tool: str) -> Path:
+    """A console command named split-alexnet-TOOL: a small launcher that runs the tool's
+    ``python -m`` module."""
+    module = {"train": "split_alexnet.train", "demo-data": "split_alexnet.demo_data"}.get(
+        tool, f"split_alexnet.{tool}")
+    exe = tmp_path / f"split-alexnet-{tool}"
+    exe.write_text(f"#!{sys.executable}\nimport runpy\n"
+                   f"runpy.run_module({module!r}, run_name='__main__')\n")
+    exe.chmod(0o755)
+    return exe
+
+
+def as_typed(exe: Path, argv: list[str], capsys) -> tuple[int, str, str]:
+    """What ``exe argv`` does, run here: the launcher's code with sys.argv as the console
+    gives it (its exit code, stdout, stderr)."""
+    capsys.readouterr()
+    saved = sys.argv
+    sys.argv = [str(exe), *argv]
+    try:
+        exec(compile(exe.read_text(), str(exe), "exec"), {"__name__": "__main__"})
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = saved
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_every_tool_names_itself_as_typed_and_suggests_the_flag_meant(tmp_path, capsys):
     """Run as the console command (a link named split-alexnet-TOOL to a small launcher): the
-    usage line names it; a misspelt or abbreviated flag is one line with "did you mean"."""
-    import subprocess
-    import sys
-    from helpers import child_env
+    usage line names it; a misspelt or abbreviated flag is one line with "did you mean".
+    Each launcher runs in this process, with sys.argv as the console sets it (one runs as its
+    own process: test_a_console_command_is_named_as_typed_in_its_own_process)."""
     for tool, sub in TOOLS.items():
-        module = {"train": "split_alexnet.train", "demo-data": "split_alexnet.demo_data"}.get(
-            tool, f"split_alexnet.{tool}")
-        exe = tmp_path / f"split-alexnet-{tool}"
-        exe.write_text(f"#!{sys.executable}\nimport runpy\n"
-                       f"runpy.run_module({module!r}, run_name='__main__')\n")
-        exe.chmod(0o755)
-        p = subprocess.run([str(exe), *sub, "--help"], capture_output=True, text=True,
-                           env=child_env(), timeout=120)
-        assert p.returncode == 0, (tool, p.stderr)
-        assert p.stdout.startswith(f"usage: split-alexnet-{tool}"), (tool, p.stdout[:200])
-        assert "python -m" not in p.stdout.split("\n")[0]
-        assert "3.4028234663852886e+38" not in p.stdout
+        code, out, err = as_typed(launcher(tmp_path, tool), [*sub, "--help"], capsys)
+        assert code == 0, (tool, err)
+        assert out.startswith(f"usage: split-alexnet-{tool}"), (tool, out[:200])
+        assert "python -m" not in out.split("\n")[0]
+        assert "3.4028234663852886e+38" not in out
         words = {"evaluate": "the paper's ten crops with averaged softmax.",
                  "demo-data": "training images per class", "compare": "a run folder"}
-        assert words.get(tool, "") in " ".join(p.stdout.split()), (tool, p.stdout)
+        assert words.get(tool, "") in " ".join(out.split()), (tool, out)
     for argv, words in ((["--batchsize", "40"], "did you mean --batch-size?"),
                         (["--device", "cpu,cpu"], "did you mean --devices?"),
                         (["--max-step", "3"], "did you mean --max-steps?")):
-        p = subprocess.run([str(tmp_path / "split-alexnet-train"), *argv], capture_output=True,
-                           text=True, env=child_env(), timeout=120)
-        lines = p.stderr.strip().splitlines()
-        assert p.returncode == 2 and len(lines) == 1, p.stderr
+        code, _, err = as_typed(tmp_path / "split-alexnet-train", argv, capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, err
         assert lines[0].startswith("split-alexnet-train: error: unrecognized arguments: ")
         assert words in lines[0], lines[0]
+
+
+def test_a_console_command_is_named_as_typed_in_its_own_process(tmp_path):
+    """The launcher as its own process: the name it was started by in its one error line,
+    exit 2."""
+    from helpers import child_env
+    p = subprocess.run([str(launcher(tmp_path, "train")), "--batchsize", "40"],
+                       capture_output=True, text=True, env=child_env(), timeout=120)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1, p.stderr
+    assert lines[0].startswith("split-alexnet-train: error: unrecognized arguments: ")
+    assert "did you mean --batch-size?" in lines[0], lines[0]

@@ -36,8 +36,15 @@ PARENT_POLL = 0.5   # seconds between two checks, in a worker, that its parent s
 def mp_context() -> BaseContext:
     """forkserver where available (one fresh server imports the package - which imports torch -
     once; workers are forked from it cheaply and safely), else spawn."""
-    methods = mp.get_all_start_methods()
-    return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    # The server imports the package itself, not only through __main__ (the default preload):
+    # called from a program that is not one of the package's commands (a notebook, a script
+    # that imports the package later, a test runner) every worker would import torch anew.
+    # Set before the server starts; afterwards it changes nothing.
+    ctx.set_forkserver_preload(["__main__", __name__])
+    return ctx
 
 
 def _watch_parent(ppid: int) -> None:
