@@ -1,6 +1,6 @@
 """Hostile and damaged checkpoints are refused, never run and never half-used
 (docs/reliability.md): pickles that would run code, flipped bits, truncation, edited weights,
-and a checkpoint of another model. The real checkpoints are ``reference``'s (conftest.py).
+and a checkpoint of another model. The real checkpoint is ``one_step``'s (conftest.py).
 """
 
 from __future__ import annotations
@@ -82,9 +82,9 @@ def _largest_tensor_record(path: Path) -> tuple[int, int]:
     return info.header_offset + 30 + name_len + extra_len, info.file_size
 
 
-def test_bit_flips_and_truncation_are_detected(reference, demo_root, tmp_path, capsys):
+def test_bit_flips_and_truncation_are_detected(one_step, demo_root, tmp_path, capsys):
     bad = tmp_path / "bad.pt"
-    shutil.copyfile(reference / "last.pt", bad)
+    shutil.copyfile(one_step / "last.pt", bad)
     size = bad.stat().st_size
     # One flipped byte in the middle of a weight tensor (the zip's CRC or our checksum).
     offset, n = _largest_tensor_record(bad)
@@ -106,10 +106,10 @@ def test_bit_flips_and_truncation_are_detected(reference, demo_root, tmp_path, c
             load_checkpoint(bad)
 
 
-def test_a_consistent_file_with_changed_weights_fails_the_checksum(reference, tmp_path):
+def test_a_consistent_file_with_changed_weights_fails_the_checksum(one_step, tmp_path):
     """A well-formed zip whose contents differ from what was saved (silent corruption before
     the zip was written, an edited file): only the sha256 recorded at save time sees it."""
-    ckpt = torch.load(reference / "last.pt", map_location="cpu", weights_only=True)
+    ckpt = torch.load(one_step / "last.pt", map_location="cpu", weights_only=True)
     ckpt["model"]["fc8.bias"][0] += 1e-6
     tampered = tmp_path / "tampered.pt"
     torch.save(ckpt, tampered)
@@ -118,7 +118,7 @@ def test_a_consistent_file_with_changed_weights_fails_the_checksum(reference, tm
 
 
 @pytest.mark.parametrize("what", ["arch", "classes"])
-def test_a_checkpoint_of_another_model_names_both(reference, demo_root, tmp_path, capsys, what):
+def test_a_checkpoint_of_another_model_names_both(one_step, demo_root, tmp_path, capsys, what):
     if what == "arch":
         root, extra, want = demo_root, ["--arch", "half", "--single-device"], ("half", 4)
     else:
@@ -126,7 +126,7 @@ def test_a_checkpoint_of_another_model_names_both(reference, demo_root, tmp_path
                                  val_per_class=1, seed=0)
         extra, want = [], ("alexnet", 3)
     argv = ["--data", str(root), "--out", str(tmp_path / "o"), *BASE, *CPU_PAIR, *extra,
-            "--resume", str(reference / "last.pt")]
+            "--resume", str(one_step / "last.pt")]
     if what == "arch":
         argv.remove("--devices")
         argv.remove("cpu,cpu")
