@@ -37,6 +37,13 @@ BASE = ["--batch-size", "8", "--epochs", "2", "--workers", "0", "--log-interval"
 #: The two towers on two CPU devices: the paper's split layout without GPUs.
 CPU_PAIR = ["--devices", "cpu,cpu"]
 
+#: The flags of the small torchrun jobs of tests/test_distributed*.py: the pair on cpu,cpu in
+#: each process, a global batch of 6, one epoch, seed 5, no dropout (its masks differ between
+#: the ranks and one process).
+DIST_FLAGS = ["--devices", "cpu,cpu", "--batch-size", "6", "--epochs", "1", "--workers", "0",
+              "--log-interval", "1", "--init", "caffe", "--no-ten-crop", "--seed", "5",
+              "--dropout", "0"]
+
 #: Variables of torch.distributed that must not leak from this process into a torchrun job.
 DIST_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
              "MASTER_PORT", "OMP_NUM_THREADS")

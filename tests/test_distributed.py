@@ -5,7 +5,7 @@ Every multi-process run goes through the real launcher (``python -m torch.distri
 ``--devices cpu,cpu`` in each process. A small driver (tests/programs/train_with_rank_report.py)
 wraps the main to record what only the ranks themselves can see: a digest of each rank's
 parameters after training, how many checkpoints each rank wrote, and the RNG state each rank
-resumed with.
+resumed with. (Jobs that go wrong: tests/test_distributed_failures.py.)
 
 The runs are shared by several tests (module fixture): each costs ~20 s on 2 busy cores.
 Data: 3 classes x 4 training images (global batch 6 = 3 per rank, 2 steps per epoch) and
@@ -15,18 +15,16 @@ Data: 3 classes x 4 training images (global batch 6 = 3 per rank, 2 steps per ep
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import BASE, PROGRAMS, REPO, rank_reports, records, torchrun
-from split_alexnet.data.dataset import EpochSampler, find_classes, list_samples
+from helpers import DIST_FLAGS as COMMON
+from helpers import PROGRAMS, REPO, rank_reports, records, torchrun
 from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.utils.checkpoint_file import load_checkpoint
 from split_alexnet.utils.cli import run
@@ -35,9 +33,6 @@ from split_alexnet.training.command import main as train_main
 DRIVER = PROGRAMS / "train_with_rank_report.py"
 LAUNCH = REPO / "launch"
 N_TRAIN, N_VAL = 12, 9
-COMMON = ["--devices", "cpu,cpu", "--batch-size", "6", "--epochs", "1", "--workers", "0",
-          "--log-interval", "1", "--init", "caffe", "--no-ten-crop", "--seed", "5",
-          "--dropout", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -162,67 +157,6 @@ def test_towers_over_two_pairs_equal_ddp_over_pairs(dist_runs):
     (va,) = [r for r in records(dist_runs["towers4"]) if r["kind"] == "val"]
     (vb,) = [r for r in records(dist_runs["ddp"]) if r["kind"] == "val"]
     assert va["n"] == vb["n"] == N_VAL and va["loss"] == vb["loss"]
-
-
-# ------------------------------------------------------------------------------ failures
-
-
-def lose_rank_1(dist_runs, how: str):
-    """A job whose rank 1 dies after joining the group (``how="dies"``), or stops (SIGSTOP)
-    before its second step (``"stops"``), with a collective timeout of 20 s: (process,
-    seconds)."""
-    base = dist_runs["base"]
-    env = {"DIE_RANK" if how == "dies" else "STOP_RANK": "1",
-           "SPLIT_ALEXNET_DIST_TIMEOUT": "20"}
-    return torchrun(DRIVER, base / f"report_{how}",
-                    ["--data", str(dist_runs["data"]), "--out", str(base / how), *COMMON],
-                    env_extra=env, timeout=180)
-
-
-@pytest.fixture(scope="module")
-def rank_1_dies(dist_runs):
-    """The job whose rank 1 dies (:func:`lose_rank_1`), for the two tests that judge it."""
-    return lose_rank_1(dist_runs, "dies")
-
-
-def test_a_dead_rank_stops_the_job_quickly(rank_1_dies):
-    """Rank 1 dies right after joining the group; rank 0 must not hang."""
-    p, dt = rank_1_dies
-    assert p.returncode != 0
-    assert dt < 90, f"took {dt:.0f} s"
-    # torchrun names the root cause: rank 1, our exit code 3.
-    root = p.stderr[p.stderr.index("Root Cause"):]
-    assert re.search(r"rank\s*:\s*1\b", root) and re.search(r"exitcode\s*:\s*3\b", root), root
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["pair", "towers"])
-def test_stop_on_divergence_stops_every_rank_together(demo_root, tmp_path, parallel):
-    """--lr 0.3 with --stop-on-divergence on the 4-class set (as test_finite's one process):
-    the loss leaves 3 x ln 4 within 4 steps. Every rank judges the same loss, the highest of
-    the replicas' (under --parallel towers tower 1's process holds none), so every rank
-    stops with exit 1 at the same step: rank 0 says so in one line, nothing is saved after
-    the last good last.pt (saved every step: --checkpoint-minutes 0)."""
-    out, report = tmp_path / "run", tmp_path / "report"
-    p, dt = torchrun(DRIVER, report, ["--data", str(demo_root), "--out", str(out), *BASE,
-                                      "--devices", "cpu,cpu", "--parallel", parallel,
-                                      "--lr", "0.3", "--max-steps", "4",
-                                      "--stop-on-divergence", "--checkpoint-minutes", "0"],
-                     timeout=240)
-    assert p.returncode == 1 and dt < 150, f"rc {p.returncode}, {dt:.0f} s\n{p.stderr[-3000:]}"
-    # Both ranks ended their main with exit 1 (neither was left to torchrun to stop).
-    assert {r: rep["rc"] for r, rep in rank_reports(report).items()} == {0: 1, 1: 1}, \
-        p.stderr[-3000:]
-    (line,) = [ln for ln in p.stderr.splitlines() if "split_alexnet.train: error:" in ln]
-    assert "error: the training loss diverged: " in line, line
-    assert ("(the highest of 2 replicas')" in line) == (parallel == "pair"), line
-    assert f"the last good checkpoint: {out / 'last.pt'}" in line, line
-    assert "DIVERGENCE:" not in p.stderr
-    assert f'File "{REPO / "split_alexnet"}' not in p.stderr, p.stderr[-3000:]
-    (rec,) = [r for r in records(out) if r["kind"] == "divergence"]
-    assert rec["loss"] > rec["bound"]
-    assert load_checkpoint(out / "last.pt")["progress"]["step"] == rec["step"] - 1
-    assert sorted(p.name for p in out.glob("*.pt")) == ["last.pt"]
 
 
 DIST_ENV = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}
@@ -419,42 +353,3 @@ def test_holdout_under_torchrun_counts_each_image_once(tmp_path):
     assert hold["loss"] == pytest.approx(hold1["loss"], rel=1e-4)
     (val,) = [r for r in records(out) if r["kind"] == "val"]
     assert val["n"] == N_VAL
-
-
-@pytest.mark.slow
-def test_a_rank_whose_whole_batch_is_unreadable_stays_in_step(tmp_path):
-    """Rank 1's first batch is 3 unreadable files (real ones, garbage bytes): every rank skips
-    that step together, and the job ends, exit 0, the ranks holding the same parameters."""
-    data = make_demo_dataset(tmp_path / "data", classes=3, train_per_class=4, val_per_class=3,
-                             seed=0)
-    classes = find_classes(data / "train")
-    samples = list_samples(data / "train", classes)
-    first = EpochSampler(len(samples), epoch=0, seed=5, rank=1, world_size=2).indices()[:3]
-    for i in first:
-        Path(samples[i][0]).write_bytes(b"not an image at all")
-    p, seconds = torchrun(DRIVER, tmp_path / "report", ["--data", str(data), "--out",
-                                                        str(tmp_path / "run"), *COMMON])
-    assert p.returncode == 0, p.stderr[-4000:]
-    reports = rank_reports(tmp_path / "report")
-    assert reports[0]["params"] == reports[1]["params"]
-    assert [r["step"] for r in records(tmp_path / "run") if r["kind"] == "train"] == [1]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("how", ["dies", "stops"])
-def test_a_lost_peer_ends_the_job_with_one_line_naming_the_rank(dist_runs, request, how):
-    """Rank 1 dies after joining the group, or stops (SIGSTOP) before its second step: the
-    job ends within the collective timeout, rank 0 saying so in one line naming rank 1 (or,
-    when torchrun stops rank 0 first, torchrun's report naming rank 1)."""
-    p, dt = request.getfixturevalue("rank_1_dies") if how == "dies" else \
-        lose_rank_1(dist_runs, how)
-    assert p.returncode != 0 and dt < 120, f"rc {p.returncode}, {dt:.0f} s"
-    lines = [ln for ln in p.stderr.splitlines() if "split_alexnet.train: error:" in ln]
-    # A silent peer: rank 0 reaches the timeout and says who. A dead one: torchrun may stop
-    # rank 0 (SIGTERM) before its collective fails; its report names rank 1 then.
-    assert len(lines) == (1 if how == "stops" else len(lines)) <= 1, p.stderr[-3000:]
-    assert all("rank 0: rank 1 of the job died or stopped answering" in ln for ln in lines)
-    if not lines:
-        assert re.search(r"rank\s*:\s*1\b", p.stderr[p.stderr.index("Root Cause"):])
-    # No traceback through the trainer's code on any rank (torchrun's own report stays).
-    assert f'File "{REPO / "split_alexnet"}' not in p.stderr, p.stderr[-3000:]

@@ -6,9 +6,9 @@ its network recorded in its last forward pass. DIE_RANK=R: rank R exits with cod
 after joining the process group; STOP_RANK=R: rank R stops itself (SIGSTOP) before its
 second step.
 
-Usage: torchrun ... train_with_rank_report.py TRAIN-FLAGS... (run by tests/test_distributed.py
-tests/test_finetune.py::test_frozen_layers_under_ddp and tests/test_towers.py through
-helpers.torchrun)
+Usage: torchrun ... train_with_rank_report.py TRAIN-FLAGS... (run by tests/test_distributed.py,
+tests/test_distributed_failures.py, tests/test_finetune.py::test_frozen_layers_under_ddp and
+tests/test_towers.py through helpers.torchrun)
 """
 
 import hashlib
