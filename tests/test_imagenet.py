@@ -20,9 +20,10 @@ import pytest
 from PIL import Image
 
 import split_alexnet.data.imagenet as inet
-from helpers import run_python
+from helpers import run_main
 from split_alexnet.utils.cli import UsageError
 from split_alexnet.data.prepare import TMP_MARK, prepare
+from split_alexnet.data.prepare import main as prepare_main
 from split_alexnet.data.subset import SUBSET_FILE
 
 NAMES = {"n01440764": "tench, Tinca tinca", "n01443537": "goldfish, Carassius auratus",
@@ -263,15 +264,16 @@ def test_archives_resume_after_interruption(images, tmp_path):
 
 
 @needs_scipy
-def test_truncated_train_tar_cli(images, tmp_path):
+def test_truncated_train_tar_cli(images, tmp_path, capsys):
+    """(The command's main as its console runs it; its own process: tests/test_prepare.py.)"""
     src = make_archives(tmp_path / "src", images)
     p = src / inet.TRAIN_TAR
     data = p.read_bytes()
     p.write_bytes(data[: len(data) // 2])
-    r = run_python("-m", "split_alexnet.prepare", src, tmp_path / "dst", "--quiet",
-                   timeout=120)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2, r.stderr
+    rc, _, err = run_main(prepare_main, "split_alexnet.prepare", [src, tmp_path / "dst",
+                                                                  "--quiet"], capsys)
+    lines = err.strip().splitlines()
+    assert rc == 2, err
     assert len(lines) == 1 and inet.TRAIN_TAR in lines[0] and "truncated" in lines[0]
 
 
@@ -477,14 +479,14 @@ def test_hostile_train_member_is_refused(images, tmp_path, case):
 
 
 @needs_scipy
-def test_hostile_archive_cli_is_one_line_exit_2(images, tmp_path):
+def test_hostile_archive_cli_is_one_line_exit_2(images, tmp_path, capsys):
     src = make_archives(tmp_path / "src", images)
     members = _regular_members(src / inet.DEVKIT)
     _write_tar(src / inet.DEVKIT, members + [_member("../../escaped.txt")], "w:gz")
-    r = run_python("-m", "split_alexnet.prepare", src, tmp_path / "dst", "--quiet",
-                   timeout=120)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2, r.stderr
+    rc, _, err = run_main(prepare_main, "split_alexnet.prepare", [src, tmp_path / "dst",
+                                                                  "--quiet"], capsys)
+    lines = err.strip().splitlines()
+    assert rc == 2, err
     assert lines == [f"split_alexnet.prepare: error: unsafe member '../../escaped.txt' in "
                      f"{src / inet.DEVKIT}: a '..' component; refused (nothing is extracted "
                      f"from it)"]
