@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import caffe_reference as ref
-from helpers import run_python
+from helpers import run_main, run_python
 from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.data.images import load_rgb256
 from split_alexnet.network.lrn import LocalResponseNorm
@@ -485,12 +485,14 @@ def test_bad_mean_missing_file_and_existing_output(caffe_files, tmp_path, capsys
     assert (tmp_path / "o.pt").read_bytes() == b"earlier work"
 
 
-def test_the_command_on_garbage_prints_one_line(tmp_path):
+def test_the_command_on_garbage_prints_one_line(tmp_path, capsys):
+    """(The command's main as its console runs it; its own process: the ``caffe_files``
+    fixture and tests/test_flags.py::test_convert_refuses_a_fifo_instead_of_hanging_on_it.)"""
     (tmp_path / "g.caffemodel").write_bytes(b"\x0a\xff\xff\xff\xff\x0f" + bytes(100))
-    r = run_python("-m", "split_alexnet.convert", "caffe", tmp_path / "g.caffemodel",
-                   tmp_path / "o.pt")
-    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines() == [
+    rc, out, err = run_main(convert.main, convert.PROG, ["caffe", tmp_path / "g.caffemodel",
+                                                         tmp_path / "o.pt"], capsys)
+    assert rc == 2 and out == "" and "Traceback" not in err
+    assert err.strip().splitlines() == [
         f"split_alexnet.convert: error: {tmp_path / 'g.caffemodel'}: truncated: field 1 at "
         "byte 0 needs 4294967295 bytes, 100 remain"]
 
