@@ -4,7 +4,7 @@ checkpoints it saved, the RNG state it resumed with and the one its checkpoint h
 rank, and (if the run succeeded) a digest of its parameters after training and the traffic
 its network recorded in its last forward pass. DIE_RANK=R: rank R exits with code 3 right
 after joining the process group; STOP_RANK=R: rank R stops itself (SIGSTOP) before its
-second step.
+second step, and a watcher SIGKILLs it once torchrun asks it to stop (SIGTERM).
 
 Usage: torchrun ... train_with_rank_report.py TRAIN-FLAGS... (run by tests/test_distributed.py,
 tests/test_distributed_failures.py, tests/test_finetune.py::test_frozen_layers_under_ddp and
@@ -72,13 +72,34 @@ if os.environ.get("DIE_RANK") == str(rank):  # this rank dies after joining the 
     setup_module.parallelize = parallelize
 if os.environ.get("STOP_RANK") == str(rank):  # this rank stops (SIGSTOP) at its 2nd step
     import signal
+    import subprocess
 
     import split_alexnet.training.loop as loop_module
     _step = loop_module.train_step
 
+    # A stopped process keeps torchrun's SIGTERM pending: the agent SIGKILLs it after its
+    # grace period (30 s). This watcher does it as soon as the SIGTERM is pending.
+    REAPER = """
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+pid, term = int(sys.argv[1]), 1 << (signal.SIGTERM - 1)
+while True:
+    try:
+        status = open(f"/proc/{pid}/status").read()
+    except OSError:
+        break
+    pending = [int(ln.split()[1], 16) for ln in status.splitlines()
+               if ln.startswith(("SigPnd:", "ShdPnd:"))]
+    if any(p & term for p in pending):
+        os.kill(pid, signal.SIGKILL)
+        break
+    time.sleep(0.1)
+"""
+
     def train_step(t, batch):
         """The training step; at step 2 the process stops itself, as a hung peer."""
         if t.pos.step == 1:
+            subprocess.Popen([sys.executable, "-c", REAPER, str(os.getpid())])
             os.kill(os.getpid(), signal.SIGSTOP)
         return _step(t, batch)
     loop_module.train_step = train_step
