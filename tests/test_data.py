@@ -428,7 +428,7 @@ def _torchvision_deprecates_codecs() -> bool:
     return (major, minor) >= (0, 29)
 
 
-@pytest.mark.skipif(I.tvio is None, reason="torchvision.io does not load here")
+@pytest.mark.skipif(I.tv_io() is None, reason="torchvision.io does not load here")
 def test_torchvision_decoder_only_without_deprecation(tmp_path, monkeypatch):
     p = _odd_sources(tmp_path)[2]  # prepared 256x256 JPEG: the one the fast path takes
     monkeypatch.setattr(I, "_tv_state", {})  # decide afresh in this test
@@ -437,6 +437,7 @@ def test_torchvision_decoder_only_without_deprecation(tmp_path, monkeypatch):
         a = load_rgb256(p)  # decoder="auto"
     assert not [w for w in caught if issubclass(w.category, DeprecationWarning)]
     assert (I._tv_decoder() is None) == _torchvision_deprecates_codecs()
+    assert I.tv_deprecates_codecs() == _torchvision_deprecates_codecs()  # read, not imported
     assert np.array_equal(a, load_rgb256(p, decoder="pillow"))
 
     def quiet(data):  # the same torchvision decoder with its warning silenced
@@ -473,8 +474,9 @@ def test_data_modules_import_at_top_without_cycles():
                            for n in _import_names(node)]
         graph[f.stem] = {n.rsplit(".", 1)[-1] for node in ast.walk(tree)
                          for n in _import_names(node) if n.startswith("split_alexnet.data.")}
-    # only the optional scipy import of the devkit reader sits inside a function
-    assert inside == ["imagenet.parse_devkit: scipy.io"]
+    # only optional imports sit inside a function: scipy (the devkit reader) and torchvision
+    # (the JPEG decoder; importing it costs a second of every process's start)
+    assert inside == ["imagenet.parse_devkit: scipy.io", "images.tv_io: torchvision"]
     assert not graph["imagenet"] & {"prepare", "prepare_tasks"}
     state: dict[str, int] = {}
 

@@ -341,8 +341,10 @@ def test_compile_failure_falls_back(monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_cpp_under_torch_compile(cpp_ok):
-    """The kernels have fake (shape) versions, so a compiled model can call them."""
+def test_cpp_under_torch_compile(cpp_ok, monkeypatch):
+    """The kernels have fake (shape) versions, so a compiled model can call them; and a
+    compiled model's first LRN call loads them outside the graph."""
+    monkeypatch.setattr(lrn_mod, "_CPP_OPS", [])  # not yet loaded in this process
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(),
                             LocalResponseNorm(impl="cpp", groups=2))

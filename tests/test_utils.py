@@ -97,6 +97,24 @@ def test_the_checkpoint_file_format_imports_no_training_code():
     assert [m for m in loaded if m.startswith("split_alexnet.training")] == []
 
 
+def test_the_trainer_starts_without_torchvision_or_torchs_compiler():
+    """Importing the trainer (in a fresh interpreter) imports neither torchvision nor
+    torch._dynamo: together about a second of every process's start on 2 CPU cores. The JPEG
+    decoder imports torchvision at the first JPEG, the LRN kernels' loader the compiler only
+    where torch.compile already did."""
+    probe = ("import sys\n"
+             "import split_alexnet.training.command\n"
+             "print('\\n'.join(sorted(sys.modules)))\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    loaded = p.stdout.split()
+    assert "split_alexnet.network.lrn" in loaded and "split_alexnet.data.images" in loaded
+    assert [m for m in loaded if m.split(".")[0] == "torchvision" or
+            m.startswith("torch._dynamo")] == []
+
+
 # ----------------------------------------------------------------------------- JSON
 
 

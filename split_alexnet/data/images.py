@@ -26,9 +26,10 @@ sends already-prepared (256x256) plain RGB/grayscale JPEGs to ``torchvision.io.d
 (libjpeg-turbo, bit-identical to Pillow there and faster) and everything else to Pillow.
 torchvision is an optional speed-up of this module: when it is missing, has no image codecs,
 or deprecates them (torchvision >= 0.29 moves image decoding to TorchCodec and warns on every
-call), ``"auto"`` is Pillow for everything. That is decided once per process by decoding a
-tiny JPEG with the warnings recorded (:func:`_tv_usable`), so no deprecation warning reaches
-the user.
+call), ``"auto"`` is Pillow for everything. That is decided once per process, at the first
+JPEG: from torchvision's version (read from its metadata; 0.29 or later is not imported at
+all), then by decoding a tiny JPEG with the warnings recorded (:func:`_tv_usable`), so no
+deprecation warning reaches the user.
 
 Only regular files are data: :func:`list_images` lists regular files (after resolving
 symlinks) and returns FIFOs, devices, sockets and dangling links apart, never opened; a path
@@ -43,8 +44,10 @@ header declares more than :func:`pixel_limit` pixels (default :data:`MAX_PIXELS`
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
 import os
+import re
 import stat
 import sys
 import warnings
@@ -56,11 +59,6 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from split_alexnet.utils.cli import UsageError
-
-try:  # optional: the fast decoder of prepared JPEGs (see the module docstring)
-    from torchvision import io as tvio
-except Exception:  # noqa: BLE001 - not installed, or a build that does not load: Pillow only
-    tvio = None
 
 __all__ = ["SIZE", "IMG_EXTENSIONS", "DECODERS", "MAX_PIXELS", "PIXELS_ENV", "UnreadableImage",
            "is_image_file", "pixel_limit", "file_kind", "load_rgb", "load_rgb256", "to_rgb",
@@ -256,8 +254,21 @@ def _decode_pillow(data: bytes, size: int, draft: bool, limit: int = MAX_PIXELS)
 Decode = Callable[[bytes], torch.Tensor]
 
 
+def tv_io():
+    """``torchvision.io``, or None where it is not installed or does not load. Imported at the
+    first JPEG, not with this module: importing torchvision imports torch's compiler (about a
+    second of every process's start, measured on 2 CPU cores), which a process that decodes
+    no JPEG, or where torchvision's decoder is not used, need not pay."""
+    try:  # optional: the fast decoder of prepared JPEGs (see the module docstring)
+        from torchvision import io as tvio
+    except Exception:  # noqa: BLE001 - not installed, or a build that does not load: Pillow only
+        return None
+    return tvio
+
+
 def _tv_decode(data: bytes) -> torch.Tensor:
     """torchvision's libjpeg-turbo decoder: JPEG bytes -> (3, H, W) uint8, EXIF applied."""
+    tvio = tv_io()
     return tvio.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
                             mode=tvio.ImageReadMode.RGB, apply_exif_orientation=True)
 
@@ -281,10 +292,24 @@ def _tv_usable(decode: Decode) -> bool:
 _tv_state: dict[str, Decode | None] = {}
 
 
+def tv_deprecates_codecs() -> bool:
+    """Whether the installed torchvision is 0.29 or later, whose image decoders warn of their
+    deprecation on every call (read from its metadata: torchvision is not imported)."""
+    try:
+        version = importlib.metadata.version("torchvision")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    found = re.match(r"(\d+)\.(\d+)", version)
+    return found is not None and tuple(map(int, found.groups())) >= (0, 29)
+
+
 def _tv_decoder() -> Decode | None:
-    """The torchvision JPEG decoder if it is usable here (checked once per process), else None."""
+    """The torchvision JPEG decoder if it is usable here (checked once per process: not tried
+    at all from torchvision 0.29 on), else None."""
     if "decode" not in _tv_state:
-        _tv_state["decode"] = _tv_decode if tvio is not None and _tv_usable(_tv_decode) else None
+        usable = (not tv_deprecates_codecs() and tv_io() is not None
+                  and _tv_usable(_tv_decode))
+        _tv_state["decode"] = _tv_decode if usable else None
     return _tv_state["decode"]
 
 

@@ -138,12 +138,20 @@ def _compiled_reference():
 _CPP_OPS: list = []  # [ops] once the C++ kernels are loaded (a constant for torch.compile)
 
 
-@torch.compiler.disable
-def _load_cpp():
+def _load_cpp_now():
     ops = lrn_ext.load()  # one-line notice on failure
     if ops is not None:
         _CPP_OPS[:] = [ops]
     return ops
+
+
+def _load_cpp():
+    """Load the C++ kernels (once). Where torch.compile may be tracing this call (its
+    compiler is imported), the loader runs outside the graph (``torch.compiler.disable``);
+    elsewhere directly, without importing the compiler (about a second of start-up)."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.disable(_load_cpp_now)()
+    return _load_cpp_now()
 
 
 def _notice(msg: str) -> None:
