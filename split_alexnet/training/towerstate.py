@@ -8,9 +8,13 @@ checkpoints."""
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.distributed as dist
+
+import split_alexnet.training.distributed as dist_util
 
 from split_alexnet.network.hybrid import HybridAlexNet, join_parts
 from split_alexnet.network.model import collapse_state_dict, layout_state_dict
@@ -28,8 +32,7 @@ def gather_state(t: "Trainer") -> tuple[dict | None, dict | None]:
     if t.ctx.data_rank == 0 or hybrid:  # the other replicas hold the same weights
         mine = {"model": layout_state_dict(t.net),
                 "optimizer": named_optimizer_state(t.net, t.optimizer)}
-    parts: list[Any] | None = [None] * t.ctx.world_size if t.is_main else None
-    dist.gather_object(mine, parts, dst=0)
+    parts = _gather_to_rank0(mine, t.ctx.rank, t.ctx.world_size)
     if parts is None:
         return None, None
     if hybrid:  # every process's rows of fc6-fc8, in rank order
@@ -46,6 +49,52 @@ def gather_state(t: "Trainer") -> tuple[dict | None, dict | None]:
     groups = pair[0]["optimizer"]["groups"]  # tower 0's: every layer's, fc8's included
     return model, {"buffers": {k: collapse_state_dict(v) for k, v in buffers.items()},
                    "groups": groups}
+
+
+def _gather_to_rank0(mine: dict[str, Any], rank: int, world: int) -> list[Any] | None:
+    """Every process's ``{"model": {name: tensor}, "optimizer": {"buffers": {key: {name:
+    tensor}}, "groups": [...]}}`` (or ``{}``) on rank 0, in rank order; None elsewhere.
+    CPU tensors over the gloo control group: the names, shapes, dtypes and groups go as one
+    small object, the values as one flat buffer per process and dtype, received in place
+    (pickling hundreds of MB through ``gather_object`` took seconds per checkpoint)."""
+    group = dist_util.control_group()
+    tensors: list[tuple[tuple[str, ...], torch.Tensor]] = []
+    if mine:
+        tensors += [(("model", k), v) for k, v in mine["model"].items()]
+        tensors += [(("buffers", key, k), v) for key, named in mine["optimizer"]["buffers"].items()
+                    for k, v in named.items()]
+    meta = ([(path, tuple(v.shape), v.dtype) for path, v in tensors],
+            mine["optimizer"]["groups"] if mine else None)
+    metas: list[Any] | None = [None] * world if rank == 0 else None
+    dist.gather_object(meta, metas, dst=0, group=group)
+    dtypes = sorted({v.dtype for _, v in tensors} if rank else (), key=str)
+    for dtype in dtypes:  # a sender: one flat buffer per dtype, in its order
+        dist.send(torch.cat([v.reshape(-1) for _, v in tensors if v.dtype == dtype]),
+                  dst=0, group=group)
+    if rank != 0:
+        return None
+    parts: list[Any] = [mine]
+    for r in range(1, world):
+        entries, groups = metas[r]
+        values: dict[tuple[str, ...], torch.Tensor] = {}
+        for dtype in sorted({d for *_, d in entries}, key=str):
+            of = [(path, shape) for path, shape, d in entries if d == dtype]
+            flat = torch.empty(sum(math.prod(shape) for _, shape in of), dtype=dtype)
+            dist.recv(flat, src=r, group=group)
+            sizes = [math.prod(shape) for _, shape in of]
+            values.update({path: v.view(shape) for (path, shape), v
+                           in zip(of, flat.split(sizes))})
+        part: dict[str, Any] = {}
+        if entries:
+            buffers: dict[str, dict] = {}
+            for path, _, _ in entries:
+                if path[0] == "buffers":
+                    buffers.setdefault(path[1], {})[path[2]] = values[path]
+            part = {"model": {path[1]: values[path] for path, _, _ in entries
+                              if path[0] == "model"},
+                    "optimizer": {"buffers": buffers, "groups": groups}}
+        parts.append(part)
+    return parts
 
 
 def replica_states(states: list[Any], t: "Trainer") -> dict[str, Any]:
