@@ -341,3 +341,12 @@ def test_the_records_of_a_real_checkpoint_pass_the_archive_check(diverged):
     assert sum(r.file_size for r in records) <= (out / "last.pt").stat().st_size
     check_archive(out / "last.pt")
     assert json.loads((out / "config.json").read_text())["lr"] == 0.01
+    # written without the zip's CRC-32 where torch has the switch (the checksum covers the
+    # bytes), which is left as it was
+    try:
+        from torch.utils.serialization import config as serialization_config
+    except ImportError:  # torch < 2.6: no switch, the CRC is written
+        serialization_config = None
+    if hasattr(getattr(serialization_config, "save", None), "compute_crc32"):
+        assert {r.CRC for r in records if r.file_size} == {0}
+        assert serialization_config.save.compute_crc32 is True

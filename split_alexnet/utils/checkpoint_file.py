@@ -21,7 +21,10 @@ RNG states, the flat ``config``: ``training/checkpoint.py``); converted weights 
 ``source`` (``tools/convert.py``).
 
 Written (:func:`save_checkpoint`) as: temporary file in the same folder, flush, fsync, rename
-over the target, fsync the folder. A crash at any point leaves either the old or the new
+over the target, fsync the folder. The zip records carry no CRC-32 where torch allows it
+(2.6 and later): the checksum covers every byte already, torch.load does not verify the CRC,
+and computing it took most of a save's time (:func:`_torch_save`); ``unzip -t`` therefore
+reports the records as damaged. A crash at any point leaves either the old or the new
 file, never half of one; a failed write (a full disk) leaves the old one. A checkpoint whose
 weights, optimizer buffers or statistics are not finite is never written.
 
@@ -88,6 +91,28 @@ def checksum(payload: dict) -> str:
     return h.hexdigest()
 
 
+try:  # torch >= 2.6: torch.save's settings
+    from torch.utils.serialization import config as _serialization_config
+except ImportError:
+    _serialization_config = None
+
+
+def _torch_save(payload: dict, f) -> None:
+    """``torch.save`` without the zip records' CRC-32 where torch has the switch
+    (``torch.utils.serialization.config.save.compute_crc32``, torch 2.6 and later): 240 MB in
+    0.19 s instead of 0.93 s (torch 2.14, 2 CPU cores), most of which was the CRC."""
+    save = getattr(_serialization_config, "save", None)
+    if save is None or not hasattr(save, "compute_crc32"):
+        torch.save(payload, f)
+        return
+    before = save.compute_crc32
+    save.compute_crc32 = False
+    try:
+        torch.save(payload, f)
+    finally:
+        save.compute_crc32 = before
+
+
 def save_checkpoint(path: Path, payload: dict, *, suffix: str = ".tmp") -> None:
     """Checksum, then stream into a temporary file and rename: a failure (disk full) never
     touches the previous checkpoint. ``suffix`` ends the temporary file's name (the trainer's
@@ -98,7 +123,7 @@ def save_checkpoint(path: Path, payload: dict, *, suffix: str = ".tmp") -> None:
                     "checkpoint is intact")
     payload = dict(payload, format=FORMAT)
     payload["checksum"] = checksum(payload)
-    atomic_write(Path(path), lambda f: torch.save(payload, f), suffix=suffix)
+    atomic_write(Path(path), lambda f: _torch_save(payload, f), suffix=suffix)
 
 
 def load_checkpoint(path: Path) -> dict:
