@@ -30,7 +30,7 @@ from split_alexnet.utils.cli import UsageError, run
 
 DRIVER = PROGRAMS / "train_with_rank_report.py"
 COMMON = ["--batch-size", "6", "--epochs", "1", "--workers", "0", "--log-interval", "1",
-          "--init", "caffe", "--no-ten-crop", "--seed", "5", "--checkpoint-minutes", "0"]
+          "--init", "caffe", "--no-ten-crop", "--seed", "5"]
 LRN_ALL = ["--lrn", "caffe", "--lrn-span", "all"]
 
 

@@ -7,7 +7,7 @@ through the collectives (counted as ring algorithms send, as bench comm counts t
 exchanges of fc6-fc8 and the convolutional gradients; the host-side batch sizes are not
 counted); tests/test_hybrid.py computes the same steps in one process and compares.
 
-Usage: torchrun --nproc-per-node K hybrid_steps.py CLASSES BATCH_PER_PROCESS
+Usage: torchrun --nproc-per-node N hybrid_steps.py K:CLASSES:BATCH_PER_PROCESS... (K <= N)
 """
 
 import os
@@ -55,20 +55,16 @@ def inputs(classes: int, k: int, b: int, step: int) -> tuple[torch.Tensor, torch
         torch.randint(0, classes, (k * b,), generator=g)
 
 
-def main() -> None:
-    classes, b = int(sys.argv[1]), int(sys.argv[2])
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    rank, k = dist.get_rank(), dist.get_world_size()
-    host = dist.new_group(backend="gloo")
-    ahead = dist.new_group(backend="gloo")
-    count_collectives()
+def steps(classes: int, b: int, group, host, ahead) -> dict:
+    """Each variant's two steps on the processes of ``group`` (K of them): the whole
+    network's state after them, and the bytes this process sent per step."""
+    rank, k = dist.get_rank(group), dist.get_world_size(group)
     results = {}
     for variant in ("gather", "sequential-once", "sequential-each"):
         torch.manual_seed(0)
         net = HybridAlexNet(AlexNet(ModelConfig(num_classes=classes, dropout=0.0, init="caffe")),
                             rank=rank, parts=k)
-        net.group, net.host_group, net.ahead_group = dist.group.WORLD, host, ahead
+        net.group, net.host_group, net.ahead_group = group, host, ahead
         opt = build_optimizer(net, lr=0.01)
         SENT[0] = 0.0
         for step in range(STEPS):
@@ -83,10 +79,28 @@ def main() -> None:
                 sequential_step(net, opt, x, y, variant.split("-")[1])
         results[f"{variant} bytes"] = torch.tensor(SENT[0] / STEPS, dtype=torch.float64)
         parts = [None] * k
-        dist.all_gather_object(parts, {n: v.detach() for n, v in net.state_dict().items()})
+        dist.all_gather_object(parts, {n: v.detach() for n, v in net.state_dict().items()},
+                               group=group)
         results[variant] = join_parts(parts)
-    if rank == 0:
-        torch.save(results, Path(os.environ["REPORT"]) / f"hybrid_K{k}.pt")
+    return results
+
+
+def main() -> None:
+    """One job for every K:CLASSES:BATCH given: the first K processes run it, the others
+    wait (each K in groups of its own, created by every process in the same order)."""
+    specs = [tuple(int(v) for v in spec.split(":")) for spec in sys.argv[1:]]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    world_rank, world = dist.get_rank(), dist.get_world_size()
+    count_collectives()
+    for k, classes, b in specs:
+        ranks = list(range(k))
+        group, host, ahead = (dist.new_group(ranks, backend="gloo") for _ in range(3))
+        if world_rank < k:
+            results = steps(classes, b, group, host, ahead)
+            if world_rank == 0:
+                torch.save(results, Path(os.environ["REPORT"]) / f"hybrid_K{k}.pt")
+    dist.barrier()
     dist.destroy_process_group()
 
 
