@@ -522,8 +522,19 @@ class HalfAlexNet(nn.Module):
 def layout_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """A layout-independent state (the collapsed layout's keys and shapes), on the CPU, of a
     plain network (not its DDP or compile wrapper: ``parallelize.unwrap``)."""
-    sd = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    return collapse_state_dict(sd) if isinstance(model, SplitAlexNet) else sd
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    return cpu_snapshot(sd, split=isinstance(model, SplitAlexNet))
+
+
+def cpu_snapshot(sd: dict[str, Tensor], *, split: bool) -> dict[str, Tensor]:
+    """``sd`` as CPU tensors that share no memory with it, in the collapsed layout's keys
+    (``split``: ``sd`` has the towers' keys). The towers' tensors are joined into new ones, so
+    only the others are copied (one copy of each tensor, not two: 250 MB less to allocate per
+    checkpoint of the split layout)."""
+    if not split:
+        return {k: v.to("cpu", copy=True) for k, v in sd.items()}
+    own = set(sd)
+    return {k: v.to("cpu", copy=k in own) for k, v in collapse_state_dict(dict(sd)).items()}
 
 
 def count_parameters(model: nn.Module) -> int:

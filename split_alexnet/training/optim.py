@@ -17,7 +17,7 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from split_alexnet.network.model import (WEIGHT_LAYERS, SplitAlexNet, collapse_state_dict,
+from split_alexnet.network.model import (WEIGHT_LAYERS, SplitAlexNet, cpu_snapshot,
                                          split_state_dict)
 from split_alexnet.network.parallelize import unwrap
 from split_alexnet.network.hybrid import HybridAlexNet
@@ -239,9 +239,9 @@ def named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) ->
     for p, st in optimizer.state.items():
         for key, value in st.items():
             if isinstance(value, Tensor) and value.shape == p.shape:
-                buffers.setdefault(key, {})[names[id(p)]] = value.detach().to("cpu", copy=True)
-    if isinstance(model, SplitAlexNet):
-        buffers = {k: collapse_state_dict(v) for k, v in buffers.items()}
+                buffers.setdefault(key, {})[names[id(p)]] = value.detach()
+    buffers = {k: cpu_snapshot(v, split=isinstance(model, SplitAlexNet))
+               for k, v in buffers.items()}
     groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     return {"buffers": buffers, "groups": groups}
 

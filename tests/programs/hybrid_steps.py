@@ -10,6 +10,7 @@ counted); tests/test_hybrid.py computes the same steps in one process and compar
 Usage: torchrun --nproc-per-node N hybrid_steps.py K:CLASSES:BATCH_PER_PROCESS... (K <= N)
 """
 
+import copy
 import os
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import split_alexnet.network.hybrid as hybrid_module
-from split_alexnet.network.hybrid import HybridAlexNet, join_parts
+from split_alexnet.network.hybrid import FC_LAYERS, HybridAlexNet, join_parts
 from split_alexnet.network.model import AlexNet, ModelConfig
 from split_alexnet.training.hybrid_step import sequential_step
 from split_alexnet.training.optim import build_optimizer
@@ -60,10 +61,10 @@ def steps(classes: int, b: int, group, host, ahead) -> dict:
     network's state after them, and the bytes this process sent per step."""
     rank, k = dist.get_rank(group), dist.get_world_size(group)
     results = {}
+    torch.manual_seed(0)  # the same initial network in every process and variant
+    start = AlexNet(ModelConfig(num_classes=classes, dropout=0.0, init="caffe"))
     for variant in ("gather", "sequential-once", "sequential-each"):
-        torch.manual_seed(0)
-        net = HybridAlexNet(AlexNet(ModelConfig(num_classes=classes, dropout=0.0, init="caffe")),
-                            rank=rank, parts=k)
+        net = HybridAlexNet(copy.deepcopy(start), rank=rank, parts=k)
         net.group, net.host_group, net.ahead_group = group, host, ahead
         opt = build_optimizer(net, lr=0.01)
         SENT[0] = 0.0
@@ -78,10 +79,13 @@ def steps(classes: int, b: int, group, host, ahead) -> dict:
             else:
                 sequential_step(net, opt, x, y, variant.split("-")[1])
         results[f"{variant} bytes"] = torch.tensor(SENT[0] / STEPS, dtype=torch.float64)
-        parts = [None] * k
-        dist.all_gather_object(parts, {n: v.detach() for n, v in net.state_dict().items()},
-                               group=group)
-        results[variant] = join_parts(parts)
+        # rank 0 joins the processes' rows of fc6-fc8 to its own convolutional layers
+        mine = {n: v.detach() for n, v in net.state_dict().items()
+                if rank == 0 or n.split(".")[0] in FC_LAYERS}
+        parts = [None] * k if rank == 0 else None
+        dist.gather_object(mine, parts, dst=0, group=group)
+        if rank == 0:
+            results[variant] = join_parts(parts)
     return results
 
 
