@@ -210,6 +210,15 @@ class Segment:
 # ----------------------------------------------------------------------------- run folders
 
 
+def stored(path) -> dict:
+    """A checkpoint's contents, for a test that compares them: read as ``torch.load`` reads
+    them (``weights_only``, memory-mapped: only the tensors the test touches are read), without
+    ``load_checkpoint``'s checks (checksum, shapes, finiteness: half a second per file), which
+    every resume and tool runs on every file and tests/test_reliability_checkpoints.py tests.
+    A test whose claim is that a file is a valid checkpoint loads it with ``load_checkpoint``."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
 def records(out, *, torn_ok: bool = False) -> list[dict]:
     """The records in ``out``/metrics.jsonl; ``torn_ok``: cut-short lines skipped, no file = []."""
     p = Path(out) / "metrics.jsonl"

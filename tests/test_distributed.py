@@ -24,9 +24,8 @@ import pytest
 import torch
 
 from helpers import DIST_FLAGS as COMMON
-from helpers import PROGRAMS, REPO, rank_reports, records, torchrun
+from helpers import PROGRAMS, REPO, rank_reports, records, stored, torchrun
 from split_alexnet.data.demo import make_demo_dataset
-from split_alexnet.utils.checkpoint_file import load_checkpoint
 from split_alexnet.utils.cli import run
 from split_alexnet.training.command import main as train_main
 
@@ -56,7 +55,7 @@ def dist_runs(tmp_path_factory):
     res["ddp"] = ddp("ddp")
     # The same, cut after step 1 (mid-epoch) and resumed under torchrun.
     ddp("cut", "--max-steps", "1", name="cut1")
-    res["cut_ckpt"] = load_checkpoint(base / "cut" / "last.pt")
+    res["cut_ckpt"] = stored(base / "cut" / "last.pt")
     res["resumed"] = ddp("cut", "--resume", name="cut2")
     # The same two replicas as 4 processes, a tower each (--parallel towers).
     res["towers4"] = ddp("towers4", "--parallel", "towers", "--devices", "cpu,cpu,cpu,cpu",
@@ -85,8 +84,8 @@ def test_ddp_equals_one_process_on_the_same_global_batches(dist_runs):
     the ranks is perm[6k:6k+6], exactly what one process with batch 6 takes. DDP averages the
     two ranks' mean gradients = the mean over the 6 images. Dropout is off (the masks would
     differ); augmentation is a pure function of (seed, epoch, index), the same in both."""
-    ddp = load_checkpoint(dist_runs["ddp"] / "last.pt")
-    one = load_checkpoint(dist_runs["single"] / "last.pt")
+    ddp = stored(dist_runs["ddp"] / "last.pt")
+    one = stored(dist_runs["single"] / "last.pt")
     assert ddp["progress"]["step"] == one["progress"]["step"] == 2
     assert ddp["world_size"] == 2 and one["world_size"] == 1
     for k, v in one["model"].items():
@@ -133,8 +132,8 @@ def test_resume_under_torchrun_equals_uninterrupted(dist_runs):
         assert rep[r]["resumed_rng"] == rep[r]["ckpt_rng"][f"rank{r}"]
     assert rep[0]["params"] == rep[1]["params"]
     assert rep[0]["params"] == rank_reports(dist_runs["base"] / "report_ddp")[0]["params"]
-    a = load_checkpoint(dist_runs["ddp"] / "last.pt")
-    b = load_checkpoint(dist_runs["resumed"] / "last.pt")
+    a = stored(dist_runs["ddp"] / "last.pt")
+    b = stored(dist_runs["resumed"] / "last.pt")
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert a["progress"] == b["progress"]
@@ -143,8 +142,8 @@ def test_resume_under_torchrun_equals_uninterrupted(dist_runs):
 def test_towers_over_two_pairs_equal_ddp_over_pairs(dist_runs):
     """4 processes under --parallel towers (2 replicas of a tower pair, DDP among the
     processes holding the same tower) train exactly what 2 DDP processes of both towers do."""
-    a = load_checkpoint(dist_runs["towers4"] / "last.pt")
-    b = load_checkpoint(dist_runs["ddp"] / "last.pt")
+    a = stored(dist_runs["towers4"] / "last.pt")
+    b = stored(dist_runs["ddp"] / "last.pt")
     assert a["progress"] == b["progress"] and a["world_size"] == b["world_size"] == 2
     for k, v in b["model"].items():
         assert torch.equal(a["model"][k], v), k

@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 
 from helpers import DIST_FLAGS as COMMON
-from helpers import BASE, PROGRAMS, REPO, rank_reports, records, torchrun
+from helpers import BASE, PROGRAMS, REPO, rank_reports, records, stored, torchrun
 from split_alexnet.data.dataset import EpochSampler, find_classes, list_samples
 from split_alexnet.data.demo import make_demo_dataset
-from split_alexnet.utils.checkpoint_file import load_checkpoint
 
 DRIVER = PROGRAMS / "train_with_rank_report.py"
 
@@ -31,10 +30,10 @@ def data(tmp_path_factory):
 
 def lose_rank_1(data, base: Path, how: str):
     """A job whose rank 1 dies after joining the group (``how="dies"``), or stops (SIGSTOP)
-    before its second step (``"stops"``), with a collective timeout of 20 s: (process,
+    before its second step (``"stops"``), with a collective timeout of 10 s: (process,
     seconds)."""
     env = {"DIE_RANK" if how == "dies" else "STOP_RANK": "1",
-           "SPLIT_ALEXNET_DIST_TIMEOUT": "20"}
+           "SPLIT_ALEXNET_DIST_TIMEOUT": "10"}
     return torchrun(DRIVER, base / f"report_{how}",
                     ["--data", str(data), "--out", str(base / how), *COMMON],
                     env_extra=env, timeout=180)
@@ -83,7 +82,7 @@ def test_stop_on_divergence_stops_every_rank_together(demo_root, tmp_path, paral
     assert f'File "{REPO / "split_alexnet"}' not in p.stderr, p.stderr[-3000:]
     (rec,) = [r for r in records(out) if r["kind"] == "divergence"]
     assert rec["loss"] > rec["bound"]
-    assert load_checkpoint(out / "last.pt")["progress"]["step"] == rec["step"] - 1
+    assert stored(out / "last.pt")["progress"]["step"] == rec["step"] - 1
     assert sorted(p.name for p in out.glob("*.pt")) == ["last.pt"]
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import caffe_reference as ref
-from helpers import BASE, PROGRAMS, rank_reports, torchrun, train
+from helpers import BASE, PROGRAMS, rank_reports, stored, torchrun, train
 from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.network.model import TOWER_LAYERS, layout_state_dict
 from split_alexnet.tools.convert import main as convert_main
@@ -48,7 +48,7 @@ def src(one_step, tmp_path_factory):
     other = make_demo_dataset(base / "other", classes=3, train_per_class=8, val_per_class=2,
                               seed=11)
     return SimpleNamespace(base=base, ckpt=one_step / "last.pt", data=other,
-                           state=load_checkpoint(one_step / "last.pt")["model"])
+                           state=stored(one_step / "last.pt")["model"])
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,7 @@ def test_frozen_layers_stay_bitwise_unchanged(src, tmp_path, layout, optimizer):
     out = tmp_path / "o"
     assert train(src.data, out, *layout, "--optimizer", optimizer, "--max-steps", "4",
                  "--init-from", src.ckpt, "--freeze-through", "conv3") == 0
-    ckpt = load_checkpoint(out / "last.pt")
+    ckpt = stored(out / "last.pt")
     assert ckpt["progress"]["step"] == 4
     (buffers,) = ckpt["optimizer"]["buffers"].values()
     for layer in ("conv1", "conv2", "conv3"):
@@ -164,7 +164,7 @@ def test_lr_mult_new_scales_only_the_new_layers_steps(src, tmp_path, optimizer):
         out = tmp_path / m
         assert train(src.data, out, "--devices", "cpu,cpu", "--optimizer", optimizer,
                      "--max-steps", "1", "--init-from", src.ckpt, "--lr-mult-new", m) == 0
-        ckpt = load_checkpoint(out / "last.pt")
+        ckpt = stored(out / "last.pt")
         moved[m] = {k: ckpt["model"][k] - start[k] for k in start}
         lrs = {g["layer"]: (g["lr"], g["lr_mult"]) for g in ckpt["optimizer"]["groups"]}
         assert lrs["fc8"] == (pytest.approx(0.01 * float(m)), float(m))
@@ -191,8 +191,8 @@ def test_resume_of_a_fine_tuning_run_is_exact(src, tmp_path):
     assert train(src.data, tmp_path / "cut", *flags, "--max-steps", "2") == 0
     source.unlink()
     assert train(src.data, tmp_path / "cut", *flags, "--resume") == 0
-    full = load_checkpoint(tmp_path / "full" / "last.pt")
-    cut = load_checkpoint(tmp_path / "cut" / "last.pt")
+    full = stored(tmp_path / "full" / "last.pt")
+    cut = stored(tmp_path / "cut" / "last.pt")
     assert full["progress"] == cut["progress"] and full["progress"]["step"] == 3
     assert same(full["model"], cut["model"])
     for name, buf in full["optimizer"]["buffers"].items():
@@ -239,7 +239,7 @@ def test_finetune_preset_is_printed_and_recorded(src, tmp_path, capsys):
     assert "--epochs 60 (this run: 3): " in err
     saved = json.loads((out / "config.json").read_text())
     assert "finetune" not in saved and saved["lr"] == 0.001 and saved["epochs"] == 3
-    ckpt = load_checkpoint(out / "last.pt")
+    ckpt = stored(out / "last.pt")
     assert {**ckpt["config"], **ckpt["model_config"]} == \
         {**saved, "num_classes": len(ckpt["classes"])}
     (rec,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()
@@ -344,7 +344,7 @@ def test_frozen_layers_under_ddp(src, tmp_path):
     assert p.returncode == 0, p.stderr[-4000:]
     ranks = rank_reports(tmp_path / "report")
     assert ranks[0]["params"] == ranks[1]["params"]
-    ckpt = load_checkpoint(out / "last.pt")
+    ckpt = stored(out / "last.pt")
     assert ckpt["world_size"] == 2 and ckpt["progress"]["step"] == 2
     for layer in ("conv1", "conv2", "conv3", "conv4", "conv5"):
         assert same(layers_of(ckpt["model"], layer), layers_of(src.state, layer)), layer

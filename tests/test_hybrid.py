@@ -29,14 +29,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import PROGRAMS, records, torchrun
+from helpers import PROGRAMS, records, stored, torchrun
 from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.network.hybrid import HybridAlexNet, check_parts
 from split_alexnet.network.model import AlexNet, ModelConfig, _act, collapsed_shapes
 from split_alexnet.training.distributed import Context, check_parallel
 from split_alexnet.training.optim import build_optimizer
 from split_alexnet.training.options import parse_config
-from split_alexnet.utils.checkpoint_file import load_checkpoint
 from split_alexnet.tools.bench.comm import bytes_per_step
 from split_alexnet.training.command import main as train_main
 from split_alexnet.utils.cli import UsageError, run
@@ -250,9 +249,9 @@ def test_hybrid_trains_what_pair_ddp_trains(hybrid_runs):
     """Both schedules after one epoch at K = 2: pair DDP's weights and momentum (within the
     stated tolerance), its evaluation and ten-crop test (the same mistakes, the loss within
     1e-5), on 5 validation images dealt 3 and 2."""
-    pair = load_checkpoint(hybrid_runs["base"] / "pair" / "epoch_001.pt")
+    pair = stored(hybrid_runs["base"] / "pair" / "epoch_001.pt")
     for name in ("gather", "sequential"):
-        got = load_checkpoint(hybrid_runs["base"] / name / "epoch_001.pt")
+        got = stored(hybrid_runs["base"] / name / "epoch_001.pt")
         assert got["progress"] == pair["progress"]
         assert_close_states(got["model"], pair["model"])
         for buf, named in pair["optimizer"]["buffers"].items():
@@ -277,8 +276,8 @@ def test_plan_under_hybrid_states_the_whole_networks_checkpoint(hybrid_runs):
 def test_a_hybrid_checkpoint_resumes_in_one_process(hybrid_runs):
     """The hybrid run's checkpoint, resumed by --parallel pair in one process for a third
     step, lands where pair DDP's checkpoint resumed the same way lands."""
-    a = load_checkpoint(hybrid_runs["gather_resumed"] / "last.pt")
-    b = load_checkpoint(hybrid_runs["pair_resumed"] / "last.pt")
+    a = stored(hybrid_runs["gather_resumed"] / "last.pt")
+    b = stored(hybrid_runs["pair_resumed"] / "last.pt")
     assert a["progress"]["step"] == b["progress"]["step"] == 3
     assert_close_states(a["model"], b["model"])
 

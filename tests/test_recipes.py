@@ -11,12 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import records, run_main
+from helpers import records, run_main, stored
 import split_alexnet.data.dataset as D
 from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.data.dataset import CropFolder, holdout_indices
 from split_alexnet.network.model import WEIGHT_LAYERS, SplitAlexNet, collapse_state_dict
-from split_alexnet.utils.checkpoint_file import load_checkpoint
 from split_alexnet.training.config import FLAGS, TrainConfig
 from split_alexnet.training.options import parse_config
 from split_alexnet.training.recipes import DEMO_PRESET, RECIPES, recipe_settings
@@ -373,7 +372,7 @@ def test_holdout_drives_the_schedule_and_val_is_still_reported(demo_root, tmp_pa
     (drop,) = [r for r in recs if r["kind"] == "lr_drop"]
     assert f"top-1 error {hold['top1_err']:.4f}" in drop["reason"]
     assert drop["reason"].endswith("(on the hold-out set)")
-    assert load_checkpoint(out / "best.pt")["progress"]["best_top1"] == hold["top1_err"]
+    assert stored(out / "best.pt")["progress"]["best_top1"] == hold["top1_err"]
     assert json.loads((out / "config.json").read_text())["holdout"] == 2
 
 

@@ -22,7 +22,7 @@ import time
 import pytest
 import torch
 
-from helpers import Segment, loader_workers, records, running, temp_files
+from helpers import Segment, loader_workers, records, running, stored, temp_files
 from split_alexnet.utils.checkpoint_file import load_checkpoint
 
 TOTAL_STEPS = 8
@@ -144,8 +144,8 @@ def test_sigint_and_sigterm_save_the_current_step_and_exit_0(chaos, name):
 
 def test_interrupted_run_ends_bitwise_identical_to_uninterrupted(chaos, reference):
     assert chaos["final_rc"] == 0, chaos["final_err"][-3000:]
-    full = load_checkpoint(reference / "last.pt")
-    resumed = load_checkpoint(chaos["out"] / "last.pt")
+    full = stored(reference / "last.pt")
+    resumed = stored(chaos["out"] / "last.pt")
     assert resumed["progress"] == full["progress"]
     assert resumed["progress"]["step"] == TOTAL_STEPS
     for key in ("model", "optimizer", "schedule", "rng"):

@@ -21,11 +21,10 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import BASE, CPU_PAIR, error_lines, png_chunk, train
+from helpers import BASE, CPU_PAIR, error_lines, png_chunk, stored, train
 from split_alexnet.data.dataset import (CropFolder, EpochSampler, find_classes, list_samples,
                                         make_loader)
 from split_alexnet.data.demo import make_demo_dataset
-from split_alexnet.utils.checkpoint_file import load_checkpoint
 from split_alexnet.training.command import main as train_main
 from split_alexnet.utils.cli import run
 
@@ -141,7 +140,7 @@ def test_training_over_hostile_files_skips_and_counts_them(tmp_path, capsys):
     assert rc == 0, err[-3000:]
     assert f"{len(must_skip)} unreadable training image(s) skipped this epoch" in err
     assert err.count("warning: skipped unreadable image") == len(must_skip)  # statistics
-    assert load_checkpoint(tmp_path / "o" / "last.pt")["progress"]["epoch"] == 1
+    assert stored(tmp_path / "o" / "last.pt")["progress"]["epoch"] == 1
 
 
 def _first_epoch_batches(root: Path) -> list[list[str]]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import CPU_PAIR, REPO, child_env, copy_run, records, train
+from helpers import CPU_PAIR, REPO, child_env, copy_run, records, stored, train
 from split_alexnet.tools.evaluate import main as evaluate_main
 from split_alexnet.training.command import main as train_main
 from split_alexnet.utils.checkpoint_file import load_checkpoint, save_checkpoint
@@ -212,7 +212,7 @@ def test_a_run_at_or_past_max_steps_trains_nothing_and_says_so(one_step, demo_ro
     if max_steps == 2:  # a run past it: continued to step 2, then asked for 1
         assert train(demo_root, out, *CPU_PAIR, "--resume", "--max-steps", "2") == 0
         max_steps = 1
-    step = load_checkpoint(out / "last.pt")["progress"]["step"]
+    step = stored(out / "last.pt")["progress"]["step"]
     last = (out / "last.pt").stat().st_mtime_ns
     n = len(records(out))
     for _ in range(2):  # every call: no step
@@ -267,7 +267,7 @@ def test_a_folder_named_like_a_stale_temporary_does_not_stop_a_resume(one_step, 
     (odd / "inside").write_text("not the trainer's\n")
     assert train(demo_root, out, *CPU_PAIR, "--resume", "--max-steps", "2") == 0
     assert (odd / "inside").read_text() == "not the trainer's\n"
-    assert load_checkpoint(out / "last.pt")["progress"]["step"] == 2
+    assert stored(out / "last.pt")["progress"]["step"] == 2
 
 
 def test_demo_data_cut_short_by_sigkill_is_finished_by_the_next_run(tmp_path, capsys):
@@ -313,7 +313,7 @@ def test_a_resume_with_the_same_thread_count_is_bitwise_and_another_warns(demo_r
     run_to(whole, "--max-steps", "2")
     run_to(cut, "--max-steps", "1")
     assert "thread" not in run_to(cut, "--resume", "--max-steps", "2")  # 2 threads, as the run
-    a, b = load_checkpoint(whole / "last.pt"), load_checkpoint(cut / "last.pt")
+    a, b = stored(whole / "last.pt"), stored(cut / "last.pt")
     assert a["threads"] == b["threads"] == 2
     for name, t in a["model"].items():
         assert torch.equal(t, b["model"][name]), name

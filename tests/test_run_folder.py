@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (BASE, CPU_PAIR, REPO, child_env, copy_run, error_lines, records, train,
-                     train_command)
-from split_alexnet.utils.checkpoint_file import load_checkpoint
+from helpers import (BASE, CPU_PAIR, REPO, child_env, copy_run, error_lines, records, stored,
+                     train, train_command)
 from split_alexnet.training.config import FLAGS, TrainConfig
 from split_alexnet.training.options import COMMAND_FLAGS
 from split_alexnet.training.runfolder import RunLock
@@ -126,7 +125,7 @@ def test_overwrite_deletes_the_previous_run_and_starts_a_new_one(one_step, demo_
     assert rec["kind"] == "train" and rec["step"] == 1 and rec["time"] > old["time"]
     assert rec["loss"] != old["loss"]  # the new run (seed 4), not the old one
     assert json.loads((out / "config.json").read_text())["seed"] == 4
-    assert load_checkpoint(out / "last.pt")["config"]["seed"] == 4
+    assert stored(out / "last.pt")["config"]["seed"] == 4
 
 
 @pytest.mark.parametrize("extra, words", [
@@ -202,7 +201,7 @@ def test_resume_takes_the_runs_settings_and_applies_the_flags_given(one_step, tm
            f"run's settings, changed: --workers 1 (the run: 0), --max-steps 2 (the run: 1), " \
            f"--out {out} (the run: {one_step})\n" in err, err
     assert "error" not in err
-    ckpt = load_checkpoint(out / "last.pt")
+    ckpt = stored(out / "last.pt")
     assert ckpt["progress"]["step"] == 2
     first = json.loads((one_step / "config.json").read_text())
     now = json.loads((out / "config.json").read_text())  # as last started: the next resume's
@@ -266,7 +265,7 @@ def resumed(one_step, demo_root, tmp_path_factory):
 
 def test_resume_may_change_the_listed_settings(resumed):
     assert resumed["rc"] == 0
-    ckpt = load_checkpoint(resumed["out"] / "last.pt")
+    ckpt = stored(resumed["out"] / "last.pt")
     assert ckpt["progress"]["step"] == 2 and ckpt["layout"] == "collapsed"
 
 
@@ -278,7 +277,7 @@ def test_resume_lr_changes_the_rate_and_records_it(resumed):
     assert {k: change[k] for k in ("step", "epoch", "old", "new")} == \
         {"step": 1, "epoch": 0, "old": 0.01, "new": 0.005}
     assert resumed["records"][3]["step"] == 2 and resumed["records"][3]["lr"] == 0.005
-    ckpt = load_checkpoint(resumed["out"] / "last.pt")
+    ckpt = stored(resumed["out"] / "last.pt")
     assert ckpt["schedule"]["lr"] == 0.005
     # One group per (layer, weights or biases), every multiplier 1: all at the new rate.
     assert [g["lr"] for g in ckpt["optimizer"]["groups"]] == [0.005] * 16

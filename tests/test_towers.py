@@ -17,12 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (CPU_PAIR, DIST_VARS, PROGRAMS, child_env, rank_reports, records,
+from helpers import (CPU_PAIR, DIST_VARS, PROGRAMS, child_env, rank_reports, records, stored,
                      torchrun)
 from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.network.model import SplitAlexNet
 from split_alexnet.network.placement import tower_rank_device
-from split_alexnet.utils.checkpoint_file import load_checkpoint
 from split_alexnet.training.command import main as train_main
 from split_alexnet.training.distributed import Context, check_parallel
 from split_alexnet.training.options import parse_config
@@ -72,7 +71,7 @@ def tower_runs(tmp_path_factory):
 
 def assert_same_run(a: Path, b: Path) -> None:
     """Two run folders whose last.pt hold the same state, bit for bit."""
-    x, y = load_checkpoint(a / "last.pt"), load_checkpoint(b / "last.pt")
+    x, y = stored(a / "last.pt"), stored(b / "last.pt")
     assert x["progress"] == y["progress"]
     for k, v in y["model"].items():
         assert torch.equal(x["model"][k], v), k
@@ -87,7 +86,7 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 def test_towers_equal_the_in_process_pair_bit_for_bit(tower_runs):
     """Two steps with dropout on (0.5): weights, momentum, random state and position."""
-    assert load_checkpoint(tower_runs["towers"] / "last.pt")["progress"]["step"] == 2
+    assert stored(tower_runs["towers"] / "last.pt")["progress"]["step"] == 2
     assert_same_run(tower_runs["towers"], tower_runs["pair"])
     rep = rank_reports(tower_runs["base"] / "report_towers")
     assert rep[0]["saves"] >= 1 and rep[1]["saves"] == 0  # rank 0 writes, rank 1 sends
@@ -160,17 +159,23 @@ def rank_pid(launcher: int, rank: int) -> int | None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["towers", "hybrid"])
-def test_sigterm_to_one_tower_process_saves_once_and_every_process_exits_0(tmp_path, mode):
+@pytest.mark.parametrize("mode, when", [("towers", "training"), ("hybrid", "training"),
+                                        ("towers", "evaluation")])
+def test_sigterm_to_one_tower_process_saves_once_and_every_process_exits_0(tmp_path, mode,
+                                                                           when):
     """SIGTERM to rank 1's process alone (tower 1; under --parallel hybrid, the second half
-    of fc6-fc8): the processes agree on the stop at the end of the step, rank 0 saves
-    last.pt once, and the job ends with exit 0."""
+    of fc6-fc8), during training or as the epoch's evaluation begins (where each process
+    evaluates its batches: a process that stopped alone would leave its peer waiting in the
+    towers' exchange): the processes agree on the stop, rank 0 saves last.pt once, and the
+    job ends with exit 0."""
     data = make_demo_dataset(tmp_path / "data", classes=4, train_per_class=4, val_per_class=3,
                              seed=0)
     out, report = tmp_path / "run", tmp_path / "report"
     report.mkdir()
     env = {k: v for k, v in child_env().items() if k not in DIST_VARS}
     env.update(REPORT=str(report), OMP_NUM_THREADS="1", SPLIT_ALEXNET_DIST_TIMEOUT="60")
+    if when == "evaluation":
+        env["TERM_EVAL_RANK"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
            "2", str(DRIVER), "--data", str(data), "--out", str(out), "--parallel", mode,
            *CPU_PAIR, *COMMON, "--epochs", "1000", "--checkpoint-minutes", "1e6"]
@@ -178,11 +183,13 @@ def test_sigterm_to_one_tower_process_saves_once_and_every_process_exits_0(tmp_p
                            text=True)
     try:
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and len(records(out, torn_ok=True)) < 3:
+        while when == "training" and time.monotonic() < deadline and \
+                not records(out, torn_ok=True):  # a step done
             time.sleep(0.5)
-        pid = rank_pid(job.pid, 1)
-        assert pid is not None
-        os.kill(pid, signal.SIGTERM)
+        if when == "training":
+            pid = rank_pid(job.pid, 1)
+            assert pid is not None
+            os.kill(pid, signal.SIGTERM)
         _, err = job.communicate(timeout=180)
     finally:
         if job.poll() is None:
@@ -191,7 +198,9 @@ def test_sigterm_to_one_tower_process_saves_once_and_every_process_exits_0(tmp_p
     rep = rank_reports(report)
     assert rep[0]["saves"] >= 1 and rep[1]["saves"] == 0
     assert err.count("signal received") == 1, err[-3000:]
-    step = load_checkpoint(out / "last.pt")["progress"]["step"]
+    if when == "evaluation":
+        assert "signal received during the evaluation of epoch 1" in err, err[-3000:]
+    step = stored(out / "last.pt")["progress"]["step"]
     assert step == max(r["step"] for r in records(out) if r["kind"] == "train")
 
 

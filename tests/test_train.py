@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import copy_run, records, repeated_tiny_set, run_python, train
+from helpers import copy_run, records, repeated_tiny_set, run_python, stored, train
 
 import split_alexnet
 from split_alexnet.data.dataset import PCA_MODES
@@ -99,15 +99,15 @@ def test_run_writes_checkpoints_metrics_and_curves(runs):
 def test_split_and_single_device_runs_agree_step_by_step(runs):
     a, b = losses(runs["split"]), losses(runs["single"])
     assert a == b  # every logged loss, bit for bit
-    ca, cb = load_checkpoint(runs["split"] / "last.pt"), load_checkpoint(runs["single"] / "last.pt")
+    ca, cb = stored(runs["split"] / "last.pt"), stored(runs["single"] / "last.pt")
     assert_same_tensors(ca["model"], cb["model"], "model")
     assert_same_tensors(ca["optimizer"]["buffers"], cb["optimizer"]["buffers"], "velocity")
 
 
 @pytest.mark.parametrize("cut", ["cut_mid", "cut_edge"])
 def test_resume_equals_uninterrupted(runs, cut):
-    full = load_checkpoint(runs["split"] / "last.pt")
-    resumed = load_checkpoint(runs[cut] / "last.pt")
+    full = stored(runs["split"] / "last.pt")
+    resumed = stored(runs[cut] / "last.pt")
     assert resumed["progress"] == full["progress"]
     assert_same_tensors(full["model"], resumed["model"], "model")
     assert_same_tensors(full["optimizer"]["buffers"], resumed["optimizer"]["buffers"], "velocity")

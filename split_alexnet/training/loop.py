@@ -49,7 +49,8 @@ def topk_wrong(logits_or_probs: torch.Tensor, labels: torch.Tensor, k: int) -> t
 def in_lockstep(loader, stop, ctx: dist_util.Context):
     """``loader``'s batches, then None while another process still has batches: every
     process takes the same number of turns (a model whose forward is a collective, --parallel
-    hybrid, needs every process in every call). Each turn the processes agree on whether any
+    towers or hybrid, needs every process in every call: a process that left the loop alone,
+    on a signal, would leave its peer waiting in the model's exchange). Each turn the processes agree on whether any
     has a batch left and whether ``stop`` (a signal) is set anywhere: one CPU all-reduce.
     The generator's return value is True when a signal ended it, False when every process
     ran out of batches."""
@@ -78,9 +79,10 @@ def evaluate(model: nn.Module, loader, stats, device: torch.device, *, ten_crop:
     seen so far, has ``"stopped": True``. ``confusion`` (classes x classes, int64, on
     ``device``): each image adds 1 at (its label, its top-1 prediction). The all-reduce still
     runs, so under torchrun every rank must then agree on the stop
-    (``distributed.any_rank_flags``). ``lockstep`` (the context of a --parallel hybrid run):
-    every process calls the model the same number of times (:func:`in_lockstep`), with an
-    empty batch once its share is done, and the processes agree on the stop."""
+    (``distributed.any_rank_flags``). ``lockstep`` (the context of a --parallel towers or
+    hybrid run): every process calls the model the same number of times
+    (:func:`in_lockstep`), with an empty batch once its share is done, and the processes
+    agree on the stop."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # n, top1 wrong, top5 wrong, loss

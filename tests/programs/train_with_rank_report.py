@@ -4,7 +4,9 @@ checkpoints it saved, the RNG state it resumed with and the one its checkpoint h
 rank, and (if the run succeeded) a digest of its parameters after training and the traffic
 its network recorded in its last forward pass. DIE_RANK=R: rank R exits with code 3 right
 after joining the process group; STOP_RANK=R: rank R stops itself (SIGSTOP) before its
-second step, and a watcher SIGKILLs it once torchrun asks it to stop (SIGTERM).
+second step, and a watcher SIGKILLs it once torchrun asks it to stop (SIGTERM);
+TERM_EVAL_RANK=R: rank R sends itself SIGTERM as its first evaluation begins (a signal that
+reaches one process while the processes evaluate).
 
 Usage: torchrun ... train_with_rank_report.py TRAIN-FLAGS... (run by tests/test_distributed.py,
 tests/test_distributed_failures.py, tests/test_finetune.py::test_frozen_layers_under_ddp and
@@ -103,6 +105,17 @@ while True:
             os.kill(os.getpid(), signal.SIGSTOP)
         return _step(t, batch)
     loop_module.train_step = train_step
+if os.environ.get("TERM_EVAL_RANK") == str(rank):  # SIGTERM to itself as it evaluates
+    import signal
+
+    import split_alexnet.training.loop as loop_module
+    _evaluate = loop_module.evaluate
+
+    def evaluate(*a, **k):
+        """The evaluation, begun with a SIGTERM to this process."""
+        os.kill(os.getpid(), signal.SIGTERM)
+        return _evaluate(*a, **k)
+    loop_module.evaluate = evaluate
 rc = run(main, "split_alexnet.train")
 report["rc"] = rc
 if rc == 0:  # the parameters after training
