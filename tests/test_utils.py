@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import run_python
 from split_alexnet.utils.cli import Interrupted, run
 from split_alexnet.utils.fileio import write_json
 from split_alexnet.utils.signals import StopOnSignal
 
-REPO = Path(__file__).resolve().parents[1]
 
 main_thread_only = pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
                                       reason="signal handlers can be set in the main thread only")
@@ -80,18 +80,19 @@ def test_interrupted_is_one_line_and_exit_130_whichever_the_signal(capsys):
 # ----------------------------------------------------------------------------- checkpoint files
 
 
+def modules_after(code: str) -> list[str]:
+    """The modules loaded in a fresh interpreter after running ``code``."""
+    p = run_python("-c", f"import sys\n{code}\nprint('\\n'.join(sorted(sys.modules)))",
+                   timeout=120)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.split()
+
+
 def test_the_checkpoint_file_format_imports_no_training_code():
     """What the tools read and write checkpoints with stands apart from training: importing
     it (in a fresh interpreter) loads no module of ``split_alexnet.training``."""
-    probe = ("import sys\n"
-             "import split_alexnet.utils.checkpoint_file as f\n"
-             "assert callable(f.load_checkpoint) and callable(f.save_checkpoint)\n"
-             "print('\\n'.join(sorted(sys.modules)))\n")
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env,
-                       timeout=120)
-    assert p.returncode == 0, p.stderr
-    loaded = p.stdout.split()
+    loaded = modules_after("import split_alexnet.utils.checkpoint_file as f\n"
+                           "assert callable(f.load_checkpoint) and callable(f.save_checkpoint)")
     assert "split_alexnet.utils.checkpoint_file" in loaded and "split_alexnet.network.model" \
         in loaded, loaded  # the probe saw the package's modules
     assert [m for m in loaded if m.startswith("split_alexnet.training")] == []
@@ -102,14 +103,7 @@ def test_the_trainer_starts_without_torchvision_or_torchs_compiler():
     torch._dynamo: together about a second of every process's start on 2 CPU cores. The JPEG
     decoder imports torchvision at the first JPEG, the LRN kernels' loader the compiler only
     where torch.compile already did."""
-    probe = ("import sys\n"
-             "import split_alexnet.training.command\n"
-             "print('\\n'.join(sorted(sys.modules)))\n")
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env,
-                       timeout=120)
-    assert p.returncode == 0, p.stderr
-    loaded = p.stdout.split()
+    loaded = modules_after("import split_alexnet.training.command")
     assert "split_alexnet.network.lrn" in loaded and "split_alexnet.data.images" in loaded
     assert [m for m in loaded if m.split(".")[0] == "torchvision" or
             m.startswith("torch._dynamo")] == []

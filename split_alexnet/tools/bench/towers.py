@@ -14,22 +14,13 @@ intra-op threads, each tower process ``--threads / 2``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import torch
 
-from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.network.model import INPUT_SIZE, SplitAlexNet
+from split_alexnet.tools.bench.trainruns import ONE_PROCESS, TWO_PROCESSES, Mode, speeds
 from split_alexnet.utils.flags import Number
-
-MODES = ("pair", "towers")
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", action=Number, kind=int, min=3, default=8,
@@ -57,45 +48,15 @@ def link_bytes(batch: int) -> list[dict]:
              "bytes_backward": b} for (layer, src, dst), b in rows.items()]
 
 
-def _run(mode: str, root: Path, out: Path, args: argparse.Namespace) -> float:
-    """Images/s of one training run in ``mode``: the median of its "train" records after
-    the first two."""
-    flags = ["--data", str(root), "--out", str(out), "--batch-size", str(args.batch_size),
-             "--max-steps", str(args.steps), "--epochs", "1000", "--workers", "0",
-             "--log-interval", "1", "--init", "caffe", "--no-ten-crop", "--watchdog-steps", "0",
-             "--checkpoint-minutes", "1e9", "--eval-every", "1000"]
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-    if mode == "pair":
-        cmd = [sys.executable, "-m", "split_alexnet.train", *flags, "--devices", "cpu,cpu"]
-        env["OMP_NUM_THREADS"] = str(args.threads)
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", "2", "-m", "split_alexnet.train", *flags,
-               "--parallel", "towers", "--devices", "cpu,cpu"]
-        env["OMP_NUM_THREADS"] = str(max(1, args.threads // 2))
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if p.returncode != 0:
-        raise RuntimeError(f"{mode} run failed ({p.returncode}): {p.stderr[-2000:]}")
-    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    speeds = [r["images_per_s"] for r in recs if r["kind"] == "train"][2:]
-    return statistics.median(speeds)
-
-
 def run(args: argparse.Namespace) -> list[dict]:
     """One row per mode (median images/s over the rounds, each round's figure) and one per
     link; prints the ratio towers / pair."""
-    speeds: dict[str, list[float]] = {m: [] for m in MODES}
-    with tempfile.TemporaryDirectory(prefix="split_alexnet_bench_towers_") as tmp:
-        per_class = max(4, args.batch_size * (args.steps + 1) // 4)
-        root = make_demo_dataset(Path(tmp) / "data", classes=4, train_per_class=per_class,
-                                 val_per_class=1, seed=0)
-        for r in range(args.rounds):
-            for mode in MODES:
-                speeds[mode].append(_run(mode, root, Path(tmp) / f"{mode}{r}", args))
+    modes = {"pair": Mode(ONE_PROCESS, ["--devices", "cpu,cpu"], args.threads),
+             "towers": Mode(TWO_PROCESSES, ["--parallel", "towers", "--devices", "cpu,cpu"],
+                            max(1, args.threads // 2))}
     rows = [{"bench": "towers", "parallel": m, "images_per_s": statistics.median(v),
              "runs": v, "batch_size": args.batch_size, "threads": args.threads,
-             "torch": torch.__version__} for m, v in speeds.items()]
+             "torch": torch.__version__} for m, v in speeds(modes, args, "towers").items()]
     links = [{"bench": "towers", "link": True, **row} for row in link_bytes(args.batch_size)]
     pair, towers = rows[0]["images_per_s"], rows[1]["images_per_s"]
     print(f"towers: batch {args.batch_size}, {args.threads} threads in all, median of "
