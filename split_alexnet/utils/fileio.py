@@ -18,19 +18,9 @@ from typing import Any, BinaryIO, Callable
 from split_alexnet.utils.cli import UsageError
 
 
-def _open_temp(path: Path, suffix: str, private: bool) -> tuple[int, str]:
-    """A new hidden temporary file ``.<name>.<random><suffix>`` beside ``path``: (fd, name).
-    ``private``: owner-only (0o600, as ``tempfile`` makes it); else 0o666 minus the umask,
-    the permissions a plain ``open(path, "w")`` would give."""
-    if private:
-        return tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    while True:
-        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}{suffix}")
-        try:
-            return os.open(tmp, flags, 0o666), tmp
-        except FileExistsError:  # a name taken by another writer: draw again
-            continue
+def _temp_name(path: Path, suffix: str) -> str:
+    """A hidden temporary name ``.<name>.<random><suffix>`` beside ``path``."""
+    return str(path.parent / f".{path.name}.{secrets.token_hex(4)}{suffix}")
 
 
 def atomic_write(path: Path | str, write: Callable[[BinaryIO], None], *,
@@ -46,8 +36,18 @@ def atomic_write(path: Path | str, write: Callable[[BinaryIO], None], *,
     ``filename``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _open_temp(path, suffix, private)
+    # The name is drawn before the file exists and the file is created inside the try: an
+    # exception at any point after its creation (a second signal, raised by its handler)
+    # removes it. Owner-only (0o600, as ``tempfile`` makes it) when ``private``.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    tmp = _temp_name(path, suffix)
     try:
+        while True:
+            try:
+                fd = os.open(tmp, flags, 0o600 if private else 0o666)
+                break
+            except FileExistsError:  # a name taken by another writer: draw again
+                tmp = _temp_name(path, suffix)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
