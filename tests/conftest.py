@@ -5,6 +5,9 @@
   changed; a test that continues one works on a :func:`helpers.copy_run` of it):
   ``one_step`` (one step), ``reference`` (8 steps, uninterrupted); and ``short_root``, a set
   of one training step per epoch and 40 validation images.
+* ``module_tmp(name)``: a new folder for a module fixture, removed with the module's other
+  fixtures once its tests are done, unless one of them failed (each full-size checkpoint is
+  ~450 MB; kept to the end, a whole run's would fill 19 GB).
 * ``gpu`` tests are skipped by their marker alone when no CUDA device is present.
 * Under ``pytest -n N`` (pytest-xdist, the default in pyproject.toml) each worker and the
   processes its tests start use one torch thread: N workers share N cores.
@@ -16,6 +19,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections import Counter
 
 import pytest
@@ -47,6 +51,32 @@ def pytest_collection_modifyitems(config, items):
     slow_files = {item.path for item in items if "slow" in item.keywords}
     tests_in = Counter(item.path for item in items)
     items.sort(key=lambda item: (item.path not in slow_files, -tests_in[item.path]))
+
+
+#: The test files (node ids up to "::") in which a test has failed in this process.
+FAILED_FILES: set[str] = set()
+
+
+def pytest_runtest_logreport(report):
+    if report.failed:
+        FAILED_FILES.add(report.nodeid.split("::")[0])
+
+
+@pytest.fixture(scope="module")
+def module_tmp(request, tmp_path_factory):
+    """``module_tmp(name)``: a new folder for this module's fixtures (see the docstring)."""
+    base = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    made = 0
+
+    def mktemp(name: str):
+        nonlocal made
+        made += 1
+        path = base / f"{name}{made}"
+        path.mkdir()
+        return path
+    yield mktemp
+    if request.node.nodeid.split("::")[0] not in FAILED_FILES:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -37,12 +37,12 @@ TOL = 1e-5  # float32 network vs float64 reference: max |difference| <= TOL * ma
 
 
 @pytest.fixture(scope="module")
-def caffe_files(tmp_path_factory):
+def caffe_files(module_tmp):
     """One set of random weights written as a current-format and a V1 .caffemodel, a mean
     BlobProto (1x3x256x256, BGR, different in every channel), and both converted: the
     current one by ``python -m split_alexnet.convert`` with ``--mean``, the V1 one in-process
     with Caffe's per-channel mean."""
-    d = tmp_path_factory.mktemp("caffe")
+    d = module_tmp("caffe")
     blobs = ref.random_blobs(seed=0)
     rng = np.random.default_rng(1)
     mean = (rng.uniform(90, 130, (3, 256, 256)) + np.array([0, 10, 20])[:, None, None]
@@ -208,11 +208,11 @@ WNIDS = ("n01440764", "n01443537", "n15075141")  # tench, goldfish, toilet tissu
 
 
 @pytest.fixture(scope="module")
-def wnid_val(tmp_path_factory):
+def wnid_val(module_tmp):
     """Real JPEGs (the demo's drawings, 256x256) in val/<wnid>/ folders, 2 per class, and the
     float64 reference's fc8 for each: Caffe's protocol on the decoded 256x256 image (the
     centre 227 crop, BGR, minus the BGR mean image's crop)."""
-    root = make_demo_dataset(tmp_path_factory.mktemp("wnid"), classes=3, train_per_class=1,
+    root = make_demo_dataset(module_tmp("wnid"), classes=3, train_per_class=1,
                              val_per_class=2, seed=4)
     for shape, wnid in zip(sorted(p.name for p in (root / "val").iterdir()), WNIDS):
         (root / "val" / shape).rename(root / "val" / wnid)

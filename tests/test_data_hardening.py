@@ -96,9 +96,9 @@ LIMIT = 24 << 10  # the flat images' outputs fit (~2 KiB), the noise images' (~5
 
 
 @pytest.fixture(scope="module")
-def mixed(tmp_path_factory):
+def mixed(module_tmp):
     """(SRC, prepared reference tree): class ``flat`` (small outputs), ``noise`` (big ones)."""
-    base = tmp_path_factory.mktemp("mixed")
+    base = module_tmp("mixed")
     rng = np.random.default_rng(0)
     src = base / "src"
     draw = {"flat": lambda k: np.full((240, 320, 3), (40 * k, 90, 200), np.uint8),
@@ -253,9 +253,9 @@ def test_docs_state_the_pixel_limit_of_the_code():
 # ----------------------------------------------------------------------------- signals
 
 @pytest.fixture(scope="module")
-def originals(tmp_path_factory):
+def originals(module_tmp):
     """Four 500x375 noise JPEGs and the prepared bytes of each."""
-    base = tmp_path_factory.mktemp("orig")
+    base = module_tmp("orig")
     rng = np.random.default_rng(1)
     out = []
     for k in range(4):

@@ -35,8 +35,8 @@ N_TRAIN, N_VAL = 12, 9
 
 
 @pytest.fixture(scope="module")
-def dist_runs(tmp_path_factory):
-    base = tmp_path_factory.mktemp("dist")
+def dist_runs(module_tmp):
+    base = module_tmp("dist")
     data = make_demo_dataset(base / "data", classes=3, train_per_class=4, val_per_class=3,
                              seed=0)
     res = {"base": base, "data": data, "times": {}}

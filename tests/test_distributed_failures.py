@@ -21,10 +21,10 @@ DRIVER = PROGRAMS / "train_with_rank_report.py"
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(module_tmp):
     """3 classes x 4 training images (global batch 6: 2 steps per epoch), 3 x 3 validation
     images."""
-    return make_demo_dataset(tmp_path_factory.mktemp("dist") / "data", classes=3,
+    return make_demo_dataset(module_tmp("dist") / "data", classes=3,
                              train_per_class=4, val_per_class=3, seed=0)
 
 
@@ -40,9 +40,9 @@ def lose_rank_1(data, base: Path, how: str):
 
 
 @pytest.fixture(scope="module")
-def rank_1_dies(data, tmp_path_factory):
+def rank_1_dies(data, module_tmp):
     """The job whose rank 1 dies (:func:`lose_rank_1`), for the two tests that judge it."""
-    return lose_rank_1(data, tmp_path_factory.mktemp("dies"), "dies")
+    return lose_rank_1(data, module_tmp("dies"), "dies")
 
 
 @pytest.mark.slow

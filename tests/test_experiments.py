@@ -226,10 +226,10 @@ def test_smoothing_and_crossing():
 
 
 @pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
+def tiny_root(module_tmp):
     """2 classes x 8 train (2 steps per epoch at batch 8) x 2 val."""
     from split_alexnet.data.demo import make_demo_dataset
-    return make_demo_dataset(tmp_path_factory.mktemp("exp") / "d", classes=2,
+    return make_demo_dataset(module_tmp("exp") / "d", classes=2,
                              train_per_class=8, val_per_class=2, seed=0)
 
 
@@ -356,10 +356,10 @@ def test_watchdog_decision(capsys):
 
 
 @pytest.fixture(scope="module")
-def same_images_root(tmp_path_factory):
+def same_images_root(module_tmp):
     """Two class folders holding the same 4 images: nothing to learn (loss >= ln 2)."""
     from split_alexnet.data.demo import make_demo_dataset
-    root = make_demo_dataset(tmp_path_factory.mktemp("same") / "d", classes=1,
+    root = make_demo_dataset(module_tmp("same") / "d", classes=1,
                              train_per_class=4, val_per_class=1, seed=0)
     for split in ("train", "val"):
         shutil.copytree(root / split / "circle", root / split / "copy")

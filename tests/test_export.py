@@ -190,10 +190,10 @@ def test_the_one_column_net_tanh_and_non_overlapping_pools():
 
 
 @pytest.fixture(scope="module")
-def with_mean(tmp_path_factory):
+def with_mean(module_tmp):
     """A checkpoint and its graph with the mean inside, through the command (checked by
     onnxruntime before it is written)."""
-    d = tmp_path_factory.mktemp("mean")
+    d = module_tmp("mean")
     ckpt = write_checkpoint(d / "c.pt", seed=1)
     out = d / "alexnet.onnx"
     r = subprocess.run([sys.executable, "-m", "split_alexnet.export", str(ckpt), str(out),
@@ -315,8 +315,8 @@ def _bad_input(case: str, tmp_path: Path, good: Path) -> tuple[list, str]:
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("good") / "c.pt")
+def good(module_tmp):
+    return write_checkpoint(module_tmp("good") / "c.pt")
 
 
 @pytest.mark.parametrize("case", ["not-a-checkpoint", "hostile-pickle", "non-finite",

@@ -40,11 +40,11 @@ def same(a: dict, b: dict) -> bool:
 
 
 @pytest.fixture(scope="module")
-def src(one_step, tmp_path_factory):
+def src(one_step, module_tmp):
     """A source run of ours (``one_step``, conftest.py: 4 classes, 1 step, split layout) and a
     folder of 3 other classes (8 training images each: 3 steps per epoch of 8) to fine-tune
     on."""
-    base = tmp_path_factory.mktemp("ft")
+    base = module_tmp("ft")
     other = make_demo_dataset(base / "other", classes=3, train_per_class=8, val_per_class=2,
                               seed=11)
     return SimpleNamespace(base=base, ckpt=one_step / "last.pt", data=other,
@@ -52,9 +52,9 @@ def src(one_step, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
+def converted(module_tmp):
     """bvlc_alexnet's layers with random weights, written as a .caffemodel and converted."""
-    d = tmp_path_factory.mktemp("caffe")
+    d = module_tmp("caffe")
     ref.write_net(d / "m.caffemodel", ref.ALEXNET_PROTOTXT, ref.random_blobs(seed=5), v1=False)
     assert run(convert_main, "convert", ["caffe", str(d / "m.caffemodel"), str(d / "c.pt")]) == 0
     (d / "m.caffemodel").unlink()

@@ -123,11 +123,11 @@ def test_poisoned_batch_stops_naming_the_step_and_the_last_good_checkpoint(
 
 
 @pytest.fixture(scope="module")
-def diverged(demo_root, tmp_path_factory):
+def diverged(demo_root, module_tmp):
     """Two good steps saved as last.pt, then the learning rate raised to 1e38 in the same
     trainer: the next update overflows. Returns (run folder, the Abort, last.pt's checksum
     after the good steps)."""
-    out = tmp_path_factory.mktemp("diverged") / "run"
+    out = module_tmp("diverged") / "run"
     cfg = parse_config(["--data", str(demo_root), "--out", str(out), *BASE, *CPU_PAIR,
                         "--checkpoint-minutes", "0", "--max-steps", "2"])
     t = Trainer.setup(cfg)

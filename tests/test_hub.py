@@ -21,8 +21,8 @@ def load(entry: str, *args, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("hub") / "c.pt"
+def ckpt(module_tmp) -> Path:
+    path = module_tmp("hub") / "c.pt"
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     save_checkpoint(path, {

@@ -101,10 +101,10 @@ def assert_close_states(got: dict, want: dict) -> float:
 
 
 @pytest.fixture(scope="module")
-def hybrid_steps(tmp_path_factory):
+def hybrid_steps(module_tmp):
     """The program's states at K = 4 (8 classes, b = 1) and K = 2 (4 classes, b = 2), in one
     job of 4 processes."""
-    report = tmp_path_factory.mktemp("hybrid_steps")
+    report = module_tmp("hybrid_steps")
     specs = {4: (8, 1), 2: (4, 2)}
     p, _ = torchrun(STEPS_PROGRAM, report, [f"{k}:{c}:{b}" for k, (c, b) in specs.items()],
                     nproc=4, timeout=300)
@@ -209,13 +209,13 @@ def test_fc_updates_each_needs_the_sequential_hybrid():
 
 
 @pytest.fixture(scope="module")
-def hybrid_runs(tmp_path_factory):
+def hybrid_runs(module_tmp):
     """One epoch (2 steps of 4 images, the centre-crop evaluation and the ten-crop test) of
     the same run as pair DDP, as hybrid 'gather' and as hybrid 'sequential', two processes
     each; a hybrid --plan; then the pair and the hybrid run each resumed in one process for
     one more step.
     Validation: 5 images, so the processes' shares differ (3 and 2)."""
-    base = tmp_path_factory.mktemp("hybrid")
+    base = module_tmp("hybrid")
     data = make_demo_dataset(base / "data", classes=2, train_per_class=4, val_per_class=3,
                              seed=0)
     sorted((data / "val").glob("*/*.jpg"))[-1].unlink()

@@ -147,9 +147,9 @@ def make_kaggle(root: Path, images) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(images, tmp_path_factory):
+def reference(images, module_tmp):
     """The foldered copy, prepared: (dst, jpeg tree)."""
-    base = tmp_path_factory.mktemp("ref")
+    base = module_tmp("ref")
     dst = base / "dst"
     prepare(make_folders(base / "src", images), dst, workers=0, progress=False)
     return dst, jpeg_tree(dst)

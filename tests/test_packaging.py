@@ -118,13 +118,13 @@ def _copy_sources(dest: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
+def wheel(module_tmp) -> Path:
     """A wheel built from a copy of the tree, with an ``import torch`` that fails (the build
     must read the version statically, never import the package)."""
     setuptools = importlib.metadata.version("setuptools")
     if int(setuptools.split(".")[0]) < 77:
         pytest.skip(f"setuptools {setuptools} < 77 (PEP 639 licence fields)")
-    tmp = tmp_path_factory.mktemp("wheel")
+    tmp = module_tmp("wheel")
     src = tmp / "src"
     src.mkdir()
     _copy_sources(src)

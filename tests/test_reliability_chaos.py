@@ -45,8 +45,8 @@ def assert_same(a, b, what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def chaos(demo_root, tmp_path_factory):
-    base = tmp_path_factory.mktemp("chaos")
+def chaos(demo_root, module_tmp):
+    base = module_tmp("chaos")
     out = base / "run"
     rng = random.Random(8)
     rep: dict = {"out": out, "events": []}

@@ -18,11 +18,11 @@ from split_alexnet.utils.checkpoint_file import load_checkpoint
 
 
 @pytest.fixture(scope="module")
-def signalled(short_root, tmp_path_factory):
+def signalled(short_root, module_tmp):
     """Real processes with 2 loader workers, each sent SIGTERM once its log shows the phase:
     during the evaluation of epoch 1 (the last epoch), then resumed (the evaluation again,
     then the ten-crop test) during the ten-crop test, then resumed to the end."""
-    out = tmp_path_factory.mktemp("signalled") / "run"
+    out = module_tmp("signalled") / "run"
     flags = ("--epochs", "1", "--ten-crop", "--workers", "2", "--checkpoint-minutes", "30")
     rep: dict = {"out": out}
 

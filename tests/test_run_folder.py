@@ -237,11 +237,11 @@ def test_a_resume_on_renamed_classes_is_refused(one_step, demo_root, tmp_path, c
 
 
 @pytest.fixture(scope="module")
-def resumed(one_step, demo_root, tmp_path_factory):
+def resumed(one_step, demo_root, module_tmp):
     """one_step continued for one step with --resume-lr and every kind of setting that may
     change, in a folder with leftover temporaries of a dead writer, of a live one, and of an
     older version (no pid)."""
-    out = copy_run(one_step, tmp_path_factory.mktemp("resumed") / "run")
+    out = copy_run(one_step, module_tmp("resumed") / "run")
     dead = subprocess.Popen(["true"])
     dead.wait()
     live = subprocess.Popen(["sleep", "300"])

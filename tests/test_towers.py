@@ -34,11 +34,11 @@ LRN_ALL = ["--lrn", "caffe", "--lrn-span", "all"]
 
 
 @pytest.fixture(scope="module")
-def tower_runs(tmp_path_factory):
+def tower_runs(module_tmp):
     """The same two steps as towers and in one process; a towers run cut after step 1 and
     resumed in one process (with Caffe's LRN across the towers: the halo exchange), and an
     in-process run cut and resumed as towers."""
-    base = tmp_path_factory.mktemp("towers")
+    base = module_tmp("towers")
     data = make_demo_dataset(base / "data", classes=3, train_per_class=4, val_per_class=3,
                              seed=0)
     res = {"base": base}

@@ -55,10 +55,10 @@ def assert_same_tensors(a: dict, b: dict, what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(demo_root, reference, tmp_path_factory):
+def runs(demo_root, reference, module_tmp):
     """The demo run (8 steps, 2 epochs) uninterrupted in the split layout (``reference``,
     conftest.py) and in the collapsed one, and cut and resumed twice."""
-    base = tmp_path_factory.mktemp("runs")
+    base = module_tmp("runs")
     out = {"split": reference, **{name: base / name for name in ("single", "cut_mid",
                                                                   "cut_edge")}}
     assert train(demo_root, out["single"], "--single-device") == 0
@@ -116,10 +116,10 @@ def test_resume_equals_uninterrupted(runs, cut):
 
 
 @pytest.fixture(scope="module")
-def learning(tmp_path_factory):
+def learning(module_tmp):
     """The split layout on 8 images, each in 8 files (8 steps per epoch), 3 epochs, the
     watchdog judging at step 16: (run folder, what it wrote on stderr)."""
-    base = tmp_path_factory.mktemp("learning")
+    base = module_tmp("learning")
     root = repeated_tiny_set(base / "d", copies=8)
     out = base / "run"
     err = io.StringIO()

@@ -50,11 +50,11 @@ def write_ckpt(path: Path, model: AlexNet, classes, stats, **extra) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ckpt(demo_root, tmp_path_factory) -> Path:
+def ckpt(demo_root, module_tmp) -> Path:
     torch.manual_seed(0)
     stats = load_stats(demo_root, progress=False)
     model = AlexNet(num_classes=4, init="caffe")
-    return write_ckpt(tmp_path_factory.mktemp("ckpt") / "c.pt", model,
+    return write_ckpt(module_tmp("ckpt") / "c.pt", model,
                       find_classes(demo_root / "train"), stats)
 
 
@@ -175,9 +175,9 @@ def test_fc7_features_same_in_both_layouts(ckpt, demo_root):
 # ----------------------------------------------------------------------------- Figure 4
 
 @pytest.fixture(scope="module")
-def self_root(demo_root, tmp_path_factory) -> tuple[Path, Path]:
+def self_root(demo_root, module_tmp) -> tuple[Path, Path]:
     """The demo set with one val image copied into train/ (under another name)."""
-    root = tmp_path_factory.mktemp("self") / "data"
+    root = module_tmp("self") / "data"
     shutil.copytree(demo_root / "train", root / "train")
     shutil.copytree(demo_root / "val", root / "val")
     cls = find_classes(root / "val")[2]

@@ -33,9 +33,9 @@ from safetensors import safe_open  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def files(demo_root, tmp_path_factory):
+def files(demo_root, module_tmp):
     """A two-tower checkpoint of the demo's classes and statistics, and its .safetensors."""
-    d = tmp_path_factory.mktemp("weights")
+    d = module_tmp("weights")
     stats = load_stats(demo_root, progress=False)
     classes = find_classes(demo_root / "train")
     torch.manual_seed(0)
