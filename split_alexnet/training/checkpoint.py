@@ -90,7 +90,7 @@ def payload(t: "Trainer") -> dict:
     must call it: the RNG states of all ranks are gathered."""
     pos, d = t.pos, t.data
     rngs = replica_states(dist_util.gather_objects(rng_state(t.devices), t.ctx), t)
-    if t.ctx.tower is None and t.cfg.runtime.parallel != "hybrid":
+    if not t.ctx.spans_processes:
         model, optimizer = layout_state_dict(t.net), named_optimizer_state(t.net, t.optimizer)
     else:  # --parallel towers or hybrid: the processes send their parts to rank 0
         model, optimizer = gather_state(t)

@@ -75,6 +75,12 @@ class Context:
         if self.data_size < 0:
             object.__setattr__(self, "data_size", self.world_size)
 
+    @property
+    def spans_processes(self) -> bool:
+        """Whether the network is spread over the processes (--parallel towers or hybrid:
+        its forward exchanges activations between them), not whole in each of them."""
+        return self.mesh is not None
+
     def group(self, dim: str) -> Any:
         """The process group of mesh dimension ``dim`` ('data' or 'tower'; 'hybrid')."""
         return self.mesh.get_group(dim)

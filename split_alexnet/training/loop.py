@@ -50,8 +50,9 @@ def in_lockstep(loader, stop, ctx: dist_util.Context):
     """``loader``'s batches, then None while another process still has batches: every
     process takes the same number of turns (a model whose forward is a collective, --parallel
     towers or hybrid, needs every process in every call: a process that left the loop alone,
-    on a signal, would leave its peer waiting in the model's exchange). Each turn the processes agree on whether any
-    has a batch left and whether ``stop`` (a signal) is set anywhere: one CPU all-reduce.
+    on a signal, would leave its peer waiting in the model's exchange). Each turn the
+    processes agree on whether any has a batch left and whether ``stop`` (a signal) is set
+    anywhere: one CPU all-reduce.
     The generator's return value is True when a signal ended it, False when every process
     ran out of batches."""
     it = iter(loader)

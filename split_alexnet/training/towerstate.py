@@ -79,9 +79,9 @@ def _gather_to_rank0(mine: dict[str, Any], rank: int, world: int) -> list[Any] |
         values: dict[tuple[str, ...], torch.Tensor] = {}
         for dtype in sorted({d for *_, d in entries}, key=str):
             of = [(path, shape) for path, shape, d in entries if d == dtype]
-            flat = torch.empty(sum(math.prod(shape) for _, shape in of), dtype=dtype)
-            dist.recv(flat, src=r, group=group)
             sizes = [math.prod(shape) for _, shape in of]
+            flat = torch.empty(sum(sizes), dtype=dtype)
+            dist.recv(flat, src=r, group=group)
             values.update({path: v.view(shape) for (path, shape), v
                            in zip(of, flat.split(sizes))})
         part: dict[str, Any] = {}

@@ -183,8 +183,7 @@ class Trainer:
         result = loop.evaluate(self.eval_model, val_loader(self, ten_crop, dataset),
                                self.data.stats, self.device, ten_crop=ten_crop,
                                progress=self.is_main, stop=self.stop,
-                               lockstep=self.ctx if self.cfg.runtime.parallel in
-                               ("towers", "hybrid") else None)
+                               lockstep=self.ctx if self.ctx.spans_processes else None)
         if dist_util.any_rank_flags([bool(result.pop("stopped", False))], self.ctx)[0]:
             return None
         pos = self.pos
