@@ -101,8 +101,8 @@ def test_poisoned_batch_stops_naming_the_step_and_the_last_good_checkpoint(
                 x = torch.full_like(x, float("inf"))
         return x
 
-    def checksum(payload):
-        h = real_checksum(payload)
+    def checksum(payload, crcs=None):
+        h = real_checksum(payload, crcs)
         sums.setdefault(payload["progress"]["step"], h)
         return h
 

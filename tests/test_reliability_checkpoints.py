@@ -108,13 +108,30 @@ def test_bit_flips_and_truncation_are_detected(one_step, demo_root, tmp_path, ca
 
 def test_a_consistent_file_with_changed_weights_fails_the_checksum(one_step, tmp_path):
     """A well-formed zip whose contents differ from what was saved (silent corruption before
-    the zip was written, an edited file): only the sha256 recorded at save time sees it."""
+    the zip was written, an edited file): only the checksum recorded at save time sees it,
+    down to one flipped bit of the 61 M weights (CRC-32 catches every such flip)."""
     ckpt = torch.load(one_step / "last.pt", map_location="cpu", weights_only=True)
     ckpt["model"]["fc8.bias"][0] += 1e-6
     tampered = tmp_path / "tampered.pt"
     torch.save(ckpt, tampered)
     with pytest.raises(CheckpointError, match="corrupt: checksum mismatch"):
         load_checkpoint(tampered)
+    ckpt = torch.load(one_step / "last.pt", map_location="cpu", weights_only=True)
+    ckpt["model"]["fc6.weight"].view(-1).view(torch.int32)[12_345_678] ^= 1 << 7
+    torch.save(ckpt, tampered)
+    with pytest.raises(CheckpointError, match="corrupt: checksum mismatch"):
+        load_checkpoint(tampered)
+
+
+def test_a_checkpoint_of_another_format_version_is_refused_naming_both(one_step, tmp_path):
+    ckpt = torch.load(one_step / "last.pt", map_location="cpu", weights_only=True)
+    old = tmp_path / "v1.pt"
+    torch.save(dict(ckpt, format="split_alexnet/checkpoint-v1"), old)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(old)
+    assert str(e.value) == (f"{old} is a split_alexnet checkpoint of format "
+                            "'split_alexnet/checkpoint-v1', which this version does not read "
+                            f"(it reads {FORMAT!r}); write it again with this version")
 
 
 @pytest.mark.parametrize("what", ["arch", "classes"])

@@ -118,6 +118,10 @@ def _damaged(case: str, good: Path, tmp_path: Path) -> Path:
         b = bytearray(data)
         b[-5] ^= 0x40
         bad.write_bytes(bytes(b))
+    elif case == "older-version":  # this project's file, of its format's version 1
+        with st.safe_open(str(good), framework="pt") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        st.save_file(tensors, str(bad), metadata=dict(meta, format="split_alexnet/weights-v1"))
     elif case == "foreign":  # a safetensors file of someone else's network
         st.save_file({"conv1.weight": torch.zeros(96, 3, 11, 11)}, str(bad))
     elif case == "wrong-shape":  # this project's metadata, consistent, fc8 not 4 classes
@@ -136,6 +140,7 @@ def _damaged(case: str, good: Path, tmp_path: Path) -> Path:
 @pytest.mark.parametrize("case,phrase", [
     ("truncated", "not a readable safetensors file"), ("flipped-weight", "checksum mismatch"),
     ("foreign", "not a split_alexnet weights file"), ("wrong-shape", "fc8.weight"),
+    ("older-version", "of format 'split_alexnet/weights-v1', which this version does not read"),
     ("non-finite", "non-finite"), ("garbage", "not a readable safetensors file")])
 def test_a_damaged_or_foreign_file_is_one_line(case, phrase, files, demo_root, tmp_path,
                                                capsys):

@@ -131,13 +131,15 @@ def save(t: "Trainer", *, epoch_end: bool = False, best: bool = False) -> None:
         return
     extra = [f"epoch_{t.pos.epoch:03d}.pt"] if epoch_end else []
     target = t.out / "last.pt"
+    crcs: dict[int, int] = {}  # best.pt's checksum reuses the CRCs of last.pt's weights
     try:
-        save_checkpoint(target, data, suffix=temp_suffix())
+        save_checkpoint(target, data, suffix=temp_suffix(), crcs=crcs)
         for name in extra:  # the same bytes: link (or copy) last.pt, then rename atomically
             copy_atomic(target, t.out / name)
         if best:  # for evaluation and --init-from: the weights without what resumes
             save_checkpoint(t.out / "best.pt", {k: v for k, v in data.items()
-                                                if k not in RESUME_ONLY}, suffix=temp_suffix())
+                                                if k not in RESUME_ONLY},
+                            suffix=temp_suffix(), crcs=crcs)
     except (OSError, RuntimeError, KeyboardInterrupt) as e:
         if t.stop.forced:  # a second signal, wherever it landed (torch reports it in a write
             # callback as a RuntimeError)

@@ -17,7 +17,7 @@ The safetensors file (:func:`save_safetensors`) holds the weights only, under th
 layout's names and shapes (Caffe's: ``conv1.weight`` (96, 3, 11, 11) ... ``fc8.bias``), in the
 checkpoint's dtype, and its metadata (strings, as the format requires) holds the rest:
 
-    format             "split_alexnet/weights-v1"
+    format             "split_alexnet/weights-v2" (v2: the checksum reads tensors through CRC-32)
     model_config       the ModelConfig as JSON ({"arch": "alexnet", "num_classes": 1000, ...})
     classes            the class folder names (or wnids) in label order, JSON
     class_names        human-readable names in label order, JSON
@@ -26,7 +26,8 @@ checkpoint's dtype, and its metadata (strings, as the format requires) holds the
     eigval, eigvec     the RGB colour statistics (JSON lists; PCA noise of a fine-tuning run)
     stats_fingerprint  the statistics' fingerprint, as in the checkpoint
     source             the checkpoint it was written from (its file name and checksum)
-    checksum           sha256 over every tensor and every other metadata value
+    checksum           as a checkpoint's (``checkpoint_file.checksum``): a sha256 over every
+                       metadata value and every tensor's dtype, shape and CRC-32
 
 Any safetensors reader opens it (``safetensors.torch.load_file``; ``safe_open(...).metadata()``
 for the rest); this project's reader refuses one without this metadata, or whose checksum,
@@ -46,13 +47,13 @@ from split_alexnet import __version__
 # this one.
 from split_alexnet.utils.checkpoint_file import (CheckpointError, check_shapes,
                                                  checkpoint_stats, checksum, load_checkpoint,
-                                                 model_config, nonfinite)
+                                                 model_config, nonfinite, other_format)
 from split_alexnet.utils.fileio import atomic_write
 
 __all__ = ["CheckpointError", "FORMAT", "read_weights", "save_safetensors", "load_safetensors",
            "safetensors_bytes", "model_config", "checkpoint_stats", "is_safetensors"]
 
-FORMAT = "split_alexnet/weights-v1"
+FORMAT = "split_alexnet/weights-v2"
 SUFFIX = ".safetensors"
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
            "bfloat16": torch.bfloat16}
@@ -168,6 +169,9 @@ def load_safetensors(path: Path | str) -> dict:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
+            if str(meta.get("format", "")).startswith("split_alexnet/weights-v") and \
+                    meta.get("format") != FORMAT:
+                raise CheckpointError(other_format(meta, path, FORMAT, "weights file"))
             if meta.get("format") != FORMAT:
                 raise CheckpointError(f"{path} is a safetensors file but not a split_alexnet "
                                       "weights file (its metadata names no "
