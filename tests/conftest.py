@@ -11,6 +11,12 @@
 * ``gpu`` tests are skipped by their marker alone when no CUDA device is present.
 * Under ``pytest -n N`` (pytest-xdist, the default in pyproject.toml) each worker and the
   processes its tests start use one torch thread: N workers share N cores.
+* glibc's malloc, in this process and every process it starts, keeps freed memory for the
+  next allocation (:data:`MALLOC`) instead of handing each block over 32 MB (fc6's weights,
+  gradients and momentum; every checkpoint's tensors) its own mmap, returned at free and
+  faulted in again page by page at the next: the suite ran in 545 s instead of 628 s on a
+  2-core VM, kernel time 202 s instead of 356 s (docs/benchmarks.md). A variable already set
+  is kept.
 * ``slow``: every test that uses a fixture of :data:`SLOW_FIXTURES` (real training runs,
   torchrun jobs, chaos runs) is marked ``slow``; ``pytest -m "not slow"`` is the quick tier.
   The files with slow tests run first (the two workers then finish close together).
@@ -18,12 +24,28 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 import shutil
 from collections import Counter
 
 import pytest
 import torch
+
+#: glibc malloc's settings for the suite (mallopt's M_MMAP_MAX, M_TRIM_THRESHOLD and M_TOP_PAD,
+#: as the environment variables glibc reads at a process's start): no block gets its own mmap,
+#: up to 1 GiB freed at the heap's top stays for the next allocation, and the heap grows by
+#: 64 MiB at least.
+MALLOC = {"MALLOC_MMAP_MAX_": (-4, 0), "MALLOC_TRIM_THRESHOLD_": (-1, 2**30),
+          "MALLOC_TOP_PAD_": (-2, 2**26)}
+
+if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+    _libc = ctypes.CDLL(None)
+    for _name, (_param, _value) in MALLOC.items():
+        if _name not in os.environ:  # for the processes the tests start, and for this one
+            os.environ[_name] = str(_value)
+            _libc.mallopt(_param, _value)
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # a worker of pytest -n N: one core each, and so
     os.environ["OMP_NUM_THREADS"] = "1"  # for the trainings and jobs it starts
