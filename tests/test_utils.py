@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -151,7 +152,11 @@ def as_typed(exe: Path, argv: list[str], capsys) -> tuple[int, str, str]:
     saved = sys.argv
     sys.argv = [str(exe), *argv]
     try:
-        exec(compile(exe.read_text(), str(exe), "exec"), {"__name__": "__main__"})
+        with warnings.catch_warnings():  # the module may be imported here already (another
+            # test file on this worker): runpy says so, and runs it as __main__ all the same
+            warnings.filterwarnings("ignore", "'split_alexnet.* found in sys.modules",
+                                    RuntimeWarning)
+            exec(compile(exe.read_text(), str(exe), "exec"), {"__name__": "__main__"})
         code = 0
     except SystemExit as e:
         code = e.code
