@@ -17,7 +17,7 @@ import pytest
 
 from helpers import run_python
 from split_alexnet.utils.cli import Interrupted, run
-from split_alexnet.utils.fileio import write_json
+from split_alexnet.utils.fileio import atomic_write, write_json
 from split_alexnet.utils.signals import StopOnSignal
 
 
@@ -200,3 +200,40 @@ def test_a_console_command_is_named_as_typed_in_its_own_process(tmp_path):
     assert p.returncode == 2 and len(lines) == 1, p.stderr
     assert lines[0].startswith("split-alexnet-train: error: unrecognized arguments: ")
     assert "did you mean --batch-size?" in lines[0], lines[0]
+
+
+def _resident_pages(path: Path) -> tuple[int, int]:
+    """(pages of ``path`` in the page cache, pages in all), by mincore(2) over a mapping."""
+    import ctypes
+    import mmap
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as m:
+        n = (len(m) + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = (ctypes.c_ubyte * n)()
+        buf = ctypes.c_char.from_buffer(m)
+        try:
+            assert libc.mincore(ctypes.c_void_p(ctypes.addressof(buf)), ctypes.c_size_t(len(m)),
+                                vec) == 0, os.strerror(ctypes.get_errno())
+        finally:
+            del buf  # the mapping closes only without exported buffers
+        return sum(v & 1 for v in vec), n
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise here")
+def test_an_uncached_write_leaves_the_page_cache(tmp_path):
+    """atomic_write(uncached=True), as checkpoints are written: the file's pages are dropped
+    from the page cache once on disk; a plain write leaves them there."""
+    data = os.urandom(8 << 20)
+    write_file = lambda f: f.write(data)  # noqa: E731
+    atomic_write(tmp_path / "cached.bin", write_file)
+    atomic_write(tmp_path / "uncached.bin", write_file, uncached=True)
+    assert (tmp_path / "uncached.bin").read_bytes() == data
+    mounts = [ln.split() for ln in Path("/proc/mounts").read_text().splitlines()]
+    fs = max((m for m in mounts if str(tmp_path).startswith(m[1])), key=lambda m: len(m[1]))[2]
+    if fs in ("tmpfs", "ramfs"):
+        pytest.skip(f"{tmp_path} is on {fs}: its pages are the file itself")
+    cached, n = _resident_pages(tmp_path / "cached.bin")
+    assert cached == n, f"{cached} of {n} pages of a plain write cached"
+    atomic_write(tmp_path / "uncached.bin", write_file, uncached=True)
+    dropped, n = _resident_pages(tmp_path / "uncached.bin")
+    assert dropped == 0, f"{dropped} of {n} pages still cached"

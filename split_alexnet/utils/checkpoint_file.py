@@ -21,8 +21,9 @@ A training run's checkpoint adds its training state (optimizer buffers, schedule
 RNG states, the flat ``config``: ``training/checkpoint.py``); converted weights add
 ``source`` (``tools/convert.py``).
 
-Written (:func:`save_checkpoint`) as: temporary file in the same folder, flush, fsync, rename
-over the target, fsync the folder. The zip records carry no CRC-32 where torch allows it
+Written (:func:`save_checkpoint`) as: temporary file in the same folder, flush, fsync, drop
+its pages from the page cache (``fileio.atomic_write``'s ``uncached``), rename over the
+target, fsync the folder. The zip records carry no CRC-32 where torch allows it
 (2.6 and later): the checksum covers every byte already, torch.load does not verify the CRC,
 and computing it took most of a save's time (:func:`_torch_save`); ``unzip -t`` therefore
 reports the records as damaged. A crash at any point leaves either the old or the new
@@ -138,7 +139,7 @@ def save_checkpoint(path: Path, payload: dict, *, suffix: str = ".tmp",
                     "checkpoint is intact")
     payload = dict(payload, format=FORMAT)
     payload["checksum"] = checksum(payload, crcs)
-    atomic_write(Path(path), lambda f: _torch_save(payload, f), suffix=suffix)
+    atomic_write(Path(path), lambda f: _torch_save(payload, f), suffix=suffix, uncached=True)
 
 
 def load_checkpoint(path: Path) -> dict:

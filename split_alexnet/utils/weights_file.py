@@ -148,7 +148,7 @@ def safetensors_bytes(payload: dict, *, source: str = "") -> bytes:
 def save_safetensors(path: Path | str, payload: dict, *, source: str = "") -> None:
     """:func:`safetensors_bytes` written atomically to ``path``."""
     data = safetensors_bytes(payload, source=source)
-    atomic_write(Path(path), lambda f: f.write(data), private=False)
+    atomic_write(Path(path), lambda f: f.write(data), private=False, uncached=True)
 
 
 # ----------------------------------------------------------------------------- reading
