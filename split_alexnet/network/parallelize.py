@@ -54,7 +54,9 @@ def parallelize(model: nn.Module, devices: Sequence[str | torch.device] | str, *
        the PyTorch docs require for a module that spans devices; the input goes to tower 0's
        device, the logits come back there (fc8 lives with tower 0). ``ddp_group``: the
        processes it all-reduces among (default: all; --parallel towers: those holding the
-       same tower, the mesh's data dimension);
+       same tower, the mesh's data dimension). The gradients are views of DDP's all-reduce
+       buckets (``gradient_as_bucket_view``): the same values, without a second copy of the
+       61 M gradients or the copy between the two at every step;
     4. compile: ``nn.Module.compile()`` of the result, in place (under DDP the wrapper is
        compiled, so the module inside runs eager wherever it is called without DDP).
 
@@ -66,7 +68,8 @@ def parallelize(model: nn.Module, devices: Sequence[str | torch.device] | str, *
     if channels_last:
         model.to(memory_format=torch.channels_last)
     if ddp:
-        model = DistributedDataParallel(model, device_ids=None, process_group=ddp_group)
+        model = DistributedDataParallel(model, device_ids=None, process_group=ddp_group,
+                                        gradient_as_bucket_view=True)
     if compile:
         model.compile(**(compile_kwargs or {}))
     return model
