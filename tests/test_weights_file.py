@@ -119,7 +119,7 @@ def _damaged(case: str, good: Path, tmp_path: Path) -> Path:
         b[-5] ^= 0x40
         bad.write_bytes(bytes(b))
     elif case == "older-version":  # this project's file, of its format's version 1
-        with st.safe_open(str(good), framework="pt") as f:
+        with safe_open(str(good), framework="pt") as f:
             meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
         st.save_file(tensors, str(bad), metadata=dict(meta, format="split_alexnet/weights-v1"))
     elif case == "foreign":  # a safetensors file of someone else's network

@@ -73,13 +73,13 @@ class CheckpointError(Exception):
 
 def _digest(obj: Any, h: "hashlib._Hash", crcs: dict[int, int] | None) -> None:
     if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous()
         crc = None if crcs is None else crcs.get(id(obj))
-        if crc is None:  # the raw bytes, no copy
+        if crc is None:
+            t = obj.detach().cpu().contiguous()  # the raw bytes, no copy of a CPU tensor
             crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else 0
             if crcs is not None:
                 crcs[id(obj)] = crc
-        h.update(f"T{t.dtype}{tuple(t.shape)}:{crc:08x}".encode())
+        h.update(f"T{obj.dtype}{tuple(obj.shape)}:{crc:08x}".encode())
     elif isinstance(obj, dict):
         h.update(b"D%d" % len(obj))
         for k in sorted(obj, key=str):
@@ -156,7 +156,9 @@ def load_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"checkpoint {path} cannot be loaded safely "
                               f"(weights_only=True): {_refusal(e)}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(other_format(payload, path, FORMAT, "checkpoint"))
+        found = payload.get("format") if isinstance(payload, dict) else None
+        raise CheckpointError(other_version(found, path, FORMAT, "checkpoint") or
+                              f"{path} is not a split_alexnet checkpoint")
     check_shapes(payload, path)
     if payload.get("checksum") != checksum(payload):
         raise CheckpointError(f"checkpoint {path} is corrupt: checksum mismatch")
@@ -167,15 +169,14 @@ def load_checkpoint(path: Path) -> dict:
     return payload
 
 
-def other_format(meta: Any, path: Path | str, current: str, kind: str) -> str:
-    """Why a file whose ``format`` is not ``current`` is refused: another version of this
-    project's format (named, with the one this version reads), or not one of its files."""
-    found = meta.get("format") if isinstance(meta, dict) else None
+def other_version(found: Any, path: Path | str, current: str, kind: str) -> str | None:
+    """Why a file of format ``found`` is refused, if ``found`` is another version of this
+    project's format ``current`` (both named); None if it is not this project's at all."""
     family = current.rsplit("-v", 1)[0] + "-v"
     if isinstance(found, str) and found.startswith(family):
         return (f"{path} is a split_alexnet {kind} of format {found!r}, which this version does "
                 f"not read (it reads {current!r}); write it again with this version")
-    return f"{path} is not a split_alexnet {kind}"
+    return None
 
 
 def _refusal(e: Exception) -> str:

@@ -47,7 +47,7 @@ from split_alexnet import __version__
 # this one.
 from split_alexnet.utils.checkpoint_file import (CheckpointError, check_shapes,
                                                  checkpoint_stats, checksum, load_checkpoint,
-                                                 model_config, nonfinite, other_format)
+                                                 model_config, nonfinite, other_version)
 from split_alexnet.utils.fileio import atomic_write
 
 __all__ = ["CheckpointError", "FORMAT", "read_weights", "save_safetensors", "load_safetensors",
@@ -169,13 +169,11 @@ def load_safetensors(path: Path | str) -> dict:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
-            if str(meta.get("format", "")).startswith("split_alexnet/weights-v") and \
-                    meta.get("format") != FORMAT:
-                raise CheckpointError(other_format(meta, path, FORMAT, "weights file"))
             if meta.get("format") != FORMAT:
-                raise CheckpointError(f"{path} is a safetensors file but not a split_alexnet "
-                                      "weights file (its metadata names no "
-                                      f"{FORMAT!r} format)")
+                raise CheckpointError(
+                    other_version(meta.get("format"), path, FORMAT, "weights file") or
+                    f"{path} is a safetensors file but not a split_alexnet weights file (its "
+                    f"metadata names no {FORMAT!r} format)")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except CheckpointError:
         raise
