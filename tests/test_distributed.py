@@ -8,8 +8,9 @@ parameters after training, how many checkpoints each rank wrote, and the RNG sta
 resumed with. (Jobs that go wrong: tests/test_distributed_failures.py.)
 
 The runs are shared by several tests (module fixture): each costs ~20 s on 2 busy cores.
-Data: 3 classes x 4 training images (global batch 6 = 3 per rank, 2 steps per epoch) and
-3 x 3 = 9 validation images, which do not divide among 2 ranks (5 + 4).
+Data: 3 classes x 5 training images with ``--holdout 1`` in every run (3 held out, which do
+not divide among 2 ranks: 2 + 1; 12 trained on: global batch 6 = 3 per rank, 2 steps per
+epoch) and 3 x 3 = 9 validation images, which do not divide either (5 + 4).
 """
 
 from __future__ import annotations
@@ -31,24 +32,27 @@ from split_alexnet.training.command import main as train_main
 
 DRIVER = PROGRAMS / "train_with_rank_report.py"
 LAUNCH = REPO / "launch"
-N_TRAIN, N_VAL = 12, 9
+N_VAL = 9
+#: The flags of every run here: the distributed tests' flags, and a hold-out of one image per
+#: class, checked under torchrun by test_holdout_under_torchrun_counts_each_image_once.
+FLAGS = [*COMMON, "--holdout", "1"]
 
 
 @pytest.fixture(scope="module")
 def dist_runs(module_tmp):
     base = module_tmp("dist")
-    data = make_demo_dataset(base / "data", classes=3, train_per_class=4, val_per_class=3,
+    data = make_demo_dataset(base / "data", classes=3, train_per_class=5, val_per_class=3,
                              seed=0)
-    res = {"base": base, "data": data, "times": {}}
+    res = {"base": base, "data": data, "times": {}, "stderr": {}}
 
     def ddp(out_name, *extra, name=None, nproc=2):
         name = name or out_name
         out = base / out_name
         p, dt = torchrun(DRIVER, base / f"report_{out_name}",
-                         ["--data", str(data), "--out", str(out), *COMMON, *extra],
+                         ["--data", str(data), "--out", str(out), *FLAGS, *extra],
                          nproc=nproc, timeout=300)
         assert p.returncode == 0, f"{name}: rc {p.returncode}\n{p.stderr[-4000:]}"
-        res["times"][name] = dt
+        res["times"][name], res["stderr"][name] = dt, p.stderr
         return out
 
     # Uninterrupted: 2 ranks, 2 steps, evaluation, checkpoint.
@@ -64,7 +68,7 @@ def dist_runs(module_tmp):
     t0 = time.monotonic()
     res["single"] = base / "single"
     assert run(train_main, "train", ["--data", str(data), "--out", str(res["single"]),
-                                     *COMMON]) == 0
+                                     *FLAGS]) == 0
     res["times"]["single"] = time.monotonic() - t0
     print("run times (s):", {k: round(v, 1) for k, v in res["times"].items()}, file=sys.stderr)
     return res
@@ -109,7 +113,8 @@ def test_only_rank_0_writes(dist_runs):
     assert rep[0]["saves"] == 2 and rep[1]["saves"] == 0
     out = dist_runs["ddp"]
     kinds = [r["kind"] for r in records(out)]
-    assert kinds == ["train", "train", "val"]  # one line per event, not one per rank
+    # one line per event, not one per rank
+    assert kinds == ["train", "train", "val", "holdout"]
     assert sorted(p.name for p in out.iterdir()) == \
         ["best.pt", "config.json", "curves.png", "epoch_001.pt", "last.pt", "metrics.jsonl",
          "train.lock"]
@@ -331,24 +336,15 @@ def test_launch_scripts_pass_shellcheck():
     assert p.returncode == 0, p.stdout
 
 
-@pytest.mark.slow
-def test_holdout_under_torchrun_counts_each_image_once(tmp_path):
-    """3 classes x 5 training images, --holdout 1: 3 held out (2 + 1 over the ranks), 12
+def test_holdout_under_torchrun_counts_each_image_once(dist_runs):
+    """--holdout 1 on 3 classes x 5 training images: 3 held out (2 + 1 over the ranks), 12
     trained on; the hold-out's error equals one process's on the same split."""
-    data = make_demo_dataset(tmp_path / "data", classes=3, train_per_class=5, val_per_class=3,
-                             seed=0)
-    out = tmp_path / "ddp"
-    p, _ = torchrun(DRIVER, tmp_path / "report", ["--data", str(data), "--out", str(out),
-                                                  *COMMON, "--holdout", "1"])
-    assert p.returncode == 0, p.stderr[-4000:]
-    assert p.stderr.count("--holdout 1: 3 of 15 training images held out") == 1  # rank 0 only
-    single = tmp_path / "single"
-    assert run(train_main, "train", ["--data", str(data), "--out", str(single), *COMMON,
-                                     "--holdout", "1"]) == 0
-    (hold,) = [r for r in records(out) if r["kind"] == "holdout"]
-    (hold1,) = [r for r in records(single) if r["kind"] == "holdout"]
+    assert dist_runs["stderr"]["ddp"].count(
+        "--holdout 1: 3 of 15 training images held out") == 1  # rank 0 only
+    (hold,) = [r for r in records(dist_runs["ddp"]) if r["kind"] == "holdout"]
+    (hold1,) = [r for r in records(dist_runs["single"]) if r["kind"] == "holdout"]
     assert hold["n"] == hold1["n"] == 3 and hold["step"] == hold1["step"] == 2
     assert hold["top1_err"] == hold1["top1_err"]
     assert hold["loss"] == pytest.approx(hold1["loss"], rel=1e-4)
-    (val,) = [r for r in records(out) if r["kind"] == "val"]
+    (val,) = [r for r in records(dist_runs["ddp"]) if r["kind"] == "val"]
     assert val["n"] == N_VAL

@@ -275,6 +275,22 @@ def test_initialisation_by_layer_name(scheme):
         assert init_values("fc6", scheme)[0] == 0.005
 
 
+@pytest.mark.parametrize("cls", [AlexNet, SplitAlexNet, HalfAlexNet])
+def test_a_network_built_for_loading_draws_nothing(cls):
+    """init None (evaluate, predict, export, a resume): the layers are made on the meta
+    device and then given memory, without torch's default initialisation, so the generator is
+    where it was; the parameters are CPU tensors that take a state like any network's."""
+    torch.manual_seed(4)
+    source = cls(10, init="caffe")
+    before = torch.get_rng_state()
+    net = cls(10, init=None)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert {p.device for p in net.parameters()} == {torch.device("cpu")}
+    net.load_state_dict(source.state_dict())
+    for (name, p), q in zip(net.named_parameters(), source.parameters()):
+        assert torch.equal(p, q), name
+
+
 # ----------------------------------------------------------------------------- bad arguments
 
 

@@ -176,8 +176,8 @@ class HybridAlexNet(nn.Module):
             setattr(self, name, getattr(net, name))
         for layer in FC_LAYERS:
             full: nn.Linear = getattr(net, layer)
-            part = nn.Linear(full.in_features, full.out_features // parts,
-                             device=full.weight.device, dtype=full.weight.dtype)
+            part = nn.utils.skip_init(nn.Linear, full.in_features, full.out_features // parts,
+                                      device=full.weight.device, dtype=full.weight.dtype)
             with torch.no_grad():
                 part.weight.copy_(full.weight[self.rows(layer)])
                 part.bias.copy_(full.bias[self.rows(layer)])

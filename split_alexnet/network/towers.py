@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from split_alexnet.network.model import (ModelConfig, SplitAlexNet, Tower, Transfer, _act,
-                                         _pool, check_input, model_config, split_state_dict,
-                                         transfer)
+                                         _pool, check_input, initialise, layers_made,
+                                         model_config, split_state_dict, transfer)
 
 
 @dataclass(frozen=True)
@@ -131,11 +131,13 @@ class RankTower(nn.Module):
             raise ValueError(f"tower must be 0 or 1, got {tower!r}")
         self.cfg = cfg = model_config(cfg, **fields)
         self.tower = tower
-        self.towers = nn.ModuleDict({str(tower): Tower(cfg)})
-        self.fc8 = nn.Linear(4096, cfg.num_classes) if tower == 0 else None
+        with layers_made(cfg):
+            self.towers = nn.ModuleDict({str(tower): Tower(cfg)})
+            self.fc8 = nn.Linear(4096, cfg.num_classes) if tower == 0 else None
         self.link: TowerLink | None = None
         self.traffic: list[Transfer] = []
         self._to_fc8: Tensor | None = None  # tower 1: the marker its backward starts from
+        initialise(self, cfg)
 
     @classmethod
     def of(cls, net: SplitAlexNet, tower: int) -> "RankTower":

@@ -6,7 +6,7 @@ placed, fine-tuned, parallelized, then the optimizer over the placed parameters)
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -155,12 +155,14 @@ def describe_lr_batch_rule(cfg: TrainConfig, ctx: dist_util.Context, batch: int)
 
 def build_learner(cfg: TrainConfig, layout: str, ctx: dist_util.Context,
                   devices: tuple[torch.device, ...], source, classes: list[str],
-                  batch: int = 0) -> Learner:
-    """The model: seeded, built on the CPU and placed; the --init-from weights (``source``)
-    and frozen layers; then the fast paths and DDP, in parallelize's fixed order; the
-    optimizer last, over the placed parameters (each layer's learning rate times its
-    --lr-batch-rule multiplier for ``batch`` images per replica)."""
+                  batch: int = 0, *, resume: bool = False) -> Learner:
+    """The model: seeded, built on the CPU and placed (``resume``: not initialised, since the
+    checkpoint's weights are loaded next); the --init-from weights (``source``) and frozen
+    layers; then the fast paths and DDP, in parallelize's fixed order; the optimizer last,
+    over the placed parameters (each layer's learning rate times its --lr-batch-rule
+    multiplier for ``batch`` images per replica)."""
     rt, o, s = cfg.runtime, cfg.optim, cfg.schedule
+    model_cfg = replace(cfg.model, init=None) if resume else cfg.model
     hybrid = rt.parallel == "hybrid"
     if hybrid:
         try:
@@ -169,10 +171,10 @@ def build_learner(cfg: TrainConfig, layout: str, ctx: dist_util.Context,
             raise UsageError(f"--parallel hybrid: {e} (torchrun --nproc-per-node)") from None
     torch.manual_seed(rt.seed)
     if ctx.tower is None and not hybrid:
-        net = build_model(cfg.model, layout, devices)
+        net = build_model(model_cfg, layout, devices)
         tuning = prepare(net, cfg, source, classes, is_main=ctx.rank == 0)
     elif hybrid:  # the whole net built alike in every process, this process's part kept
-        whole = build_model(cfg.model, "collapsed", ("cpu",))
+        whole = build_model(model_cfg, "collapsed", ("cpu",))
         tuning = prepare(whole, cfg, source, classes, is_main=ctx.rank == 0)
         net = HybridAlexNet(whole, rank=ctx.rank, parts=ctx.world_size)
         net.group, net.host_group = ctx.group("hybrid"), dist_util.control_group()
@@ -182,7 +184,7 @@ def build_learner(cfg: TrainConfig, layout: str, ctx: dist_util.Context,
             backend=torch.distributed.get_backend(net.group))
         del whole
     else:  # --parallel towers: the whole net built alike in both processes, one tower kept
-        whole = build_model(cfg.model, "split", ("cpu", "cpu"))
+        whole = build_model(model_cfg, "split", ("cpu", "cpu"))
         tuning = prepare(whole, cfg, source, classes, is_main=ctx.rank == 0)
         net = RankTower.of(whole, ctx.tower)
         net.link = TowerLink(ctx.tower, peer=ctx.rank ^ 1, group=ctx.group("tower"),

@@ -108,7 +108,8 @@ class Trainer:
             data = load_data(cfg, ctx, listed)
             cfg = cfg.with_classes(len(data.classes))  # the one place the count is set
             learner = build_learner(cfg, layout_of(cfg.model.arch, cfg.runtime.single_device),
-                                    ctx, devices, source, data.classes, data.batch)
+                                    ctx, devices, source, data.classes, data.batch,
+                                    resume=bool(cmd.resume))
             rule = describe_lr_batch_rule(cfg, ctx, data.batch)
             if rule and ctx.rank == 0:  # never silent: what the rule did to the rates
                 print(f"{PROG}: {rule}", file=sys.stderr)
