@@ -207,7 +207,8 @@ def _init_(name: str, t: Tensor, scheme: str) -> None:
 def layers_made(cfg: ModelConfig) -> AbstractContextManager:
     """Where a network makes its layers: on the meta device when ``cfg.init`` is None, since
     the weights are loaded next and torch's default initialisation would draw 61 M values for
-    nothing (0.23 s on one core); else as usual. :func:`initialise` ends the construction."""
+    nothing (0.25 s a build on one core, docs/benchmarks.md); else as usual.
+    :func:`initialise` ends the construction."""
     return torch.device("meta") if cfg.init is None else nullcontext()
 
 
