@@ -136,6 +136,35 @@ def torchrun(program: Path, report: Path, args, *, env_extra=None, timeout=240, 
     return p, time.monotonic() - t0
 
 
+def runs_argv(runs: dict[str, list]) -> list[str]:
+    """The arguments of programs/train_with_rank_report.py for the trainer runs ``runs``
+    (report folder name: the driver's options of the run and its flags), in order."""
+    argv: list[str] = []
+    for name, flags in runs.items():
+        argv += [*(["--then"] if argv else []), "--report", name, *map(str, flags)]
+    return argv
+
+
+def run_outputs(stdout: str, stderr: str, names) -> dict[str, str]:
+    """Each run's part of a job's output (rank 0 begins run NAME with ``== run NAME``): its
+    stdout and its stderr, by name."""
+    text = {}
+    for name in names:
+        parts = [stream.split(f"== run {name}\n", 1) for stream in (stdout, stderr)]
+        text[name] = "".join(part[1].split("== run ", 1)[0] if len(part) == 2 else ""
+                             for part in parts)
+    return text
+
+
+def torchrun_runs(program: Path, report: Path, runs: dict[str, list], *, timeout=300,
+                  nproc=2) -> tuple[subprocess.CompletedProcess, dict[str, str]]:
+    """The trainer runs ``runs`` (:func:`runs_argv`) in turn in one torchrun job of
+    programs/train_with_rank_report.py (``report/NAME`` holds run NAME's reports): (the job's
+    process, each run's output, :func:`run_outputs`)."""
+    p, _ = torchrun(program, report, runs_argv(runs), timeout=timeout, nproc=nproc)
+    return p, run_outputs(p.stdout, p.stderr, runs)
+
+
 def rank_reports(report: Path) -> dict[int, dict]:
     """The reports of programs/train_with_rank_report.py in ``report``, by rank."""
     return {r: json.loads((report / f"rank{r}.json").read_text()) for r in (0, 1)

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from helpers import DIST_FLAGS as COMMON
-from helpers import PROGRAMS, REPO, rank_reports, records, stored, torchrun
+from helpers import PROGRAMS, REPO, rank_reports, records, stored, torchrun, torchrun_runs
 from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.utils.cli import run
 from split_alexnet.training.command import main as train_main
@@ -43,24 +43,31 @@ def dist_runs(module_tmp):
     base = module_tmp("dist")
     data = make_demo_dataset(base / "data", classes=3, train_per_class=5, val_per_class=3,
                              seed=0)
-    res = {"base": base, "data": data, "times": {}, "stderr": {}}
+    res = {"base": base, "data": data, "times": {}}
 
-    def ddp(out_name, *extra, name=None, nproc=2):
-        name = name or out_name
+    def flags(out_name, *extra):
+        return ["--data", str(data), "--out", str(base / out_name), *FLAGS, *extra]
+
+    # One job of 2 ranks: uninterrupted (2 steps, evaluation, checkpoint); the same cut after
+    # step 1 (mid-epoch); and that checkpoint resumed into a folder of its own.
+    t0 = time.monotonic()
+    p, res["stderr"] = torchrun_runs(DRIVER, base, {
+        "report_ddp": flags("ddp"),
+        "report_cut1": flags("cut", "--max-steps", "1"),
+        "report_cut": flags("resumed", "--resume", base / "cut" / "last.pt")})
+    assert p.returncode == 0, f"rc {p.returncode}\n{p.stderr[-4000:]}"
+    res["times"]["ddp, cut and resumed"] = time.monotonic() - t0
+    res["ddp"], res["resumed"] = base / "ddp", base / "resumed"
+    res["cut_ckpt"] = stored(base / "cut" / "last.pt")
+
+    def ddp(out_name, *extra, nproc=2):
         out = base / out_name
-        p, dt = torchrun(DRIVER, base / f"report_{out_name}",
-                         ["--data", str(data), "--out", str(out), *FLAGS, *extra],
+        p, dt = torchrun(DRIVER, base / f"report_{out_name}", flags(out_name, *extra),
                          nproc=nproc, timeout=300)
-        assert p.returncode == 0, f"{name}: rc {p.returncode}\n{p.stderr[-4000:]}"
-        res["times"][name], res["stderr"][name] = dt, p.stderr
+        assert p.returncode == 0, f"{out_name}: rc {p.returncode}\n{p.stderr[-4000:]}"
+        res["times"][out_name] = dt
         return out
 
-    # Uninterrupted: 2 ranks, 2 steps, evaluation, checkpoint.
-    res["ddp"] = ddp("ddp")
-    # The same, cut after step 1 (mid-epoch) and resumed under torchrun.
-    ddp("cut", "--max-steps", "1", name="cut1")
-    res["cut_ckpt"] = stored(base / "cut" / "last.pt")
-    res["resumed"] = ddp("cut", "--resume", name="cut2")
     # The same two replicas as 4 processes, a tower each (--parallel towers).
     res["towers4"] = ddp("towers4", "--parallel", "towers", "--devices", "cpu,cpu,cpu,cpu",
                          nproc=4)
@@ -339,7 +346,7 @@ def test_launch_scripts_pass_shellcheck():
 def test_holdout_under_torchrun_counts_each_image_once(dist_runs):
     """--holdout 1 on 3 classes x 5 training images: 3 held out (2 + 1 over the ranks), 12
     trained on; the hold-out's error equals one process's on the same split."""
-    assert dist_runs["stderr"]["ddp"].count(
+    assert dist_runs["stderr"]["report_ddp"].count(
         "--holdout 1: 3 of 15 training images held out") == 1  # rank 0 only
     (hold,) = [r for r in records(dist_runs["ddp"]) if r["kind"] == "holdout"]
     (hold1,) = [r for r in records(dist_runs["single"]) if r["kind"] == "holdout"]

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from helpers import DIST_FLAGS as COMMON
-from helpers import BASE, PROGRAMS, REPO, rank_reports, records, stored, torchrun
+from helpers import (BASE, PROGRAMS, REPO, rank_reports, records, stored, torchrun,
+                     torchrun_runs)
 from split_alexnet.data.dataset import EpochSampler, find_classes, list_samples
 from split_alexnet.data.demo import make_demo_dataset
 
@@ -56,30 +57,51 @@ def test_a_dead_rank_stops_the_job_quickly(rank_1_dies):
     assert re.search(r"rank\s*:\s*1\b", root) and re.search(r"exitcode\s*:\s*3\b", root), root
 
 
+@pytest.fixture(scope="module")
+def job(demo_root, module_tmp):
+    """One job of 2 processes, three runs in turn (:func:`helpers.torchrun_runs`): the
+    divergence of test_stop_on_divergence_stops_every_rank_together under --parallel pair
+    and under --parallel towers, then the run of
+    test_a_rank_whose_whole_batch_is_unreadable_stays_in_step: (process, each run's output,
+    the folder of each run's folder and reports)."""
+    base = module_tmp("job")
+    data = make_demo_dataset(base / "data", classes=3, train_per_class=4, val_per_class=3,
+                             seed=0)
+    classes = find_classes(data / "train")
+    samples = list_samples(data / "train", classes)
+    first = EpochSampler(len(samples), epoch=0, seed=5, rank=1, world_size=2).indices()[:3]
+    for i in first:  # rank 1's first batch: 3 unreadable files (real ones, garbage bytes)
+        Path(samples[i][0]).write_bytes(b"not an image at all")
+    runs = {f"report_{parallel}": [
+        "--data", demo_root, "--out", base / parallel, *BASE, "--devices", "cpu,cpu",
+        "--parallel", parallel, "--lr", "0.3", "--max-steps", "4", "--stop-on-divergence",
+        "--checkpoint-minutes", "0"] for parallel in ("pair", "towers")}
+    runs["report_unreadable"] = ["--data", data, "--out", base / "unreadable", *COMMON]
+    p, text = torchrun_runs(DRIVER, base, runs, timeout=400)
+    assert p.returncode == 1, f"rc {p.returncode}\n{p.stderr[-3000:]}"  # the divergences'
+    return p, text, base
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["pair", "towers"])
-def test_stop_on_divergence_stops_every_rank_together(demo_root, tmp_path, parallel):
+def test_stop_on_divergence_stops_every_rank_together(job, parallel):
     """--lr 0.3 with --stop-on-divergence on the 4-class set (as test_finite's one process):
     the loss leaves 3 x ln 4 within 4 steps. Every rank judges the same loss, the highest of
     the replicas' (under --parallel towers tower 1's process holds none), so every rank
     stops with exit 1 at the same step: rank 0 says so in one line, nothing is saved after
     the last good last.pt (saved every step: --checkpoint-minutes 0)."""
-    out, report = tmp_path / "run", tmp_path / "report"
-    p, dt = torchrun(DRIVER, report, ["--data", str(demo_root), "--out", str(out), *BASE,
-                                      "--devices", "cpu,cpu", "--parallel", parallel,
-                                      "--lr", "0.3", "--max-steps", "4",
-                                      "--stop-on-divergence", "--checkpoint-minutes", "0"],
-                     timeout=240)
-    assert p.returncode == 1 and dt < 150, f"rc {p.returncode}, {dt:.0f} s\n{p.stderr[-3000:]}"
+    _, text, base = job
+    out, err = base / parallel, text[f"report_{parallel}"]
+    reports = rank_reports(base / f"report_{parallel}")
+    assert reports[0]["seconds"] < 150, reports[0]["seconds"]
     # Both ranks ended their main with exit 1 (neither was left to torchrun to stop).
-    assert {r: rep["rc"] for r, rep in rank_reports(report).items()} == {0: 1, 1: 1}, \
-        p.stderr[-3000:]
-    (line,) = [ln for ln in p.stderr.splitlines() if "split_alexnet.train: error:" in ln]
+    assert {r: rep["rc"] for r, rep in reports.items()} == {0: 1, 1: 1}, err[-3000:]
+    (line,) = [ln for ln in err.splitlines() if "split_alexnet.train: error:" in ln]
     assert "error: the training loss diverged: " in line, line
     assert ("(the highest of 2 replicas')" in line) == (parallel == "pair"), line
     assert f"the last good checkpoint: {out / 'last.pt'}" in line, line
-    assert "DIVERGENCE:" not in p.stderr
-    assert f'File "{REPO / "split_alexnet"}' not in p.stderr, p.stderr[-3000:]
+    assert "DIVERGENCE:" not in err
+    assert f'File "{REPO / "split_alexnet"}' not in err, err[-3000:]
     (rec,) = [r for r in records(out) if r["kind"] == "divergence"]
     assert rec["loss"] > rec["bound"]
     assert stored(out / "last.pt")["progress"]["step"] == rec["step"] - 1
@@ -87,22 +109,14 @@ def test_stop_on_divergence_stops_every_rank_together(demo_root, tmp_path, paral
 
 
 @pytest.mark.slow
-def test_a_rank_whose_whole_batch_is_unreadable_stays_in_step(tmp_path):
+def test_a_rank_whose_whole_batch_is_unreadable_stays_in_step(job):
     """Rank 1's first batch is 3 unreadable files (real ones, garbage bytes): every rank skips
-    that step together, and the job ends, exit 0, the ranks holding the same parameters."""
-    data = make_demo_dataset(tmp_path / "data", classes=3, train_per_class=4, val_per_class=3,
-                             seed=0)
-    classes = find_classes(data / "train")
-    samples = list_samples(data / "train", classes)
-    first = EpochSampler(len(samples), epoch=0, seed=5, rank=1, world_size=2).indices()[:3]
-    for i in first:
-        Path(samples[i][0]).write_bytes(b"not an image at all")
-    p, seconds = torchrun(DRIVER, tmp_path / "report", ["--data", str(data), "--out",
-                                                        str(tmp_path / "run"), *COMMON])
-    assert p.returncode == 0, p.stderr[-4000:]
-    reports = rank_reports(tmp_path / "report")
+    that step together, and the run ends, exit 0, the ranks holding the same parameters."""
+    _, _, base = job
+    reports = rank_reports(base / "report_unreadable")
+    assert reports[0]["rc"] == reports[1]["rc"] == 0
     assert reports[0]["params"] == reports[1]["params"]
-    assert [r["step"] for r in records(tmp_path / "run") if r["kind"] == "train"] == [1]
+    assert [r["step"] for r in records(base / "unreadable") if r["kind"] == "train"] == [1]
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import PROGRAMS, records, stored, torchrun
+from helpers import PROGRAMS, records, stored, torchrun, torchrun_runs
 from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.network.hybrid import HybridAlexNet, check_parts
 from split_alexnet.network.model import AlexNet, ModelConfig, _act, collapsed_shapes
@@ -220,19 +220,16 @@ def hybrid_runs(module_tmp):
                              seed=0)
     sorted((data / "val").glob("*/*.jpg"))[-1].unlink()
     runs = {"base": base, "data": data}
-    for name, extra in (("pair", []), ("gather", ["--parallel", "hybrid"]),
-                        ("sequential", ["--parallel", "hybrid", "--hybrid-schedule",
-                                        "sequential"])):
-        p, _ = torchrun(DRIVER, base / f"report_{name}",
-                        ["--data", str(data), "--out", str(base / name), *COMMON, *extra],
-                        timeout=300)
-        assert p.returncode == 0, f"{name}: rc {p.returncode}\n{p.stderr[-4000:]}"
+    flags = {"pair": [], "gather": ["--parallel", "hybrid"],
+             "sequential": ["--parallel", "hybrid", "--hybrid-schedule", "sequential"],
+             "plan": ["--parallel", "hybrid", "--plan", "--plan-steps", "1"]}
+    p, text = torchrun_runs(DRIVER, base, {
+        f"report_{name}": ["--data", data, "--out", base / name, *COMMON, *extra]
+        for name, extra in flags.items()})  # one job of 2 processes, the runs in turn
+    assert p.returncode == 0, f"rc {p.returncode}\n{p.stderr[-4000:]}"
+    for name in ("pair", "gather", "sequential"):
         runs[name] = base / name
-    p, _ = torchrun(DRIVER, base / "report_plan",
-                    ["--data", str(data), "--out", str(base / "plan"), *COMMON, "--parallel",
-                     "hybrid", "--plan", "--plan-steps", "1"], timeout=300)
-    assert p.returncode == 0, p.stderr[-4000:]
-    runs["plan_out"] = p.stdout + p.stderr
+    runs["plan_out"] = text["report_plan"]
     for name in ("pair", "gather"):  # a hybrid checkpoint resumed by the one-process pair
         assert run(train_main, "train", ["--out", str(base / name), "--resume", "--parallel",
                                          "pair", "--epochs", "2", "--max-steps", "3",

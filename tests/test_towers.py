@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (CPU_PAIR, DIST_VARS, PROGRAMS, child_env, rank_reports, records, stored,
-                     torchrun)
+from helpers import (CPU_PAIR, DIST_VARS, PROGRAMS, child_env, rank_reports, records,
+                     run_outputs, runs_argv, stored, torchrun_runs)
 from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.network.model import SplitAlexNet
 from split_alexnet.network.placement import tower_rank_device
@@ -50,21 +50,23 @@ def tower_runs(module_tmp):
                                          *CPU_PAIR, *COMMON, *extra]) == 0
         return base / out
 
-    def towers(out: str, *extra: str) -> Path:
-        p, _ = torchrun(DRIVER, base / f"report_{out}",
-                        ["--data", str(data), "--out", str(base / out), "--parallel", "towers",
-                         *CPU_PAIR, *COMMON, *extra], timeout=300)
-        assert p.returncode == 0, f"{out}: rc {p.returncode}\n{p.stderr[-4000:]}"
-        return base / out
+    def towers(out: str, *extra: str) -> list[str]:
+        return ["--data", str(data), "--out", str(base / out), "--parallel", "towers",
+                *CPU_PAIR, *COMMON, *extra]
 
     res["pair"] = here("pair", "--max-steps", "2")
-    res["towers"] = towers("towers", "--max-steps", "2")
     res["all_ref"] = here("all_ref", "--max-steps", "2", *LRN_ALL)
-    towers("t2p", "--max-steps", "1", *LRN_ALL)
+    here("p2t", "--max-steps", "1")
+    # One job of 2 processes: the two steps as towers; a towers run cut after step 1; the
+    # in-process run cut after step 1, resumed as towers.
+    p, _ = torchrun_runs(DRIVER, base, {
+        "report_towers": towers("towers", "--max-steps", "2"),
+        "report_t2p": towers("t2p", "--max-steps", "1", *LRN_ALL),
+        "report_p2t": towers("p2t", "--max-steps", "2", "--resume")})
+    assert p.returncode == 0, f"rc {p.returncode}\n{p.stderr[-4000:]}"
+    res["towers"], res["p2t"] = base / "towers", base / "p2t"
     # a resume takes the run's settings: --parallel pair brings the towers into one process
     res["t2p"] = here("t2p", "--max-steps", "2", "--resume", "--parallel", "pair", *LRN_ALL)
-    here("p2t", "--max-steps", "1")
-    res["p2t"] = towers("p2t", "--max-steps", "2", "--resume")
     torch.set_num_threads(threads)
     return res
 
@@ -158,44 +160,60 @@ def rank_pid(launcher: int, rank: int) -> int | None:
     return None
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("mode, when", [("towers", "training"), ("hybrid", "training"),
-                                        ("towers", "evaluation")])
-def test_sigterm_to_one_tower_process_saves_once_and_every_process_exits_0(tmp_path, mode,
-                                                                           when):
-    """SIGTERM to rank 1's process alone (tower 1; under --parallel hybrid, the second half
-    of fc6-fc8), during training or as the epoch's evaluation begins (where each process
-    evaluates its batches: a process that stopped alone would leave its peer waiting in the
-    towers' exchange): the processes agree on the stop, rank 0 saves last.pt once, and the
-    job ends with exit 0."""
-    data = make_demo_dataset(tmp_path / "data", classes=4, train_per_class=4, val_per_class=3,
+#: The runs of :func:`sigterm_job`: (--parallel, when rank 1's process gets SIGTERM).
+SIGTERM_RUNS = [("towers", "training"), ("hybrid", "training"), ("towers", "evaluation")]
+
+
+@pytest.fixture(scope="module")
+def sigterm_job(module_tmp):
+    """The runs of SIGTERM_RUNS in turn, in one job of 2 processes (the driver's runs): each
+    of 1000 epochs, stopped by a SIGTERM to rank 1's process alone, sent from here once the
+    run has logged a step, or by the process to itself as the run's first evaluation begins:
+    (the job, each run's output, the folder of the runs and their reports)."""
+    base = module_tmp("sigterm")
+    data = make_demo_dataset(base / "data", classes=4, train_per_class=4, val_per_class=3,
                              seed=0)
-    out, report = tmp_path / "run", tmp_path / "report"
-    report.mkdir()
+    runs = {f"{mode}-{when}": [*(["--term-eval-rank", "1"] if when == "evaluation" else []),
+                               "--data", data, "--out", base / f"{mode}-{when}", "--parallel",
+                               mode, *CPU_PAIR, *COMMON, "--epochs", "1000",
+                               "--checkpoint-minutes", "1e6"] for mode, when in SIGTERM_RUNS}
     env = {k: v for k, v in child_env().items() if k not in DIST_VARS}
-    env.update(REPORT=str(report), OMP_NUM_THREADS="1", SPLIT_ALEXNET_DIST_TIMEOUT="60")
-    if when == "evaluation":
-        env["TERM_EVAL_RANK"] = "1"
+    env.update(REPORT=str(base), OMP_NUM_THREADS="1", SPLIT_ALEXNET_DIST_TIMEOUT="60")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           "2", str(DRIVER), "--data", str(data), "--out", str(out), "--parallel", mode,
-           *CPU_PAIR, *COMMON, "--epochs", "1000", "--checkpoint-minutes", "1e6"]
+           "2", str(DRIVER), *runs_argv(runs)]
     job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True)
     try:
-        deadline = time.monotonic() + 240
-        while when == "training" and time.monotonic() < deadline and \
-                not records(out, torn_ok=True):  # a step done
-            time.sleep(0.5)
-        if when == "training":
+        for name in (f"{m}-{w}" for m, w in SIGTERM_RUNS if w == "training"):
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline and job.poll() is None and \
+                    not records(base / name, torn_ok=True):  # a step done
+                time.sleep(0.2)
             pid = rank_pid(job.pid, 1)
             assert pid is not None
             os.kill(pid, signal.SIGTERM)
-        _, err = job.communicate(timeout=180)
+        out, err = job.communicate(timeout=300)
     finally:
         if job.poll() is None:
             job.kill()
     assert job.returncode == 0, err[-3000:]
-    rep = rank_reports(report)
+    return job, run_outputs(out, err, runs), base
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, when", SIGTERM_RUNS)
+def test_sigterm_to_one_tower_process_saves_once_and_every_process_exits_0(sigterm_job, mode,
+                                                                           when):
+    """SIGTERM to rank 1's process alone (tower 1; under --parallel hybrid, the second half
+    of fc6-fc8), during training or as the epoch's evaluation begins (where each process
+    evaluates its batches: a process that stopped alone would leave its peer waiting in the
+    towers' exchange): the processes agree on the stop, rank 0 saves last.pt once, and
+    every process's main ends with exit 0."""
+    _, outputs, base = sigterm_job
+    name = f"{mode}-{when}"
+    out, err = base / name, outputs[name]
+    rep = rank_reports(base / name)
+    assert rep[0]["rc"] == rep[1]["rc"] == 0, err[-3000:]
     assert rep[0]["saves"] >= 1 and rep[1]["saves"] == 0
     assert err.count("signal received") == 1, err[-3000:]
     if when == "evaluation":
