@@ -55,9 +55,10 @@ from helpers import CPU_PAIR, train
 from split_alexnet.data.demo import make_demo_dataset
 
 #: Module fixtures that run real training jobs: the full-size training runs of test_train, the
-#: torchrun jobs of test_distributed and the SIGKILL/SIGTERM chaos runs of
-#: test_reliability_chaos.
-SLOW_FIXTURES = {"runs", "dist_runs", "chaos", "tower_runs", "hybrid_runs", "hybrid_steps"}
+#: torchrun jobs of test_distributed, test_distributed_failures, test_hybrid and test_towers,
+#: and the SIGKILL/SIGTERM chaos runs of test_reliability_chaos.
+SLOW_FIXTURES = {"runs", "dist_runs", "chaos", "tower_runs", "hybrid_runs", "hybrid_steps",
+                 "three_runs", "sigterm_job"}
 
 
 def pytest_collection_modifyitems(config, items):

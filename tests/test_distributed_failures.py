@@ -58,7 +58,7 @@ def test_a_dead_rank_stops_the_job_quickly(rank_1_dies):
 
 
 @pytest.fixture(scope="module")
-def job(demo_root, module_tmp):
+def three_runs(demo_root, module_tmp):
     """One job of 2 processes, three runs in turn (:func:`helpers.torchrun_runs`): the
     divergence of test_stop_on_divergence_stops_every_rank_together under --parallel pair
     and under --parallel towers, then the run of
@@ -84,13 +84,13 @@ def job(demo_root, module_tmp):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["pair", "towers"])
-def test_stop_on_divergence_stops_every_rank_together(job, parallel):
+def test_stop_on_divergence_stops_every_rank_together(three_runs, parallel):
     """--lr 0.3 with --stop-on-divergence on the 4-class set (as test_finite's one process):
     the loss leaves 3 x ln 4 within 4 steps. Every rank judges the same loss, the highest of
     the replicas' (under --parallel towers tower 1's process holds none), so every rank
     stops with exit 1 at the same step: rank 0 says so in one line, nothing is saved after
     the last good last.pt (saved every step: --checkpoint-minutes 0)."""
-    _, text, base = job
+    _, text, base = three_runs
     out, err = base / parallel, text[f"report_{parallel}"]
     reports = rank_reports(base / f"report_{parallel}")
     assert reports[0]["seconds"] < 150, reports[0]["seconds"]
@@ -109,10 +109,10 @@ def test_stop_on_divergence_stops_every_rank_together(job, parallel):
 
 
 @pytest.mark.slow
-def test_a_rank_whose_whole_batch_is_unreadable_stays_in_step(job):
+def test_a_rank_whose_whole_batch_is_unreadable_stays_in_step(three_runs):
     """Rank 1's first batch is 3 unreadable files (real ones, garbage bytes): every rank skips
     that step together, and the run ends, exit 0, the ranks holding the same parameters."""
-    _, _, base = job
+    _, _, base = three_runs
     reports = rank_reports(base / "report_unreadable")
     assert reports[0]["rc"] == reports[1]["rc"] == 0
     assert reports[0]["params"] == reports[1]["params"]
