@@ -57,8 +57,8 @@ from split_alexnet.data.demo import make_demo_dataset
 #: Module fixtures that run real training jobs: the full-size training runs of test_train, the
 #: torchrun jobs of test_distributed, test_distributed_failures, test_hybrid and test_towers,
 #: and the SIGKILL/SIGTERM chaos runs of test_reliability_chaos.
-SLOW_FIXTURES = {"runs", "dist_runs", "chaos", "tower_runs", "hybrid_runs", "hybrid_steps",
-                 "three_runs", "sigterm_job"}
+SLOW_FIXTURES = {"runs", "dist_runs", "chaos", "tower_job", "hybrid_runs", "hybrid_steps",
+                 "three_runs"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -122,15 +122,22 @@ def file_size_limit(nbytes: int):
     return apply
 
 
-def torchrun(program: Path, report: Path, args, *, env_extra=None, timeout=240, nproc=2):
-    """Runs ``program`` on ``nproc`` ranks under torchrun ($REPORT=report): (process,
-    seconds)."""
+def torchrun_command(program: Path, report: Path, args, *, env_extra=None,
+                     nproc=2) -> tuple[list[str], dict[str, str]]:
+    """The command and environment that run ``program`` on ``nproc`` ranks under torchrun
+    ($REPORT=report, one torch thread each, a collective timeout of 60 s)."""
     report.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in child_env().items() if k not in DIST_VARS}
     env.update(REPORT=str(report), OMP_NUM_THREADS="1", SPLIT_ALEXNET_DIST_TIMEOUT="60")
     env.update(env_extra or {})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           str(nproc), str(program), *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+            str(nproc), str(program), *map(str, args)], env
+
+
+def torchrun(program: Path, report: Path, args, *, env_extra=None, timeout=240, nproc=2):
+    """Runs ``program`` on ``nproc`` ranks under torchrun (:func:`torchrun_command`):
+    (process, seconds)."""
+    cmd, env = torchrun_command(program, report, args, env_extra=env_extra, nproc=nproc)
     t0 = time.monotonic()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     return p, time.monotonic() - t0

@@ -10,15 +10,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import (CPU_PAIR, DIST_VARS, PROGRAMS, child_env, rank_reports, records,
-                     run_outputs, runs_argv, stored, torchrun_runs)
+from helpers import (CPU_PAIR, PROGRAMS, rank_reports, records, run_outputs, runs_argv,
+                     stored, torchrun_command)
 from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.network.model import SplitAlexNet
 from split_alexnet.network.placement import tower_rank_device
@@ -33,14 +32,40 @@ COMMON = ["--batch-size", "6", "--epochs", "1", "--workers", "0", "--log-interva
 LRN_ALL = ["--lrn", "caffe", "--lrn-span", "all"]
 
 
+def rank_pid(launcher: int, rank: int) -> int | None:
+    """The pid of the torchrun worker of ``rank`` among ``launcher``'s children."""
+    for d in Path("/proc").iterdir():
+        try:
+            if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) != launcher:
+                continue
+            if f"RANK={rank}".encode() in (d / "environ").read_bytes().split(b"\0"):
+                return int(d.name)
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
+#: The SIGTERM runs of :func:`tower_job`: (--parallel, when rank 1's process gets SIGTERM).
+SIGTERM_RUNS = [("towers", "training"), ("hybrid", "training"), ("towers", "evaluation")]
+
+
 @pytest.fixture(scope="module")
-def tower_runs(module_tmp):
-    """The same two steps as towers and in one process; a towers run cut after step 1 and
-    resumed in one process (with Caffe's LRN across the towers: the halo exchange), and an
-    in-process run cut and resumed as towers."""
+def tower_job(module_tmp):
+    """One job of 2 processes (the driver's runs in turn) and the in-process runs around it:
+
+    * the same two steps as towers and in one process; a towers run cut after step 1 and
+      resumed in one process (with Caffe's LRN across the towers: the halo exchange), and an
+      in-process run cut and resumed as towers;
+    * the runs of SIGTERM_RUNS, each of 1000 epochs, stopped by a SIGTERM to rank 1's process
+      alone, sent from here once the run has logged a step, or by the process to itself as the
+      run's first evaluation begins.
+
+    Returns the run folders by name, "base", and "sigterm": each SIGTERM run's output."""
     base = module_tmp("towers")
     data = make_demo_dataset(base / "data", classes=3, train_per_class=4, val_per_class=3,
                              seed=0)
+    term_data = make_demo_dataset(base / "term_data", classes=4, train_per_class=4,
+                                  val_per_class=3, seed=0)
     res = {"base": base}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each tower process: bitwise needs the same GEMM split
@@ -57,13 +82,31 @@ def tower_runs(module_tmp):
     res["pair"] = here("pair", "--max-steps", "2")
     res["all_ref"] = here("all_ref", "--max-steps", "2", *LRN_ALL)
     here("p2t", "--max-steps", "1")
-    # One job of 2 processes: the two steps as towers; a towers run cut after step 1; the
-    # in-process run cut after step 1, resumed as towers.
-    p, _ = torchrun_runs(DRIVER, base, {
-        "report_towers": towers("towers", "--max-steps", "2"),
-        "report_t2p": towers("t2p", "--max-steps", "1", *LRN_ALL),
-        "report_p2t": towers("p2t", "--max-steps", "2", "--resume")})
-    assert p.returncode == 0, f"rc {p.returncode}\n{p.stderr[-4000:]}"
+    runs = {"report_towers": towers("towers", "--max-steps", "2"),
+            "report_t2p": towers("t2p", "--max-steps", "1", *LRN_ALL),
+            "report_p2t": towers("p2t", "--max-steps", "2", "--resume")}  # in-process, cut
+    term = {f"{mode}-{when}": [*(["--term-eval-rank", "1"] if when == "evaluation" else []),
+                               "--data", term_data, "--out", base / f"{mode}-{when}",
+                               "--parallel", mode, *CPU_PAIR, *COMMON, "--epochs", "1000",
+                               "--checkpoint-minutes", "1e6"] for mode, when in SIGTERM_RUNS}
+    cmd, env = torchrun_command(DRIVER, base, runs_argv({**runs, **term}))
+    job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    try:
+        for name in (f"{m}-{w}" for m, w in SIGTERM_RUNS if w == "training"):
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and job.poll() is None and \
+                    not records(base / name, torn_ok=True):  # a step done
+                time.sleep(0.2)
+            pid = rank_pid(job.pid, 1)
+            assert pid is not None
+            os.kill(pid, signal.SIGTERM)
+        out, err = job.communicate(timeout=300)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, err[-3000:]
+    res["sigterm"] = run_outputs(out, err, term)
     res["towers"], res["p2t"] = base / "towers", base / "p2t"
     # a resume takes the run's settings: --parallel pair brings the towers into one process
     res["t2p"] = here("t2p", "--max-steps", "2", "--resume", "--parallel", "pair", *LRN_ALL)
@@ -86,17 +129,17 @@ def assert_same_run(a: Path, b: Path) -> None:
         assert torch.equal(x["rng"][r]["cpu"], y["rng"][r]["cpu"]), r
 
 
-def test_towers_equal_the_in_process_pair_bit_for_bit(tower_runs):
+def test_towers_equal_the_in_process_pair_bit_for_bit(tower_job):
     """Two steps with dropout on (0.5): weights, momentum, random state and position."""
-    assert stored(tower_runs["towers"] / "last.pt")["progress"]["step"] == 2
-    assert_same_run(tower_runs["towers"], tower_runs["pair"])
-    rep = rank_reports(tower_runs["base"] / "report_towers")
+    assert stored(tower_job["towers"] / "last.pt")["progress"]["step"] == 2
+    assert_same_run(tower_job["towers"], tower_job["pair"])
+    rep = rank_reports(tower_job["base"] / "report_towers")
     assert rep[0]["saves"] >= 1 and rep[1]["saves"] == 0  # rank 0 writes, rank 1 sends
     assert rep[0]["params"] != rep[1]["params"]  # each holds its own tower
 
 
-def test_both_processes_record_the_in_process_traffic(tower_runs):
-    rep = rank_reports(tower_runs["base"] / "report_towers")
+def test_both_processes_record_the_in_process_traffic(tower_job):
+    rep = rank_reports(tower_job["base"] / "report_towers")
     assert rep[0]["traffic"] == rep[1]["traffic"]
     batch = rep[0]["traffic"][0][3][0]  # the last forward's batch (evaluation's last)
     net = SplitAlexNet(3, init=None).eval()
@@ -108,12 +151,12 @@ def test_both_processes_record_the_in_process_traffic(tower_runs):
                                                   "fc8"]
 
 
-def test_a_towers_run_resumes_in_process_and_back(tower_runs):
+def test_a_towers_run_resumes_in_process_and_back(tower_job):
     """Cut after step 1 in one layout, resumed in the other: the uninterrupted run's state.
     The first pair runs Caffe's LRN across the towers, whose halo the processes exchange."""
-    assert_same_run(tower_runs["t2p"], tower_runs["all_ref"])
-    assert_same_run(tower_runs["p2t"], tower_runs["pair"])
-    rep = rank_reports(tower_runs["base"] / "report_t2p")
+    assert_same_run(tower_job["t2p"], tower_job["all_ref"])
+    assert_same_run(tower_job["p2t"], tower_job["pair"])
+    rep = rank_reports(tower_job["base"] / "report_t2p")
     assert [t[0] for t in rep[0]["traffic"]][:4] == ["norm1", "norm1", "norm2", "norm2"]
     assert rep[0]["traffic"][0][3][1] == 2  # two channels of halo each way
 
@@ -147,71 +190,18 @@ def test_towers_without_torchrun_is_one_line_and_exit_2(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
-def rank_pid(launcher: int, rank: int) -> int | None:
-    """The pid of the torchrun worker of ``rank`` among ``launcher``'s children."""
-    for d in Path("/proc").iterdir():
-        try:
-            if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) != launcher:
-                continue
-            if f"RANK={rank}".encode() in (d / "environ").read_bytes().split(b"\0"):
-                return int(d.name)
-        except (OSError, ValueError, IndexError):
-            continue
-    return None
-
-
-#: The runs of :func:`sigterm_job`: (--parallel, when rank 1's process gets SIGTERM).
-SIGTERM_RUNS = [("towers", "training"), ("hybrid", "training"), ("towers", "evaluation")]
-
-
-@pytest.fixture(scope="module")
-def sigterm_job(module_tmp):
-    """The runs of SIGTERM_RUNS in turn, in one job of 2 processes (the driver's runs): each
-    of 1000 epochs, stopped by a SIGTERM to rank 1's process alone, sent from here once the
-    run has logged a step, or by the process to itself as the run's first evaluation begins:
-    (the job, each run's output, the folder of the runs and their reports)."""
-    base = module_tmp("sigterm")
-    data = make_demo_dataset(base / "data", classes=4, train_per_class=4, val_per_class=3,
-                             seed=0)
-    runs = {f"{mode}-{when}": [*(["--term-eval-rank", "1"] if when == "evaluation" else []),
-                               "--data", data, "--out", base / f"{mode}-{when}", "--parallel",
-                               mode, *CPU_PAIR, *COMMON, "--epochs", "1000",
-                               "--checkpoint-minutes", "1e6"] for mode, when in SIGTERM_RUNS}
-    env = {k: v for k, v in child_env().items() if k not in DIST_VARS}
-    env.update(REPORT=str(base), OMP_NUM_THREADS="1", SPLIT_ALEXNET_DIST_TIMEOUT="60")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           "2", str(DRIVER), *runs_argv(runs)]
-    job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True)
-    try:
-        for name in (f"{m}-{w}" for m, w in SIGTERM_RUNS if w == "training"):
-            deadline = time.monotonic() + 240
-            while time.monotonic() < deadline and job.poll() is None and \
-                    not records(base / name, torn_ok=True):  # a step done
-                time.sleep(0.2)
-            pid = rank_pid(job.pid, 1)
-            assert pid is not None
-            os.kill(pid, signal.SIGTERM)
-        out, err = job.communicate(timeout=300)
-    finally:
-        if job.poll() is None:
-            job.kill()
-    assert job.returncode == 0, err[-3000:]
-    return job, run_outputs(out, err, runs), base
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("mode, when", SIGTERM_RUNS)
-def test_sigterm_to_one_tower_process_saves_once_and_every_process_exits_0(sigterm_job, mode,
+def test_sigterm_to_one_tower_process_saves_once_and_every_process_exits_0(tower_job, mode,
                                                                            when):
     """SIGTERM to rank 1's process alone (tower 1; under --parallel hybrid, the second half
     of fc6-fc8), during training or as the epoch's evaluation begins (where each process
     evaluates its batches: a process that stopped alone would leave its peer waiting in the
     towers' exchange): the processes agree on the stop, rank 0 saves last.pt once, and
     every process's main ends with exit 0."""
-    _, outputs, base = sigterm_job
     name = f"{mode}-{when}"
-    out, err = base / name, outputs[name]
+    base = tower_job["base"]
+    out, err = base / name, tower_job["sigterm"][name]
     rep = rank_reports(base / name)
     assert rep[0]["rc"] == rep[1]["rc"] == 0, err[-3000:]
     assert rep[0]["saves"] >= 1 and rep[1]["saves"] == 0
