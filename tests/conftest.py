@@ -17,6 +17,10 @@
   faulted in again page by page at the next: the suite ran in 545 s instead of 628 s on a
   2-core VM, kernel time 202 s instead of 356 s (docs/benchmarks.md). A variable already set
   is kept.
+* Child processes: a test's command in a process of its own (``helpers.start_python``,
+  ``helpers.run_python``) is forked from an interpreter that has imported torch once
+  (fork_server.py: about 4 CPU-seconds saved per process); ``--fresh-interpreters`` starts
+  each from a new interpreter instead.
 * ``slow``: every test that uses a fixture of :data:`SLOW_FIXTURES` (real training runs,
   torchrun jobs, chaos runs) is marked ``slow``; ``pytest -m "not slow"`` is the quick tier.
   The files with slow tests run first (the two workers then finish close together).
@@ -51,7 +55,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # a worker of pytest -n N: one core e
     os.environ["OMP_NUM_THREADS"] = "1"  # for the trainings and jobs it starts
     torch.set_num_threads(1)
 
-from helpers import CPU_PAIR, train
+from helpers import CPU_PAIR, FRESH, train
 from split_alexnet.data.demo import make_demo_dataset
 
 #: Module fixtures that run real training jobs: the full-size training runs of test_train, the
@@ -59,6 +63,16 @@ from split_alexnet.data.demo import make_demo_dataset
 #: and the SIGKILL/SIGTERM chaos runs of test_reliability_chaos.
 SLOW_FIXTURES = {"runs", "dist_runs", "chaos", "tower_job", "hybrid_runs", "hybrid_steps",
                  "three_runs"}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fresh-interpreters", action="store_true",
+                     help="start every child process of a test from a new interpreter instead "
+                          "of forking it from one that has imported torch (fork_server.py)")
+
+
+def pytest_configure(config):
+    FRESH["interpreters"] = config.getoption("fresh_interpreters")
 
 
 def pytest_collection_modifyitems(config, items):

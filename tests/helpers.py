@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+import fork_server
 from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.network.model import INPUT_SIZE
 from split_alexnet.training.command import main as train_main
@@ -89,13 +90,18 @@ def run_main(main, prog: str, argv, capsys) -> tuple[int, str, str]:
     return rc, out, err
 
 
-def train_command(root, out, *extra) -> list[str]:
-    """``python -m split_alexnet.train`` on ``root`` into ``out`` with BASE, then ``extra``."""
-    return [sys.executable, "-m", "split_alexnet.train", "--data", str(root), "--out",
-            str(out), *BASE, *map(str, extra)]
+def train_args(root, out, *extra) -> list[str]:
+    """``-m split_alexnet.train`` on ``root`` into ``out`` with BASE, then ``extra``: the
+    arguments of :func:`start_python` and :func:`run_python`."""
+    return ["-m", "split_alexnet.train", "--data", str(root), "--out", str(out), *BASE,
+            *map(str, extra)]
 
 
 # ----------------------------------------------------------------------------- child processes
+
+#: Whether every child process starts from a fresh interpreter (pytest --fresh-interpreters)
+#: instead of being forked from the preloaded one (fork_server.py).
+FRESH = {"interpreters": False}
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -106,12 +112,34 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_python(*args: str, preexec=None, env=None, cwd=REPO,
-               timeout: float = 300) -> subprocess.CompletedProcess:
-    """Runs ``python *args`` (``-m module`` or a program) in ``cwd``, capturing its text."""
-    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, preexec_fn=preexec,
-                          env=child_env() if env is None else env)
+def start_python(args, *, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=None,
+                 cwd=REPO, session: bool = False, fsize: int | None = None):
+    """``python *args`` (``-m module ...`` or ``PROGRAM ...``) in a process of its own, as
+    ``subprocess.Popen`` starts it (stdout and stderr: DEVNULL, None or a file; ``session``:
+    a session of its own; ``fsize``: :func:`file_size_limit`): forked from the interpreter of
+    fork_server.py that has imported torch once, or, with ``--fresh-interpreters``, a new
+    one."""
+    args, env = [str(a) for a in args], child_env() if env is None else env
+    if FRESH["interpreters"]:
+        return subprocess.Popen([sys.executable, *args], stdout=stdout, stderr=stderr,
+                                env=env, cwd=cwd, start_new_session=session,
+                                preexec_fn=None if fsize is None else file_size_limit(fsize))
+    return fork_server.Forked(args, env=env, cwd=cwd, stdout=stdout, stderr=stderr,
+                              session=session, fsize=fsize)
+
+
+def run_python(*args, env=None, cwd=REPO, timeout: float = 300, fsize: int | None = None,
+               preexec=None, fresh: bool = False) -> subprocess.CompletedProcess:
+    """Runs ``python *args`` (:func:`start_python`), capturing its text. A fresh interpreter
+    with ``fresh`` (a test of what an interpreter imports, or of another ``sys.path``) or
+    ``preexec`` (a function run in the new process before Python starts)."""
+    args, env = [str(a) for a in args], child_env() if env is None else env
+    if FRESH["interpreters"] or fresh or preexec is not None:
+        limit = None if fsize is None else file_size_limit(fsize)
+        return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True,
+                              text=True, timeout=timeout, env=env,
+                              preexec_fn=preexec or limit)
+    return fork_server.run(args, env=env, cwd=cwd, timeout=timeout, fsize=fsize)
 
 
 def file_size_limit(nbytes: int):
@@ -125,13 +153,17 @@ def file_size_limit(nbytes: int):
 def torchrun_command(program: Path, report: Path, args, *, env_extra=None,
                      nproc=2) -> tuple[list[str], dict[str, str]]:
     """The command and environment that run ``program`` on ``nproc`` ranks under torchrun
-    ($REPORT=report, one torch thread each, a collective timeout of 60 s)."""
+    ($REPORT=report, one torch thread each, a collective timeout of 60 s), each rank forked
+    by programs/forked.py (or, with ``--fresh-interpreters``, a new interpreter)."""
     report.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in child_env().items() if k not in DIST_VARS}
     env.update(REPORT=str(report), OMP_NUM_THREADS="1", SPLIT_ALEXNET_DIST_TIMEOUT="60")
     env.update(env_extra or {})
+    ranks = [str(program)]
+    if not FRESH["interpreters"]:  # each rank forked from the preloaded interpreter
+        ranks, env["FORK_SERVER"] = [str(PROGRAMS / "forked.py"), *ranks], fork_server.server()
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-            str(nproc), str(program), *map(str, args)], env
+            str(nproc), *ranks, *map(str, args)], env
 
 
 def torchrun(program: Path, report: Path, args, *, env_extra=None, timeout=240, nproc=2):
@@ -207,10 +239,9 @@ class Segment:
         self.name, self.out = name, out
         self.err_path = out.parent / f"{name}.stderr"
         self.t0, self.n0 = time.monotonic(), len(records(out, torn_ok=True))
-        cmd = train_command(root, out, *CPU_PAIR, "--checkpoint-minutes", "0", *extra)
+        args = train_args(root, out, *CPU_PAIR, "--checkpoint-minutes", "0", *extra)
         with open(self.err_path, "w") as err:
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err,
-                                         env=child_env(), cwd=REPO, start_new_session=session)
+            self.proc = start_python(args, stderr=err, session=session)
 
     def step(self) -> int:
         """The last step this process has logged (0 before its first)."""

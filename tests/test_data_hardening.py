@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import PROGRAMS, REPO, child_env, file_size_limit, png_chunk, run_python
+from helpers import PROGRAMS, REPO, child_env, png_chunk, run_python
 from split_alexnet.data.demo import main as demo_main
 from split_alexnet.data.demo import make_demo_dataset
 from split_alexnet.data.images import (MAX_PIXELS, PIXELS_ENV, UnreadableImage, load_rgb,
@@ -118,7 +118,7 @@ def test_full_disk_while_converting_is_one_line_and_resumable(mixed, tmp_path):
     src, ref = mixed
     dst = tmp_path / "dst"
     r = run_python("-m", "split_alexnet.prepare", src, dst, "--workers", "2", "--no-stats",
-                   "--quiet", preexec=file_size_limit(LIMIT))
+                   "--quiet", fsize=LIMIT)
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
@@ -138,7 +138,7 @@ def test_full_disk_at_statistics_time_keeps_the_images(mixed, tmp_path):
     src, ref = mixed
     dst = tmp_path / "dst"
     r = run_python("-m", "split_alexnet.prepare", src, dst, "--workers", "0", "--quiet",
-                   preexec=file_size_limit(256 << 10))  # images fit, the 0.8 MB mean image does not
+                   fsize=256 << 10)  # images fit, the 0.8 MB mean image does not
     assert r.returncode == 1, r.stderr
     assert r.stderr.strip().splitlines()[-1] == (
         f"split_alexnet.prepare: error: could not write the statistics {dst / 'stats.npz'}: "
@@ -152,7 +152,7 @@ def test_full_disk_at_statistics_time_keeps_the_images(mixed, tmp_path):
 def test_full_disk_for_demo_data_is_one_line(tmp_path):
     d = tmp_path / "demo"
     r = run_python("-m", "split_alexnet.demo_data", d, "--classes", "2", "--train-per-class",
-                   "2", "--val-per-class", "1", preexec=file_size_limit(2 << 10))
+                   "2", "--val-per-class", "1", fsize=2 << 10)
     assert r.returncode == 1, r.stderr
     assert r.stderr.strip().splitlines() == [
         f"split_alexnet.demo_data: error: could not write "

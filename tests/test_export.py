@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import caffe_reference as ref
+from helpers import run_python
 from split_alexnet.network.lrn import LocalResponseNorm
 from split_alexnet.network.model import (LRN_CONSTANTS, AlexNet, HalfAlexNet, SplitAlexNet,
                                          layout_state_dict)
@@ -196,9 +197,7 @@ def with_mean(module_tmp):
     d = module_tmp("mean")
     ckpt = write_checkpoint(d / "c.pt", seed=1)
     out = d / "alexnet.onnx"
-    r = subprocess.run([sys.executable, "-m", "split_alexnet.export", str(ckpt), str(out),
-                        "--mean-in-graph"], cwd=REPO, capture_output=True, text=True,
-                       timeout=600)
+    r = run_python("-m", "split_alexnet.export", ckpt, out, "--mean-in-graph", timeout=600)
     assert r.returncode == 0, r.stderr
     return ckpt, out, r.stdout
 

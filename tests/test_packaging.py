@@ -172,7 +172,8 @@ def test_installed_wheel_runs_outside_the_repository(wheel, tmp_path):
                        env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("usage: ")
-    p = run_python(PROGRAMS / "where_installed.py", cwd=tmp_path, env=env, timeout=120)
+    p = run_python(PROGRAMS / "where_installed.py", cwd=tmp_path, env=env, timeout=120,
+                   fresh=True)
     assert p.returncode == 0, p.stderr
     where, found = p.stdout.split()
     assert Path(where).is_relative_to(target) and found == "True"

@@ -13,8 +13,8 @@ import errno
 import os
 import subprocess
 
-from helpers import (BASE, CPU_PAIR, REPO, child_env, copy_run, error_lines, file_size_limit,
-                     records, temp_files, train, train_command)
+from helpers import (BASE, CPU_PAIR, copy_run, error_lines, records, run_python, temp_files,
+                     train, train_args)
 from split_alexnet.training import checkpoint
 from split_alexnet.utils.checkpoint_file import load_checkpoint
 from split_alexnet.training.command import main as train_main
@@ -24,10 +24,8 @@ from split_alexnet.utils.cli import run
 def with_file_size_limit(root, out, nbytes: int, *extra) -> subprocess.CompletedProcess:
     """The trainer in a process whose writes past ``nbytes`` in any file fail with EFBIG
     (RLIMIT_FSIZE, SIGXFSZ ignored), as on a full disk. stderr is a pipe: no file."""
-    return subprocess.run(train_command(root, out, *CPU_PAIR, "--checkpoint-minutes", "0",
-                                        *extra),
-                          capture_output=True, text=True, env=child_env(), cwd=REPO,
-                          timeout=600, preexec_fn=file_size_limit(nbytes))
+    return run_python(*train_args(root, out, *CPU_PAIR, "--checkpoint-minutes", "0", *extra),
+                      timeout=600, fsize=nbytes)
 
 
 def test_disk_full_at_checkpoint_time_keeps_the_previous_checkpoint(demo_root, tmp_path,

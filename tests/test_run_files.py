@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import CPU_PAIR, REPO, child_env, copy_run, records, stored, train
+from helpers import CPU_PAIR, copy_run, records, start_python, stored, train
 from split_alexnet.tools.evaluate import main as evaluate_main
 from split_alexnet.training.command import main as train_main
 from split_alexnet.utils.checkpoint_file import load_checkpoint, save_checkpoint
@@ -274,9 +272,7 @@ def test_demo_data_cut_short_by_sigkill_is_finished_by_the_next_run(tmp_path, ca
     out = tmp_path / "demo"
     data = out / "demo_data"
     args = ["--demo", "--out", str(out), "--max-steps", "1", "--workers", "0", "--no-ten-crop"]
-    proc = subprocess.Popen([sys.executable, "-m", "split_alexnet.train", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=child_env(), cwd=REPO)
+    proc = start_python(["-m", "split_alexnet.train", *args])
     try:
         deadline = time.monotonic() + 300
         while len(list(data.glob("train/*/*.jpg"))) < 50:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (BASE, CPU_PAIR, REPO, child_env, copy_run, error_lines, records, stored,
-                     train, train_command)
+from helpers import (BASE, CPU_PAIR, REPO, copy_run, error_lines, records, start_python, stored,
+                     train, train_args)
 from split_alexnet.training.config import FLAGS, TrainConfig
 from split_alexnet.training.options import COMMAND_FLAGS
 from split_alexnet.training.runfolder import RunLock
@@ -47,10 +47,9 @@ def fingerprint(out: Path) -> tuple:
 def test_a_second_trainer_is_refused_naming_the_live_ones_pid(demo_root, tmp_path, capsys):
     out = tmp_path / "live"
     log = tmp_path / "live.stderr"
-    cmd = train_command(demo_root, out, *CPU_PAIR, "--epochs", "50", "--workers", "2")
+    args = train_args(demo_root, out, *CPU_PAIR, "--epochs", "50", "--workers", "2")
     with open(log, "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=child_env(),
-                                cwd=REPO)
+        proc = start_python(args, stderr=err)
     try:
         deadline = time.monotonic() + 300
         while not (out / "metrics.jsonl").exists():  # training, with its 2 loader workers

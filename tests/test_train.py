@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import copy_run, records, repeated_tiny_set, run_python, stored, train
+from helpers import (copy_run, records, repeated_tiny_set, run_python, start_python, stored,
+                     train)
 
 import split_alexnet
 from split_alexnet.data.dataset import PCA_MODES
@@ -188,16 +189,18 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(demo_root, tmp_path, 
 
 def test_sigterm_saves_and_exits_zero_then_resumes(demo_root, tmp_path):
     out = tmp_path / "term"
-    cmd = [sys.executable, "-m", "split_alexnet.train", "--data", str(demo_root), "--out",
-           str(out), "--devices", "cpu,cpu", "--batch-size", "8", "--workers", "0",
-           "--log-interval", "1", "--epochs", "50"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = ["-m", "split_alexnet.train", "--data", demo_root, "--out", out, "--devices",
+            "cpu,cpu", "--batch-size", "8", "--workers", "0", "--log-interval", "1", "--epochs",
+            "50"]
+    with open(tmp_path / "term.stderr", "w") as log:
+        proc = start_python(args, stderr=log)
     deadline = time.monotonic() + 120
     metrics = out / "metrics.jsonl"
     while time.monotonic() < deadline and not (metrics.exists() and metrics.read_text().strip()):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    err = (tmp_path / "term.stderr").read_text()
     assert proc.returncode == 0, err
     assert "signal received" in err and "Traceback" not in err
     ckpt = load_checkpoint(out / "last.pt")

@@ -84,7 +84,7 @@ def test_interrupted_is_one_line_and_exit_130_whichever_the_signal(capsys):
 def modules_after(code: str) -> list[str]:
     """The modules loaded in a fresh interpreter after running ``code``."""
     p = run_python("-c", f"import sys\n{code}\nprint('\\n'.join(sorted(sys.modules)))",
-                   timeout=120)
+                   timeout=120, fresh=True)
     assert p.returncode == 0, p.stderr
     return p.stdout.split()
 

@@ -14,8 +14,9 @@ TERM_EVAL_RANK), in order, in the same processes (each run joins a process group
 on its own prefix of torchrun's store, and leaves it, as a job of its own would); run NAME's
 reports go to $REPORT/NAME/, and each run begins with the line ``== run NAME`` on rank 0's
 stdout and stderr. The job's exit code is the first non-zero one of its runs. A run so
-joined saves the start of torchrun and of its processes (their imports: about 10 CPU-seconds
-for 2 processes on the test machines).
+joined saves the start of torchrun (its imports: about 2 CPU-seconds on the test machines)
+and of its processes (each forked from the test's preloaded interpreter, programs/forked.py;
+about 4 CPU-seconds each from a fresh one).
 
 Usage: torchrun ... train_with_rank_report.py TRAIN-FLAGS... (run by tests/test_distributed.py,
 tests/test_distributed_failures.py, tests/test_finetune.py::test_frozen_layers_under_ddp,
