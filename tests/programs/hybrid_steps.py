@@ -95,7 +95,7 @@ def main() -> None:
     specs = [tuple(int(v) for v in spec.split(":")) for spec in sys.argv[1:]]
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    world_rank, world = dist.get_rank(), dist.get_world_size()
+    world_rank = dist.get_rank()
     count_collectives()
     for k, classes, b in specs:
         ranks = list(range(k))
