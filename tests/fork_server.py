@@ -107,14 +107,20 @@ def _child(header: dict, fds: list[int], server_objects: list, server_fds: list[
                                           encoding=sys.stdout.encoding, errors=sys.stdout.errors)
             sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True,
                                           encoding=sys.stderr.encoding, errors=sys.stderr.errors)
-        if header["fsize"] is not None:  # writes past it fail with EFBIG, as on a full disk
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (header["fsize"], header["fsize"]))
+        if header["fsize"] is not None:
+            limit_file_size(header["fsize"])
     except BaseException as e:  # noqa: BLE001 - the process cannot start: say why, exit 127
         os.write(2, f"fork_server: cannot start {header['argv']}: {e!r}\n".encode())
         os._exit(127)
     _run_command(header["argv"], header["cwd"])
     raise SystemExit(0)
+
+
+def limit_file_size(nbytes: int) -> None:
+    """From now on, in this process: writes past ``nbytes`` in a file fail with EFBIG, as on
+    a full disk (SIGXFSZ ignored: the write fails, the process is not killed)."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
 
 
 class _Process:

@@ -5,11 +5,10 @@ child processes, run folders and their records. Import what a test uses:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import resource
 import shutil
-import signal
 import struct
 import subprocess
 import sys
@@ -143,11 +142,9 @@ def run_python(*args, env=None, cwd=REPO, timeout: float = 300, fsize: int | Non
 
 
 def file_size_limit(nbytes: int):
-    """A preexec_fn: writes past ``nbytes`` in a file fail with EFBIG, as on a full disk."""
-    def apply() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write, do not kill
-        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
-    return apply
+    """A preexec_fn: writes past ``nbytes`` in a file fail with EFBIG, as on a full disk
+    (:func:`fork_server.limit_file_size`)."""
+    return functools.partial(fork_server.limit_file_size, nbytes)
 
 
 def torchrun_command(program: Path, report: Path, args, *, env_extra=None,
