@@ -218,13 +218,13 @@ def test_fc_updates_each_needs_the_sequential_hybrid():
 
 @pytest.fixture(scope="module")
 def hybrid_runs(module_tmp):
-    """One epoch (2 steps of 4 images, the centre-crop evaluation and the ten-crop test) of
+    """One epoch (one step of 4 images, the centre-crop evaluation and the ten-crop test) of
     the same run as pair DDP, as hybrid 'gather' and as hybrid 'sequential', two processes
     each; a hybrid --plan; then the pair and the hybrid run each resumed in one process for
-    one more step.
+    a second epoch (one more step; both epochs' checkpoints kept).
     Validation: 5 images, so the processes' shares differ (3 and 2)."""
     base = module_tmp("hybrid")
-    data = make_demo_dataset(base / "data", classes=2, train_per_class=4, val_per_class=3,
+    data = make_demo_dataset(base / "data", classes=2, train_per_class=2, val_per_class=3,
                              seed=0)
     sorted((data / "val").glob("*/*.jpg"))[-1].unlink()
     runs = {"base": base, "data": data}
@@ -240,7 +240,7 @@ def hybrid_runs(module_tmp):
     runs["plan_out"] = text["report_plan"]
     for name in ("pair", "gather"):  # a hybrid checkpoint resumed by the one-process pair
         assert run(train_main, "train", ["--out", str(base / name), "--resume", "--parallel",
-                                         "pair", "--epochs", "2", "--max-steps", "3",
+                                         "pair", "--epochs", "2", "--keep-last", "2",
                                          "--no-ten-crop"]) == 0
         runs[f"{name}_resumed"] = base / name
     return runs
@@ -251,9 +251,9 @@ def _by_kind(out: Path, kind: str) -> list[dict]:
 
 
 def test_hybrid_trains_what_pair_ddp_trains(hybrid_runs):
-    """Both schedules after one epoch at K = 2: pair DDP's weights and momentum (within the
-    stated tolerance), its evaluation and ten-crop test (the same mistakes, the loss within
-    1e-5), on 5 validation images dealt 3 and 2."""
+    """Both schedules after one epoch (one step) at K = 2: pair DDP's weights and momentum
+    (within the stated tolerance), its evaluation and ten-crop test (the same mistakes, the
+    loss within 1e-5), on 5 validation images dealt 3 and 2."""
     pair = stored(hybrid_runs["base"] / "pair" / "epoch_001.pt")
     for name in ("gather", "sequential"):
         got = stored(hybrid_runs["base"] / name / "epoch_001.pt")
@@ -279,12 +279,20 @@ def test_plan_under_hybrid_states_the_whole_networks_checkpoint(hybrid_runs):
 
 
 def test_a_hybrid_checkpoint_resumes_in_one_process(hybrid_runs):
-    """The hybrid run's checkpoint, resumed by --parallel pair in one process for a third
-    step, lands where pair DDP's checkpoint resumed the same way lands."""
+    """The hybrid run's checkpoint, resumed by --parallel pair in one process for a second
+    step, lands where pair DDP's checkpoint resumed the same way lands: within 2e-2 of each
+    tensor's movement in that step (the two steps start from weights that differ by rounding,
+    where a rounding-close tie can go either way: the module docstring). Largest seen: 1.4e-4
+    of fc6's bias's movement."""
     a = stored(hybrid_runs["gather_resumed"] / "last.pt")
     b = stored(hybrid_runs["pair_resumed"] / "last.pt")
-    assert a["progress"]["step"] == b["progress"]["step"] == 3
-    assert_close_states(a["model"], b["model"])
+    start = stored(hybrid_runs["pair_resumed"] / "epoch_001.pt")["model"]
+    assert a["progress"]["step"] == b["progress"]["step"] == 2
+    assert a["model"].keys() == b["model"].keys() == start.keys()
+    for name, want in b["model"].items():
+        off = (a["model"][name] - want).norm().item()
+        moved = (want - start[name]).norm().item()
+        assert off <= 2e-2 * moved, f"{name}: off by {off:.3g}, {off / moved:.3g} of its movement"
 
 
 # ----------------------------------------------------------------------------- lr and batch
