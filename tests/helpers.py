@@ -134,10 +134,10 @@ def run_python(*args, env=None, cwd=REPO, timeout: float = 300, fsize: int | Non
     ``preexec`` (a function run in the new process before Python starts)."""
     args, env = [str(a) for a in args], child_env() if env is None else env
     if FRESH["interpreters"] or fresh or preexec is not None:
-        limit = None if fsize is None else file_size_limit(fsize)
+        steps = [f for f in (preexec, None if fsize is None else file_size_limit(fsize)) if f]
         return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True,
                               text=True, timeout=timeout, env=env,
-                              preexec_fn=preexec or limit)
+                              preexec_fn=(lambda: [f() for f in steps]) if steps else None)
     return fork_server.run(args, env=env, cwd=cwd, timeout=timeout, fsize=fsize)
 
 
