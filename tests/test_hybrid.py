@@ -15,11 +15,12 @@ convolution kernels for another batch size. The fully connected layers still sum
 in one product where the references sum K products of b (or one), so after one step the
 states agree to float32 rounding, not bit for bit: |a - b| <= 1e-6 + 1e-5 |b|. The largest
 difference seen: 7.5e-9 on torch 2.14.1; the step moves the weights by about 1e-4, and
-halving the convolutional gradients (a deliberate error) by 2.6e-5 to 4.4e-5. The program runs one step: a second would start from weights that differ by
-rounding, where a ReLU input or a max-pooling choice that close to a tie can go either way
-and move the layers below it elsewhere, by up to 4e-3 of their movement (seen on an AMD EPYC
-with AVX-512; multiplying every weight by 1 + 1e-7 noise before the second step does the
-same). Within the step, --fc-updates each already updates fc6-fc8 K times, with momentum.
+halving the convolutional gradients (a deliberate error) by 2.6e-5 to 4.4e-5. The program
+runs one step: a second would start from weights that differ by rounding, where a ReLU input
+or a max-pooling choice that close to a tie can go either way and move the layers below it
+elsewhere, by up to 4e-3 of their movement (seen on an AMD EPYC with AVX-512; multiplying
+every weight by 1 + 1e-7 noise before the second step does the same). Within the step,
+--fc-updates each already updates fc6-fc8 K times, with momentum.
 Dropout is 0 in the comparisons: the hybrid draws each unit's mask in the process that owns
 the unit, DDP in each replica, so the masks differ (the same distribution).
 """
@@ -79,17 +80,18 @@ def reference(classes: int, k: int, b: int, fc_updates: str | None) -> dict:
     opt = build_optimizer(net, lr=0.01)
     for step in range(prog.STEPS):
         x, y = prog.inputs(classes, k, b, step)
+        xs, ys = x.split(b), y.split(b)  # each process's b images and labels, in rank order
         opt.zero_grad(set_to_none=True)
         if fc_updates is None:
-            for j in range(k):
-                (F.cross_entropy(net(x[j * b:(j + 1) * b]), y[j * b:(j + 1) * b]) / k).backward()
+            for xj, yj in zip(xs, ys):
+                (F.cross_entropy(net(xj), yj) / k).backward()
             opt.step()
             continue
-        pool5 = torch.cat([net.features(x[j * b:(j + 1) * b]) for j in range(k)])  # (K*b, 9216)
+        pool5 = torch.cat([net.features(xj) for xj in xs])           # (K*b, 9216)
         grads = []
-        for j in range(k):
-            h = pool5[j * b:(j + 1) * b].detach().requires_grad_(True)
-            F.cross_entropy(fc_part(net, h), y[j * b:(j + 1) * b]).backward()
+        for pj, yj in zip(pool5.split(b), ys):
+            h = pj.detach().requires_grad_(True)
+            F.cross_entropy(fc_part(net, h), yj).backward()
             opt.step()  # only fc6-fc8 hold gradients
             opt.zero_grad(set_to_none=True)
             grads.append(h.grad)
