@@ -122,7 +122,7 @@ def start_python(args, *, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, 
     if FRESH["interpreters"]:
         return subprocess.Popen([sys.executable, *args], stdout=stdout, stderr=stderr,
                                 env=env, cwd=cwd, start_new_session=session,
-                                preexec_fn=None if fsize is None else file_size_limit(fsize))
+                                preexec_fn=_preexec(fsize))
     return fork_server.Forked(args, env=env, cwd=cwd, stdout=stdout, stderr=stderr,
                               session=session, fsize=fsize)
 
@@ -134,11 +134,19 @@ def run_python(*args, env=None, cwd=REPO, timeout: float = 300, fsize: int | Non
     ``preexec`` (a function run in the new process before Python starts)."""
     args, env = [str(a) for a in args], child_env() if env is None else env
     if FRESH["interpreters"] or fresh or preexec is not None:
-        steps = [f for f in (preexec, None if fsize is None else file_size_limit(fsize)) if f]
         return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True,
                               text=True, timeout=timeout, env=env,
-                              preexec_fn=(lambda: [f() for f in steps]) if steps else None)
+                              preexec_fn=_preexec(fsize, preexec))
     return fork_server.run(args, env=env, cwd=cwd, timeout=timeout, fsize=fsize)
+
+
+def _preexec(fsize: int | None, then=None):
+    """The preexec_fn of a fresh interpreter: the file-size limit ``fsize`` (None: none),
+    then ``then``; None when there is nothing to do."""
+    if fsize is None:
+        return then
+    limit = file_size_limit(fsize)
+    return limit if then is None else lambda: (limit(), then())
 
 
 def file_size_limit(nbytes: int):
