@@ -211,8 +211,8 @@ def torchrun_runs(program: Path, report: Path, runs: dict[str, list], *, timeout
 
 def rank_reports(report: Path) -> dict[int, dict]:
     """The reports of programs/train_with_rank_report.py in ``report``, by rank."""
-    return {r: json.loads((report / f"rank{r}.json").read_text()) for r in (0, 1)
-            if (report / f"rank{r}.json").exists()}
+    return {int(f.stem[len("rank"):]): json.loads(f.read_text())
+            for f in sorted(report.glob("rank*.json"))}
 
 
 def loader_workers(pid: int) -> list[int]:

@@ -90,6 +90,20 @@ def test_ranks_hold_identical_parameters(dist_runs):
     assert rep[0]["params"] == rep[1]["params"]
 
 
+def test_only_data_rank_0_draws_the_weights(dist_runs):
+    """DDP gives every replica data rank 0's parameters when it is built, so the other
+    replicas make their network without drawing it, and a resume draws on no rank (the
+    checkpoint's weights are loaded); test_ranks_hold_identical_parameters and
+    test_ddp_equals_one_process_on_the_same_global_batches show the weights are still the
+    seed's on every rank."""
+    def inits(report: str) -> dict[int, int]:
+        return {r: rep["inits"] for r, rep in rank_reports(dist_runs["base"] / report).items()}
+    assert inits("report_ddp") == {0: 1, 1: 0}
+    assert inits("report_cut") == {0: 0, 1: 0}  # the resumed run
+    # --parallel towers: rank = 2 * data rank + tower; both towers of replica 0 draw
+    assert inits("report_towers4") == {0: 1, 1: 1, 2: 0, 3: 0}
+
+
 def test_ddp_equals_one_process_on_the_same_global_batches(dist_runs):
     """EpochSampler: rank r takes perm[r::2] in consecutive chunks of 3, so step k's union over
     the ranks is perm[6k:6k+6], exactly what one process with batch 6 takes. DDP averages the

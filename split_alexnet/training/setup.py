@@ -156,14 +156,20 @@ def describe_lr_batch_rule(cfg: TrainConfig, ctx: dist_util.Context, batch: int)
 def build_learner(cfg: TrainConfig, layout: str, ctx: dist_util.Context,
                   devices: tuple[torch.device, ...], source, classes: list[str],
                   batch: int = 0, *, resume: bool = False) -> Learner:
-    """The model: seeded, built on the CPU and placed (``resume``: not initialised, since the
-    checkpoint's weights are loaded next); the --init-from weights (``source``) and frozen
-    layers; then the fast paths and DDP, in parallelize's fixed order; the optimizer last,
-    over the placed parameters (each layer's learning rate times its --lr-batch-rule
-    multiplier for ``batch`` images per replica)."""
+    """The model: seeded, built on the CPU and placed; the --init-from weights (``source``)
+    and frozen layers; then the fast paths and DDP, in parallelize's fixed order; the
+    optimizer last, over the placed parameters (each layer's learning rate times its
+    --lr-batch-rule multiplier for ``batch`` images per replica).
+
+    The weights are drawn only where they are used: not for a ``resume`` (the checkpoint's
+    are loaded next), nor by a DDP replica other than data rank 0 (DDP gives every replica
+    data rank 0's parameters and buffers when it is built). Either network is made without
+    torch's default initialisation (``ModelConfig.init`` None: ``model.layers_made``)."""
     rt, o, s = cfg.runtime, cfg.optim, cfg.schedule
-    model_cfg = replace(cfg.model, init=None) if resume else cfg.model
     hybrid = rt.parallel == "hybrid"
+    ddp = ctx.data_size > 1 and not hybrid
+    drawn_elsewhere = resume or (ddp and ctx.data_rank > 0)
+    model_cfg = replace(cfg.model, init=None) if drawn_elsewhere else cfg.model
     if hybrid:
         try:
             check_parts(ctx.world_size, len(classes))
@@ -195,7 +201,7 @@ def build_learner(cfg: TrainConfig, layout: str, ctx: dist_util.Context,
     # two processes of a pair are one replica: they draw alike).
     torch.manual_seed(rt.seed + 1 + 1_000_003 * ctx.data_rank)
     model = parallelize(net, devices, channels_last=rt.channels_last,
-                        ddp=ctx.data_size > 1 and not hybrid, compile=rt.compile,
+                        ddp=ddp, compile=rt.compile,
                         cudnn_benchmark=True if rt.cudnn_benchmark else None,
                         ddp_group=ctx.group("data") if ctx.tower is not None else None)
     lr_mult = batch_lr_mults(cfg, ctx, batch or o.batch_size // max(ctx.data_size, 1))

@@ -1,6 +1,6 @@
 """``split_alexnet.train``'s main under torchrun, plus a report of what only the ranks see:
 each rank that ends its main writes $REPORT/rank<R>.json with its exit code, how many
-checkpoints it saved, how long its main took, the RNG state it resumed with and the one its
+checkpoints it saved, how many networks it initialised (drew weights for), how long its main took, the RNG state it resumed with and the one its
 checkpoint held for each rank, and (if the run succeeded) a digest of its parameters after
 training and the traffic its network recorded in its last forward pass. DIE_RANK=R: rank R
 exits with code 3 right after joining the process group; STOP_RANK=R: rank R stops itself
@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import split_alexnet.network.model as model_module
 import split_alexnet.training.checkpoint as checkpoint
 import split_alexnet.training.loop as loop_module
 import split_alexnet.training.setup as setup_module
@@ -43,7 +44,7 @@ from split_alexnet.training.trainer import Trainer
 from split_alexnet.utils.cli import run
 
 rank = int(os.environ.get("RANK", "0"))
-report = {"rank": rank, "saves": 0}
+report = {"rank": rank, "saves": 0, "inits": 0}
 trainers = []
 
 
@@ -58,6 +59,7 @@ def digest(tensors) -> str:
 
 
 _setup, _restore, _save = Trainer.setup, checkpoint.restore, checkpoint.save_checkpoint
+_init_weights = model_module.init_weights_
 
 
 def setup(cls, *args):
@@ -79,8 +81,15 @@ def save_checkpoint(*a, **k):
     return _save(*a, **k)
 
 
+def init_weights_(*a, **k):
+    """The networks' initialisation, counting its calls on this rank."""
+    report["inits"] += 1
+    return _init_weights(*a, **k)
+
+
 Trainer.setup = classmethod(setup)
 checkpoint.restore, checkpoint.save_checkpoint = restore, save_checkpoint
+model_module.init_weights_ = init_weights_
 if os.environ.get("DIE_RANK") == str(rank):  # this rank dies after joining the group
     def parallelize(*a, **k):
         """Exits with code 3 instead of placing the model."""
@@ -175,7 +184,7 @@ if len(runs) > 1:
 first_failure = 0
 for index, (name, term_eval_rank[0], argv) in enumerate(runs):
     _run_index[0] = index
-    report = {"rank": rank, "saves": 0}
+    report = {"rank": rank, "saves": 0, "inits": 0}
     folder = Path(os.environ["REPORT"]) / (name or "")
     folder.mkdir(parents=True, exist_ok=True)
     if name and rank == 0:
