@@ -18,7 +18,7 @@ from helpers import paper_images as images
 from split_alexnet import (AlexNet, HalfAlexNet, ModelConfig, SplitAlexNet, build_model,
                            collapse_state_dict, count_parameters, layout_state_dict, place,
                            split_state_dict)
-from split_alexnet.network.model import init_values
+from split_alexnet.network.model import WEIGHT_LAYERS, init_values
 from split_alexnet.network.placement import resolve_devices
 from split_alexnet.utils.cli import UsageError
 from split_alexnet.training.optim import PaperSGD
@@ -289,6 +289,24 @@ def test_a_network_built_for_loading_draws_nothing(cls):
     net.load_state_dict(source.state_dict())
     for (name, p), q in zip(net.named_parameters(), source.parameters()):
         assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("cls", [AlexNet, SplitAlexNet, HalfAlexNet])
+def test_the_init_draws_first(cls):
+    """A network to train is made on the meta device too: torch's default initialisation
+    draws nothing, so ``--init``'s values are the seeded generator's first draws (conv1's
+    weights first, then every layer in order, fc8's last: the collapsed layout's shapes and
+    order in both layouts), and the generator then stands where those draws leave it."""
+    torch.manual_seed(3)
+    net = cls(10, init="paper")
+    after = torch.get_rng_state()
+    weights = {layer: w for layer in WEIGHT_LAYERS
+               for w in [layout_state_dict(net)[f"{layer}.weight"]]}
+    torch.manual_seed(3)
+    drawn = {layer: torch.empty(w.shape).normal_(0.0, 0.01) for layer, w in weights.items()}
+    assert torch.equal(torch.get_rng_state(), after)
+    for layer, w in weights.items():
+        assert torch.equal(w, drawn[layer]), layer
 
 
 # ----------------------------------------------------------------------------- bad arguments

@@ -27,7 +27,7 @@ Nothing in this file names a device: every network is built on the CPU, and
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -204,21 +204,20 @@ def _init_(name: str, t: Tensor, scheme: str) -> None:
         t.fill_(bias)
 
 
-def layers_made(cfg: ModelConfig) -> AbstractContextManager:
-    """Where a network makes its layers: on the meta device when ``cfg.init`` is None, since
-    the weights are loaded next and torch's default initialisation would draw 61 M values for
-    nothing (0.25 s a build on one core, docs/benchmarks.md); else as usual.
-    :func:`initialise` ends the construction."""
-    return torch.device("meta") if cfg.init is None else nullcontext()
+def layers_made() -> AbstractContextManager:
+    """Where a network makes its layers: on the meta device, so that torch's default
+    initialisation, whose 61 M values ``cfg.init`` would overwrite, draws nothing (0.25 s a
+    build on one core, docs/benchmarks.md). :func:`initialise` ends the construction."""
+    return torch.device("meta")
 
 
 def initialise(model: nn.Module, cfg: ModelConfig) -> None:
-    """A network's last step of construction: ``cfg.init``'s values by parameter name
-    (:func:`init_weights_`), or, with init None, memory on the default device left unset for
-    the weights loaded next (a network made in :func:`layers_made`)."""
-    if cfg.init is None:
-        model.to_empty(device=torch.get_default_device())
-    else:
+    """A network's last step of construction: memory on the default device for the layers
+    made in :func:`layers_made`, then ``cfg.init``'s values by parameter name
+    (:func:`init_weights_`, the first draws from the global generator), or, with init None,
+    nothing: the weights are loaded next."""
+    model.to_empty(device=torch.get_default_device())
+    if cfg.init is not None:
         init_weights_(model, cfg.init)
 
 
@@ -301,7 +300,7 @@ class AlexNet(nn.Module):
     def __init__(self, cfg: ModelConfig | int | None = None, **fields) -> None:
         super().__init__()
         self.cfg = cfg = model_config(cfg, **fields)
-        with layers_made(cfg):
+        with layers_made():
             self.conv1 = nn.Conv2d(3, 96, 11, stride=4)                 # both halves see it
             self.conv2 = nn.Conv2d(96, 256, 5, padding=2, groups=2)     # half-local
             self.conv3 = nn.Conv2d(256, 384, 3, padding=1)              # crosses the halves
@@ -424,7 +423,7 @@ class SplitAlexNet(nn.Module):
                  dtype: torch.dtype | None = None, **fields) -> None:
         super().__init__()
         self.cfg = cfg = model_config(cfg, **fields)
-        with layers_made(cfg):
+        with layers_made():
             self.towers = nn.ModuleList([Tower(cfg), Tower(cfg)])
             self.fc8 = nn.Linear(4096, cfg.num_classes)  # with tower 0, as in cuda-convnet2
         self._register_load_state_dict_pre_hook(_accept_collapsed_keys)
@@ -513,7 +512,7 @@ class HalfAlexNet(nn.Module):
     def __init__(self, cfg: ModelConfig | int | None = None, **fields) -> None:
         super().__init__()
         self.cfg = cfg = model_config(cfg, arch="half", **fields)
-        with layers_made(cfg):
+        with layers_made():
             self.conv1 = nn.Conv2d(3, 48, 11, stride=4)
             self.conv2 = nn.Conv2d(48, 128, 5, padding=2)
             self.conv3 = nn.Conv2d(128, 192, 3, padding=1)

@@ -131,7 +131,7 @@ class RankTower(nn.Module):
             raise ValueError(f"tower must be 0 or 1, got {tower!r}")
         self.cfg = cfg = model_config(cfg, **fields)
         self.tower = tower
-        with layers_made(cfg):
+        with layers_made():
             self.towers = nn.ModuleDict({str(tower): Tower(cfg)})
             self.fc8 = nn.Linear(4096, cfg.num_classes) if tower == 0 else None
         self.link: TowerLink | None = None

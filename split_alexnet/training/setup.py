@@ -163,8 +163,8 @@ def build_learner(cfg: TrainConfig, layout: str, ctx: dist_util.Context,
 
     The weights are drawn only where they are used: not for a ``resume`` (the checkpoint's
     are loaded next), nor by a DDP replica other than data rank 0 (DDP gives every replica
-    data rank 0's parameters and buffers when it is built). Either network is made without
-    torch's default initialisation (``ModelConfig.init`` None: ``model.layers_made``)."""
+    data rank 0's parameters and buffers when it is built): those networks are given memory
+    only (``ModelConfig.init`` None, ``model.initialise``)."""
     rt, o, s = cfg.runtime, cfg.optim, cfg.schedule
     hybrid = rt.parallel == "hybrid"
     ddp = ctx.data_size > 1 and not hybrid
