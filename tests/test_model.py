@@ -300,8 +300,8 @@ def test_the_init_draws_first(cls):
     torch.manual_seed(3)
     net = cls(10, init="paper")
     after = torch.get_rng_state()
-    weights = {layer: w for layer in WEIGHT_LAYERS
-               for w in [layout_state_dict(net)[f"{layer}.weight"]]}
+    state = layout_state_dict(net)
+    weights = {layer: state[f"{layer}.weight"] for layer in WEIGHT_LAYERS}
     torch.manual_seed(3)
     drawn = {layer: torch.empty(w.shape).normal_(0.0, 0.01) for layer, w in weights.items()}
     assert torch.equal(torch.get_rng_state(), after)

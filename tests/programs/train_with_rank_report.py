@@ -1,8 +1,9 @@
 """``split_alexnet.train``'s main under torchrun, plus a report of what only the ranks see:
 each rank that ends its main writes $REPORT/rank<R>.json with its exit code, how many
-checkpoints it saved, how many networks it initialised (drew weights for), how long its main took, the RNG state it resumed with and the one its
-checkpoint held for each rank, and (if the run succeeded) a digest of its parameters after
-training and the traffic its network recorded in its last forward pass. DIE_RANK=R: rank R
+checkpoints it saved, how many networks it drew the weights of, how long its main took, the
+RNG state it resumed with and the one its checkpoint held for each rank, and (if the run
+succeeded) a digest of its parameters after training and the traffic its network recorded in
+its last forward pass. DIE_RANK=R: rank R
 exits with code 3 right after joining the process group; STOP_RANK=R: rank R stops itself
 (SIGSTOP) before its second step, and a watcher SIGKILLs it once torchrun asks it to stop
 (SIGTERM); TERM_EVAL_RANK=R: rank R sends itself SIGTERM as its first evaluation begins (a
@@ -44,7 +45,14 @@ from split_alexnet.training.trainer import Trainer
 from split_alexnet.utils.cli import run
 
 rank = int(os.environ.get("RANK", "0"))
-report = {"rank": rank, "saves": 0, "inits": 0}
+
+
+def new_report() -> dict:
+    """A run's report before it starts: its counters at zero."""
+    return {"rank": rank, "saves": 0, "inits": 0}
+
+
+report = new_report()
 trainers = []
 
 
@@ -184,7 +192,7 @@ if len(runs) > 1:
 first_failure = 0
 for index, (name, term_eval_rank[0], argv) in enumerate(runs):
     _run_index[0] = index
-    report = {"rank": rank, "saves": 0, "inits": 0}
+    report = new_report()
     folder = Path(os.environ["REPORT"]) / (name or "")
     folder.mkdir(parents=True, exist_ok=True)
     if name and rank == 0:
